@@ -1,0 +1,317 @@
+//! Requests a home shard answers by gathering parts from owner shards: the conversation
+//! list (`convs`), `sync` over many conversations, and `history` of one. Each part is a mail
+//! to the owner; the reply goes out when the last part is in. Parts cannot be lost (mail is
+//! reliable within the process), so a gather needs no timeout; a gather whose connection
+//! closed still completes and its reply is dropped.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
+
+use super::Shard;
+use crate::ids::{ConnId, ConvId, Seq, ShardId, UserId};
+use crate::limits::{CONV_LIST_MAX, PAGE_MAX, SYNC_CONVS_MAX};
+use crate::mail::{GatherRef, Mail, Page};
+use crate::protocol::{self as p, error_frame, push_json_str, ErrorCode};
+use crate::storage::{keys, Storage, UserConv};
+
+#[derive(Default)]
+pub(super) struct Gathers {
+    map: HashMap<u64, Gather>,
+    next_id: u64,
+}
+
+struct Gather {
+    conn: ConnId,
+    rid: u64,
+    left: usize,
+    kind: Kind,
+}
+
+enum Kind {
+    Convs {
+        entries: Vec<(ConvId, UserConv)>,
+        last: Vec<Seq>,
+    },
+    Pages {
+        convs: Vec<ConvId>,
+        pages: Vec<Option<Page>>,
+        history: bool,
+    },
+}
+
+impl<S: Storage> Shard<S> {
+    fn gather(&mut self, conn: ConnId, rid: u64, left: usize, kind: Kind) -> u64 {
+        self.gathers.next_id += 1;
+        let id = self.gathers.next_id;
+        self.gathers.map.insert(
+            id,
+            Gather {
+                conn,
+                rid,
+                left,
+                kind,
+            },
+        );
+        id
+    }
+
+    pub(super) fn start_convs(&mut self, conn: ConnId, rid: u64, user: UserId) {
+        let prefix = keys::user_conv_prefix(user);
+        let rows =
+            match self
+                .storage
+                .scan(&prefix, &keys::prefix_end(&prefix), CONV_LIST_MAX, false)
+            {
+                Ok(rows) => rows,
+                Err(e) => return self.internal_error(conn, Some(rid), &e),
+            };
+        let mut entries = Vec::with_capacity(rows.len());
+        for (k, v) in rows {
+            match (keys::conv_of_user_conv(&k), UserConv::decode(&k, &v)) {
+                (Some(conv), Ok(entry)) => entries.push((conv, entry)),
+                (_, Err(e)) => return self.internal_error(conn, Some(rid), &e),
+                (None, _) => {}
+            }
+        }
+        let mut by_owner: BTreeMap<ShardId, Vec<(usize, ConvId)>> = BTreeMap::new();
+        for (i, (conv, _)) in entries.iter().enumerate() {
+            by_owner
+                .entry(conv.slot().shard(self.cfg.shards))
+                .or_default()
+                .push((i, *conv));
+        }
+        let last = vec![0; entries.len()];
+        let id = self.gather(conn, rid, by_owner.len(), Kind::Convs { entries, last });
+        if by_owner.is_empty() {
+            return self.finish_gather(id);
+        }
+        let me = self.cfg.shard;
+        for (owner, convs) in by_owner {
+            self.mail(
+                owner,
+                Mail::LastSeqs {
+                    gather: GatherRef {
+                        shard: me,
+                        id,
+                        part: 0,
+                    },
+                    convs,
+                },
+            );
+        }
+    }
+
+    pub(super) fn start_sync(&mut self, conn: ConnId, rid: u64, user: UserId, req: p::Sync) {
+        if req.convs.is_empty() || req.convs.len() > SYNC_CONVS_MAX {
+            return self.error(
+                conn,
+                Some(rid),
+                ErrorCode::BadRequest,
+                &format!("sync names 1 to {SYNC_CONVS_MAX} conversations"),
+            );
+        }
+        let mut convs = Vec::with_capacity(req.convs.len());
+        for c in &req.convs {
+            match ConvId::parse(&c.conv) {
+                Some(conv) => convs.push((conv, c.after)),
+                None => {
+                    return self.error(
+                        conn,
+                        Some(rid),
+                        ErrorCode::BadRequest,
+                        "conv is not a conversation id",
+                    )
+                }
+            }
+        }
+        let limit = req
+            .limit
+            .map_or(PAGE_MAX, |l| l as usize)
+            .clamp(1, PAGE_MAX);
+        let n = convs.len();
+        let kind = Kind::Pages {
+            convs: convs.iter().map(|c| c.0).collect(),
+            pages: vec![None; n],
+            history: false,
+        };
+        let id = self.gather(conn, rid, n, kind);
+        for (part, (conv, after)) in convs.into_iter().enumerate() {
+            let gather = GatherRef {
+                shard: self.cfg.shard,
+                id,
+                part,
+            };
+            let mail = Mail::Range {
+                gather,
+                user,
+                conv,
+                after: Some(after),
+                before: None,
+                limit,
+            };
+            self.mail(conv.slot().shard(self.cfg.shards), mail);
+        }
+    }
+
+    pub(super) fn start_history(&mut self, conn: ConnId, rid: u64, user: UserId, req: p::History) {
+        let Some(conv) = ConvId::parse(&req.conv) else {
+            return self.error(
+                conn,
+                Some(rid),
+                ErrorCode::BadRequest,
+                "conv is not a conversation id",
+            );
+        };
+        let limit = req.limit.map_or(50, |l| l as usize).clamp(1, PAGE_MAX);
+        let id = self.gather(
+            conn,
+            rid,
+            1,
+            Kind::Pages {
+                convs: vec![conv],
+                pages: vec![None],
+                history: true,
+            },
+        );
+        let gather = GatherRef {
+            shard: self.cfg.shard,
+            id,
+            part: 0,
+        };
+        let mail = Mail::Range {
+            gather,
+            user,
+            conv,
+            after: None,
+            before: req.before,
+            limit,
+        };
+        self.mail(conv.slot().shard(self.cfg.shards), mail);
+    }
+
+    pub(super) fn gather_range_done(&mut self, gather: GatherRef, page: Page) {
+        let Some(g) = self.gathers.map.get_mut(&gather.id) else {
+            return;
+        };
+        if let Kind::Pages { pages, .. } = &mut g.kind {
+            if let Some(slot) = pages.get_mut(gather.part) {
+                *slot = Some(page);
+            }
+        }
+        g.left -= 1;
+        if g.left == 0 {
+            self.finish_gather(gather.id);
+        }
+    }
+
+    pub(super) fn gather_last_seqs_done(&mut self, gather: GatherRef, seqs: Vec<(usize, Seq)>) {
+        let Some(g) = self.gathers.map.get_mut(&gather.id) else {
+            return;
+        };
+        if let Kind::Convs { last, .. } = &mut g.kind {
+            for (i, seq) in seqs {
+                if let Some(slot) = last.get_mut(i) {
+                    *slot = seq;
+                }
+            }
+        }
+        g.left -= 1;
+        if g.left == 0 {
+            self.finish_gather(gather.id);
+        }
+    }
+
+    fn finish_gather(&mut self, id: u64) {
+        let Some(g) = self.gathers.map.remove(&id) else {
+            return;
+        };
+        let frame = match g.kind {
+            Kind::Convs { entries, last } => convs_frame(g.rid, &entries, &last),
+            Kind::Pages {
+                convs,
+                mut pages,
+                history: true,
+            } => match pages.pop().flatten() {
+                Some(Ok((msgs, more))) => page_frame(g.rid, convs[0], &msgs, more),
+                Some(Err(code)) => error_frame(Some(g.rid), code, "cannot read this conversation"),
+                None => error_frame(Some(g.rid), ErrorCode::Internal, "missing page"),
+            },
+            Kind::Pages {
+                convs,
+                pages,
+                history: false,
+            } => sync_frame(g.rid, &convs, &pages),
+        };
+        self.send(g.conn, frame);
+    }
+}
+
+// Replies holding pages are assembled by hand: each message is already client JSON.
+
+fn push_msgs(out: &mut String, msgs: &[String]) {
+    out.push('[');
+    for (i, m) in msgs.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(m);
+    }
+    out.push(']');
+}
+
+fn page_frame(rid: u64, conv: ConvId, msgs: &[String], more: bool) -> String {
+    let mut out = String::with_capacity(64 + msgs.iter().map(|m| m.len() + 1).sum::<usize>());
+    let _ = write!(
+        out,
+        "{{\"rid\":{rid},\"ok\":{{\"conv\":\"{conv}\",\"msgs\":"
+    );
+    push_msgs(&mut out, msgs);
+    let _ = write!(out, ",\"more\":{more}}}}}");
+    out
+}
+
+fn sync_frame(rid: u64, convs: &[ConvId], pages: &[Option<Page>]) -> String {
+    let mut out = String::with_capacity(64);
+    let _ = write!(out, "{{\"rid\":{rid},\"ok\":{{\"convs\":[");
+    for (i, (conv, page)) in convs.iter().zip(pages).enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        let _ = write!(out, "{{\"conv\":\"{conv}\",");
+        match page {
+            Some(Ok((msgs, more))) => {
+                out.push_str("\"msgs\":");
+                push_msgs(&mut out, msgs);
+                let _ = write!(out, ",\"more\":{more}}}");
+            }
+            Some(Err(code)) => {
+                let _ = write!(out, "\"error\":\"{}\"}}", code.as_str());
+            }
+            None => out.push_str("\"error\":\"internal\"}"),
+        }
+    }
+    out.push_str("]}}");
+    out
+}
+
+fn convs_frame(rid: u64, entries: &[(ConvId, UserConv)], last: &[Seq]) -> String {
+    let mut out = String::with_capacity(64 + entries.len() * 96);
+    let _ = write!(out, "{{\"rid\":{rid},\"ok\":{{\"convs\":[");
+    let mut total_unread = 0u64;
+    for (i, ((conv, entry), &last_seq)) in entries.iter().zip(last).enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        let unread = last_seq.saturating_sub(entry.read_seq);
+        total_unread += unread;
+        let _ = write!(out, "{{\"conv\":\"{conv}\",\"peer\":");
+        push_json_str(&mut out, &entry.peer_name);
+        let _ = write!(
+            out,
+            ",\"last_seq\":{last_seq},\"read_seq\":{},\"unread\":{unread}}}",
+            entry.read_seq
+        );
+    }
+    let _ = write!(out, "],\"total_unread\":{total_unread}}}}}");
+    out
+}

@@ -1,0 +1,338 @@
+//! The shard state machine. One `Shard` is the whole state of one core.
+//!
+//! Inputs (`handle_*`, each with the current wall time in ms) and outputs (`poll_output`,
+//! `poll_commit`) only; no sockets, no clock, no threads. The driver in `src/shard.rs` is a
+//! loop around it; the simulation in `tests/sim.rs` drives several of them on one thread.
+//!
+//! | file | owns |
+//! | --- | --- |
+//! | `session.rs` | connections, authentication, hand-off, heartbeats, pushes and their retries |
+//! | `owner.rs` | conversations this shard owns: open, append (seq, dedup), pages, last seqs |
+//! | `gather.rs` | requests that need several shards' answers: `convs`, `sync`, `history` |
+//! | `commit.rs` | group commit: the open batch, the one in flight, effects deferred until durable |
+//!
+//! Invariants (asserted where cheap, tested by the simulation):
+//! - A conversation's seqs are assigned here only by its owner, contiguously, and a seq is
+//!   visible (acked, pushed, listed, paged) only once the commit holding it is durable.
+//! - At most one commit is in flight; effects of a commit run in commit order.
+//! - A connection id in `conns` is open on this shard; the engine never emits output for
+//!   a connection it has forgotten.
+
+mod commit;
+mod gather;
+mod owner;
+mod session;
+
+use std::collections::{HashMap, VecDeque};
+
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+
+use crate::auth::{HashCost, Job, JobResult, TokenKey, SECRET_BYTES};
+use crate::ids::{ConnId, ShardId, UserId};
+use crate::limits;
+use crate::mail::{Mail, ReplyTo};
+use crate::protocol::{error_frame, ErrorCode};
+use crate::storage::{Commit, Storage};
+
+pub use session::Handoff;
+
+/// When an ack may be sent, relative to the write of the message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// After the WAL is fsynced: survives power loss.
+    Fsync,
+    /// After the WAL write reached the OS: survives a process crash. The default.
+    Wal,
+    /// No WAL: benchmarks only; a crash loses recent writes.
+    Memory,
+}
+
+/// A shard's configuration. `Config::new` gives the defaults.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub shard: ShardId,
+    pub shards: u16,
+    pub secret: [u8; SECRET_BYTES],
+    /// A connection silent for this long is closed (4000) and its pushes stop.
+    pub heartbeat_timeout_ms: u64,
+    /// A connection silent for this long gets a WebSocket ping (browsers answer automatically).
+    pub heartbeat_interval_ms: u64,
+    /// An unacked push is sent again after this long.
+    pub push_retry_ms: u64,
+    pub body_bytes_max: usize,
+    pub token_ttl_s: u64,
+    pub hash_cost: HashCost,
+    /// Seed for the engine's PRNG (device nonces). The driver seeds from the OS.
+    pub seed: u64,
+}
+
+impl Config {
+    pub fn new(shard: ShardId, shards: u16, secret: [u8; SECRET_BYTES]) -> Config {
+        Config {
+            shard,
+            shards,
+            secret,
+            heartbeat_timeout_ms: 60_000,
+            heartbeat_interval_ms: 20_000,
+            push_retry_ms: 5_000,
+            body_bytes_max: limits::BODY_BYTES_MAX,
+            token_ttl_s: 30 * 24 * 3600,
+            hash_cost: HashCost::default(),
+            seed: 0,
+        }
+    }
+}
+
+/// What the engine asks the driver to do.
+#[derive(Debug)]
+pub enum Output {
+    /// Send a text frame.
+    Send { conn: ConnId, frame: String },
+    /// Send a WebSocket ping (liveness probe).
+    Ping { conn: ConnId },
+    /// Close the connection with this code after flushing what is queued. The engine has
+    /// already forgotten it.
+    Close {
+        conn: ConnId,
+        code: u16,
+        reason: &'static str,
+    },
+    /// Deliver mail to another shard (never to this one: local mail is handled inline).
+    Mail { to: ShardId, mail: Mail },
+    /// Move this connection's socket to shard `to`, which will `handle_adopt` it.
+    Handoff {
+        conn: ConnId,
+        to: ShardId,
+        handoff: Handoff,
+    },
+    /// Run a CPU-heavy job off the reactor and report with `handle_job_done`.
+    Job { id: u64, job: Job },
+}
+
+pub struct Shard<S: Storage> {
+    cfg: Config,
+    storage: S,
+    tokens: TokenKey,
+    rng: StdRng,
+    out: VecDeque<Output>,
+    /// Mail this shard sent itself; drained before a `handle_*` returns.
+    local_mail: VecDeque<Mail>,
+    sessions: session::Sessions,
+    owned: owner::Owned,
+    gathers: gather::Gathers,
+    commits: commit::Commits,
+    jobs: HashMap<u64, session::PendingJob>,
+    next_job: u64,
+    stats: Stats,
+}
+
+/// Counters for metrics and tests.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Stats {
+    pub frames_in: u64,
+    pub appended: u64,
+    pub deduplicated: u64,
+    pub pushes: u64,
+    pub push_retries: u64,
+    pub commits: u64,
+    pub commit_ops: u64,
+    pub errors: u64,
+}
+
+impl<S: Storage> Shard<S> {
+    pub fn new(cfg: Config, storage: S) -> Shard<S> {
+        assert!(cfg.shard.0 < cfg.shards, "shard id out of range");
+        assert!((cfg.shards as usize) <= limits::SHARDS_MAX);
+        assert!(
+            cfg.heartbeat_interval_ms < cfg.heartbeat_timeout_ms,
+            "ping before timing out"
+        );
+        Shard {
+            tokens: TokenKey::new(&cfg.secret),
+            rng: StdRng::seed_from_u64(cfg.seed),
+            cfg,
+            storage,
+            out: VecDeque::new(),
+            local_mail: VecDeque::new(),
+            sessions: session::Sessions::default(),
+            owned: owner::Owned::default(),
+            gathers: gather::Gathers::default(),
+            commits: commit::Commits::default(),
+            jobs: HashMap::new(),
+            next_job: 1,
+            stats: Stats::default(),
+        }
+    }
+
+    // ---- getters ----
+
+    pub fn id(&self) -> ShardId {
+        self.cfg.shard
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn stats(&self) -> Stats {
+        self.stats
+    }
+
+    pub fn connections(&self) -> usize {
+        self.sessions.conns.len()
+    }
+
+    /// True when nothing waits to be written: used to finish a drain at shutdown.
+    pub fn is_write_idle(&self) -> bool {
+        self.commits.is_idle()
+    }
+
+    pub fn home_of(&self, user: UserId) -> ShardId {
+        user.slot().shard(self.cfg.shards)
+    }
+
+    // ---- inputs ----
+
+    /// A mail from another shard.
+    pub fn handle_mail(&mut self, now_ms: u64, mail: Mail) {
+        self.dispatch_mail(now_ms, mail);
+        self.drain_local(now_ms);
+    }
+
+    /// A job (password hash) finished.
+    pub fn handle_job_done(&mut self, now_ms: u64, id: u64, result: JobResult) {
+        if let Some(job) = self.jobs.remove(&id) {
+            self.finish_job(now_ms, job, result);
+        }
+        self.drain_local(now_ms);
+    }
+
+    /// Periodic work: heartbeats and push retries. Call every `tick_ms()` or so.
+    pub fn handle_tick(&mut self, now_ms: u64) {
+        self.tick_sessions(now_ms);
+        self.drain_local(now_ms);
+    }
+
+    /// How often the driver should call `handle_tick`.
+    pub fn tick_ms(&self) -> u64 {
+        (self.cfg.push_retry_ms / 4).clamp(10, 1_000)
+    }
+
+    // ---- outputs ----
+
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.out.pop_front()
+    }
+
+    /// The next batch to write, if none is in flight and writes are pending.
+    pub fn poll_commit(&mut self) -> Option<Commit> {
+        let commit = self.commits.start()?;
+        self.stats.commits += 1;
+        self.stats.commit_ops += commit.ops.len() as u64;
+        Some(commit)
+    }
+
+    // ---- internals shared by the handler files ----
+
+    fn dispatch_mail(&mut self, now_ms: u64, mail: Mail) {
+        match mail {
+            Mail::Open {
+                reply,
+                conv,
+                requester,
+                names,
+            } => self.owner_open(now_ms, reply, conv, requester, names),
+            Mail::Append {
+                reply,
+                conv,
+                sender,
+                sender_name,
+                device,
+                id,
+                body,
+            } => self.owner_append(now_ms, reply, conv, sender, sender_name, device, id, body),
+            Mail::Range {
+                gather,
+                user,
+                conv,
+                after,
+                before,
+                limit,
+            } => self.owner_range(gather, user, conv, after, before, limit),
+            Mail::LastSeqs { gather, convs } => self.owner_last_seqs(gather, convs),
+            Mail::EnsureMember {
+                conv,
+                user,
+                peer,
+                peer_name,
+            } => self.home_ensure_member(conv, user, peer, peer_name),
+            Mail::MemberEnsured { conv, user, result } => {
+                self.owner_member_ensured(now_ms, conv, user, result)
+            }
+            Mail::Reply { conn, frame } => self.send(conn, frame),
+            Mail::Deliver {
+                conv,
+                seq,
+                msg,
+                recipients,
+                skip,
+            } => self.home_deliver(now_ms, conv, seq, &msg, &recipients, skip),
+            Mail::RangeDone { gather, page } => self.gather_range_done(gather, page),
+            Mail::LastSeqsDone { gather, seqs } => self.gather_last_seqs_done(gather, seqs),
+        }
+    }
+
+    fn drain_local(&mut self, now_ms: u64) {
+        // Bounded: each local mail is a reply to or the effect of work already admitted.
+        while let Some(mail) = self.local_mail.pop_front() {
+            self.dispatch_mail(now_ms, mail);
+        }
+    }
+
+    fn mail(&mut self, to: ShardId, mail: Mail) {
+        if to == self.cfg.shard {
+            self.local_mail.push_back(mail);
+        } else {
+            self.out.push_back(Output::Mail { to, mail });
+        }
+    }
+
+    fn send(&mut self, conn: ConnId, frame: String) {
+        if self.sessions.conns.contains_key(&conn) {
+            self.out.push_back(Output::Send { conn, frame });
+        }
+    }
+
+    fn reply_to(&mut self, to: ReplyTo, frame: String) {
+        if to.shard == self.cfg.shard {
+            self.send(to.conn, frame);
+        } else {
+            self.mail(
+                to.shard,
+                Mail::Reply {
+                    conn: to.conn,
+                    frame,
+                },
+            );
+        }
+    }
+
+    fn error_to(&mut self, to: ReplyTo, code: ErrorCode, message: &str) {
+        self.stats.errors += 1;
+        self.reply_to(to, error_frame(Some(to.rid), code, message));
+    }
+
+    fn error(&mut self, conn: ConnId, rid: Option<u64>, code: ErrorCode, message: &str) {
+        self.stats.errors += 1;
+        self.send(conn, error_frame(rid, code, message));
+    }
+
+    fn job(&mut self, job: Job, pending: session::PendingJob) {
+        let id = self.next_job;
+        self.next_job += 1;
+        self.jobs.insert(id, pending);
+        self.out.push_back(Output::Job { id, job });
+    }
+}

@@ -1,0 +1,854 @@
+//! Connections and sessions on this shard: authentication, hand-off to the home shard,
+//! heartbeats, pushes and their retries, and the client ops a home shard answers itself.
+//!
+//! A connection starts unauthenticated on whichever shard accepted it. The first request that
+//! names an identity (`register`, `login`: a username; `resume`: a token, verified here first)
+//! moves the connection to that user's home shard, which runs the request. So every device of
+//! a user lives on one core and delivery to a user is local.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use rand::Rng;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::commit::Deferred;
+use super::{Output, Shard};
+use crate::auth::{self, Job, JobResult, TokenClaims};
+use crate::ids::{ConnId, ConvId, UserId};
+use crate::limits::{FAILED_LOGINS_MAX, REQUESTS_PER_SEC_MAX, UNACKED_PUSHES_MAX};
+use crate::mail::{Mail, ReplyTo};
+use crate::protocol::{self as p, close, message_push, ok_frame, ErrorCode};
+use crate::storage::{keys, DeviceRecord, Storage, UserConv, UserRecord};
+
+/// What moves with a connection from the accepting shard to the home shard (the driver adds
+/// the socket and any unread bytes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Handoff {
+    /// The request that named the identity, to be run on the home shard.
+    pub frame: String,
+    pub failed_logins: u32,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct Session {
+    pub user: UserId,
+    pub name: String,
+    pub device: String,
+}
+
+struct Unacked {
+    frame: String,
+    sent_ms: u64,
+}
+
+pub(super) struct Conn {
+    session: Option<Session>,
+    /// An authentication request is running (password hash); others are refused meanwhile.
+    auth_busy: bool,
+    failed_logins: u32,
+    last_in_ms: u64,
+    last_ping_ms: u64,
+    window_start_ms: u64,
+    window_requests: u32,
+    unacked: BTreeMap<u64, Unacked>,
+}
+
+#[derive(Default)]
+pub(super) struct Sessions {
+    /// Ordered so iteration (ticks, shutdown) is deterministic: the simulation replays exactly.
+    pub conns: BTreeMap<ConnId, Conn>,
+    /// Online connections per user homed here.
+    pub online: HashMap<UserId, Vec<ConnId>>,
+    /// Users whose registration is hashing or committing: a second registration is refused.
+    pub registering: HashSet<UserId>,
+    next_pid: u64,
+}
+
+pub(super) enum PendingJob {
+    Register {
+        conn: ConnId,
+        rid: u64,
+        user: UserId,
+        name: String,
+    },
+    Login {
+        conn: ConnId,
+        rid: u64,
+        user: UserId,
+        name: String,
+        device: String,
+    },
+}
+
+fn parse<'a, T: Deserialize<'a>>(text: &'a str) -> Result<T, String> {
+    serde_json::from_str(text).map_err(|e| e.to_string())
+}
+
+/// The `rid` of a frame that failed to parse as a whole, for its error reply.
+fn rid_of(text: &str) -> Option<u64> {
+    #[derive(Deserialize)]
+    struct Rid {
+        rid: Option<u64>,
+    }
+    serde_json::from_str::<Rid>(text).ok().and_then(|r| r.rid)
+}
+
+impl<S: Storage> Shard<S> {
+    // ---- connection lifecycle ----
+
+    /// A new connection completed its WebSocket handshake on this shard.
+    pub fn handle_connect(&mut self, now_ms: u64, conn: ConnId) {
+        let fresh = Conn {
+            session: None,
+            auth_busy: false,
+            failed_logins: 0,
+            last_in_ms: now_ms,
+            last_ping_ms: now_ms,
+            window_start_ms: now_ms,
+            window_requests: 0,
+            unacked: BTreeMap::new(),
+        };
+        let previous = self.sessions.conns.insert(conn, fresh);
+        assert!(previous.is_none(), "connection ids are never reused");
+    }
+
+    /// A connection handed off by another shard arrived; run the request that moved it.
+    pub fn handle_adopt(&mut self, now_ms: u64, conn: ConnId, handoff: Handoff) {
+        self.handle_connect(now_ms, conn);
+        if let Some(c) = self.sessions.conns.get_mut(&conn) {
+            c.failed_logins = handoff.failed_logins;
+        }
+        self.handle_frame(now_ms, conn, &handoff.frame);
+    }
+
+    /// The socket closed (by the peer, an error, or after our own `Close`).
+    pub fn handle_disconnect(&mut self, _now_ms: u64, conn: ConnId) {
+        self.forget(conn);
+    }
+
+    /// Any sign of life that is not a text frame (a pong, a ping).
+    pub fn handle_activity(&mut self, now_ms: u64, conn: ConnId) {
+        if let Some(c) = self.sessions.conns.get_mut(&conn) {
+            c.last_in_ms = now_ms;
+        }
+    }
+
+    fn forget(&mut self, conn: ConnId) -> Option<Conn> {
+        let c = self.sessions.conns.remove(&conn)?;
+        if let Some(s) = &c.session {
+            if let Some(list) = self.sessions.online.get_mut(&s.user) {
+                list.retain(|&other| other != conn);
+                if list.is_empty() {
+                    self.sessions.online.remove(&s.user);
+                }
+            }
+        }
+        Some(c)
+    }
+
+    pub(super) fn close(&mut self, conn: ConnId, code: u16, reason: &'static str) {
+        if self.forget(conn).is_some() {
+            self.out.push_back(Output::Close { conn, code, reason });
+        }
+    }
+
+    // ---- frames ----
+
+    /// A text frame from a client.
+    pub fn handle_frame(&mut self, now_ms: u64, conn: ConnId, text: &str) {
+        self.frame(now_ms, conn, text);
+        self.drain_local(now_ms);
+    }
+
+    fn frame(&mut self, now_ms: u64, conn: ConnId, text: &str) {
+        let Some(c) = self.sessions.conns.get_mut(&conn) else {
+            return;
+        };
+        self.stats.frames_in += 1;
+        c.last_in_ms = now_ms;
+        if now_ms.saturating_sub(c.window_start_ms) >= 1_000 {
+            c.window_start_ms = now_ms;
+            c.window_requests = 0;
+        }
+        c.window_requests += 1;
+        if c.window_requests > 10 * REQUESTS_PER_SEC_MAX {
+            return self.close(conn, close::POLICY_VIOLATION, "request flood");
+        }
+        let flooding = c.window_requests > REQUESTS_PER_SEC_MAX;
+        let session = c.session.clone();
+
+        let head: p::Head = match serde_json::from_str(text) {
+            Ok(head) => head,
+            Err(e) => {
+                let code = if e.is_syntax() || e.is_eof() {
+                    ErrorCode::BadJson
+                } else {
+                    ErrorCode::BadRequest
+                };
+                return self.error(conn, rid_of(text), code, &e.to_string());
+            }
+        };
+        let op = head.op.as_ref();
+        if op == "ack" {
+            return match (parse::<p::Ack>(text), session) {
+                (Ok(ack), Some(_)) => self.ack(conn, &ack.pids),
+                (Err(e), _) => self.error(conn, None, ErrorCode::BadRequest, &e),
+                (_, None) => self.error(conn, None, ErrorCode::NotAuthenticated, "log in first"),
+            };
+        }
+        let Some(rid) = head.rid else {
+            return self.error(
+                conn,
+                None,
+                ErrorCode::BadRequest,
+                "every request but ack needs a numeric rid",
+            );
+        };
+        if flooding {
+            return self.error(
+                conn,
+                Some(rid),
+                ErrorCode::RateLimited,
+                "too many requests per second",
+            );
+        }
+        let result = match (op, &session) {
+            ("ping", _) => Ok(self.send(conn, ok_frame(rid, &json!({ "time": now_ms })))),
+            ("register" | "login" | "resume", Some(_)) => Err((
+                ErrorCode::AlreadyAuthenticated,
+                "this connection is logged in".into(),
+            )),
+            ("register", None) => parse(text)
+                .map(|r| self.register(conn, rid, r))
+                .map_err(bad),
+            ("login", None) => parse(text)
+                .map(|r| self.login(now_ms, conn, rid, r, text))
+                .map_err(bad),
+            ("resume", None) => parse(text)
+                .map(|r| self.resume(now_ms, conn, rid, r, text))
+                .map_err(bad),
+            ("logout" | "open" | "send" | "convs" | "read" | "sync" | "history", None) => {
+                Err((ErrorCode::NotAuthenticated, "log in first".into()))
+            }
+            ("logout", Some(s)) => Ok(self.logout(conn, rid, s)),
+            ("open", Some(s)) => parse(text).map(|r| self.open(conn, rid, s, r)).map_err(bad),
+            ("send", Some(s)) => parse(text)
+                .map(|r| self.send_message(now_ms, conn, rid, s, r))
+                .map_err(bad),
+            ("convs", Some(s)) => Ok(self.start_convs(conn, rid, s.user)),
+            ("read", Some(s)) => parse(text).map(|r| self.read(conn, rid, s, r)).map_err(bad),
+            ("sync", Some(s)) => parse(text)
+                .map(|r| self.start_sync(conn, rid, s.user, r))
+                .map_err(bad),
+            ("history", Some(s)) => parse(text)
+                .map(|r| self.start_history(conn, rid, s.user, r))
+                .map_err(bad),
+            (other, _) => Err((ErrorCode::UnknownOp, format!("unknown op {other:?}"))),
+        };
+        if let Err((code, message)) = result {
+            self.error(conn, Some(rid), code, &message);
+        }
+    }
+
+    // ---- accounts ----
+
+    /// Moves the connection to `user`'s home shard if that is not this one. Returns true if moved.
+    fn hand_off_if_remote(&mut self, conn: ConnId, user: UserId, text: &str) -> bool {
+        let home = self.home_of(user);
+        if home == self.cfg.shard {
+            return false;
+        }
+        if let Some(c) = self.forget(conn) {
+            let handoff = Handoff {
+                frame: text.to_owned(),
+                failed_logins: c.failed_logins,
+            };
+            self.out.push_back(Output::Handoff {
+                conn,
+                to: home,
+                handoff,
+            });
+        }
+        true
+    }
+
+    fn register(&mut self, conn: ConnId, rid: u64, req: p::Register) {
+        let name = match auth::normalise_username(&req.username) {
+            Ok(name) => name,
+            Err(code) => {
+                return self.error(
+                    conn,
+                    Some(rid),
+                    code,
+                    "usernames are 3-32 of a-z 0-9 _ . - starting with a letter or digit",
+                )
+            }
+        };
+        if let Err(code) = auth::check_password(&req.password) {
+            return self.error(conn, Some(rid), code, "passwords are 8-256 bytes");
+        }
+        let user = UserId::from_username(&name);
+        if self.hand_off_if_remote(conn, user, &registration_frame(rid, &name, &req.password)) {
+            return;
+        }
+        if self.sessions.registering.contains(&user) {
+            return self.error(
+                conn,
+                Some(rid),
+                ErrorCode::UsernameTaken,
+                "that username is taken",
+            );
+        }
+        match self.get_latest(&keys::user(user)) {
+            Ok(Some(_)) => self.error(
+                conn,
+                Some(rid),
+                ErrorCode::UsernameTaken,
+                "that username is taken",
+            ),
+            Ok(None) => {
+                self.sessions.registering.insert(user);
+                self.job(
+                    Job::Hash {
+                        password: req.password,
+                    },
+                    PendingJob::Register {
+                        conn,
+                        rid,
+                        user,
+                        name,
+                    },
+                );
+            }
+            Err(e) => self.internal_error(conn, Some(rid), &e),
+        }
+    }
+
+    fn login(&mut self, now_ms: u64, conn: ConnId, rid: u64, req: p::Login, text: &str) {
+        let _ = now_ms;
+        let Ok(name) = auth::normalise_username(&req.username) else {
+            return self.login_failed(conn, rid, ErrorCode::BadCredentials);
+        };
+        if auth::check_device(&req.device).is_err() {
+            return self.error(
+                conn,
+                Some(rid),
+                ErrorCode::BadRequest,
+                "device names are 1-64 printable characters",
+            );
+        }
+        let user = UserId::from_username(&name);
+        if self.hand_off_if_remote(conn, user, text) || !self.auth_gate(conn, rid) {
+            return;
+        }
+        match self.get_latest(&keys::user(user)) {
+            Ok(Some(bytes)) => match UserRecord::decode(&keys::user(user), &bytes) {
+                Ok(rec) if rec.name == name => {
+                    self.set_auth_busy(conn, true);
+                    let pending = PendingJob::Login {
+                        conn,
+                        rid,
+                        user,
+                        name,
+                        device: req.device,
+                    };
+                    self.job(
+                        Job::Verify {
+                            password: req.password,
+                            phc: rec.phc,
+                        },
+                        pending,
+                    );
+                }
+                Ok(_) => self.login_failed(conn, rid, ErrorCode::BadCredentials),
+                Err(e) => self.internal_error(conn, Some(rid), &e),
+            },
+            Ok(None) => self.login_failed(conn, rid, ErrorCode::BadCredentials),
+            Err(e) => self.internal_error(conn, Some(rid), &e),
+        }
+    }
+
+    fn resume(&mut self, now_ms: u64, conn: ConnId, rid: u64, req: p::Resume, text: &str) {
+        // Verified on the accepting shard before the hand-off, and again here: an HMAC is
+        // cheaper than trusting the path the frame took.
+        let claims = match self.tokens.verify(&req.token, now_ms / 1000) {
+            Ok(claims) => claims,
+            Err(code) => return self.login_failed(conn, rid, code),
+        };
+        if self.hand_off_if_remote(conn, claims.user, text) || !self.auth_gate(conn, rid) {
+            return;
+        }
+        let device_key = keys::device(claims.user, &claims.device);
+        let device = match self
+            .get_latest(&device_key)
+            .and_then(|v| v.map(|b| DeviceRecord::decode(&device_key, &b)).transpose())
+        {
+            Ok(device) => device,
+            Err(e) => return self.internal_error(conn, Some(rid), &e),
+        };
+        if device.is_none_or(|d| d.nonce != claims.nonce) {
+            return self.login_failed(conn, rid, ErrorCode::DeviceRevoked);
+        }
+        let user_key = keys::user(claims.user);
+        match self
+            .get_latest(&user_key)
+            .and_then(|v| v.map(|b| UserRecord::decode(&user_key, &b)).transpose())
+        {
+            Ok(Some(rec)) => {
+                let frame = ok_frame(rid, &json!({ "user": rec.name, "device": claims.device }));
+                let session = Session {
+                    user: claims.user,
+                    name: rec.name,
+                    device: claims.device,
+                };
+                self.activate(now_ms, conn, session, frame);
+            }
+            Ok(None) => self.login_failed(conn, rid, ErrorCode::DeviceRevoked),
+            Err(e) => self.internal_error(conn, Some(rid), &e),
+        }
+    }
+
+    /// Refuses a second authentication while one is running, and any after too many failures.
+    fn auth_gate(&mut self, conn: ConnId, rid: u64) -> bool {
+        let Some(c) = self.sessions.conns.get(&conn) else {
+            return false;
+        };
+        if c.auth_busy {
+            self.error(
+                conn,
+                Some(rid),
+                ErrorCode::BadRequest,
+                "an authentication request is already running",
+            );
+            return false;
+        }
+        if c.failed_logins >= FAILED_LOGINS_MAX {
+            self.error(
+                conn,
+                Some(rid),
+                ErrorCode::TooManyAttempts,
+                "too many failed attempts on this connection",
+            );
+            self.close(conn, close::POLICY_VIOLATION, "too many failed logins");
+            return false;
+        }
+        true
+    }
+
+    fn set_auth_busy(&mut self, conn: ConnId, busy: bool) {
+        if let Some(c) = self.sessions.conns.get_mut(&conn) {
+            c.auth_busy = busy;
+        }
+    }
+
+    fn login_failed(&mut self, conn: ConnId, rid: u64, code: ErrorCode) {
+        let message = match code {
+            ErrorCode::BadCredentials => "wrong username or password",
+            ErrorCode::TokenExpired => "the token has expired; log in again",
+            ErrorCode::DeviceRevoked => "this device was logged out; log in again",
+            _ => "the token is not valid",
+        };
+        self.error(conn, Some(rid), code, message);
+        let Some(c) = self.sessions.conns.get_mut(&conn) else {
+            return;
+        };
+        c.failed_logins += 1;
+        if c.failed_logins >= FAILED_LOGINS_MAX {
+            self.close(conn, close::POLICY_VIOLATION, "too many failed logins");
+        }
+    }
+
+    pub(super) fn finish_job(&mut self, now_ms: u64, job: PendingJob, result: JobResult) {
+        match (job, result) {
+            (
+                PendingJob::Register {
+                    conn,
+                    rid,
+                    user,
+                    name,
+                },
+                JobResult::Hashed(Some(phc)),
+            ) => {
+                let rec = UserRecord {
+                    name: name.clone(),
+                    phc,
+                    created_ms: now_ms,
+                };
+                self.put(keys::user(user), rec.encode());
+                let frame = ok_frame(rid, &json!({ "user": name }));
+                self.defer(Deferred::Registered {
+                    conn,
+                    rid,
+                    user,
+                    frame,
+                });
+            }
+            (
+                PendingJob::Register {
+                    conn, rid, user, ..
+                },
+                _,
+            ) => {
+                self.sessions.registering.remove(&user);
+                self.error(
+                    conn,
+                    Some(rid),
+                    ErrorCode::Internal,
+                    "password hashing failed",
+                );
+            }
+            (
+                PendingJob::Login {
+                    conn,
+                    rid,
+                    user,
+                    name,
+                    device,
+                },
+                JobResult::Verified(true),
+            ) => {
+                self.set_auth_busy(conn, false);
+                if !self.sessions.conns.contains_key(&conn) {
+                    return; // gone while hashing: no device record, no token
+                }
+                let nonce: u64 = self.rng.gen();
+                let issued_s = now_ms / 1000;
+                let claims = TokenClaims {
+                    user,
+                    nonce,
+                    issued_s,
+                    expires_s: issued_s + self.cfg.token_ttl_s,
+                    device: device.clone(),
+                };
+                let token = self.tokens.mint(&claims);
+                self.put(
+                    keys::device(user, &device),
+                    DeviceRecord {
+                        nonce,
+                        created_ms: now_ms,
+                    }
+                    .encode(),
+                );
+                let frame = ok_frame(
+                    rid,
+                    &json!({ "token": token, "user": name, "device": device, "expires": claims.expires_s }),
+                );
+                self.defer(Deferred::LoggedIn {
+                    conn,
+                    rid,
+                    session: Session { user, name, device },
+                    frame,
+                });
+            }
+            (PendingJob::Login { conn, rid, .. }, _) => {
+                self.set_auth_busy(conn, false);
+                self.login_failed(conn, rid, ErrorCode::BadCredentials);
+            }
+        }
+    }
+
+    /// Makes `conn` the session of `session.device`, replacing an older connection of the same
+    /// device, and sends `frame` (the successful reply).
+    pub(super) fn activate(&mut self, now_ms: u64, conn: ConnId, session: Session, frame: String) {
+        if !self.sessions.conns.contains_key(&conn) {
+            return;
+        }
+        let same_device: Vec<ConnId> = self
+            .sessions
+            .online
+            .get(&session.user)
+            .into_iter()
+            .flatten()
+            .copied()
+            .filter(|other| {
+                self.sessions
+                    .conns
+                    .get(other)
+                    .and_then(|c| c.session.as_ref())
+                    .is_some_and(|s| s.device == session.device)
+            })
+            .collect();
+        for other in same_device {
+            self.close(
+                other,
+                close::SESSION_REPLACED,
+                "this device logged in again elsewhere",
+            );
+        }
+        self.sessions
+            .online
+            .entry(session.user)
+            .or_default()
+            .push(conn);
+        if let Some(c) = self.sessions.conns.get_mut(&conn) {
+            c.session = Some(session);
+            c.failed_logins = 0;
+            c.last_in_ms = now_ms;
+        }
+        self.send(conn, frame);
+    }
+
+    fn logout(&mut self, conn: ConnId, rid: u64, s: &Session) {
+        self.delete(keys::device(s.user, &s.device));
+        self.defer(Deferred::LoggedOut { conn, rid });
+    }
+
+    pub(super) fn logged_out(&mut self, conn: ConnId, rid: u64) {
+        self.send(conn, ok_frame(rid, &json!({})));
+        self.close(conn, close::NORMAL, "logged out");
+    }
+
+    // ---- conversations, from the member's side ----
+
+    fn open(&mut self, conn: ConnId, rid: u64, s: &Session, req: p::Open) {
+        let peer_name = match auth::normalise_username(&req.user) {
+            Ok(name) => name,
+            Err(_) => return self.error(conn, Some(rid), ErrorCode::NoSuchUser, "no such user"),
+        };
+        if peer_name == s.name {
+            return self.error(
+                conn,
+                Some(rid),
+                ErrorCode::BadRequest,
+                "a conversation needs another user",
+            );
+        }
+        let peer = UserId::from_username(&peer_name);
+        let conv = ConvId::direct(s.user, peer);
+        let reply = ReplyTo {
+            shard: self.cfg.shard,
+            conn,
+            rid,
+        };
+        let names = [(s.user, s.name.clone()), (peer, peer_name)];
+        self.mail(
+            conv.slot().shard(self.cfg.shards),
+            Mail::Open {
+                reply,
+                conv,
+                requester: s.user,
+                names,
+            },
+        );
+    }
+
+    fn send_message(&mut self, now_ms: u64, conn: ConnId, rid: u64, s: &Session, req: p::Send) {
+        let Some(conv) = ConvId::parse(&req.conv) else {
+            return self.error(
+                conn,
+                Some(rid),
+                ErrorCode::BadRequest,
+                "conv is not a conversation id",
+            );
+        };
+        if !conv.has_member(s.user) {
+            return self.error(
+                conn,
+                Some(rid),
+                ErrorCode::NotMember,
+                "you are not in this conversation",
+            );
+        }
+        let body = req.body.get();
+        if body.len() > self.cfg.body_bytes_max {
+            return self.error(
+                conn,
+                Some(rid),
+                ErrorCode::BodyTooLarge,
+                &format!("body is over {} bytes", self.cfg.body_bytes_max),
+            );
+        }
+        let id = req.id.unwrap_or_else(|| {
+            let ts = uuid::Timestamp::from_unix(
+                uuid::NoContext,
+                now_ms / 1000,
+                (now_ms % 1000) as u32 * 1_000_000,
+            );
+            uuid::Uuid::new_v7(ts)
+        });
+        let mail = Mail::Append {
+            reply: ReplyTo {
+                shard: self.cfg.shard,
+                conn,
+                rid,
+            },
+            conv,
+            sender: s.user,
+            sender_name: s.name.clone(),
+            device: s.device.clone(),
+            id,
+            body: body.to_owned(),
+        };
+        self.mail(conv.slot().shard(self.cfg.shards), mail);
+    }
+
+    fn read(&mut self, conn: ConnId, rid: u64, s: &Session, req: p::Read) {
+        let Some(conv) = ConvId::parse(&req.conv) else {
+            return self.error(
+                conn,
+                Some(rid),
+                ErrorCode::BadRequest,
+                "conv is not a conversation id",
+            );
+        };
+        let key = keys::user_conv(s.user, conv);
+        match self
+            .get_latest(&key)
+            .and_then(|v| v.map(|b| UserConv::decode(&key, &b)).transpose())
+        {
+            Ok(Some(mut entry)) => {
+                entry.read_seq = entry.read_seq.max(req.seq);
+                let frame = ok_frame(
+                    rid,
+                    &json!({ "conv": conv.to_string(), "read_seq": entry.read_seq }),
+                );
+                self.put(key, entry.encode());
+                self.defer(Deferred::Reply { conn, rid, frame });
+            }
+            Ok(None) => self.error(
+                conn,
+                Some(rid),
+                ErrorCode::NoSuchConversation,
+                "no such conversation",
+            ),
+            Err(e) => self.internal_error(conn, Some(rid), &e),
+        }
+    }
+
+    /// On a member's home shard: index a new conversation for `user` before the owner lets
+    /// anyone send to it, so a conversation list never misses a conversation with messages.
+    pub(super) fn home_ensure_member(
+        &mut self,
+        conv: ConvId,
+        user: UserId,
+        peer: UserId,
+        peer_name: String,
+    ) {
+        let owner = conv.slot().shard(self.cfg.shards);
+        let result = match self.get_latest(&keys::user(user)) {
+            Ok(None) => Err(ErrorCode::NoSuchUser),
+            Ok(Some(_)) => match self.get_latest(&keys::user_conv(user, conv)) {
+                Ok(Some(_)) => Ok(()),
+                Ok(None) => {
+                    let entry = UserConv {
+                        peer: peer.0,
+                        peer_name,
+                        read_seq: 0,
+                    };
+                    self.put(keys::user_conv(user, conv), entry.encode());
+                    return self.defer(Deferred::Ensured { owner, conv, user });
+                }
+                Err(_) => Err(ErrorCode::Internal),
+            },
+            Err(_) => Err(ErrorCode::Internal),
+        };
+        self.mail(owner, Mail::MemberEnsured { conv, user, result });
+    }
+
+    // ---- pushes ----
+
+    /// Fan-out arriving at a home shard: push to every online device of each recipient.
+    pub(super) fn home_deliver(
+        &mut self,
+        now_ms: u64,
+        _conv: ConvId,
+        _seq: u64,
+        msg: &str,
+        recipients: &[UserId],
+        skip: Option<ConnId>,
+    ) {
+        for user in recipients {
+            let Some(conns) = self.sessions.online.get(user) else {
+                continue;
+            };
+            let targets: Vec<ConnId> = conns.iter().copied().filter(|&c| Some(c) != skip).collect();
+            for conn in targets {
+                self.push(now_ms, conn, msg);
+            }
+        }
+    }
+
+    fn push(&mut self, now_ms: u64, conn: ConnId, msg: &str) {
+        let Some(c) = self.sessions.conns.get_mut(&conn) else {
+            return;
+        };
+        if c.unacked.len() >= UNACKED_PUSHES_MAX {
+            // The device is not keeping up. Everything is stored: it will sync on reconnect.
+            return self.close(conn, close::SLOW_CONSUMER, "too many unacknowledged pushes");
+        }
+        self.sessions.next_pid += 1;
+        let pid = self.sessions.next_pid;
+        let frame = message_push(pid, msg);
+        c.unacked.insert(
+            pid,
+            Unacked {
+                frame: frame.clone(),
+                sent_ms: now_ms,
+            },
+        );
+        self.stats.pushes += 1;
+        self.out.push_back(Output::Send { conn, frame });
+    }
+
+    fn ack(&mut self, conn: ConnId, pids: &[u64]) {
+        let Some(c) = self.sessions.conns.get_mut(&conn) else {
+            return;
+        };
+        for pid in pids.iter().take(UNACKED_PUSHES_MAX) {
+            c.unacked.remove(pid);
+        }
+    }
+
+    // ---- time ----
+
+    pub(super) fn tick_sessions(&mut self, now_ms: u64) {
+        let timeout = self.cfg.heartbeat_timeout_ms;
+        let interval = self.cfg.heartbeat_interval_ms;
+        let retry = self.cfg.push_retry_ms;
+        let mut dead = Vec::new();
+        for (&conn, c) in self.sessions.conns.iter_mut() {
+            let silent_ms = now_ms.saturating_sub(c.last_in_ms);
+            if silent_ms >= timeout {
+                dead.push(conn);
+                continue;
+            }
+            if silent_ms >= interval && now_ms.saturating_sub(c.last_ping_ms) >= interval {
+                c.last_ping_ms = now_ms;
+                self.out.push_back(Output::Ping { conn });
+            }
+            for unacked in c.unacked.values_mut() {
+                if now_ms.saturating_sub(unacked.sent_ms) >= retry {
+                    unacked.sent_ms = now_ms;
+                    self.stats.push_retries += 1;
+                    self.out.push_back(Output::Send {
+                        conn,
+                        frame: unacked.frame.clone(),
+                    });
+                }
+            }
+        }
+        for conn in dead {
+            self.close(conn, close::HEARTBEAT_TIMEOUT, "heartbeat timeout");
+        }
+    }
+}
+
+fn bad(message: String) -> (ErrorCode, String) {
+    (ErrorCode::BadRequest, message)
+}
+
+/// The normalised form of a register request, as handed to the home shard.
+fn registration_frame(rid: u64, name: &str, password: &str) -> String {
+    json!({ "op": "register", "rid": rid, "username": name, "password": password }).to_string()
+}
+
+impl<S: Storage> Shard<S> {
+    /// The server is stopping: close every connection with 1001 (going away).
+    pub fn handle_shutdown(&mut self) {
+        let conns: Vec<ConnId> = self.sessions.conns.keys().copied().collect();
+        for conn in conns {
+            self.close(conn, close::GOING_AWAY, "server shutting down");
+        }
+    }
+}

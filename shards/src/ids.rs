@@ -1,0 +1,167 @@
+//! Identifier newtypes and placement (id → slot → shard).
+//!
+//! Ids are hashes, so placement needs no lookup: any shard can compute the home shard of a
+//! user from the username alone and the owner shard of a conversation from its id.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use xxhash_rust::xxh3::xxh3_64;
+
+use crate::limits::SLOTS;
+
+/// A shard: one core, one executor, one column family. `0..shards`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ShardId(pub u16);
+
+/// A user: the xxh3 hash of the normalised username. Stable across restarts and shard counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct UserId(pub u64);
+
+/// A placement slot, `0..SLOTS`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Slot(pub u16);
+
+/// A per-conversation sequence number: 1, 2, 3… with no gaps. 0 means "nothing yet".
+pub type Seq = u64;
+
+/// A connection, unique within its shard for the life of the process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnId(pub u64);
+
+/// A conversation. One-to-one conversations are named by their two members (lower id first),
+/// so membership is checked without a lookup and both sides derive the same id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ConvId {
+    Direct(UserId, UserId),
+}
+
+impl UserId {
+    pub fn from_username(normalised: &str) -> UserId {
+        UserId(xxh3_64(normalised.as_bytes()))
+    }
+
+    pub fn slot(self) -> Slot {
+        Slot((self.0 % SLOTS as u64) as u16)
+    }
+}
+
+impl Slot {
+    pub fn shard(self, shards: u16) -> ShardId {
+        ShardId(self.0 % shards)
+    }
+}
+
+impl ConvId {
+    /// The one-to-one conversation of `a` and `b`, in either order.
+    pub fn direct(a: UserId, b: UserId) -> ConvId {
+        if a <= b {
+            ConvId::Direct(a, b)
+        } else {
+            ConvId::Direct(b, a)
+        }
+    }
+
+    pub fn slot(self) -> Slot {
+        Slot((xxh3_64(&self.to_bytes()) % SLOTS as u64) as u16)
+    }
+
+    pub fn members(self) -> [UserId; 2] {
+        match self {
+            ConvId::Direct(a, b) => [a, b],
+        }
+    }
+
+    pub fn has_member(self, user: UserId) -> bool {
+        self.members().contains(&user)
+    }
+
+    /// Fixed-width key encoding: kind byte, then the ids big-endian (so keys sort by id).
+    pub fn to_bytes(self) -> [u8; 17] {
+        let mut out = [0u8; 17];
+        match self {
+            ConvId::Direct(a, b) => {
+                out[0] = b'd';
+                out[1..9].copy_from_slice(&a.0.to_be_bytes());
+                out[9..17].copy_from_slice(&b.0.to_be_bytes());
+            }
+        }
+        out
+    }
+
+    pub fn from_bytes(bytes: &[u8]) -> Option<ConvId> {
+        if bytes.len() != 17 || bytes[0] != b'd' {
+            return None;
+        }
+        let a = u64::from_be_bytes(bytes[1..9].try_into().ok()?);
+        let b = u64::from_be_bytes(bytes[9..17].try_into().ok()?);
+        (a <= b).then_some(ConvId::Direct(UserId(a), UserId(b)))
+    }
+
+    /// Parses the protocol form `d.<hex>.<hex>`. Rejects non-canonical forms (wrong order,
+    /// upper case, leading zeros) so one conversation has exactly one name.
+    pub fn parse(text: &str) -> Option<ConvId> {
+        let rest = text.strip_prefix("d.")?;
+        let (a, b) = rest.split_once('.')?;
+        let a = parse_hex(a)?;
+        let b = parse_hex(b)?;
+        (a <= b).then_some(ConvId::Direct(UserId(a), UserId(b)))
+    }
+}
+
+fn parse_hex(text: &str) -> Option<u64> {
+    if text.is_empty() || text.len() > 16 || (text.len() > 1 && text.starts_with('0')) {
+        return None;
+    }
+    if !text
+        .bytes()
+        .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
+    {
+        return None;
+    }
+    u64::from_str_radix(text, 16).ok()
+}
+
+impl fmt::Display for ConvId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConvId::Direct(a, b) => write!(f, "d.{:x}.{:x}", a.0, b.0),
+        }
+    }
+}
+
+impl fmt::Display for ShardId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "shard{}", self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conv_id_round_trips_and_is_canonical() {
+        let c = ConvId::direct(UserId(0xfeed), UserId(0x12));
+        assert_eq!(c, ConvId::Direct(UserId(0x12), UserId(0xfeed)));
+        let text = c.to_string();
+        assert_eq!(text, "d.12.feed");
+        assert_eq!(ConvId::parse(&text), Some(c));
+        assert_eq!(ConvId::from_bytes(&c.to_bytes()), Some(c));
+        assert_eq!(ConvId::parse("d.feed.12"), None, "wrong order");
+        assert_eq!(ConvId::parse("d.012.feed"), None, "leading zero");
+        assert_eq!(ConvId::parse("d.12.FEED"), None, "upper case");
+        assert_eq!(ConvId::parse("g.1.2"), None);
+        assert_eq!(ConvId::parse("d.1"), None);
+    }
+
+    #[test]
+    fn placement_is_stable_and_in_range() {
+        let u = UserId::from_username("alice");
+        assert_eq!(u, UserId::from_username("alice"));
+        assert!(u.slot().0 < SLOTS);
+        for shards in 1..8 {
+            assert!(u.slot().shard(shards).0 < shards);
+        }
+    }
+}

@@ -1,0 +1,32 @@
+//! # hermod-shards: the sans-IO shard engine
+//!
+//! Everything Hermod decides lives here; everything it *does* (sockets, timers, disk, threads)
+//! lives in the `hermod` binary around it. A [`Shard`] takes inputs with the current time —
+//! a client frame, a mail from another shard, a finished storage commit, a finished password
+//! hash, a timer tick — and emits outputs that the driver carries out: frames to send, mails
+//! to other shards, a batch to commit, a hash to compute, a socket to hand off.
+//!
+//! | module | owns |
+//! | --- | --- |
+//! | [`limits`] | every size, count and time bound, with the relations between them asserted |
+//! | [`ids`] | id newtypes (`UserId`, `ConvId`, `ShardId`, `Seq`, `ConnId`) and slot → shard placement |
+//! | [`protocol`] | the client protocol: request, reply, push and error shapes (see `docs/protocol.md`) |
+//! | [`mail`] | every message one shard sends another: one enum, one file |
+//! | [`auth`] | signed device tokens, username/password rules, password hashing jobs |
+//! | [`storage`] | the storage trait, key layout, stored record encodings, RocksDB and in-memory stores |
+//! | [`engine`] | the shard state machine: sessions, accounts, conversation ownership, fan-out, sync |
+//!
+//! State ownership: a `Shard` value is the whole state of one core. It is `!Send` by
+//! construction (it holds `Rc`s) and is only ever touched by its own executor thread.
+#![forbid(unsafe_code)]
+
+pub mod auth;
+pub mod engine;
+pub mod ids;
+pub mod limits;
+pub mod mail;
+pub mod protocol;
+pub mod storage;
+
+pub use engine::{Config, Durability, Output, Shard};
+pub use ids::{ConnId, ConvId, Seq, ShardId, UserId};

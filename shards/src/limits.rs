@@ -1,0 +1,83 @@
+//! Every bound in one place. A value here is a hard limit the code relies on; the
+//! configurable ones (in `engine::Config`) default to these and are checked against them.
+//!
+//! Policy when a bounded thing is full is stated next to its bound.
+
+/// Fixed number of placement slots. Users and conversations hash onto slots; slots map onto
+/// shards (`slot % shards`). Storage keys carry the slot, so data can be found again after a
+/// change of shard count (Hermod refuses to start on a changed count until a migration exists).
+pub const SLOTS: u16 = 4096;
+
+/// Largest number of shards one process runs.
+pub const SHARDS_MAX: usize = 256;
+
+/// Largest WebSocket message (after reassembly of fragments) the server accepts, in bytes.
+/// Beyond it the connection is closed with 1009 (message too big).
+pub const FRAME_BYTES_MAX: usize = 64 * 1024;
+
+/// Default largest message `body` (its raw JSON text), in bytes. Beyond it: `body_too_large`.
+pub const BODY_BYTES_MAX: usize = 16 * 1024;
+
+/// Bytes queued for one connection's socket before the connection counts as a slow reader
+/// and is closed with 4001. Nothing is lost: everything pushed is in storage and the device
+/// syncs on reconnect.
+pub const OUTBOX_BYTES_MAX: usize = 1024 * 1024;
+
+/// Pushes awaiting a device ack. Beyond it the connection is closed with 4001 (slow consumer);
+/// the device syncs on reconnect.
+pub const UNACKED_PUSHES_MAX: usize = 4096;
+
+/// Largest page of messages in one `sync` or `history` reply, per conversation.
+pub const PAGE_MAX: usize = 500;
+
+/// Conversations named in one `sync` request.
+pub const SYNC_CONVS_MAX: usize = 256;
+
+/// Conversations listed by one `convs` request.
+pub const CONV_LIST_MAX: usize = 10_000;
+
+/// Failed logins allowed on one connection; the next failure closes it with 1008.
+pub const FAILED_LOGINS_MAX: u32 = 5;
+
+/// Requests a connection may send per second (token bucket, burst = this). Beyond it the
+/// request is answered `rate_limited` without being executed; ten times beyond it, closed 1008.
+pub const REQUESTS_PER_SEC_MAX: u32 = 2_000;
+
+/// Capacity of each shard→shard mail channel. When full, the sender waits (backpressure on the
+/// connection whose request produced the mail); mails produced while handling mail go to a
+/// per-peer overflow queue whose depth gates admission of new client frames (see
+/// `MAIL_BACKLOG_MAX`).
+pub const MAIL_CHANNEL_CAPACITY: usize = 4096;
+
+/// Mails waiting in a shard's per-peer overflow queues before the shard stops reading new client
+/// frames until the backlog drains.
+pub const MAIL_BACKLOG_MAX: usize = 16 * 1024;
+
+/// Largest number of write operations in one group commit. More pending writes wait for the
+/// next commit.
+pub const COMMIT_OPS_MAX: usize = 8 * 1024;
+
+/// Usernames: length bounds, in bytes (ASCII only).
+pub const USERNAME_BYTES_MIN: usize = 3;
+pub const USERNAME_BYTES_MAX: usize = 32;
+pub const PASSWORD_BYTES_MIN: usize = 8;
+pub const PASSWORD_BYTES_MAX: usize = 256;
+pub const DEVICE_BYTES_MAX: usize = 64;
+
+const _: () = assert!(
+    SLOTS as usize >= SHARDS_MAX,
+    "every shard needs at least one slot"
+);
+const _: () = assert!(
+    BODY_BYTES_MAX < FRAME_BYTES_MAX,
+    "a body must fit in a frame"
+);
+const _: () = assert!(
+    OUTBOX_BYTES_MAX >= 4 * FRAME_BYTES_MAX,
+    "an outbox holds several frames"
+);
+const _: () = assert!(MAIL_BACKLOG_MAX >= MAIL_CHANNEL_CAPACITY);
+const _: () = assert!(
+    PAGE_MAX * 100 < OUTBOX_BYTES_MAX * 4,
+    "a page of small messages fits"
+);

@@ -1,0 +1,280 @@
+//! The client protocol, version 1: JSON text frames over WebSocket. `docs/protocol.md` is the
+//! reference with an example of every frame; this module is its implementation.
+//!
+//! - Requests: `{"op": "...", "rid": <u64>, ...fields}`. Every request with a `rid` gets exactly
+//!   one reply, `{"rid": N, "ok": {...}}` or `{"rid": N, "error": {"code", "message"}}`.
+//!   `ack` is the one notification: it carries no `rid` and gets no reply.
+//! - Pushes: `{"push": "<kind>", ...}`; never carry `rid`.
+//!
+//! Parsing is two-step on purpose: first the envelope (`op`, `rid`), then the op's own struct
+//! from the same text. serde's internally tagged enums buffer every field and cannot hold a
+//! borrowed [`RawValue`], which is how a message `body` passes through without being parsed
+//! into a tree. Unknown fields are ignored, so clients may add fields without breaking.
+
+use std::borrow::Cow;
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The envelope common to all requests.
+#[derive(Debug, Deserialize)]
+pub struct Head<'a> {
+    #[serde(borrow)]
+    pub op: Cow<'a, str>,
+    #[serde(default)]
+    pub rid: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Register {
+    pub username: String,
+    pub password: String,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Login {
+    pub username: String,
+    pub password: String,
+    pub device: String,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Resume {
+    pub token: String,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Open {
+    pub user: String,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Send<'a> {
+    #[serde(borrow)]
+    pub conv: Cow<'a, str>,
+    #[serde(default)]
+    pub id: Option<uuid::Uuid>,
+    #[serde(borrow)]
+    pub body: &'a RawValue,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Ack {
+    pub pids: Vec<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Read<'a> {
+    #[serde(borrow)]
+    pub conv: Cow<'a, str>,
+    pub seq: u64,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct SyncConv<'a> {
+    #[serde(borrow)]
+    pub conv: Cow<'a, str>,
+    #[serde(default)]
+    pub after: u64,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Sync<'a> {
+    #[serde(borrow)]
+    pub convs: Vec<SyncConv<'a>>,
+    #[serde(default)]
+    pub limit: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct History<'a> {
+    #[serde(borrow)]
+    pub conv: Cow<'a, str>,
+    #[serde(default)]
+    pub before: Option<u64>,
+    #[serde(default)]
+    pub limit: Option<u32>,
+}
+
+/// Stable, machine-readable error codes. The string forms are part of the protocol: never
+/// rename one, only add.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorCode {
+    BadJson,
+    BadRequest,
+    UnknownOp,
+    BodyTooLarge,
+    RateLimited,
+    NotAuthenticated,
+    AlreadyAuthenticated,
+    InvalidUsername,
+    WeakPassword,
+    UsernameTaken,
+    BadCredentials,
+    TooManyAttempts,
+    BadToken,
+    TokenExpired,
+    DeviceRevoked,
+    NoSuchUser,
+    NoSuchConversation,
+    NotMember,
+    Overloaded,
+    Internal,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadJson => "bad_json",
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::UnknownOp => "unknown_op",
+            ErrorCode::BodyTooLarge => "body_too_large",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::NotAuthenticated => "not_authenticated",
+            ErrorCode::AlreadyAuthenticated => "already_authenticated",
+            ErrorCode::InvalidUsername => "invalid_username",
+            ErrorCode::WeakPassword => "weak_password",
+            ErrorCode::UsernameTaken => "username_taken",
+            ErrorCode::BadCredentials => "bad_credentials",
+            ErrorCode::TooManyAttempts => "too_many_attempts",
+            ErrorCode::BadToken => "bad_token",
+            ErrorCode::TokenExpired => "token_expired",
+            ErrorCode::DeviceRevoked => "device_revoked",
+            ErrorCode::NoSuchUser => "no_such_user",
+            ErrorCode::NoSuchConversation => "no_such_conversation",
+            ErrorCode::NotMember => "not_member",
+            ErrorCode::Overloaded => "overloaded",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+/// WebSocket close codes the server uses (RFC 6455 §7.4 plus the 4000–4999 private range).
+pub mod close {
+    pub const NORMAL: u16 = 1000;
+    pub const GOING_AWAY: u16 = 1001;
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    pub const UNSUPPORTED_DATA: u16 = 1003;
+    pub const INVALID_PAYLOAD: u16 = 1007;
+    pub const POLICY_VIOLATION: u16 = 1008;
+    pub const MESSAGE_TOO_BIG: u16 = 1009;
+    pub const INTERNAL_ERROR: u16 = 1011;
+    /// No frame from the client within the heartbeat timeout.
+    pub const HEARTBEAT_TIMEOUT: u16 = 4000;
+    /// The client did not read or ack fast enough; bounded queues filled.
+    pub const SLOW_CONSUMER: u16 = 4001;
+    /// Another login took this device name, or the device was logged out.
+    pub const SESSION_REPLACED: u16 = 4002;
+}
+
+#[derive(Serialize)]
+struct OkReply<'a, T: Serialize> {
+    rid: u64,
+    ok: &'a T,
+}
+
+#[derive(Serialize)]
+struct ErrReply<'a> {
+    rid: Option<u64>,
+    error: ErrBody<'a>,
+}
+
+#[derive(Serialize)]
+struct ErrBody<'a> {
+    code: &'static str,
+    message: &'a str,
+}
+
+pub fn ok_frame<T: Serialize>(rid: u64, value: &T) -> String {
+    serde_json::to_string(&OkReply { rid, ok: value }).expect("reply types serialise infallibly")
+}
+
+pub fn error_frame(rid: Option<u64>, code: ErrorCode, message: &str) -> String {
+    serde_json::to_string(&ErrReply {
+        rid,
+        error: ErrBody {
+            code: code.as_str(),
+            message,
+        },
+    })
+    .expect("error replies serialise infallibly")
+}
+
+/// Appends a JSON string literal (quoted, escaped) to `out`.
+pub fn push_json_str(out: &mut String, s: &str) {
+    // serde_json's escaping is the reference; writing into a String cannot fail.
+    out.push_str(&serde_json::to_string(s).expect("strings serialise infallibly"));
+}
+
+/// The JSON of one message as clients see it (in pushes, sync and history). Assembled by hand
+/// because `body` is raw JSON text that must be copied verbatim, and this runs once per stored
+/// message read or appended.
+pub fn message_json(
+    conv: &str,
+    seq: u64,
+    id: &uuid::Uuid,
+    from: &str,
+    device: &str,
+    ts_ms: u64,
+    body: &str,
+) -> String {
+    let mut out = String::with_capacity(body.len() + conv.len() + from.len() + device.len() + 96);
+    out.push_str("{\"conv\":\"");
+    out.push_str(conv);
+    let _ = write!(out, "\",\"seq\":{seq},\"id\":\"{id}\",\"from\":");
+    push_json_str(&mut out, from);
+    out.push_str(",\"dev\":");
+    push_json_str(&mut out, device);
+    let _ = write!(out, ",\"ts\":{ts_ms},\"body\":");
+    out.push_str(body);
+    out.push('}');
+    out
+}
+
+/// A push of one message to one device; `pid` is what the device acks.
+pub fn message_push(pid: u64, message_json: &str) -> String {
+    let mut out = String::with_capacity(message_json.len() + 40);
+    let _ = write!(out, "{{\"push\":\"msg\",\"pid\":{pid},\"msg\":");
+    out.push_str(message_json);
+    out.push('}');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_json_is_valid_json_with_raw_body() {
+        let id = uuid::Uuid::now_v7();
+        let text = message_json(
+            "d.1.2",
+            7,
+            &id,
+            "al\"ice",
+            "pc",
+            99,
+            r#"{"t":"hi\n","n":[1,2]}"#,
+        );
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["seq"], 7);
+        assert_eq!(v["from"], "al\"ice");
+        assert_eq!(v["body"]["n"][1], 2);
+        assert_eq!(v["id"], id.to_string());
+        let push: serde_json::Value = serde_json::from_str(&message_push(3, &text)).unwrap();
+        assert_eq!(push["pid"], 3);
+        assert_eq!(push["msg"]["conv"], "d.1.2");
+    }
+
+    #[test]
+    fn send_keeps_body_raw() {
+        let text = r#"{"op":"send","rid":4,"conv":"d.1.2","body":{ "a" : 1 },"extra":true}"#;
+        let head: Head = serde_json::from_str(text).unwrap();
+        assert_eq!((head.op.as_ref(), head.rid), ("send", Some(4)));
+        let send: Send = serde_json::from_str(text).unwrap();
+        assert_eq!(send.body.get(), r#"{ "a" : 1 }"#);
+    }
+}

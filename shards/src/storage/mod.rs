@@ -1,0 +1,329 @@
+//! Storage: the trait the engine reads through, the key layout, and the stored records.
+//!
+//! One RocksDB column family per shard; a shard only ever reads and writes its own. Every key
+//! starts with the big-endian slot of the user or conversation it belongs to, then a tag byte:
+//!
+//! | key | value | owner |
+//! | --- | --- | --- |
+//! | `slot 'U' user` | [`UserRecord`] | user's home shard |
+//! | `slot 'D' user device` | [`DeviceRecord`] | user's home shard |
+//! | `slot 'C' user conv` | [`UserConv`] (membership index + read cursor) | user's home shard |
+//! | `slot 'M' conv` | [`ConvMeta`] | conversation's owner shard |
+//! | `slot 'R' conv seq` | [`MessageRecord`] | conversation's owner shard |
+//! | `slot 'I' conv msg-id` | [`DedupRecord`] | conversation's owner shard |
+//!
+//! Reads are synchronous point gets and bounded range scans (memtable and block cache in the
+//! common case). Writes never happen here: the engine hands a [`Commit`] to the driver, which
+//! writes it off the reactor as one atomic batch (group commit).
+//!
+//! Values are rkyv archives: no schema parsing on read, validated before use.
+
+pub mod rocks;
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::rc::Rc;
+
+use crate::ids::{ConvId, Seq, UserId};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("rocksdb: {0}")]
+    Rocks(#[from] rocksdb::Error),
+    #[error("corrupt record under key {key:02x?}: {reason}")]
+    Corrupt { key: Vec<u8>, reason: String },
+    #[error("storage is closed")]
+    Closed,
+}
+
+/// Read access to one shard's column family.
+pub trait Storage {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError>;
+    /// Up to `limit` entries with `start <= key < end`, ascending, or descending if `reverse`.
+    fn scan(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        limit: usize,
+        reverse: bool,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StorageError>;
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WriteOp {
+    Put(Vec<u8>, Vec<u8>),
+    Delete(Vec<u8>),
+}
+
+/// One atomic group commit.
+#[derive(Debug)]
+pub struct Commit {
+    pub id: u64,
+    pub ops: Vec<WriteOp>,
+}
+
+pub mod keys {
+    //! Key encodings. Big-endian everywhere so byte order is numeric order.
+    use super::*;
+
+    fn head(slot: u16, tag: u8, cap: usize) -> Vec<u8> {
+        let mut k = Vec::with_capacity(3 + cap);
+        k.extend_from_slice(&slot.to_be_bytes());
+        k.push(tag);
+        k
+    }
+
+    pub fn user(user: UserId) -> Vec<u8> {
+        let mut k = head(user.slot().0, b'U', 8);
+        k.extend_from_slice(&user.0.to_be_bytes());
+        k
+    }
+
+    pub fn device(user: UserId, device: &str) -> Vec<u8> {
+        let mut k = head(user.slot().0, b'D', 8 + device.len());
+        k.extend_from_slice(&user.0.to_be_bytes());
+        k.extend_from_slice(device.as_bytes());
+        k
+    }
+
+    pub fn user_conv(user: UserId, conv: ConvId) -> Vec<u8> {
+        let mut k = user_conv_prefix(user);
+        k.extend_from_slice(&conv.to_bytes());
+        k
+    }
+
+    pub fn user_conv_prefix(user: UserId) -> Vec<u8> {
+        let mut k = head(user.slot().0, b'C', 8 + 17);
+        k.extend_from_slice(&user.0.to_be_bytes());
+        k
+    }
+
+    /// The conversation id at the end of a `user_conv` key.
+    pub fn conv_of_user_conv(key: &[u8]) -> Option<ConvId> {
+        ConvId::from_bytes(key.get(3 + 8..)?)
+    }
+
+    pub fn conv_meta(conv: ConvId) -> Vec<u8> {
+        let mut k = head(conv.slot().0, b'M', 17);
+        k.extend_from_slice(&conv.to_bytes());
+        k
+    }
+
+    pub fn message(conv: ConvId, seq: Seq) -> Vec<u8> {
+        let mut k = head(conv.slot().0, b'R', 17 + 8);
+        k.extend_from_slice(&conv.to_bytes());
+        k.extend_from_slice(&seq.to_be_bytes());
+        k
+    }
+
+    pub fn dedup(conv: ConvId, id: &uuid::Uuid) -> Vec<u8> {
+        let mut k = head(conv.slot().0, b'I', 17 + 16);
+        k.extend_from_slice(&conv.to_bytes());
+        k.extend_from_slice(id.as_bytes());
+        k
+    }
+
+    /// Upper bound (exclusive) for a prefix scan: the prefix followed by 0xff bytes.
+    pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+        let mut k = prefix.to_vec();
+        k.extend_from_slice(&[0xff; 32]);
+        k
+    }
+}
+
+/// Implements rkyv encode/decode for a record type. Decoding copies into an aligned buffer
+/// first: RocksDB hands back plain byte vectors, and rkyv validates alignment.
+macro_rules! record {
+    ($ty:ident) => {
+        impl $ty {
+            pub fn encode(&self) -> Vec<u8> {
+                rkyv::to_bytes::<rkyv::rancor::Error>(self)
+                    .expect("serialising a record into memory cannot fail")
+                    .into_vec()
+            }
+
+            pub fn decode(key: &[u8], bytes: &[u8]) -> Result<$ty, StorageError> {
+                let mut aligned = rkyv::util::AlignedVec::<16>::with_capacity(bytes.len());
+                aligned.extend_from_slice(bytes);
+                rkyv::from_bytes::<$ty, rkyv::rancor::Error>(&aligned).map_err(|e| {
+                    StorageError::Corrupt {
+                        key: key.to_vec(),
+                        reason: e.to_string(),
+                    }
+                })
+            }
+        }
+    };
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct UserRecord {
+    pub name: String,
+    pub phc: String,
+    pub created_ms: u64,
+}
+record!(UserRecord);
+
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct DeviceRecord {
+    /// Tokens carry this; a new login or a logout changes or removes it, revoking old tokens.
+    pub nonce: u64,
+    pub created_ms: u64,
+}
+record!(DeviceRecord);
+
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct UserConv {
+    pub peer: u64,
+    pub peer_name: String,
+    pub read_seq: u64,
+}
+record!(UserConv);
+
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct ConvMeta {
+    pub last_seq: u64,
+    pub created_ms: u64,
+}
+record!(ConvMeta);
+
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct MessageRecord {
+    pub id: [u8; 16],
+    pub seq: u64,
+    pub sender: u64,
+    pub sender_name: String,
+    pub device: String,
+    pub ts_ms: u64,
+    /// The raw JSON text of the body, exactly as the client sent it.
+    pub body: String,
+}
+record!(MessageRecord);
+
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct DedupRecord {
+    pub seq: u64,
+    pub ts_ms: u64,
+}
+record!(DedupRecord);
+
+impl MessageRecord {
+    pub fn to_json(&self, conv: ConvId) -> String {
+        crate::protocol::message_json(
+            &conv.to_string(),
+            self.seq,
+            &uuid::Uuid::from_bytes(self.id),
+            &self.sender_name,
+            &self.device,
+            self.ts_ms,
+            &self.body,
+        )
+    }
+}
+
+/// An in-memory store for tests and the simulation. Shares its map between clones so a test
+/// can keep a handle while the engine owns another. Writes arrive only through `apply`, as
+/// with RocksDB.
+#[derive(Clone, Default)]
+pub struct MemStorage {
+    map: Rc<RefCell<BTreeMap<Vec<u8>, Vec<u8>>>>,
+}
+
+impl MemStorage {
+    pub fn apply(&self, ops: &[WriteOp]) {
+        let mut map = self.map.borrow_mut();
+        for op in ops {
+            match op {
+                WriteOp::Put(k, v) => {
+                    map.insert(k.clone(), v.clone());
+                }
+                WriteOp::Delete(k) => {
+                    map.remove(k);
+                }
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.borrow().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.borrow().is_empty()
+    }
+}
+
+impl Storage for MemStorage {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        Ok(self.map.borrow().get(key).cloned())
+    }
+
+    fn scan(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        limit: usize,
+        reverse: bool,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StorageError> {
+        let map = self.map.borrow();
+        let range = map.range(start.to_vec()..end.to_vec());
+        let pick = |(k, v): (&Vec<u8>, &Vec<u8>)| (k.clone(), v.clone());
+        Ok(if reverse {
+            range.rev().take(limit).map(pick).collect()
+        } else {
+            range.take(limit).map(pick).collect()
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip() {
+        let rec = MessageRecord {
+            id: [7; 16],
+            seq: 3,
+            sender: 9,
+            sender_name: "bob".into(),
+            device: "pc".into(),
+            ts_ms: 5,
+            body: "\"hi\"".into(),
+        };
+        let bytes = rec.encode();
+        assert_eq!(MessageRecord::decode(b"k", &bytes).unwrap(), rec);
+        assert!(MessageRecord::decode(b"k", &bytes[..bytes.len() - 3]).is_err());
+    }
+
+    #[test]
+    fn message_keys_sort_by_seq() {
+        let c = ConvId::direct(UserId(1), UserId(2));
+        assert!(keys::message(c, 255) < keys::message(c, 256));
+        assert!(keys::message(c, 1).starts_with(&c.slot().0.to_be_bytes()));
+    }
+
+    #[test]
+    fn mem_scan_bounds_and_reverse() {
+        let s = MemStorage::default();
+        let c = ConvId::direct(UserId(1), UserId(2));
+        let ops: Vec<_> = (1..=5)
+            .map(|i| WriteOp::Put(keys::message(c, i), vec![i as u8]))
+            .collect();
+        s.apply(&ops);
+        let got = s
+            .scan(&keys::message(c, 2), &keys::message(c, 5), 10, false)
+            .unwrap();
+        assert_eq!(
+            got.iter().map(|(_, v)| v[0]).collect::<Vec<_>>(),
+            vec![2, 3, 4]
+        );
+        let got = s
+            .scan(&keys::message(c, 1), &keys::message(c, 5), 2, true)
+            .unwrap();
+        assert_eq!(
+            got.iter().map(|(_, v)| v[0]).collect::<Vec<_>>(),
+            vec![4, 3]
+        );
+    }
+}

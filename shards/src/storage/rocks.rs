@@ -1,0 +1,251 @@
+//! The RocksDB store: one database per process, one column family per shard.
+//!
+//! Opening checks the shard count recorded at first start: keys carry their slot, so a
+//! different count would route lookups to the wrong column family. Until a slot migration
+//! exists, a changed count is refused with a clear error rather than silently missing data.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rocksdb::{
+    ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB,
+};
+
+use super::{Storage, StorageError, WriteOp};
+use crate::engine::Durability;
+
+const SHARDS_KEY: &[u8] = b"hermod/shards";
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("opening RocksDB at {path}: {source}")]
+    Open {
+        path: String,
+        source: rocksdb::Error,
+    },
+    #[error(
+        "data dir {path} was created with {stored} shards but this start asks for {wanted}; \
+         slot migration is not implemented yet: start with --shards {stored}"
+    )]
+    ShardCountChanged {
+        path: String,
+        stored: u16,
+        wanted: u16,
+    },
+    #[error("reading the shard count: {0}")]
+    Meta(String),
+}
+
+pub fn cf_name(shard: u16) -> String {
+    format!("shard-{shard}")
+}
+
+/// Opens (creating if needed) the database under `path` with one column family per shard.
+pub fn open(path: &Path, shards: u16) -> Result<Arc<DB>, OpenError> {
+    let shown = path.display().to_string();
+    let mut opts = Options::default();
+    opts.create_if_missing(true);
+    opts.create_missing_column_families(true);
+    // Far below the 20k fd limit hosts often have: sockets need the rest.
+    opts.set_max_open_files(512);
+    opts.set_max_background_jobs(2);
+    opts.set_bytes_per_sync(1 << 20);
+    let mut cf_opts = Options::default();
+    cf_opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+    let existing = DB::list_cf(&opts, path).unwrap_or_default();
+    let mut names: Vec<String> = (0..shards).map(cf_name).collect();
+    for name in existing {
+        if name != "default" && !names.contains(&name) {
+            names.push(name);
+        }
+    }
+    let cfs = names
+        .iter()
+        .map(|n| ColumnFamilyDescriptor::new(n, cf_opts.clone()));
+    let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(|source| OpenError::Open {
+        path: shown.clone(),
+        source,
+    })?;
+    match db
+        .get(SHARDS_KEY)
+        .map_err(|e| OpenError::Meta(e.to_string()))?
+    {
+        Some(v) => {
+            let stored = v
+                .as_slice()
+                .try_into()
+                .map(u16::from_be_bytes)
+                .map_err(|_| OpenError::Meta("bad shard count".into()))?;
+            if stored != shards {
+                return Err(OpenError::ShardCountChanged {
+                    path: shown,
+                    stored,
+                    wanted: shards,
+                });
+            }
+        }
+        None => {
+            let mut wo = WriteOptions::default();
+            wo.set_sync(true);
+            db.put_opt(SHARDS_KEY, shards.to_be_bytes(), &wo)
+                .map_err(|e| OpenError::Meta(e.to_string()))?;
+        }
+    }
+    Ok(Arc::new(db))
+}
+
+/// One shard's view of the database. Cheap to clone; `Send`, so the driver can move a clone
+/// into a blocking-pool closure to write.
+#[derive(Clone)]
+pub struct RocksStorage {
+    db: Arc<DB>,
+    cf: Arc<str>,
+}
+
+impl RocksStorage {
+    pub fn new(db: Arc<DB>, shard: u16) -> RocksStorage {
+        RocksStorage {
+            db,
+            cf: cf_name(shard).into(),
+        }
+    }
+
+    fn handle(&self) -> Result<&rocksdb::ColumnFamily, StorageError> {
+        self.db.cf_handle(&self.cf).ok_or(StorageError::Closed)
+    }
+
+    /// Writes one commit atomically under the durability mode. Blocks (fsync in `Fsync` mode):
+    /// call from a blocking thread, never from a reactor.
+    pub fn write(&self, ops: &[WriteOp], durability: Durability) -> Result<(), StorageError> {
+        let cf = self.handle()?;
+        let mut batch = WriteBatch::default();
+        for op in ops {
+            match op {
+                WriteOp::Put(k, v) => batch.put_cf(cf, k, v),
+                WriteOp::Delete(k) => batch.delete_cf(cf, k),
+            }
+        }
+        let mut wo = WriteOptions::default();
+        match durability {
+            Durability::Fsync => wo.set_sync(true),
+            Durability::Wal => wo.set_sync(false),
+            Durability::Memory => wo.disable_wal(true),
+        }
+        self.db.write_opt(batch, &wo)?;
+        Ok(())
+    }
+
+    /// Flushes memtables to SST files; used at shutdown in `memory` mode so a clean stop keeps data.
+    pub fn flush(&self) -> Result<(), StorageError> {
+        self.db.flush_cf(self.handle()?)?;
+        Ok(())
+    }
+}
+
+impl Storage for RocksStorage {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        Ok(self.db.get_cf(self.handle()?, key)?)
+    }
+
+    fn scan(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        limit: usize,
+        reverse: bool,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StorageError> {
+        let cf = self.handle()?;
+        let mode = if reverse {
+            IteratorMode::From(end, Direction::Reverse)
+        } else {
+            IteratorMode::From(start, Direction::Forward)
+        };
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(cf, mode) {
+            let (k, v) = item?;
+            let k: &[u8] = &k;
+            if reverse {
+                if k >= end {
+                    continue; // the seek lands on `end` itself when present: exclusive bound
+                }
+                if k < start {
+                    break;
+                }
+            } else if k >= end {
+                break;
+            }
+            out.push((k.to_vec(), v.to_vec()));
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::{ConvId, UserId};
+    use crate::storage::keys;
+
+    #[test]
+    fn write_scan_and_refuse_changed_shard_count() {
+        let dir = tempdir();
+        let db = open(&dir, 2).unwrap();
+        let s = RocksStorage::new(db.clone(), 1);
+        let c = ConvId::direct(UserId(1), UserId(2));
+        let ops: Vec<_> = (1..=5)
+            .map(|i| WriteOp::Put(keys::message(c, i), vec![i as u8]))
+            .collect();
+        s.write(&ops, Durability::Wal).unwrap();
+        let fwd = s
+            .scan(&keys::message(c, 2), &keys::message(c, 5), 10, false)
+            .unwrap();
+        assert_eq!(
+            fwd.iter().map(|(_, v)| v[0]).collect::<Vec<_>>(),
+            vec![2, 3, 4]
+        );
+        let rev = s
+            .scan(&keys::message(c, 1), &keys::message(c, 5), 10, true)
+            .unwrap();
+        assert_eq!(
+            rev.iter().map(|(_, v)| v[0]).collect::<Vec<_>>(),
+            vec![4, 3, 2, 1]
+        );
+        assert!(
+            RocksStorage::new(db.clone(), 0)
+                .get(&keys::message(c, 1))
+                .unwrap()
+                .is_none(),
+            "shards are isolated"
+        );
+        drop(s);
+        drop(db);
+        let err = open(&dir, 3)
+            .err()
+            .expect("changed shard count must be refused");
+        assert!(
+            matches!(
+                err,
+                OpenError::ShardCountChanged {
+                    stored: 2,
+                    wanted: 3,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    fn tempdir() -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "hermod-rocks-{}-{}",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+}

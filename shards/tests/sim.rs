@@ -1,0 +1,723 @@
+//! Deterministic simulation of several shard engines on one thread.
+//!
+//! A seeded PRNG decides every step: which shard→shard mail is delivered next (mail keeps
+//! its order per ordered pair of shards, as the real channels do, but pairs interleave
+//! arbitrarily), when a group commit completes or fails, when password jobs finish, when
+//! devices send, ack, drop their connection, reconnect and sync, and how time advances.
+//! Invariants checked:
+//! - an acked message id always maps to the same seq, and storage holds it exactly once;
+//! - seqs in storage are contiguous from 1;
+//! - on one connection, first-time pushes of a conversation arrive in increasing seq order;
+//! - after everyone reconnects and syncs, every device has seen every seq, without gaps.
+//!
+//! On failure the panic message names the seed; `HERMOD_SIM_SEED=<seed>` replays it exactly.
+
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+
+use hermod_shards::auth::{HashCost, Job};
+use hermod_shards::engine::{Config, Output};
+use hermod_shards::ids::{ConnId, ConvId, ShardId, UserId};
+use hermod_shards::mail::Mail;
+use hermod_shards::storage::{keys, MemStorage, MessageRecord, Storage};
+use hermod_shards::Shard;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Value};
+
+const SHARDS: usize = 3;
+const USERS: usize = 6;
+const DEVICES_PER_USER: usize = 2;
+
+/// Calm: devices act but storage never fails. Chaos: commits fail too. Heal: devices only
+/// reconnect, so the system settles.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    Calm,
+    Chaos,
+    Heal,
+}
+
+#[derive(Debug)]
+enum Req {
+    Register,
+    Login,
+    Resume,
+    Open,
+    Send { conv: ConvId, id: uuid::Uuid },
+    Sync,
+}
+
+struct Device {
+    user: usize,
+    name: String,
+    token: Option<String>,
+    conn: Option<(usize, ConnId)>,
+    authed: bool,
+    next_rid: u64,
+    waiting: HashMap<u64, Req>,
+    seen: HashMap<ConvId, BTreeSet<u64>>,
+    /// Per connection: pids seen and the last first-time push seq per conversation.
+    pids: HashSet<u64>,
+    last_push: HashMap<ConvId, u64>,
+    /// Sends not yet acked: retried with the same id after a reconnect.
+    unacked_sends: Vec<(ConvId, uuid::Uuid)>,
+    to_ack: Vec<u64>,
+    syncing: bool,
+}
+
+struct Sim {
+    rng: StdRng,
+    seed: u64,
+    now_ms: u64,
+    shards: Vec<Shard<MemStorage>>,
+    stores: Vec<MemStorage>,
+    mail: HashMap<(usize, usize), VecDeque<Mail>>,
+    commits: Vec<Option<hermod_shards::storage::Commit>>,
+    jobs: Vec<(usize, u64, Job)>,
+    next_conn: u64,
+    devices: Vec<Device>,
+    /// (shard, conn) -> device index
+    owner_of: HashMap<(usize, ConnId), usize>,
+    convs: Vec<ConvId>,
+    acked: HashMap<uuid::Uuid, (ConvId, u64)>,
+    registered: HashSet<usize>,
+    commit_failures: u32,
+}
+
+fn username(u: usize) -> String {
+    format!("user{u}")
+}
+
+impl Sim {
+    fn new(seed: u64) -> Sim {
+        let mut stores = Vec::new();
+        let mut shards = Vec::new();
+        for s in 0..SHARDS {
+            let mut cfg = Config::new(ShardId(s as u16), SHARDS as u16, [7; 32]);
+            cfg.hash_cost = HashCost {
+                memory_kib: 8,
+                passes: 1,
+            };
+            cfg.push_retry_ms = 2_000;
+            cfg.heartbeat_interval_ms = 10_000;
+            cfg.heartbeat_timeout_ms = 30_000;
+            cfg.seed = seed ^ s as u64;
+            let store = MemStorage::default();
+            shards.push(Shard::new(cfg, store.clone()));
+            stores.push(store);
+        }
+        let devices = (0..USERS * DEVICES_PER_USER)
+            .map(|i| Device {
+                user: i / DEVICES_PER_USER,
+                name: format!("dev{}", i % DEVICES_PER_USER),
+                token: None,
+                conn: None,
+                authed: false,
+                next_rid: 1,
+                waiting: HashMap::new(),
+                seen: HashMap::new(),
+                pids: HashSet::new(),
+                last_push: HashMap::new(),
+                unacked_sends: Vec::new(),
+                to_ack: Vec::new(),
+                syncing: false,
+            })
+            .collect();
+        Sim {
+            rng: StdRng::seed_from_u64(seed),
+            seed,
+            now_ms: 1_700_000_000_000,
+            shards,
+            stores,
+            mail: HashMap::new(),
+            commits: (0..SHARDS).map(|_| None).collect(),
+            jobs: Vec::new(),
+            next_conn: 1,
+            devices,
+            owner_of: HashMap::new(),
+            convs: Vec::new(),
+            acked: HashMap::new(),
+            registered: HashSet::new(),
+            commit_failures: 0,
+        }
+    }
+
+    fn fail(&self, what: String) -> ! {
+        panic!(
+            "simulation invariant broken (replay with HERMOD_SIM_SEED={}): {what}",
+            self.seed
+        )
+    }
+
+    // ---- moving outputs ----
+
+    fn drain(&mut self) {
+        loop {
+            let mut progressed = false;
+            for s in 0..SHARDS {
+                while let Some(out) = self.shards[s].poll_output() {
+                    progressed = true;
+                    self.route(s, out);
+                }
+                if self.commits[s].is_none() {
+                    if let Some(c) = self.shards[s].poll_commit() {
+                        self.commits[s] = Some(c);
+                        progressed = true;
+                    }
+                }
+            }
+            if !progressed {
+                break;
+            }
+        }
+    }
+
+    fn route(&mut self, s: usize, out: Output) {
+        match out {
+            Output::Send { conn, frame } => {
+                if let Some(&d) = self.owner_of.get(&(s, conn)) {
+                    self.on_frame(d, &frame);
+                }
+            }
+            Output::Ping { conn } => {
+                // A live device answers pings: that is activity.
+                if self.owner_of.contains_key(&(s, conn)) {
+                    self.shards[s].handle_activity(self.now_ms, conn);
+                }
+            }
+            Output::Close { conn, .. } => {
+                if let Some(d) = self.owner_of.remove(&(s, conn)) {
+                    self.disconnected(d);
+                }
+            }
+            Output::Mail { to, mail } => self
+                .mail
+                .entry((s, to.0 as usize))
+                .or_default()
+                .push_back(mail),
+            Output::Handoff { conn, to, handoff } => {
+                let d = self
+                    .owner_of
+                    .remove(&(s, conn))
+                    .unwrap_or_else(|| self.fail(format!("hand-off of unknown conn {conn:?}")));
+                let to = to.0 as usize;
+                let new = ConnId(self.next_conn);
+                self.next_conn += 1;
+                self.owner_of.insert((to, new), d);
+                self.devices[d].conn = Some((to, new));
+                self.shards[to].handle_adopt(self.now_ms, new, handoff);
+            }
+            Output::Job { id, job } => self.jobs.push((s, id, job)),
+        }
+    }
+
+    fn disconnected(&mut self, d: usize) {
+        let dev = &mut self.devices[d];
+        dev.conn = None;
+        dev.authed = false;
+        dev.waiting.clear();
+        dev.pids.clear();
+        dev.last_push.clear();
+        dev.to_ack.clear();
+        dev.syncing = false;
+    }
+
+    // ---- a device's side of the protocol ----
+
+    fn request(&mut self, d: usize, req: Req, mut frame: Value) {
+        let Some((s, conn)) = self.devices[d].conn else {
+            return;
+        };
+        let rid = self.devices[d].next_rid;
+        self.devices[d].next_rid += 1;
+        frame["rid"] = json!(rid);
+        self.devices[d].waiting.insert(rid, req);
+        self.shards[s].handle_frame(self.now_ms, conn, &frame.to_string());
+    }
+
+    fn on_frame(&mut self, d: usize, text: &str) {
+        let v: Value = serde_json::from_str(text)
+            .unwrap_or_else(|e| self.fail(format!("server sent invalid JSON {text}: {e}")));
+        if v["push"] == "msg" {
+            let pid = v["pid"].as_u64().expect("pid");
+            let msg = &v["msg"];
+            let conv = ConvId::parse(msg["conv"].as_str().expect("conv")).expect("conv id");
+            let seq = msg["seq"].as_u64().expect("seq");
+            let dev = &mut self.devices[d];
+            if dev.pids.insert(pid) {
+                let last = dev.last_push.entry(conv).or_insert(0);
+                if seq <= *last {
+                    let last = *last;
+                    self.fail(format!(
+                        "device {d} got push seq {seq} after {last} in {conv}"
+                    ));
+                }
+                *last = seq;
+            }
+            dev.seen.entry(conv).or_default().insert(seq);
+            dev.to_ack.push(pid);
+            return;
+        }
+        let Some(rid) = v["rid"].as_u64() else {
+            self.fail(format!("reply without rid: {text}"))
+        };
+        let Some(req) = self.devices[d].waiting.remove(&rid) else {
+            return;
+        };
+        let ok = &v["ok"];
+        let err = v["error"]["code"].as_str();
+        match req {
+            Req::Register => {
+                // `username_taken` may mean "registration in progress": only success counts.
+                if err.is_none() {
+                    self.registered.insert(self.devices[d].user);
+                }
+            }
+            Req::Login => match err {
+                None => {
+                    self.devices[d].token = Some(ok["token"].as_str().expect("token").to_owned());
+                    self.devices[d].authed = true;
+                }
+                Some(code) => {
+                    if code != "internal" {
+                        self.fail(format!("login failed: {text}"))
+                    }
+                }
+            },
+            Req::Resume => match err {
+                None => self.devices[d].authed = true,
+                Some("internal") => {}
+                Some(_) => self.fail(format!("resume failed: {text}")),
+            },
+            Req::Open => {
+                if let Some(conv) = ok["conv"].as_str() {
+                    let conv = ConvId::parse(conv).expect("conv id");
+                    if !self.convs.contains(&conv) {
+                        self.convs.push(conv);
+                    }
+                }
+            }
+            Req::Send { conv, id } => match err {
+                None => {
+                    let seq = ok["seq"].as_u64().expect("seq");
+                    if ok["id"] != json!(id.to_string()) {
+                        self.fail(format!("ack for the wrong id: {text}"));
+                    }
+                    if let Some(&(c, s)) = self.acked.get(&id) {
+                        if (c, s) != (conv, seq) {
+                            self.fail(format!("id {id} acked as seq {s} and later as {seq}"));
+                        }
+                    }
+                    self.acked.insert(id, (conv, seq));
+                    let dev = &mut self.devices[d];
+                    dev.unacked_sends.retain(|(_, i)| *i != id);
+                    dev.seen.entry(conv).or_default().insert(seq);
+                }
+                Some("internal") => {} // a failed commit: retried later with the same id
+                Some(code) => self.fail(format!("send refused with {code}: {text}")),
+            },
+            Req::Sync => {
+                self.devices[d].syncing = false;
+                let Some(list) = ok["convs"].as_array() else {
+                    return;
+                };
+                let more = list.iter().any(|c| c["more"] == true);
+                for c in list {
+                    let conv = ConvId::parse(c["conv"].as_str().expect("conv")).expect("conv id");
+                    for m in c["msgs"].as_array().into_iter().flatten() {
+                        let seq = m["seq"].as_u64().expect("seq");
+                        self.devices[d].seen.entry(conv).or_default().insert(seq);
+                    }
+                }
+                if more {
+                    self.sync(d); // as a client does: keep paging until caught up
+                }
+            }
+        }
+    }
+
+    fn contiguous(&self, d: usize, conv: ConvId) -> u64 {
+        let seen = self.devices[d].seen.get(&conv);
+        let mut n = 0;
+        while seen.is_some_and(|s| s.contains(&(n + 1))) {
+            n += 1;
+        }
+        n
+    }
+
+    fn my_convs(&self, d: usize) -> Vec<ConvId> {
+        let user = UserId::from_username(&username(self.devices[d].user));
+        self.convs
+            .iter()
+            .copied()
+            .filter(|c| c.has_member(user))
+            .collect()
+    }
+
+    /// Makes sure the device has a connection and, unless a request is in flight, that it is
+    /// (being) authenticated: register once per user, log in once per device, resume after.
+    fn connect(&mut self, d: usize) {
+        if self.devices[d].conn.is_none() {
+            let s = self.rng.gen_range(0..SHARDS);
+            let conn = ConnId(self.next_conn);
+            self.next_conn += 1;
+            self.shards[s].handle_connect(self.now_ms, conn);
+            self.owner_of.insert((s, conn), d);
+            self.devices[d].conn = Some((s, conn));
+        }
+        if self.devices[d].authed || !self.devices[d].waiting.is_empty() {
+            return;
+        }
+        let name = username(self.devices[d].user);
+        if let Some(token) = self.devices[d].token.clone() {
+            self.request(d, Req::Resume, json!({ "op": "resume", "token": token }));
+        } else if !self.registered.contains(&self.devices[d].user) {
+            self.request(
+                d,
+                Req::Register,
+                json!({ "op": "register", "username": name, "password": "password123" }),
+            );
+        } else {
+            let device = self.devices[d].name.clone();
+            self.request(d, Req::Login, json!({ "op": "login", "username": name, "password": "password123", "device": device }));
+        }
+    }
+
+    fn drop_conn(&mut self, d: usize) {
+        if let Some((s, conn)) = self.devices[d].conn {
+            self.owner_of.remove(&(s, conn));
+            self.shards[s].handle_disconnect(self.now_ms, conn);
+            self.disconnected(d);
+        }
+    }
+
+    fn sync(&mut self, d: usize) {
+        let convs = self.my_convs(d);
+        if convs.is_empty() || self.devices[d].syncing {
+            return;
+        }
+        let list: Vec<Value> = convs
+            .iter()
+            .map(|&c| json!({ "conv": c.to_string(), "after": self.contiguous(d, c) }))
+            .collect();
+        self.devices[d].syncing = true;
+        self.request(
+            d,
+            Req::Sync,
+            json!({ "op": "sync", "convs": list, "limit": 5 }),
+        );
+    }
+
+    fn device_step(&mut self, d: usize) {
+        if !self.devices[d].authed {
+            return self.connect(d);
+        }
+        match self.rng.gen_range(0..100) {
+            0..=4 => self.drop_conn(d),
+            5..=14 => self.sync(d),
+            15..=29 => {
+                let pids = std::mem::take(&mut self.devices[d].to_ack);
+                if let Some((s, conn)) = self.devices[d].conn {
+                    if !pids.is_empty() {
+                        let frame = json!({ "op": "ack", "pids": pids }).to_string();
+                        self.shards[s].handle_frame(self.now_ms, conn, &frame);
+                    }
+                }
+            }
+            30..=39 => {
+                // Open a conversation with another user.
+                let me = self.devices[d].user;
+                let peer = (me + self.rng.gen_range(1..USERS)) % USERS;
+                self.request(
+                    d,
+                    Req::Open,
+                    json!({ "op": "open", "user": username(peer) }),
+                );
+            }
+            40..=47 => {
+                // Retry an unacked send with its original id.
+                if let Some(&(conv, id)) = self.devices[d].unacked_sends.first() {
+                    self.send(d, conv, id);
+                }
+            }
+            _ => {
+                let convs = self.my_convs(d);
+                if convs.is_empty() {
+                    return;
+                }
+                let conv = convs[self.rng.gen_range(0..convs.len())];
+                let id = uuid::Uuid::from_u128(self.rng.gen());
+                self.devices[d].unacked_sends.push((conv, id));
+                self.send(d, conv, id);
+            }
+        }
+    }
+
+    fn send(&mut self, d: usize, conv: ConvId, id: uuid::Uuid) {
+        let body = json!({ "text": format!("m{}", id.as_u128() % 1000) });
+        self.request(
+            d,
+            Req::Send { conv, id },
+            json!({ "op": "send", "conv": conv.to_string(), "id": id.to_string(), "body": body }),
+        );
+    }
+
+    // ---- the scheduler ----
+
+    fn step(&mut self, mode: Mode) {
+        let chaos = mode == Mode::Chaos;
+        self.now_ms += self.rng.gen_range(0..50);
+        match self.rng.gen_range(0..100) {
+            0..=34 => {
+                let mut keys: Vec<_> = self
+                    .mail
+                    .iter()
+                    .filter(|(_, q)| !q.is_empty())
+                    .map(|(k, _)| *k)
+                    .collect();
+                keys.sort();
+                if !keys.is_empty() {
+                    let (from, to) = keys[self.rng.gen_range(0..keys.len())];
+                    let mail = self
+                        .mail
+                        .get_mut(&(from, to))
+                        .and_then(|q| q.pop_front())
+                        .expect("non-empty");
+                    self.shards[to].handle_mail(self.now_ms, mail);
+                }
+            }
+            35..=54 => {
+                let s = self.rng.gen_range(0..SHARDS);
+                if let Some(commit) = self.commits[s].take() {
+                    if chaos && self.rng.gen_ratio(1, 40) {
+                        self.commit_failures += 1;
+                        self.shards[s].handle_commit_done(
+                            self.now_ms,
+                            commit.id,
+                            Err("simulated disk failure".into()),
+                        );
+                    } else {
+                        self.stores[s].apply(&commit.ops);
+                        self.shards[s].handle_commit_done(self.now_ms, commit.id, Ok(()));
+                    }
+                }
+            }
+            55..=59 => {
+                if !self.jobs.is_empty() {
+                    let i = self.rng.gen_range(0..self.jobs.len());
+                    let (s, id, job) = self.jobs.swap_remove(i);
+                    let result = job.run(HashCost {
+                        memory_kib: 8,
+                        passes: 1,
+                    });
+                    self.shards[s].handle_job_done(self.now_ms, id, result);
+                }
+            }
+            60..=61 => {
+                let s = self.rng.gen_range(0..SHARDS);
+                self.shards[s].handle_tick(self.now_ms);
+            }
+            _ => {
+                let d = self.rng.gen_range(0..self.devices.len());
+                match mode {
+                    Mode::Heal => self.connect(d),
+                    Mode::Calm | Mode::Chaos => self.device_step(d),
+                }
+            }
+        }
+        self.drain();
+    }
+
+    fn quiescent(&self) -> bool {
+        self.mail.values().all(|q| q.is_empty())
+            && self.commits.iter().all(|c| c.is_none())
+            && self.jobs.is_empty()
+    }
+
+    fn settle(&mut self) {
+        self.drain(); // requests made outside `step` left outputs in the engines
+        let mut steps = 0;
+        while !self.quiescent() {
+            self.step(Mode::Heal);
+            steps += 1;
+            if steps > 200_000 {
+                self.fail("the system did not settle".into());
+            }
+        }
+    }
+
+    fn check_storage(&self) {
+        for &conv in &self.convs {
+            let owner = conv.slot().shard(SHARDS as u16).0 as usize;
+            let rows = self.stores[owner]
+                .scan(
+                    &keys::message(conv, 0),
+                    &keys::message(conv, u64::MAX),
+                    usize::MAX,
+                    false,
+                )
+                .unwrap();
+            let mut ids = HashSet::new();
+            for (i, (k, v)) in rows.iter().enumerate() {
+                let rec = MessageRecord::decode(k, v).unwrap();
+                if rec.seq != i as u64 + 1 {
+                    self.fail(format!(
+                        "{conv}: seq {} at position {}: a gap",
+                        rec.seq,
+                        i + 1
+                    ));
+                }
+                if !ids.insert(rec.id) {
+                    self.fail(format!(
+                        "{conv}: message {:?} stored twice",
+                        uuid::Uuid::from_bytes(rec.id)
+                    ));
+                }
+            }
+        }
+        for (id, (conv, seq)) in &self.acked {
+            let owner = conv.slot().shard(SHARDS as u16).0 as usize;
+            let got = self.stores[owner].get(&keys::message(*conv, *seq)).unwrap();
+            let rec = got.map(|v| MessageRecord::decode(b"", &v).unwrap());
+            if rec.as_ref().map(|r| uuid::Uuid::from_bytes(r.id)) != Some(*id) {
+                self.fail(format!(
+                    "acked {id} as {conv}#{seq} but storage has {rec:?}"
+                ));
+            }
+        }
+    }
+
+    fn last_seq(&self, conv: ConvId) -> u64 {
+        let owner = conv.slot().shard(SHARDS as u16).0 as usize;
+        let rows = self.stores[owner]
+            .scan(
+                &keys::message(conv, 0),
+                &keys::message(conv, u64::MAX),
+                1,
+                true,
+            )
+            .unwrap();
+        rows.first()
+            .map_or(0, |(k, v)| MessageRecord::decode(k, v).unwrap().seq)
+    }
+}
+
+fn run(seed: u64, steps: usize) -> Sim {
+    let mut sim = Sim::new(seed);
+    // Phase 1: everyone registers, logs in and opens conversations, with random scheduling.
+    for _ in 0..steps / 4 {
+        sim.step(Mode::Calm);
+    }
+    // Phase 2: chaos — sends, retries, drops, syncs, failed commits.
+    for _ in 0..steps {
+        sim.step(Mode::Chaos);
+    }
+    // Phase 3: heal. Reconnect everyone, retry every unacked send, sync until nothing is missing.
+    sim.settle();
+    for round in 0..50 {
+        for d in 0..sim.devices.len() {
+            sim.connect(d);
+        }
+        sim.settle();
+        let mut missing = false;
+        for d in 0..sim.devices.len() {
+            if !sim.devices[d].authed {
+                missing = true;
+                continue;
+            }
+            for (conv, id) in sim.devices[d].unacked_sends.clone() {
+                sim.send(d, conv, id);
+                missing = true;
+            }
+            for conv in sim.my_convs(d) {
+                if sim.contiguous(d, conv) < sim.last_seq(conv) {
+                    missing = true;
+                }
+            }
+            sim.sync(d);
+        }
+        sim.settle();
+        if !missing {
+            break;
+        }
+        if round == 49 {
+            let mut why = Vec::new();
+            for d in 0..sim.devices.len() {
+                let dev = &sim.devices[d];
+                if !dev.authed {
+                    why.push(format!(
+                        "device {d} not authed (conn {:?}, token {})",
+                        dev.conn,
+                        dev.token.is_some()
+                    ));
+                }
+                if !dev.unacked_sends.is_empty() {
+                    why.push(format!(
+                        "device {d} has {} unacked sends",
+                        dev.unacked_sends.len()
+                    ));
+                }
+                for conv in sim.my_convs(d) {
+                    let (have, last) = (sim.contiguous(d, conv), sim.last_seq(conv));
+                    if have < last {
+                        why.push(format!("device {d} has {have} of {last} in {conv}"));
+                    }
+                }
+            }
+            sim.fail(format!("devices never caught up: {}", why.join("; ")));
+        }
+    }
+    sim.check_storage();
+    for d in 0..sim.devices.len() {
+        for conv in sim.my_convs(d) {
+            let last = sim.last_seq(conv);
+            let seen = sim.devices[d].seen.get(&conv).map_or(0, |s| s.len()) as u64;
+            if seen != last || sim.contiguous(d, conv) != last {
+                sim.fail(format!(
+                    "device {d} in {conv}: saw {seen} of {last} messages"
+                ));
+            }
+        }
+    }
+    sim
+}
+
+#[test]
+fn simulation_keeps_every_invariant() {
+    let seeds: Vec<u64> = match std::env::var("HERMOD_SIM_SEED") {
+        Ok(s) => vec![s.parse().expect("HERMOD_SIM_SEED is a u64")],
+        Err(_) => (1..=24).collect(),
+    };
+    let mut total_acked = 0;
+    let mut failures = 0;
+    for seed in seeds {
+        let sim = run(seed, 6_000);
+        assert!(
+            !sim.convs.is_empty(),
+            "seed {seed}: no conversation was opened"
+        );
+        total_acked += sim.acked.len();
+        failures += sim.commit_failures;
+    }
+    assert!(
+        total_acked > 1_000,
+        "the simulation should exercise many sends, got {total_acked}"
+    );
+    assert!(
+        failures > 0,
+        "the simulation should exercise failed commits"
+    );
+}
+
+#[test]
+fn simulation_replays_exactly() {
+    let a = run(99, 2_000);
+    let b = run(99, 2_000);
+    assert_eq!(a.acked.len(), b.acked.len());
+    assert_eq!(a.now_ms, b.now_ms);
+    let mut ka: Vec<_> = a.acked.values().collect();
+    let mut kb: Vec<_> = b.acked.values().collect();
+    ka.sort();
+    kb.sort();
+    assert_eq!(ka, kb);
+}

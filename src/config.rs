@@ -1,0 +1,168 @@
+//! Configuration: a TOML file (`--config`), overridden by command-line flags, over defaults
+//! sane for a laptop. `hermod serve --help` lists every setting; `docs/configuration.md`
+//! explains them.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use hermod_shards::engine::Durability;
+use serde::Deserialize;
+
+/// Flags of `hermod serve`. Every one overrides the same key of the config file.
+#[derive(Debug, Default, Args)]
+pub struct ServeArgs {
+    /// TOML config file; flags override its values.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on (HTTP page at /, WebSocket at /ws). Port 0 picks a free port.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+    /// Data directory (RocksDB and the token secret). Created if missing.
+    #[arg(long, value_name = "DIR")]
+    pub data: Option<PathBuf>,
+    /// Number of shards (one pinned core each). Default: the number of cores.
+    #[arg(long, value_name = "N")]
+    pub shards: Option<u16>,
+    /// When a send is acked: fsync (WAL synced), wal (WAL written; survives a process crash), memory.
+    #[arg(long, value_name = "MODE")]
+    pub durability: Option<String>,
+    /// Close a connection silent for this many ms.
+    #[arg(long, value_name = "MS")]
+    pub heartbeat_timeout_ms: Option<u64>,
+    /// Ping a connection silent for this many ms.
+    #[arg(long, value_name = "MS")]
+    pub heartbeat_interval_ms: Option<u64>,
+    /// Resend an unacked push after this many ms.
+    #[arg(long, value_name = "MS")]
+    pub push_retry_ms: Option<u64>,
+    /// Argon2id memory cost in KiB (default 19456, OWASP's minimum). Lower only for tests.
+    #[arg(long, value_name = "KIB")]
+    pub argon2_memory_kib: Option<u32>,
+    /// Argon2id passes (default 2).
+    #[arg(long, value_name = "N")]
+    pub argon2_passes: Option<u32>,
+    /// Log filter (tracing EnvFilter syntax); the HERMOD_LOG env var overrides it.
+    #[arg(long, value_name = "FILTER")]
+    pub log: Option<String>,
+}
+
+/// The config file's shape; every key optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<SocketAddr>,
+    data: Option<PathBuf>,
+    shards: Option<u16>,
+    durability: Option<String>,
+    heartbeat_timeout_ms: Option<u64>,
+    heartbeat_interval_ms: Option<u64>,
+    push_retry_ms: Option<u64>,
+    body_bytes_max: Option<usize>,
+    token_ttl_s: Option<u64>,
+    argon2_memory_kib: Option<u32>,
+    argon2_passes: Option<u32>,
+    log: Option<String>,
+}
+
+/// The resolved configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data: PathBuf,
+    pub shards: u16,
+    pub durability: Durability,
+    pub heartbeat_timeout_ms: u64,
+    pub heartbeat_interval_ms: u64,
+    pub push_retry_ms: u64,
+    pub body_bytes_max: usize,
+    pub token_ttl_s: u64,
+    pub argon2_memory_kib: u32,
+    pub argon2_passes: u32,
+    pub log: String,
+}
+
+impl Config {
+    pub fn resolve(args: &ServeArgs) -> anyhow::Result<Config> {
+        let file: FileConfig = match &args.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?
+            }
+            None => FileConfig::default(),
+        };
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u16;
+        let durability = match args
+            .durability
+            .clone()
+            .or(file.durability)
+            .as_deref()
+            .unwrap_or("wal")
+        {
+            "fsync" => Durability::Fsync,
+            "wal" => Durability::Wal,
+            "memory" => Durability::Memory,
+            other => bail!("durability must be fsync, wal or memory, not {other:?}"),
+        };
+        let cfg = Config {
+            listen: args
+                .listen
+                .or(file.listen)
+                .unwrap_or_else(|| "127.0.0.1:7400".parse().expect("valid literal")),
+            data: args
+                .data
+                .clone()
+                .or(file.data)
+                .unwrap_or_else(|| PathBuf::from("data")),
+            shards: args.shards.or(file.shards).unwrap_or(cores),
+            durability,
+            heartbeat_timeout_ms: args
+                .heartbeat_timeout_ms
+                .or(file.heartbeat_timeout_ms)
+                .unwrap_or(60_000),
+            heartbeat_interval_ms: args
+                .heartbeat_interval_ms
+                .or(file.heartbeat_interval_ms)
+                .unwrap_or(20_000),
+            push_retry_ms: args.push_retry_ms.or(file.push_retry_ms).unwrap_or(5_000),
+            body_bytes_max: file
+                .body_bytes_max
+                .unwrap_or(hermod_shards::limits::BODY_BYTES_MAX),
+            token_ttl_s: file.token_ttl_s.unwrap_or(30 * 24 * 3600),
+            argon2_memory_kib: args
+                .argon2_memory_kib
+                .or(file.argon2_memory_kib)
+                .unwrap_or(19 * 1024),
+            argon2_passes: args.argon2_passes.or(file.argon2_passes).unwrap_or(2),
+            log: args
+                .log
+                .clone()
+                .or(file.log)
+                .unwrap_or_else(|| "info".into()),
+        };
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    fn check(&self) -> anyhow::Result<()> {
+        use hermod_shards::limits::{BODY_BYTES_MAX, SHARDS_MAX};
+        if self.shards == 0 || self.shards as usize > SHARDS_MAX {
+            bail!("shards must be 1..={SHARDS_MAX}");
+        }
+        if self.heartbeat_interval_ms >= self.heartbeat_timeout_ms {
+            bail!("heartbeat_interval_ms must be below heartbeat_timeout_ms");
+        }
+        if self.push_retry_ms < 10 {
+            bail!("push_retry_ms must be at least 10");
+        }
+        if self.body_bytes_max == 0 || self.body_bytes_max > BODY_BYTES_MAX {
+            bail!("body_bytes_max must be 1..={BODY_BYTES_MAX}");
+        }
+        if self.argon2_memory_kib < 8 || self.argon2_passes == 0 {
+            bail!("argon2_memory_kib must be >= 8 and argon2_passes >= 1");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,338 @@
+//! One client socket on its shard: the HTTP request, the WebSocket upgrade, then frames in
+//! and out until close or hand-off.
+//!
+//! One task per connection does both directions: it waits for either readable bytes or work
+//! in its [`Outbox`], so no lock or split stream is needed. Bytes read go to the shard's
+//! shared scratch buffer; only an incomplete frame is kept per connection.
+//!
+//! Outbox policy: at most `OUTBOX_BYTES_MAX` bytes queued; a push beyond it closes the
+//! connection (4001, slow consumer) — the device loses nothing, it syncs on reconnect. Writes
+//! time out after `WRITE_TIMEOUT`, so a peer that stops reading cannot pin a task.
+
+use std::cell::RefCell;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Poll, Waker};
+use std::time::Duration;
+
+use futures_lite::{AsyncRead, AsyncWriteExt};
+use glommio::net::TcpStream;
+use hermod_shards::engine::Handoff;
+use hermod_shards::limits::OUTBOX_BYTES_MAX;
+use hermod_shards::protocol::close;
+use hermod_shards::{ConnId, ShardId};
+
+use crate::http::{self, Route};
+use crate::mesh::Envelope;
+use crate::shard::{dispatch, now_ms, Ctx};
+use crate::ws::{self, Decoder, Message};
+
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time allowed for the HTTP request head to arrive.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// Kept between messages only if small: an idle connection should hold (almost) nothing.
+const KEEP_BUFFER_BYTES: usize = 4 * 1024;
+
+/// Frames waiting to be written to one connection, and what the engine decided about it.
+#[derive(Default)]
+pub struct Outbox {
+    inner: RefCell<OutboxInner>,
+}
+
+#[derive(Default)]
+struct OutboxInner {
+    bytes: Vec<u8>,
+    waker: Option<Waker>,
+    close: Option<(u16, &'static str)>,
+    handoff: Option<(ShardId, Handoff)>,
+}
+
+impl Outbox {
+    /// Queues a text frame; false (and the connection is being closed) if the outbox is full.
+    pub fn push_text(&self, text: &str) -> bool {
+        let mut inner = self.inner.borrow_mut();
+        if inner.close.is_some() {
+            return true;
+        }
+        if inner.bytes.len() + text.len() > OUTBOX_BYTES_MAX {
+            inner.close = Some((close::SLOW_CONSUMER, "outbox full"));
+            inner.bytes.clear();
+            wake(&mut inner);
+            return false;
+        }
+        ws::encode_text(&mut inner.bytes, text);
+        wake(&mut inner);
+        true
+    }
+
+    pub fn push_ping(&self) {
+        let mut inner = self.inner.borrow_mut();
+        ws::encode_ping(&mut inner.bytes);
+        wake(&mut inner);
+    }
+
+    fn push_pong(&self, payload: &[u8]) {
+        let mut inner = self.inner.borrow_mut();
+        ws::encode_pong(&mut inner.bytes, payload);
+    }
+
+    pub fn close(&self, code: u16, reason: &'static str) {
+        let mut inner = self.inner.borrow_mut();
+        inner.close.get_or_insert((code, reason));
+        wake(&mut inner);
+    }
+
+    pub fn hand_off(&self, to: ShardId, handoff: Handoff) {
+        let mut inner = self.inner.borrow_mut();
+        inner.handoff = Some((to, handoff));
+        wake(&mut inner);
+    }
+
+    fn has_work(&self) -> bool {
+        let inner = self.inner.borrow();
+        !inner.bytes.is_empty() || inner.close.is_some() || inner.handoff.is_some()
+    }
+
+    /// A hand-off or a close is pending: read no further frames.
+    fn stop_reading(&self) -> bool {
+        let inner = self.inner.borrow();
+        inner.handoff.is_some() || inner.close.is_some()
+    }
+}
+
+fn wake(inner: &mut OutboxInner) {
+    if let Some(waker) = inner.waker.take() {
+        waker.wake();
+    }
+}
+
+enum Event {
+    Readable,
+    Work,
+    Eof,
+    Failed(std::io::Error),
+}
+
+/// Waits until the socket has bytes (appended to `inbuf`) or the outbox has work.
+async fn next_event(
+    ctx: &Ctx,
+    stream: &mut TcpStream,
+    inbuf: &mut Vec<u8>,
+    outbox: &Outbox,
+) -> Event {
+    futures_lite::future::poll_fn(|cx| {
+        if outbox.has_work() {
+            return Poll::Ready(Event::Work);
+        }
+        outbox.inner.borrow_mut().waker = Some(cx.waker().clone());
+        let mut scratch = ctx.scratch.borrow_mut();
+        match Pin::new(&mut *stream).poll_read(cx, &mut scratch[..]) {
+            Poll::Ready(Ok(0)) => Poll::Ready(Event::Eof),
+            Poll::Ready(Ok(n)) => {
+                inbuf.extend_from_slice(&scratch[..n]);
+                Poll::Ready(Event::Readable)
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Event::Failed(e)),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await
+}
+
+pub fn spawn_accepted(ctx: &Ctx, stream: TcpStream) {
+    let ctx = ctx.clone();
+    glommio::spawn_local(async move {
+        if let Err(e) = serve_http(&ctx, stream).await {
+            tracing::debug!(shard = %ctx.id, error = %e, "connection ended with an error");
+        }
+    })
+    .detach();
+}
+
+pub fn spawn_adopted(ctx: &Ctx, stream: TcpStream, buffered: Vec<u8>, handoff: Handoff) {
+    let ctx = ctx.clone();
+    glommio::spawn_local(async move {
+        if let Err(e) = stream.set_write_timeout(Some(WRITE_TIMEOUT)) {
+            tracing::debug!(shard = %ctx.id, error = %e, "adopted socket unusable");
+            return;
+        }
+        let conn = ctx.new_conn_id();
+        let outbox = register(&ctx, conn);
+        ctx.engine
+            .borrow_mut()
+            .handle_adopt(now_ms(), conn, handoff);
+        dispatch(&ctx);
+        if let Err(e) = serve_ws(&ctx, conn, stream, buffered, outbox).await {
+            tracing::debug!(shard = %ctx.id, error = %e, "connection ended with an error");
+        }
+    })
+    .detach();
+}
+
+fn register(ctx: &Ctx, conn: ConnId) -> Rc<Outbox> {
+    let outbox = Rc::new(Outbox::default());
+    ctx.conns.borrow_mut().insert(conn, outbox.clone());
+    outbox
+}
+
+async fn serve_http(ctx: &Ctx, mut stream: TcpStream) -> std::io::Result<()> {
+    stream.set_nodelay(true)?;
+    stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
+    stream.set_read_timeout(Some(HEAD_TIMEOUT))?;
+    let mut inbuf = Vec::new();
+    let idle = Outbox::default();
+    let route = loop {
+        match next_event(ctx, &mut stream, &mut inbuf, &idle).await {
+            Event::Readable => {
+                if let Some(route) = http::route(&inbuf) {
+                    break route;
+                }
+            }
+            Event::Eof | Event::Work => return Ok(()),
+            Event::Failed(e) => return Err(e),
+        }
+    };
+    match route {
+        Route::Respond(response) => {
+            stream.write_all(&response).await?;
+            stream.close().await
+        }
+        Route::Upgrade { response, head_len } => {
+            stream.set_read_timeout(None)?;
+            stream.write_all(&response).await?;
+            inbuf.drain(..head_len);
+            let conn = ctx.new_conn_id();
+            let outbox = register(ctx, conn);
+            ctx.engine.borrow_mut().handle_connect(now_ms(), conn);
+            serve_ws(ctx, conn, stream, inbuf, outbox).await
+        }
+    }
+}
+
+/// The WebSocket phase. Ends on close, error, or hand-off; always unregisters the connection.
+async fn serve_ws(
+    ctx: &Ctx,
+    conn: ConnId,
+    stream: TcpStream,
+    inbuf: Vec<u8>,
+    outbox: Rc<Outbox>,
+) -> std::io::Result<()> {
+    let result = ws_loop(ctx, conn, stream, inbuf, &outbox).await;
+    ctx.conns.borrow_mut().remove(&conn);
+    ctx.engine.borrow_mut().handle_disconnect(now_ms(), conn);
+    dispatch(ctx);
+    result
+}
+
+async fn ws_loop(
+    ctx: &Ctx,
+    conn: ConnId,
+    mut stream: TcpStream,
+    mut inbuf: Vec<u8>,
+    outbox: &Outbox,
+) -> std::io::Result<()> {
+    let mut decoder = Decoder::default();
+    let mut out = Vec::new();
+    loop {
+        // Everything complete in the buffer first; stop at a hand-off, leaving the rest raw.
+        let mut used = 0;
+        while !outbox.stop_reading() {
+            while ctx.overloaded() {
+                glommio::timer::sleep(Duration::from_millis(1)).await;
+            }
+            match decoder.decode(&mut inbuf[used..], ctx.frame_bytes_max) {
+                Ok(Some((message, n))) => {
+                    used += n;
+                    match message {
+                        Message::Text(text) => {
+                            ctx.engine.borrow_mut().handle_frame(now_ms(), conn, &text);
+                            dispatch(ctx);
+                        }
+                        Message::Ping(payload) => {
+                            outbox.push_pong(&payload);
+                            ctx.engine.borrow_mut().handle_activity(now_ms(), conn);
+                        }
+                        Message::Pong => ctx.engine.borrow_mut().handle_activity(now_ms(), conn),
+                        Message::Binary => {
+                            outbox.close(close::UNSUPPORTED_DATA, "text frames only");
+                            break;
+                        }
+                        Message::Close(_) => {
+                            outbox.close(close::NORMAL, "bye");
+                            break;
+                        }
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    outbox.close(e.code, e.reason);
+                    break;
+                }
+            }
+        }
+        inbuf.drain(..used);
+        if inbuf.is_empty() && inbuf.capacity() > KEEP_BUFFER_BYTES {
+            inbuf = Vec::new();
+        }
+
+        // Flush, then act on a close or a hand-off.
+        let (bytes, close, handoff) = {
+            let mut inner = outbox.inner.borrow_mut();
+            std::mem::swap(&mut inner.bytes, &mut out);
+            (!out.is_empty(), inner.close.take(), inner.handoff.take())
+        };
+        if bytes {
+            stream.write_all(&out).await?;
+            out.clear();
+            if out.capacity() > KEEP_BUFFER_BYTES {
+                out = Vec::new();
+            }
+        }
+        if let Some((code, reason)) = close {
+            let mut frame = Vec::new();
+            ws::encode_close(&mut frame, code, reason);
+            stream.write_all(&frame).await?;
+            return stream.close().await;
+        }
+        if let Some((to, handoff)) = handoff {
+            return hand_off(ctx, stream, inbuf, to, handoff);
+        }
+        if bytes {
+            continue; // more may have queued while writing
+        }
+        match next_event(ctx, &mut stream, &mut inbuf, outbox).await {
+            Event::Readable | Event::Work => {}
+            Event::Eof => return Ok(()),
+            Event::Failed(e) => return Err(e),
+        }
+    }
+}
+
+/// Moves the socket to shard `to`. The fd is duplicated because glommio's stream closes its
+/// own fd on drop; the duplicate keeps the socket open on its way.
+fn hand_off(
+    ctx: &Ctx,
+    stream: TcpStream,
+    buffered: Vec<u8>,
+    to: ShardId,
+    handoff: Handoff,
+) -> std::io::Result<()> {
+    // SAFETY: dup of an fd we own; the result is a fresh fd owned by nothing else.
+    let fd = unsafe { libc::dup(stream.as_raw_fd()) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a valid, open, unowned descriptor (checked above).
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    drop(stream);
+    ctx.send_envelope(
+        to,
+        Envelope::Adopt {
+            fd,
+            buffered,
+            handoff,
+        },
+    );
+    Ok(())
+}

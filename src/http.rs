@@ -1,0 +1,161 @@
+//! The HTTP/1.1 in front of the WebSocket: `GET /` serves the web chat page, `GET /ws`
+//! upgrades, anything else gets 404 (405 for other methods). Requests are parsed with
+//! `httparse`; one request per connection (`Connection: close`) except the upgrade.
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
+use sha1::{Digest, Sha1};
+
+/// Largest request head accepted; beyond it: 431 and close.
+pub const HEAD_BYTES_MAX: usize = 8 * 1024;
+
+const INDEX_HTML: &str = include_str!("web/index.html");
+const WS_GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC11B65";
+
+/// What to do with a request head.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Route {
+    /// Write this response and close.
+    Respond(Vec<u8>),
+    /// Write this `101` response and speak WebSocket; the head used `head_len` bytes.
+    Upgrade { response: Vec<u8>, head_len: usize },
+}
+
+/// Parses the request head at the front of `buf`. `None`: incomplete, read more.
+pub fn route(buf: &[u8]) -> Option<Route> {
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut req = httparse::Request::new(&mut headers);
+    let head_len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() < HEAD_BYTES_MAX => return None,
+        Ok(httparse::Status::Partial) => {
+            return Some(Route::Respond(simple(
+                431,
+                "Request Header Fields Too Large",
+                "request head too large\n",
+            )))
+        }
+        Err(_) => {
+            return Some(Route::Respond(simple(
+                400,
+                "Bad Request",
+                "malformed HTTP request\n",
+            )))
+        }
+    };
+    let header = |name: &str| {
+        req.headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .and_then(|h| std::str::from_utf8(h.value).ok())
+    };
+    let path = req.path.unwrap_or("/").split('?').next().unwrap_or("/");
+    if req.method != Some("GET") {
+        return Some(Route::Respond(simple(
+            405,
+            "Method Not Allowed",
+            "only GET\n",
+        )));
+    }
+    match path {
+        "/" | "/index.html" => Some(Route::Respond(response(
+            200,
+            "OK",
+            "text/html; charset=utf-8",
+            INDEX_HTML.as_bytes(),
+        ))),
+        "/ws" => {
+            let upgrade = header("upgrade").is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+            let connection = header("connection").is_some_and(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            });
+            let version = header("sec-websocket-version") == Some("13");
+            match header("sec-websocket-key") {
+                Some(key) if upgrade && connection && version => {
+                    let response = format!(
+                        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
+                        accept_key(key)
+                    );
+                    Some(Route::Upgrade {
+                        response: response.into_bytes(),
+                        head_len,
+                    })
+                }
+                _ => Some(Route::Respond(simple(
+                    400,
+                    "Bad Request",
+                    "expected a WebSocket upgrade (version 13)\n",
+                ))),
+            }
+        }
+        _ => Some(Route::Respond(simple(404, "Not Found", "not found\n"))),
+    }
+}
+
+pub fn accept_key(key: &str) -> String {
+    let mut sha = Sha1::new();
+    sha.update(key.trim().as_bytes());
+    sha.update(WS_GUID.as_bytes());
+    STANDARD.encode(sha.finalize())
+}
+
+fn simple(status: u16, reason: &str, body: &str) -> Vec<u8> {
+    response(status, reason, "text/plain; charset=utf-8", body.as_bytes())
+}
+
+fn response(status: u16, reason: &str, content_type: &str, body: &[u8]) -> Vec<u8> {
+    let mut out = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\nCache-Control: no-store\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    out.extend_from_slice(body);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc_6455_accept_key_example() {
+        assert_eq!(
+            accept_key("dGhlIHNhbXBsZSBub25jZQ=="),
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
+    }
+
+    #[test]
+    fn routes() {
+        assert_eq!(route(b"GET / HTTP/1.1\r\nHost: x"), None);
+        let Some(Route::Respond(r)) = route(b"GET / HTTP/1.1\r\n\r\n") else {
+            panic!()
+        };
+        assert!(r.starts_with(b"HTTP/1.1 200"));
+        let Some(Route::Respond(r)) = route(b"GET /nope HTTP/1.1\r\n\r\n") else {
+            panic!()
+        };
+        assert!(r.starts_with(b"HTTP/1.1 404"));
+        let Some(Route::Respond(r)) = route(b"GET /ws HTTP/1.1\r\n\r\n") else {
+            panic!()
+        };
+        assert!(r.starts_with(b"HTTP/1.1 400"));
+        let up = b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\nXY";
+        let Some(Route::Upgrade { response, head_len }) = route(up) else {
+            panic!()
+        };
+        assert_eq!(
+            head_len,
+            up.len() - 2,
+            "bytes after the head stay for the WebSocket"
+        );
+        assert!(String::from_utf8(response)
+            .unwrap()
+            .contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="));
+        let Some(Route::Respond(r)) = route(&[b'G'; HEAD_BYTES_MAX + 1]) else {
+            panic!()
+        };
+        assert!(r.starts_with(b"HTTP/1.1 4"));
+    }
+}

@@ -1,0 +1,189 @@
+//! Start-up and shutdown: data dir, token secret, RocksDB, one SO_REUSEPORT listener and one
+//! pinned glommio executor per shard, the mesh between them, and SIGINT/SIGTERM handling.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use glommio::{LocalExecutorBuilder, Placement, PoolPlacement};
+use hermod_shards::auth::{HashCost, SECRET_BYTES};
+use hermod_shards::engine::{Config as EngineConfig, Durability};
+use hermod_shards::storage::rocks::{self, RocksStorage};
+use hermod_shards::{Shard, ShardId};
+use rand::RngCore;
+use socket2::{Domain, Socket, Type};
+use tracing_subscriber::EnvFilter;
+
+use crate::config::Config;
+use crate::shard::{self, Params, BLOCKING_THREADS};
+
+/// glommio registers this much io memory per ring (3 rings per executor) and locks it; all
+/// executors together must fit RLIMIT_MEMLOCK (often 8 MiB).
+const IO_MEMORY_MAX: usize = 512 * 1024;
+const IO_MEMORY_MIN: usize = 64 * 1024;
+
+pub fn run(cfg: Config) -> anyhow::Result<()> {
+    let filter = EnvFilter::try_from_env("HERMOD_LOG")
+        .or_else(|_| EnvFilter::try_new(&cfg.log))
+        .context("log filter")?;
+    // try_init also routes the `log` records of glommio into tracing.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+
+    fs::create_dir_all(&cfg.data)
+        .with_context(|| format!("creating data dir {}", cfg.data.display()))?;
+    let secret = load_secret(&cfg.data.join("secret.key"))?;
+    let db = rocks::open(&cfg.data.join("db"), cfg.shards)?;
+
+    let listeners = bind(&cfg)?;
+    let addr = listeners[0]
+        .local_addr()?
+        .as_socket()
+        .context("listener address")?;
+    let io_memory = io_memory_per_executor(cfg.shards as usize)?;
+    let shutdown = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, shutdown.clone())
+            .context("installing signal handlers")?;
+    }
+
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut meshes = crate::mesh::build(cfg.shards as usize);
+    let mut handles = Vec::new();
+    for (i, listener) in listeners.into_iter().enumerate().rev() {
+        let mesh = meshes.pop().expect("one mesh end per shard");
+        let mut engine_cfg = EngineConfig::new(ShardId(i as u16), cfg.shards, secret);
+        engine_cfg.heartbeat_timeout_ms = cfg.heartbeat_timeout_ms;
+        engine_cfg.heartbeat_interval_ms = cfg.heartbeat_interval_ms;
+        engine_cfg.push_retry_ms = cfg.push_retry_ms;
+        engine_cfg.body_bytes_max = cfg.body_bytes_max;
+        engine_cfg.token_ttl_s = cfg.token_ttl_s;
+        engine_cfg.hash_cost = HashCost {
+            memory_kib: cfg.argon2_memory_kib,
+            passes: cfg.argon2_passes,
+        };
+        engine_cfg.seed = rand::rngs::OsRng.next_u64();
+        let store = RocksStorage::new(db.clone(), i as u16);
+        let durability: Durability = cfg.durability;
+        let shutdown = shutdown.clone();
+        let listener_fd: OwnedFd = listener.into();
+        let hash_cost = engine_cfg.hash_cost;
+        let handle = LocalExecutorBuilder::new(Placement::Fixed(i % cores))
+            .name(&format!("hermod-shard-{i}"))
+            .io_memory(io_memory)
+            .blocking_thread_pool_placement(PoolPlacement::Unbound(BLOCKING_THREADS))
+            .spawn(move || async move {
+                let engine = Shard::new(engine_cfg, store.clone());
+                shard::run(Params {
+                    engine,
+                    store,
+                    durability,
+                    hash_cost,
+                    listener_fd,
+                    mesh,
+                    shutdown,
+                })
+                .await
+            })
+            .map_err(|e| anyhow::anyhow!("starting shard {i}: {e}"))?;
+        handles.push(handle);
+    }
+    println!(
+        "hermod listening on http://{addr} (shards {}, durability {:?}, data {})",
+        cfg.shards,
+        cfg.durability,
+        cfg.data.display()
+    );
+    std::io::stdout().flush().ok();
+    tracing::info!(%addr, shards = cfg.shards, "started");
+
+    let mut failed = false;
+    for handle in handles {
+        if handle.join().is_err() {
+            failed = true;
+        }
+    }
+    drop(db);
+    if failed {
+        bail!("a shard stopped with an error");
+    }
+    tracing::info!("stopped cleanly");
+    Ok(())
+}
+
+/// One listener per shard on the same address (SO_REUSEPORT). With port 0 the first picks the
+/// port and the rest join it.
+fn bind(cfg: &Config) -> anyhow::Result<Vec<Socket>> {
+    let mut addr = cfg.listen;
+    let mut out = Vec::new();
+    for _ in 0..cfg.shards {
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
+        socket.set_nonblocking(true)?;
+        socket
+            .bind(&addr.into())
+            .with_context(|| format!("binding {addr}"))?;
+        socket.listen(4096)?;
+        addr = socket
+            .local_addr()?
+            .as_socket()
+            .context("listener address")?;
+        out.push(socket);
+    }
+    Ok(out)
+}
+
+fn io_memory_per_executor(shards: usize) -> anyhow::Result<usize> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass.
+    let locked = if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) } == 0 {
+        lim.rlim_cur as usize
+    } else {
+        8 << 20
+    };
+    // Keep 1 MiB of headroom for everything else that locks memory.
+    let per = locked.saturating_sub(1 << 20) / (3 * shards);
+    let per = per.min(IO_MEMORY_MAX) / 4096 * 4096;
+    if per < IO_MEMORY_MIN {
+        bail!(
+            "locked-memory limit ({} KiB) is too small for {shards} shards; raise `ulimit -l` or use fewer shards (see tuning.md)",
+            locked / 1024
+        );
+    }
+    Ok(per)
+}
+
+/// Reads the token-signing secret, creating it (mode 0600) on first start.
+fn load_secret(path: &Path) -> anyhow::Result<[u8; SECRET_BYTES]> {
+    let mut secret = [0u8; SECRET_BYTES];
+    match fs::File::open(path) {
+        Ok(mut f) => {
+            f.read_exact(&mut secret)
+                .with_context(|| format!("reading {}", path.display()))?;
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            rand::rngs::OsRng.fill_bytes(&mut secret);
+            let mut f = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .with_context(|| format!("creating {}", path.display()))?;
+            f.write_all(&secret)?;
+            f.sync_all()?;
+        }
+        Err(e) => return Err(e).with_context(|| format!("opening {}", path.display())),
+    }
+    Ok(secret)
+}

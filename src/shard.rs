@@ -1,0 +1,324 @@
+//! One shard's driver: the glommio tasks around its `hermod_shards::Shard`.
+//!
+//! Lives entirely on the shard's own core. Tasks: the acceptor, one task per connection
+//! (`conn.rs`), one receiver and one pump per peer shard, the ticker, and short-lived tasks
+//! for commits and password jobs. They share `ShardCtx` through an `Rc`; the engine sits in a
+//! `RefCell` that is never held across an `.await`, so no borrow can conflict.
+//!
+//! Off-reactor work: commits (`RocksStorage::write`, which may fsync) and argon2 run on the
+//! executor's blocking pool. At most `HASH_JOBS_MAX` hashes run at once per shard, so commits
+//! always find a free blocking thread.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::os::fd::{FromRawFd, IntoRawFd};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use glommio::channels::local_channel::{self, LocalSender};
+use glommio::channels::shared_channel::ConnectedSender;
+use glommio::net::{TcpListener, TcpStream};
+use glommio::sync::Semaphore;
+use glommio::{GlommioError, ResourceType};
+use hermod_shards::auth::HashCost;
+use hermod_shards::engine::Durability;
+use hermod_shards::limits::{COMMIT_OPS_MAX, MAIL_BACKLOG_MAX};
+use hermod_shards::storage::rocks::RocksStorage;
+use hermod_shards::{ConnId, Output, Shard, ShardId};
+
+use crate::conn::{self, Outbox};
+use crate::mesh::{Ends, Envelope};
+
+/// Blocking-pool threads per shard, and how many of them argon2 may occupy.
+pub const BLOCKING_THREADS: usize = 4;
+const HASH_JOBS_MAX: u64 = 2;
+/// Longest a shutdown waits for pending writes, then for sockets to flush.
+const DRAIN_WRITES_MAX: Duration = Duration::from_secs(10);
+const DRAIN_SOCKETS_MAX: Duration = Duration::from_secs(2);
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+pub struct ShardCtx {
+    pub id: ShardId,
+    pub engine: RefCell<Shard<RocksStorage>>,
+    store: RocksStorage,
+    durability: Durability,
+    hash_cost: HashCost,
+    hash_slots: Rc<Semaphore>,
+    pub conns: RefCell<HashMap<ConnId, Rc<Outbox>>>,
+    next_conn: Cell<u64>,
+    peers: Vec<Option<Peer>>,
+    /// Mails queued locally because a peer channel was full.
+    backlog: Cell<usize>,
+    committing: Cell<bool>,
+    /// Shared read buffer: a socket read lands here and is copied into the connection's own
+    /// buffer only when a frame is incomplete, so idle connections hold no read buffer.
+    pub scratch: RefCell<Vec<u8>>,
+    pub frame_bytes_max: usize,
+}
+
+struct Peer {
+    direct: Rc<ConnectedSender<Envelope>>,
+    queue: LocalSender<Envelope>,
+}
+
+pub type Ctx = Rc<ShardCtx>;
+
+pub struct Params {
+    pub engine: Shard<RocksStorage>,
+    pub store: RocksStorage,
+    pub durability: Durability,
+    pub hash_cost: HashCost,
+    pub listener_fd: std::os::fd::OwnedFd,
+    pub mesh: Ends,
+    pub shutdown: Arc<AtomicBool>,
+}
+
+/// The shard's main future: runs until shutdown is requested and drained.
+pub async fn run(p: Params) {
+    let Params {
+        engine,
+        store,
+        durability,
+        hash_cost,
+        listener_fd,
+        mesh,
+        shutdown,
+    } = p;
+    let id = engine.id();
+    let tick = Duration::from_millis(engine.tick_ms());
+    let mut peers = Vec::new();
+    let mut pumps = Vec::new();
+    for sender in mesh.to {
+        match sender {
+            Some(sender) => {
+                let direct = Rc::new(sender.connect().await);
+                let (queue, rx) = local_channel::new_unbounded();
+                pumps.push((direct.clone(), rx));
+                peers.push(Some(Peer { direct, queue }));
+            }
+            None => peers.push(None),
+        }
+    }
+    let ctx: Ctx = Rc::new(ShardCtx {
+        id,
+        engine: RefCell::new(engine),
+        store,
+        durability,
+        hash_cost,
+        hash_slots: Rc::new(Semaphore::new(HASH_JOBS_MAX)),
+        conns: RefCell::new(HashMap::new()),
+        next_conn: Cell::new(1),
+        peers,
+        backlog: Cell::new(0),
+        committing: Cell::new(false),
+        scratch: RefCell::new(vec![0; 64 * 1024]),
+        frame_bytes_max: hermod_shards::limits::FRAME_BYTES_MAX,
+    });
+
+    for (direct, rx) in pumps {
+        let ctx = ctx.clone();
+        glommio::spawn_local(async move {
+            // Mail order is kept: the pump drains the local FIFO into the channel in order,
+            // and `send_mail` bypasses the FIFO only while it is empty.
+            while let Some(envelope) = rx.recv().await {
+                let sent = direct.send(envelope).await;
+                ctx.backlog.set(ctx.backlog.get() - 1);
+                if sent.is_err() {
+                    break; // the peer is gone: only at shutdown
+                }
+            }
+        })
+        .detach();
+    }
+    for receiver in mesh.from.into_iter().flatten() {
+        let ctx = ctx.clone();
+        glommio::spawn_local(async move {
+            let receiver = receiver.connect().await;
+            while let Some(envelope) = receiver.recv().await {
+                match envelope {
+                    Envelope::Mail(mail) => {
+                        ctx.engine.borrow_mut().handle_mail(now_ms(), mail);
+                        dispatch(&ctx);
+                    }
+                    Envelope::Adopt {
+                        fd,
+                        buffered,
+                        handoff,
+                    } => {
+                        // SAFETY: `fd` is an open socket whose only owner is this OwnedFd.
+                        let stream = unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) };
+                        conn::spawn_adopted(&ctx, stream, buffered, handoff);
+                    }
+                }
+            }
+        })
+        .detach();
+    }
+
+    // SAFETY: the listener fd was created for this shard and is owned only by `listener_fd`.
+    let listener = unsafe { TcpListener::from_raw_fd(listener_fd.into_raw_fd()) };
+    let acceptor = {
+        let ctx = ctx.clone();
+        glommio::spawn_local(async move {
+            loop {
+                match listener.accept().await {
+                    Ok(stream) => conn::spawn_accepted(&ctx, stream),
+                    Err(e) => {
+                        tracing::warn!(shard = %ctx.id, error = %e, "accept failed");
+                        // Out of fds or memory: back off instead of spinning.
+                        glommio::timer::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        })
+    };
+
+    while !shutdown.load(Ordering::Relaxed) {
+        glommio::timer::sleep(tick).await;
+        ctx.engine.borrow_mut().handle_tick(now_ms());
+        dispatch(&ctx);
+    }
+
+    // Drain: stop accepting, let pending writes finish (their acks go out), then close every
+    // client with 1001 and give the sockets a moment to flush.
+    drop(acceptor);
+    let started = std::time::Instant::now();
+    while !ctx.engine.borrow().is_write_idle() && started.elapsed() < DRAIN_WRITES_MAX {
+        glommio::timer::sleep(Duration::from_millis(5)).await;
+    }
+    ctx.engine.borrow_mut().handle_shutdown();
+    dispatch(&ctx);
+    let started = std::time::Instant::now();
+    while !ctx.conns.borrow().is_empty() && started.elapsed() < DRAIN_SOCKETS_MAX {
+        glommio::timer::sleep(Duration::from_millis(5)).await;
+    }
+    if durability == Durability::Memory {
+        if let Err(e) = ctx.store.flush() {
+            tracing::error!(shard = %ctx.id, error = %e, "flush at shutdown failed");
+        }
+    }
+    tracing::info!(shard = %ctx.id, "shard stopped");
+}
+
+impl ShardCtx {
+    pub fn new_conn_id(&self) -> ConnId {
+        let n = self.next_conn.get();
+        self.next_conn.set(n + 1);
+        ConnId(n)
+    }
+
+    /// True while new client frames should wait: mail or writes are piling up.
+    pub fn overloaded(&self) -> bool {
+        self.backlog.get() > MAIL_BACKLOG_MAX || self.engine.borrow().pending_ops() > COMMIT_OPS_MAX
+    }
+
+    pub fn send_envelope(&self, to: ShardId, envelope: Envelope) {
+        let Some(Some(peer)) = self.peers.get(to.0 as usize) else {
+            tracing::error!(shard = %self.id, to = %to, "mail to an unknown shard dropped");
+            return;
+        };
+        let envelope = if self.backlog.get() == 0 {
+            match peer.direct.try_send(envelope) {
+                Ok(()) => return,
+                Err(GlommioError::WouldBlock(ResourceType::Channel(envelope))) => envelope,
+                Err(_) => return, // closed: the peer stopped, only at shutdown
+            }
+        } else {
+            envelope
+        };
+        self.backlog.set(self.backlog.get() + 1);
+        if peer.queue.try_send(envelope).is_err() {
+            // Unbounded local queue: fails only if the pump ended, i.e. the peer is gone.
+            self.backlog.set(self.backlog.get() - 1);
+        }
+    }
+}
+
+/// Carries out everything the engine asked for, then starts a commit if one is due.
+pub fn dispatch(ctx: &Ctx) {
+    loop {
+        let Some(output) = ctx.engine.borrow_mut().poll_output() else {
+            break;
+        };
+        match output {
+            Output::Send { conn, frame } => {
+                let outbox = ctx.conns.borrow().get(&conn).cloned();
+                if let Some(outbox) = outbox {
+                    if !outbox.push_text(&frame) {
+                        // Slow reader: the outbox is full. Policy: close it; it will sync.
+                        ctx.engine.borrow_mut().handle_disconnect(now_ms(), conn);
+                    }
+                }
+            }
+            Output::Ping { conn } => {
+                if let Some(outbox) = ctx.conns.borrow().get(&conn) {
+                    outbox.push_ping();
+                }
+            }
+            Output::Close { conn, code, reason } => {
+                if let Some(outbox) = ctx.conns.borrow().get(&conn) {
+                    outbox.close(code, reason);
+                }
+            }
+            Output::Mail { to, mail } => ctx.send_envelope(to, Envelope::Mail(mail)),
+            Output::Handoff { conn, to, handoff } => {
+                if let Some(outbox) = ctx.conns.borrow().get(&conn) {
+                    outbox.hand_off(to, handoff);
+                }
+            }
+            Output::Job { id, job } => {
+                let ctx = ctx.clone();
+                glommio::spawn_local(async move {
+                    let Ok(_permit) = ctx.hash_slots.acquire_permit(1).await else {
+                        return;
+                    };
+                    let cost = ctx.hash_cost;
+                    let result = glommio::executor()
+                        .spawn_blocking(move || job.run(cost))
+                        .await;
+                    ctx.engine
+                        .borrow_mut()
+                        .handle_job_done(now_ms(), id, result);
+                    dispatch(&ctx);
+                })
+                .detach();
+            }
+        }
+    }
+    kick_commit(ctx);
+}
+
+/// Starts the next group commit if none is in flight. The commit runs on the blocking pool;
+/// its completion feeds the engine, whose effects (acks, fan-out) go out in `dispatch`,
+/// which starts the next commit: batches form while the previous one is being written.
+fn kick_commit(ctx: &Ctx) {
+    if ctx.committing.get() {
+        return;
+    }
+    let Some(commit) = ctx.engine.borrow_mut().poll_commit() else {
+        return;
+    };
+    ctx.committing.set(true);
+    let ctx = ctx.clone();
+    glommio::spawn_local(async move {
+        let store = ctx.store.clone();
+        let durability = ctx.durability;
+        let ops = commit.ops;
+        let result = glommio::executor()
+            .spawn_blocking(move || store.write(&ops, durability).map_err(|e| e.to_string()))
+            .await;
+        ctx.committing.set(false);
+        ctx.engine
+            .borrow_mut()
+            .handle_commit_done(now_ms(), commit.id, result);
+        dispatch(&ctx);
+    })
+    .detach();
+}

@@ -1,0 +1,291 @@
+//! Test harness: starts the real `hermod` binary on port 0 with a temp data dir and talks to
+//! it with a real WebSocket client (tungstenite) over real sockets.
+#![allow(dead_code)]
+
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::{Message, WebSocket};
+
+pub const TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct Server {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    pub data: PathBuf,
+    args: Vec<String>,
+}
+
+impl Server {
+    /// Starts a server with cheap password hashing and 2 shards on a fresh data dir.
+    pub fn start(extra: &[&str]) -> Server {
+        let data = tempfile::Builder::new()
+            .prefix("hermod-test-")
+            .tempdir()
+            .expect("tempdir")
+            .keep();
+        Server::start_on(&data, extra)
+    }
+
+    pub fn start_on(data: &Path, extra: &[&str]) -> Server {
+        let mut args: Vec<String> = [
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--shards",
+            "2",
+            "--argon2-memory-kib",
+            "64",
+            "--argon2-passes",
+            "1",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.push("--data".into());
+        args.push(data.display().to_string());
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut child = Command::new(env!("CARGO_BIN_EXE_hermod"))
+            .args(&args)
+            .env("HERMOD_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn hermod");
+        let mut lines = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut line = String::new();
+        lines.read_line(&mut line).expect("read the listening line");
+        let addr = line
+            .split("http://")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected first line from hermod: {line:?}"));
+        // Keep draining stdout so the server never blocks on a full pipe.
+        std::thread::spawn(move || {
+            let mut sink = String::new();
+            let _ = lines.read_to_string(&mut sink);
+        });
+        Server {
+            child: Some(child),
+            addr,
+            data: data.to_path_buf(),
+            args,
+        }
+    }
+
+    /// SIGTERM, then wait for exit.
+    pub fn stop(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        wait_timeout(&mut child, Duration::from_secs(20))
+            .expect("server did not stop within 20 s of SIGTERM")
+    }
+
+    /// SIGKILL: the process dies mid-whatever it was doing.
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().expect("running");
+        child.kill().expect("kill -9");
+        child.wait().expect("reap");
+    }
+
+    pub fn client(&self) -> Client {
+        Client::connect(self.addr)
+    }
+
+    /// A registered, logged-in client.
+    pub fn user(&self, name: &str, device: &str) -> (Client, String) {
+        let mut c = self.client();
+        let r = c.request(
+            "register",
+            json!({ "username": name, "password": "password123" }),
+        );
+        assert!(
+            r.get("ok").is_some() || r["error"]["code"] == "username_taken",
+            "register {name}: {r}"
+        );
+        let ok = c.ok(
+            "login",
+            json!({ "username": name, "password": "password123", "device": device }),
+        );
+        let token = ok["token"].as_str().expect("token").to_owned();
+        (c, token)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.data);
+    }
+}
+
+fn wait_timeout(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+pub struct Client {
+    pub ws: WebSocket<TcpStream>,
+    rid: u64,
+    pub pushes: VecDeque<Value>,
+}
+
+impl Client {
+    pub fn connect(addr: SocketAddr) -> Client {
+        let stream = TcpStream::connect(addr).expect("tcp connect");
+        stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+        stream.set_nodelay(true).unwrap();
+        let (ws, _) =
+            tungstenite::client(format!("ws://{addr}/ws"), stream).expect("websocket handshake");
+        Client {
+            ws,
+            rid: 0,
+            pushes: VecDeque::new(),
+        }
+    }
+
+    pub fn send_json(&mut self, v: &Value) {
+        self.ws.send(Message::text(v.to_string())).expect("send");
+    }
+
+    /// Sends a request and returns its reply frame; pushes read meanwhile are queued.
+    pub fn request(&mut self, op: &str, mut fields: Value) -> Value {
+        self.rid += 1;
+        let rid = self.rid;
+        fields["op"] = json!(op);
+        fields["rid"] = json!(rid);
+        self.send_json(&fields);
+        self.reply(rid)
+    }
+
+    pub fn reply(&mut self, rid: u64) -> Value {
+        loop {
+            let v = self
+                .next_frame()
+                .unwrap_or_else(|| panic!("connection closed while waiting for reply {rid}"));
+            if v.get("push").is_some() {
+                self.pushes.push_back(v);
+            } else if v["rid"] == json!(rid) {
+                return v;
+            } else {
+                panic!("unexpected frame while waiting for {rid}: {v}");
+            }
+        }
+    }
+
+    pub fn ok(&mut self, op: &str, fields: Value) -> Value {
+        let r = self.request(op, fields);
+        assert!(r.get("ok").is_some(), "{op} failed: {r}");
+        r["ok"].clone()
+    }
+
+    /// The error code of a request expected to fail.
+    pub fn err(&mut self, op: &str, fields: Value) -> String {
+        let r = self.request(op, fields);
+        r["error"]["code"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{op} should have failed: {r}"))
+            .to_owned()
+    }
+
+    /// Next text frame as JSON; None once the connection is closed.
+    pub fn next_frame(&mut self) -> Option<Value> {
+        loop {
+            match self.ws.read() {
+                Ok(Message::Text(t)) => {
+                    return Some(serde_json::from_str(&t).expect("server frames are JSON"))
+                }
+                Ok(Message::Close(_)) => return None,
+                Ok(_) => continue,
+                Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed) => {
+                    return None
+                }
+                Err(e) => panic!("read: {e}"),
+            }
+        }
+    }
+
+    /// The next push, waiting up to `limit`.
+    pub fn push_within(&mut self, limit: Duration) -> Option<Value> {
+        if let Some(p) = self.pushes.pop_front() {
+            return Some(p);
+        }
+        self.ws.get_ref().set_read_timeout(Some(limit)).unwrap();
+        let got = loop {
+            match self.ws.read() {
+                Ok(Message::Text(t)) => {
+                    let v: Value = serde_json::from_str(&t).unwrap();
+                    if v.get("push").is_some() {
+                        break Some(v);
+                    }
+                    panic!("unexpected reply while waiting for a push: {v}");
+                }
+                Ok(Message::Close(_)) => break None,
+                Ok(_) => continue,
+                Err(tungstenite::Error::Io(e))
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    break None
+                }
+                Err(_) => break None,
+            }
+        };
+        self.ws.get_ref().set_read_timeout(Some(TIMEOUT)).unwrap();
+        got
+    }
+
+    pub fn push(&mut self) -> Value {
+        self.push_within(TIMEOUT)
+            .expect("a push within the timeout")
+    }
+
+    pub fn ack(&mut self, push: &Value) {
+        let pid = push["pid"].as_u64().expect("pid");
+        self.send_json(&json!({ "op": "ack", "pids": [pid] }));
+    }
+
+    /// Reads until the server closes; returns the close code.
+    pub fn close_code(&mut self) -> Option<u16> {
+        loop {
+            match self.ws.read() {
+                Ok(Message::Close(frame)) => return frame.map(|f| u16::from(f.code)),
+                Ok(_) => continue,
+                Err(_) => return None,
+            }
+        }
+    }
+}
+
+pub fn code(c: CloseCode) -> u16 {
+    u16::from(c)
+}
+
+/// A raw HTTP request; returns the whole response text.
+pub fn http_get(addr: SocketAddr, path: &str) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(TIMEOUT)).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}

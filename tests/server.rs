@@ -1,0 +1,602 @@
+//! Integration tests: the real server binary, real sockets, a real WebSocket client.
+//! Every test runs its own server (2 shards, port 0, temp data dir), so they run in parallel.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use common::{http_get, Client, Server};
+use serde_json::{json, Value};
+use tungstenite::Message;
+
+fn open(c: &mut Client, peer: &str) -> String {
+    c.ok("open", json!({ "user": peer }))["conv"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+fn send(c: &mut Client, conv: &str, text: &str) -> Value {
+    c.ok("send", json!({ "conv": conv, "body": { "text": text } }))
+}
+
+fn seqs(msgs: &Value) -> Vec<u64> {
+    msgs.as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["seq"].as_u64().unwrap())
+        .collect()
+}
+
+#[test]
+fn http_routes() {
+    let server = Server::start(&[]);
+    let page = http_get(server.addr, "/");
+    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    assert!(page.contains("<title>Hermod</title>") && page.contains("/ws"));
+    assert!(http_get(server.addr, "/nope").starts_with("HTTP/1.1 404"));
+    assert!(
+        http_get(server.addr, "/ws").starts_with("HTTP/1.1 400"),
+        "GET /ws without an upgrade"
+    );
+}
+
+#[test]
+fn register_login_resume_logout() {
+    let server = Server::start(&[]);
+    let mut c = server.client();
+    assert_eq!(
+        c.ok(
+            "register",
+            json!({ "username": "Alice", "password": "password123" })
+        )["user"],
+        "alice"
+    );
+    assert_eq!(
+        c.err(
+            "register",
+            json!({ "username": "alice", "password": "password123" })
+        ),
+        "username_taken"
+    );
+    assert_eq!(
+        c.err(
+            "register",
+            json!({ "username": "a!", "password": "password123" })
+        ),
+        "invalid_username"
+    );
+    assert_eq!(
+        c.err(
+            "register",
+            json!({ "username": "bobby", "password": "short" })
+        ),
+        "weak_password"
+    );
+    assert_eq!(
+        c.err("send", json!({ "conv": "d.1.2", "body": 1 })),
+        "not_authenticated"
+    );
+    assert_eq!(
+        c.err(
+            "login",
+            json!({ "username": "alice", "password": "wrong-password", "device": "pc" })
+        ),
+        "bad_credentials"
+    );
+    assert_eq!(
+        c.err(
+            "login",
+            json!({ "username": "nobody", "password": "password123", "device": "pc" })
+        ),
+        "bad_credentials"
+    );
+    let ok = c.ok(
+        "login",
+        json!({ "username": "alice", "password": "password123", "device": "pc" }),
+    );
+    let token = ok["token"].as_str().unwrap().to_owned();
+    assert_eq!(ok["user"], "alice");
+    assert_eq!(
+        c.err(
+            "login",
+            json!({ "username": "alice", "password": "password123", "device": "pc" })
+        ),
+        "already_authenticated"
+    );
+
+    // Resume on fresh connections, whichever shard accepts them.
+    for _ in 0..4 {
+        let mut r = server.client();
+        let ok = r.ok("resume", json!({ "token": token }));
+        assert_eq!(
+            (ok["user"].as_str(), ok["device"].as_str()),
+            (Some("alice"), Some("pc"))
+        );
+        r.ok("ping", json!({}));
+    }
+    let mut bad = server.client();
+    assert_eq!(
+        bad.err("resume", json!({ "token": "nope.nope" })),
+        "bad_token"
+    );
+    let mut tampered = token.clone();
+    tampered.insert(3, 'x');
+    assert_eq!(bad.err("resume", json!({ "token": tampered })), "bad_token");
+
+    // Logging out revokes this device's token and closes the connection normally.
+    let mut r = server.client();
+    r.ok("resume", json!({ "token": token }));
+    r.ok("logout", json!({}));
+    assert_eq!(r.close_code(), Some(1000));
+    let mut again = server.client();
+    assert_eq!(
+        again.err("resume", json!({ "token": token })),
+        "device_revoked"
+    );
+}
+
+#[test]
+fn failed_logins_are_limited_per_connection() {
+    let server = Server::start(&[]);
+    server.user("carol", "pc");
+    let mut c = server.client();
+    for _ in 0..5 {
+        assert_eq!(
+            c.err(
+                "login",
+                json!({ "username": "carol", "password": "not-the-password", "device": "pc" })
+            ),
+            "bad_credentials"
+        );
+    }
+    assert_eq!(c.close_code(), Some(1008));
+}
+
+#[test]
+fn new_login_on_same_device_replaces_old_session() {
+    let server = Server::start(&[]);
+    let (mut old, _) = server.user("dave", "phone");
+    let (_new, _) = server.user("dave", "phone");
+    assert_eq!(old.close_code(), Some(4002));
+}
+
+#[test]
+fn one_to_one_send_ack_push_ack_and_retry() {
+    let server = Server::start(&["--push-retry-ms", "300"]);
+    let (mut alice, _) = server.user("alice", "pc");
+    let (mut bob, _) = server.user("bob", "pc");
+    assert_eq!(
+        alice.err("open", json!({ "user": "nobody" })),
+        "no_such_user"
+    );
+    assert_eq!(alice.err("open", json!({ "user": "alice" })), "bad_request");
+    let conv = open(&mut alice, "bob");
+    assert_eq!(
+        open(&mut bob, "alice"),
+        conv,
+        "both sides name the conversation alike"
+    );
+
+    let ack = send(&mut alice, &conv, "hello bob");
+    assert_eq!(ack["seq"], 1);
+    assert!(ack["id"].as_str().unwrap().len() == 36 && ack["ts"].as_u64().unwrap() > 0);
+    let push = bob.push();
+    assert_eq!(push["push"], "msg");
+    assert_eq!(push["msg"]["seq"], 1);
+    assert_eq!(push["msg"]["from"], "alice");
+    assert_eq!(
+        push["msg"]["body"],
+        json!({ "text": "hello bob" }),
+        "body forwarded as given"
+    );
+    assert_eq!(push["msg"]["id"], ack["id"]);
+
+    // Not acked: the same push (same pid) comes again.
+    let again = bob
+        .push_within(Duration::from_secs(3))
+        .expect("an unacked push is retried");
+    assert_eq!(again["pid"], push["pid"]);
+    bob.ack(&again);
+    // Acked: no more retries (drain any retry that raced the ack).
+    std::thread::sleep(Duration::from_millis(800));
+    while let Some(extra) = bob.push_within(Duration::from_millis(100)) {
+        assert_eq!(
+            extra["pid"], push["pid"],
+            "only the acked push may still be in flight"
+        );
+    }
+    assert!(
+        bob.push_within(Duration::from_millis(1200)).is_none(),
+        "acked pushes are not retried"
+    );
+
+    // Bodies are opaque JSON of any shape, and come back byte for byte in history.
+    let raw = r#"{"op":"send","rid":99,"conv":"CONV","body":{"ct":"AAEC/w==","n":[1,2.5,null]}}"#
+        .replace("CONV", &conv);
+    alice.ws.send(Message::text(raw)).unwrap();
+    assert_eq!(alice.reply(99)["ok"]["seq"], 2);
+    let hist = bob.ok("history", json!({ "conv": conv }));
+    assert_eq!(seqs(&hist["msgs"]), vec![1, 2]);
+    assert_eq!(
+        hist["msgs"][1]["body"],
+        json!({ "ct": "AAEC/w==", "n": [1, 2.5, null] })
+    );
+}
+
+#[test]
+fn multi_device_fan_out() {
+    let server = Server::start(&[]);
+    let (mut a1, token) = server.user("alice", "laptop");
+    let (mut a2, _) = server.user("alice", "phone");
+    let (mut b, _) = server.user("bob", "pc");
+    let conv = open(&mut a1, "bob");
+    send(&mut a1, &conv, "from laptop");
+    for c in [&mut a2, &mut b] {
+        let p = c.push();
+        assert_eq!(
+            (p["msg"]["seq"].as_u64(), p["msg"]["dev"].as_str()),
+            (Some(1), Some("laptop"))
+        );
+        c.ack(&p);
+    }
+    assert!(
+        a1.push_within(Duration::from_millis(500)).is_none(),
+        "the sending device gets an ack, not a push"
+    );
+    send(&mut b, &conv, "to both devices");
+    for c in [&mut a1, &mut a2] {
+        assert_eq!(c.push()["msg"]["seq"], 2);
+    }
+    // A resumed connection of the laptop replaces the old one and gets later pushes.
+    let mut a1b = server.client();
+    a1b.ok("resume", json!({ "token": token }));
+    assert_eq!(a1.close_code(), Some(4002));
+    send(&mut b, &conv, "third");
+    assert_eq!(a1b.push()["msg"]["seq"], 3);
+}
+
+#[test]
+fn offline_then_sync_in_pages_without_gaps_or_duplicates() {
+    let server = Server::start(&[]);
+    let (mut alice, _) = server.user("alice", "pc");
+    let (mut bob, bob_token) = server.user("bob", "pc");
+    let conv = open(&mut alice, "bob");
+    send(&mut alice, &conv, "before");
+    let p = bob.push();
+    bob.ack(&p);
+    drop(bob);
+    for i in 0..30 {
+        send(&mut alice, &conv, &format!("m{i}"));
+    }
+    let mut bob = server.client();
+    bob.ok("resume", json!({ "token": bob_token }));
+    let list = bob.ok("convs", json!({}));
+    assert_eq!(list["convs"][0]["conv"], conv.as_str());
+    assert_eq!(list["convs"][0]["peer"], "alice");
+    assert_eq!(list["convs"][0]["last_seq"], 31);
+    assert_eq!(list["convs"][0]["unread"], 31);
+    assert_eq!(list["total_unread"], 31);
+
+    let mut seen = BTreeSet::new();
+    seen.insert(1u64);
+    let mut after = 1;
+    let mut pages = 0;
+    loop {
+        let r = bob.ok(
+            "sync",
+            json!({ "convs": [{ "conv": conv, "after": after }], "limit": 7 }),
+        );
+        let page = &r["convs"][0];
+        for seq in seqs(&page["msgs"]) {
+            assert_eq!(seq, after + 1, "sync pages are contiguous");
+            assert!(seen.insert(seq), "no duplicates");
+            after = seq;
+        }
+        pages += 1;
+        if page["more"] == false {
+            break;
+        }
+    }
+    assert_eq!(seen, (1..=31).collect(), "nothing missed");
+    assert_eq!(pages, 5);
+
+    let read = bob.ok("read", json!({ "conv": conv, "seq": 31 }));
+    assert_eq!(read["read_seq"], 31);
+    bob.ok("read", json!({ "conv": conv, "seq": 5 }));
+    let list = bob.ok("convs", json!({}));
+    assert_eq!(
+        (
+            list["convs"][0]["unread"].as_u64(),
+            list["convs"][0]["read_seq"].as_u64()
+        ),
+        (Some(0), Some(31)),
+        "read cursors never move back"
+    );
+
+    // Backward history from any seq.
+    let h = bob.ok("history", json!({ "conv": conv, "limit": 10 }));
+    assert_eq!(seqs(&h["msgs"]), (22..=31).collect::<Vec<_>>());
+    assert_eq!(h["more"], true);
+    let h = bob.ok("history", json!({ "conv": conv, "before": 5, "limit": 10 }));
+    assert_eq!(seqs(&h["msgs"]), vec![1, 2, 3, 4]);
+    assert_eq!(h["more"], false);
+
+    // Sync names conversations the user is not in: per-conversation errors.
+    let (mut carol, _) = server.user("carol", "pc");
+    let r = carol.ok("sync", json!({ "convs": [{ "conv": conv, "after": 0 }] }));
+    assert_eq!(r["convs"][0]["error"], "not_member");
+    assert_eq!(carol.err("history", json!({ "conv": conv })), "not_member");
+}
+
+#[test]
+fn same_id_twice_is_stored_once() {
+    let server = Server::start(&[]);
+    let (mut alice, _) = server.user("alice", "pc");
+    let (mut bob, _) = server.user("bob", "pc");
+    let conv = open(&mut alice, "bob");
+    let id = "0190b2a4-8c6e-7d3e-9b1a-2f4c6d8e0a1b";
+    let first = alice.ok("send", json!({ "conv": conv, "id": id, "body": "x" }));
+    let second = alice.ok("send", json!({ "conv": conv, "id": id, "body": "x" }));
+    assert_eq!(first, second, "a retried send gets the original answer");
+    // Also when retried from another connection of the same user, pipelined.
+    let third = alice.ok(
+        "send",
+        json!({ "conv": conv, "id": id, "body": "different" }),
+    );
+    assert_eq!(third["seq"], 1);
+    assert_eq!(
+        seqs(&bob.ok("history", json!({ "conv": conv }))["msgs"]),
+        vec![1]
+    );
+    assert_eq!(bob.push()["msg"]["seq"], 1);
+    assert!(
+        bob.push_within(Duration::from_millis(500))
+            .map(|p| p["msg"]["seq"] == 1)
+            .unwrap_or(true),
+        "no second copy pushed"
+    );
+}
+
+#[test]
+fn restart_keeps_history_and_tokens() {
+    let mut server = Server::start(&[]);
+    let (mut alice, token) = server.user("alice", "pc");
+    server.user("bob", "pc");
+    let conv = open(&mut alice, "bob");
+    for i in 0..5 {
+        send(&mut alice, &conv, &format!("m{i}"));
+    }
+    let status = server.stop();
+    assert!(
+        status.success(),
+        "SIGTERM drains and exits 0, got {status:?}"
+    );
+    assert_eq!(
+        alice.close_code(),
+        Some(1001),
+        "clients are told the server is going away"
+    );
+
+    let data = server.data.clone();
+    let server = Server::start_on(&data, &[]);
+    let mut alice = server.client();
+    alice.ok("resume", json!({ "token": token }));
+    let h = alice.ok("history", json!({ "conv": conv }));
+    assert_eq!(seqs(&h["msgs"]), vec![1, 2, 3, 4, 5]);
+    assert_eq!(h["msgs"][4]["body"]["text"], "m4");
+    assert_eq!(send(&mut alice, &conv, "after restart")["seq"], 6);
+}
+
+#[test]
+fn kill_9_in_wal_mode_loses_no_acked_message() {
+    let mut server = Server::start(&["--durability", "wal"]);
+    let (mut alice, token) = server.user("alice", "pc");
+    let (mut bob, _) = server.user("bob", "pc");
+    let conv = open(&mut alice, "bob");
+    drop(bob.ws.close(None));
+
+    // Pipeline sends from a thread and record every ack; kill -9 while they fly.
+    let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(String, u64)>::new()));
+    let writer = {
+        let acked = acked.clone();
+        let conv = conv.clone();
+        std::thread::spawn(move || {
+            for i in 0..100_000u64 {
+                let rid = i + 1000;
+                let id = format!("0190b2a4-8c6e-7d3e-9b1a-{:012x}", i);
+                let frame = json!({ "op": "send", "rid": rid, "conv": conv, "id": id, "body": i });
+                if alice.ws.send(Message::text(frame.to_string())).is_err() {
+                    break;
+                }
+                match alice.next_frame() {
+                    Some(r) if r["ok"]["seq"].is_u64() => acked
+                        .lock()
+                        .unwrap()
+                        .push((id, r["ok"]["seq"].as_u64().unwrap())),
+                    _ => break,
+                }
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(1500));
+    server.kill9();
+    writer.join().unwrap();
+    let acked = acked.lock().unwrap().clone();
+    assert!(
+        acked.len() > 50,
+        "the load ran before the kill ({} acks)",
+        acked.len()
+    );
+
+    let data = server.data.clone();
+    let server = Server::start_on(&data, &["--durability", "wal"]);
+    let mut alice = server.client();
+    alice.ok("resume", json!({ "token": token }));
+    let mut stored = std::collections::HashMap::new();
+    let mut after = 0;
+    loop {
+        let r = alice.ok(
+            "sync",
+            json!({ "convs": [{ "conv": conv, "after": after }], "limit": 500 }),
+        );
+        let page = &r["convs"][0];
+        for m in page["msgs"].as_array().unwrap() {
+            let seq = m["seq"].as_u64().unwrap();
+            assert_eq!(seq, after + 1, "no gap after a crash");
+            after = seq;
+            stored.insert(m["id"].as_str().unwrap().to_owned(), seq);
+        }
+        if page["more"] == false {
+            break;
+        }
+    }
+    for (id, seq) in &acked {
+        assert_eq!(
+            stored.get(id),
+            Some(seq),
+            "acked message {id} (seq {seq}) lost by kill -9"
+        );
+    }
+    assert!(stored.len() >= acked.len());
+}
+
+#[test]
+fn bad_input_gets_errors_not_crashes() {
+    let server = Server::start(&[]);
+    let (mut alice, _) = server.user("alice", "pc");
+    let (mut bob, _) = server.user("bob", "pc");
+    server.user("carol", "pc");
+    let conv = open(&mut alice, "bob");
+    let text = |c: &mut Client, raw: &str| -> Value {
+        c.ws.send(Message::text(raw.to_owned())).unwrap();
+        c.next_frame().expect("an error frame, not a close")
+    };
+    assert_eq!(text(&mut alice, "{not json")["error"]["code"], "bad_json");
+    assert_eq!(
+        text(&mut alice, r#"{"op":"fly","rid":1}"#)["error"]["code"],
+        "unknown_op"
+    );
+    assert_eq!(text(&mut alice, r#"{"op":"fly","rid":1}"#)["rid"], 1);
+    assert_eq!(
+        text(&mut alice, r#"{"op":"send","rid":2,"conv":5,"body":1}"#)["error"]["code"],
+        "bad_request"
+    );
+    assert_eq!(
+        text(&mut alice, r#"{"op":"send","rid":"x"}"#)["error"]["code"],
+        "bad_request"
+    );
+    assert_eq!(
+        text(&mut alice, r#"{"op":"ping"}"#)["error"]["code"],
+        "bad_request",
+        "rid is required"
+    );
+    assert_eq!(
+        text(&mut alice, r#"[1,2,3]"#)["error"]["code"],
+        "bad_request"
+    );
+    assert_eq!(
+        alice.err("send", json!({ "conv": "not-a-conv", "body": 1 })),
+        "bad_request"
+    );
+    assert_eq!(
+        alice.err(
+            "send",
+            json!({ "conv": conv, "id": "not-a-uuid", "body": 1 })
+        ),
+        "bad_request"
+    );
+    assert_eq!(
+        alice.err("send", json!({ "conv": conv, "body": "x".repeat(20_000) })),
+        "body_too_large"
+    );
+    // A conversation alice is not in, and one that was never opened.
+    let carol = hermod_conv("bob", "carol");
+    assert_eq!(
+        alice.err("send", json!({ "conv": carol, "body": 1 })),
+        "not_member"
+    );
+    assert_eq!(
+        bob.err("send", json!({ "conv": carol, "body": 1 })),
+        "no_such_conversation"
+    );
+    assert_eq!(
+        alice.err("read", json!({ "conv": carol, "seq": 1 })),
+        "no_such_conversation"
+    );
+    assert_eq!(
+        send(&mut alice, &conv, "still fine")["seq"],
+        1,
+        "errors cost nothing else"
+    );
+
+    // Binary frames, oversized frames and broken framing close the connection with a code.
+    let (mut c, _) = server.user("dave", "pc");
+    c.ws.send(Message::binary(vec![1, 2, 3])).unwrap();
+    assert_eq!(c.close_code(), Some(1003));
+    let (mut c, _) = server.user("erin", "pc");
+    c.ws.send(Message::text("x".repeat(70_000))).unwrap();
+    assert_eq!(c.close_code(), Some(1009));
+    // Unmasked client frame, written raw after the handshake.
+    let mut raw = server.client();
+    use std::io::Write;
+    raw.ws
+        .get_mut()
+        .write_all(&[0x81, 0x02, b'h', b'i'])
+        .unwrap();
+    assert_eq!(raw.close_code(), Some(1002));
+
+    // Everyone else is unaffected.
+    assert_eq!(bob.push()["msg"]["seq"], 1);
+    assert_eq!(send(&mut bob, &conv, "still here")["seq"], 2);
+}
+
+/// The id the server gives the conversation of two users.
+fn hermod_conv(a: &str, b: &str) -> String {
+    hermod_shards::ConvId::direct(
+        hermod_shards::UserId::from_username(a),
+        hermod_shards::UserId::from_username(b),
+    )
+    .to_string()
+}
+
+#[test]
+fn flood_is_rate_limited() {
+    let server = Server::start(&[]);
+    let (mut c, _) = server.user("flood", "pc");
+    for rid in 0..2_500u64 {
+        c.send_json(&json!({ "op": "ping", "rid": rid }));
+    }
+    let mut limited = 0;
+    for _ in 0..2_500 {
+        let f = c.next_frame().expect("a reply to every request");
+        if f["error"]["code"] == "rate_limited" {
+            limited += 1;
+        }
+    }
+    assert!(
+        limited >= 400,
+        "requests over 2000/s are refused ({limited} were)"
+    );
+}
+
+#[test]
+fn silent_connection_times_out() {
+    let server = Server::start(&[
+        "--heartbeat-timeout-ms",
+        "1500",
+        "--heartbeat-interval-ms",
+        "500",
+    ]);
+    let (mut c, _) = server.user("quiet", "pc");
+    // Stay silent: tungstenite answers pings only while reading, and we do not read.
+    std::thread::sleep(Duration::from_millis(3000));
+    assert_eq!(c.close_code(), Some(4000));
+    // A client that reads (and so answers pings) stays connected.
+    let (mut live, _) = server.user("lively", "pc");
+    for _ in 0..4 {
+        assert!(live.push_within(Duration::from_millis(800)).is_none());
+    }
+    live.ok("ping", json!({}));
+}
