@@ -185,6 +185,7 @@ async fn serve_http(ctx: &Ctx, mut stream: TcpStream) -> std::io::Result<()> {
     let route = loop {
         match next_event(ctx, &mut stream, &mut inbuf, &idle).await {
             Event::Readable => {
+                tracing::trace!(bytes = inbuf.len(), "http bytes");
                 if let Some(route) = http::route(&inbuf) {
                     break route;
                 }

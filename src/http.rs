@@ -10,7 +10,7 @@ use sha1::{Digest, Sha1};
 pub const HEAD_BYTES_MAX: usize = 8 * 1024;
 
 const INDEX_HTML: &str = include_str!("web/index.html");
-const WS_GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC11B65";
+const WS_GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 
 /// What to do with a request head.
 #[derive(Debug, PartialEq, Eq)]

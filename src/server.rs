@@ -3,7 +3,6 @@
 
 use std::fs;
 use std::io::{Read, Write};
-use std::os::fd::OwnedFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
@@ -42,11 +41,8 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     let secret = load_secret(&cfg.data.join("secret.key"))?;
     let db = rocks::open(&cfg.data.join("db"), cfg.shards)?;
 
-    let listeners = bind(&cfg)?;
-    let addr = listeners[0]
-        .local_addr()?
-        .as_socket()
-        .context("listener address")?;
+    let (placeholder, addr) = reserve(cfg.listen)?;
+    let (bound_tx, bound_rx) = std::sync::mpsc::channel();
     let io_memory = io_memory_per_executor(cfg.shards as usize)?;
     let shutdown = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
@@ -57,7 +53,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut meshes = crate::mesh::build(cfg.shards as usize);
     let mut handles = Vec::new();
-    for (i, listener) in listeners.into_iter().enumerate().rev() {
+    for i in (0..cfg.shards as usize).rev() {
         let mesh = meshes.pop().expect("one mesh end per shard");
         let mut engine_cfg = EngineConfig::new(ShardId(i as u16), cfg.shards, secret);
         engine_cfg.heartbeat_timeout_ms = cfg.heartbeat_timeout_ms;
@@ -73,7 +69,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         let store = RocksStorage::new(db.clone(), i as u16);
         let durability: Durability = cfg.durability;
         let shutdown = shutdown.clone();
-        let listener_fd: OwnedFd = listener.into();
+        let bound = bound_tx.clone();
         let hash_cost = engine_cfg.hash_cost;
         let handle = LocalExecutorBuilder::new(Placement::Fixed(i % cores))
             .name(&format!("hermod-shard-{i}"))
@@ -86,7 +82,8 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
                     store,
                     durability,
                     hash_cost,
-                    listener_fd,
+                    listen: addr,
+                    bound,
                     mesh,
                     shutdown,
                 })
@@ -95,6 +92,14 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("starting shard {i}: {e}"))?;
         handles.push(handle);
     }
+    for _ in 0..cfg.shards {
+        match bound_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => bail!("{e}"),
+            Err(_) => bail!("a shard stopped during start-up"),
+        }
+    }
+    drop(placeholder);
     println!(
         "hermod listening on http://{addr} (shards {}, durability {:?}, data {})",
         cfg.shards,
@@ -118,27 +123,19 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One listener per shard on the same address (SO_REUSEPORT). With port 0 the first picks the
-/// port and the rest join it.
-fn bind(cfg: &Config) -> anyhow::Result<Vec<Socket>> {
-    let mut addr = cfg.listen;
-    let mut out = Vec::new();
-    for _ in 0..cfg.shards {
-        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
-        socket.set_reuse_address(true)?;
-        socket.set_reuse_port(true)?;
-        socket.set_nonblocking(true)?;
-        socket
-            .bind(&addr.into())
-            .with_context(|| format!("binding {addr}"))?;
-        socket.listen(4096)?;
-        addr = socket
-            .local_addr()?
-            .as_socket()
-            .context("listener address")?;
-        out.push(socket);
-    }
-    Ok(out)
+/// Picks the port when the configured one is 0: binds (without listening, so it never takes a
+/// connection) with SO_REUSEPORT, and is kept until every shard has bound the same address.
+fn reserve(addr: std::net::SocketAddr) -> anyhow::Result<(Socket, std::net::SocketAddr)> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_port(true)?;
+    socket
+        .bind(&addr.into())
+        .with_context(|| format!("binding {addr}"))?;
+    let addr = socket
+        .local_addr()?
+        .as_socket()
+        .context("listener address")?;
+    Ok((socket, addr))
 }
 
 fn io_memory_per_executor(shards: usize) -> anyhow::Result<usize> {

@@ -75,7 +75,9 @@ pub struct Params {
     pub store: RocksStorage,
     pub durability: Durability,
     pub hash_cost: HashCost,
-    pub listener_fd: std::os::fd::OwnedFd,
+    pub listen: std::net::SocketAddr,
+    /// Told once the listener is bound (or failed to bind), so start-up can report it.
+    pub bound: std::sync::mpsc::Sender<Result<(), String>>,
     pub mesh: Ends,
     pub shutdown: Arc<AtomicBool>,
 }
@@ -87,12 +89,35 @@ pub async fn run(p: Params) {
         store,
         durability,
         hash_cost,
-        listener_fd,
+        listen,
+        bound,
         mesh,
         shutdown,
     } = p;
+    // glommio's bind sets SO_REUSEPORT: every shard listens on the same address.
+    let listener = match TcpListener::bind(listen) {
+        Ok(listener) => {
+            let _ = bound.send(Ok(()));
+            listener
+        }
+        Err(e) => {
+            let _ = bound.send(Err(format!(
+                "shard {}: binding {listen}: {e}",
+                engine.id().0
+            )));
+            return;
+        }
+    };
     let id = engine.id();
     let tick = Duration::from_millis(engine.tick_ms());
+    // Connecting a channel end waits for the other end, so receivers connect in their own tasks
+    // first; otherwise two shards would each wait on the other's sender.
+    let receivers: Vec<_> = mesh
+        .from
+        .into_iter()
+        .flatten()
+        .map(|r| glommio::spawn_local(r.connect()))
+        .collect();
     let mut peers = Vec::new();
     let mut pumps = Vec::new();
     for sender in mesh.to {
@@ -137,10 +162,10 @@ pub async fn run(p: Params) {
         })
         .detach();
     }
-    for receiver in mesh.from.into_iter().flatten() {
+    for receiver in receivers {
+        let receiver = receiver.await;
         let ctx = ctx.clone();
         glommio::spawn_local(async move {
-            let receiver = receiver.connect().await;
             while let Some(envelope) = receiver.recv().await {
                 match envelope {
                     Envelope::Mail(mail) => {
@@ -162,14 +187,15 @@ pub async fn run(p: Params) {
         .detach();
     }
 
-    // SAFETY: the listener fd was created for this shard and is owned only by `listener_fd`.
-    let listener = unsafe { TcpListener::from_raw_fd(listener_fd.into_raw_fd()) };
     let acceptor = {
         let ctx = ctx.clone();
         glommio::spawn_local(async move {
             loop {
                 match listener.accept().await {
-                    Ok(stream) => conn::spawn_accepted(&ctx, stream),
+                    Ok(stream) => {
+                        tracing::trace!(shard = %ctx.id, "accepted");
+                        conn::spawn_accepted(&ctx, stream)
+                    }
                     Err(e) => {
                         tracing::warn!(shard = %ctx.id, error = %e, "accept failed");
                         // Out of fds or memory: back off instead of spinning.

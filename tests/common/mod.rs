@@ -217,7 +217,10 @@ impl Client {
                 Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed) => {
                     return None
                 }
-                Err(e) => panic!("read: {e}"),
+                Err(tungstenite::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    panic!("no frame within {TIMEOUT:?}")
+                }
+                Err(_) => return None, // reset, or the server died
             }
         }
     }
