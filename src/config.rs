@@ -37,6 +37,9 @@ pub struct ServeArgs {
     /// Resend an unacked push after this many ms.
     #[arg(long, value_name = "MS")]
     pub push_retry_ms: Option<u64>,
+    /// Requests per connection per second before `rate_limited` (10x that closes it).
+    #[arg(long, value_name = "N")]
+    pub rate_limit: Option<u32>,
     /// Argon2id memory cost in KiB (default 19456, OWASP's minimum). Lower only for tests.
     #[arg(long, value_name = "KIB")]
     pub argon2_memory_kib: Option<u32>,
@@ -60,6 +63,7 @@ struct FileConfig {
     heartbeat_interval_ms: Option<u64>,
     push_retry_ms: Option<u64>,
     body_bytes_max: Option<usize>,
+    rate_limit: Option<u32>,
     token_ttl_s: Option<u64>,
     argon2_memory_kib: Option<u32>,
     argon2_passes: Option<u32>,
@@ -77,6 +81,7 @@ pub struct Config {
     pub heartbeat_interval_ms: u64,
     pub push_retry_ms: u64,
     pub body_bytes_max: usize,
+    pub rate_limit: u32,
     pub token_ttl_s: u64,
     pub argon2_memory_kib: u32,
     pub argon2_passes: u32,
@@ -127,6 +132,10 @@ impl Config {
                 .or(file.heartbeat_interval_ms)
                 .unwrap_or(20_000),
             push_retry_ms: args.push_retry_ms.or(file.push_retry_ms).unwrap_or(5_000),
+            rate_limit: args
+                .rate_limit
+                .or(file.rate_limit)
+                .unwrap_or(hermod_shards::limits::REQUESTS_PER_SEC_MAX),
             body_bytes_max: file
                 .body_bytes_max
                 .unwrap_or(hermod_shards::limits::BODY_BYTES_MAX),
@@ -156,6 +165,9 @@ impl Config {
         }
         if self.push_retry_ms < 10 {
             bail!("push_retry_ms must be at least 10");
+        }
+        if self.rate_limit == 0 {
+            bail!("rate_limit must be at least 1");
         }
         if self.body_bytes_max == 0 || self.body_bytes_max > BODY_BYTES_MAX {
             bail!("body_bytes_max must be 1..={BODY_BYTES_MAX}");

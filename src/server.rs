@@ -60,6 +60,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         engine_cfg.heartbeat_interval_ms = cfg.heartbeat_interval_ms;
         engine_cfg.push_retry_ms = cfg.push_retry_ms;
         engine_cfg.body_bytes_max = cfg.body_bytes_max;
+        engine_cfg.requests_per_sec_max = cfg.rate_limit;
         engine_cfg.token_ttl_s = cfg.token_ttl_s;
         engine_cfg.hash_cost = HashCost {
             memory_kib: cfg.argon2_memory_kib,

@@ -600,3 +600,67 @@ fn silent_connection_times_out() {
     }
     live.ok("ping", json!({}));
 }
+
+#[test]
+fn slow_reader_is_cut_off_without_hurting_others_or_losing_messages() {
+    let server = Server::start(&[]);
+    let (mut alice, _) = server.user("alice", "pc");
+    server.user("bob", "pc");
+    let conv = open(&mut alice, "bob");
+    // Bob logs in on a socket with a tiny receive buffer and then stops reading.
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&server.addr.into()).unwrap();
+    let stream: std::net::TcpStream = socket.into();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let (ws, _) = tungstenite::client(format!("ws://{}/ws", server.addr), stream).unwrap();
+    let mut bob = Client {
+        ws,
+        rid: 0,
+        pushes: Default::default(),
+    };
+    bob.ok(
+        "login",
+        json!({ "username": "bob", "password": "password123", "device": "slow" }),
+    );
+
+    // ~10 MB of pushes: far beyond the socket buffers and the 1 MiB outbox.
+    let body = "x".repeat(15_000);
+    let started = std::time::Instant::now();
+    for _ in 0..700 {
+        send(&mut alice, &conv, &body);
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "a slow reader does not slow the sender down"
+    );
+
+    // The server gives up on bob (outbox full, then the write times out): reading what was
+    // buffered ends in a close, not in 700 pushes.
+    let mut pushed = 0;
+    while bob.next_frame().is_some() {
+        pushed += 1;
+    }
+    assert!(pushed < 700, "bob was cut off ({pushed} pushes read)");
+
+    // Nothing is lost: a new connection syncs everything.
+    let (mut bob, _) = server.user("bob", "pc2");
+    let mut after = 0;
+    loop {
+        let r = bob.ok(
+            "sync",
+            json!({ "convs": [{ "conv": conv, "after": after }] }),
+        );
+        let page = &r["convs"][0];
+        for seq in seqs(&page["msgs"]) {
+            assert_eq!(seq, after + 1);
+            after = seq;
+        }
+        if page["more"] == false {
+            break;
+        }
+    }
+    assert_eq!(after, 700);
+}

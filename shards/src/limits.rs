@@ -21,7 +21,7 @@ pub const BODY_BYTES_MAX: usize = 16 * 1024;
 /// Bytes queued for one connection's socket before the connection counts as a slow reader
 /// and is closed with 4001. Nothing is lost: everything pushed is in storage and the device
 /// syncs on reconnect.
-pub const OUTBOX_BYTES_MAX: usize = 1024 * 1024;
+pub const OUTBOX_BYTES_MAX: usize = 2 * 1024 * 1024;
 
 /// Pushes awaiting a device ack. Beyond it the connection is closed with 4001 (slow consumer);
 /// the device syncs on reconnect.
@@ -30,8 +30,15 @@ pub const UNACKED_PUSHES_MAX: usize = 4096;
 /// Largest page of messages in one `sync` or `history` reply, per conversation.
 pub const PAGE_MAX: usize = 500;
 
+/// Bytes of messages in one `sync` or `history` reply (soft: a page always holds at least one
+/// message per conversation, so a reply can exceed it by `SYNC_CONVS_MAX` messages).
+pub const PAGE_BYTES_MAX: usize = 512 * 1024;
+
 /// Conversations named in one `sync` request.
-pub const SYNC_CONVS_MAX: usize = 256;
+pub const SYNC_CONVS_MAX: usize = 32;
+
+/// Upper bound of one message's client JSON beyond its body (ids, names, numbers).
+pub const MESSAGE_OVERHEAD_BYTES_MAX: usize = 512;
 
 /// Conversations listed by one `convs` request.
 pub const CONV_LIST_MAX: usize = 10_000;
@@ -39,7 +46,7 @@ pub const CONV_LIST_MAX: usize = 10_000;
 /// Failed logins allowed on one connection; the next failure closes it with 1008.
 pub const FAILED_LOGINS_MAX: u32 = 5;
 
-/// Requests a connection may send per second (token bucket, burst = this). Beyond it the
+/// Default requests a connection may send per second (fixed one-second window; configurable). Beyond it the
 /// request is answered `rate_limited` without being executed; ten times beyond it, closed 1008.
 pub const REQUESTS_PER_SEC_MAX: u32 = 2_000;
 

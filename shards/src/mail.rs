@@ -52,7 +52,8 @@ pub enum Mail {
         id: uuid::Uuid,
         body: String,
     },
-    /// Read a page: `after` for forward sync, `before` for backward history.
+    /// Read a page: `after` for forward sync, `before` for backward history; at most `limit`
+    /// messages and about `bytes_max` bytes (always at least one message).
     Range {
         gather: GatherRef,
         user: UserId,
@@ -60,6 +61,7 @@ pub enum Mail {
         after: Option<Seq>,
         before: Option<Seq>,
         limit: usize,
+        bytes_max: usize,
     },
     /// Last durable seq of each listed conversation (index into the requester's list, id).
     LastSeqs {

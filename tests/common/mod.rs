@@ -38,8 +38,6 @@ impl Server {
             "serve",
             "--listen",
             "127.0.0.1:0",
-            "--shards",
-            "2",
             "--argon2-memory-kib",
             "64",
             "--argon2-passes",
@@ -50,6 +48,9 @@ impl Server {
         .collect();
         args.push("--data".into());
         args.push(data.display().to_string());
+        if !extra.contains(&"--shards") {
+            args.extend(["--shards".to_string(), "2".to_string()]);
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut child = Command::new(env!("CARGO_BIN_EXE_hermod"))
             .args(&args)
@@ -143,7 +144,7 @@ fn wait_timeout(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
 
 pub struct Client {
     pub ws: WebSocket<TcpStream>,
-    rid: u64,
+    pub rid: u64,
     pub pushes: VecDeque<Value>,
 }
 

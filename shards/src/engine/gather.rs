@@ -9,7 +9,7 @@ use std::fmt::Write as _;
 
 use super::Shard;
 use crate::ids::{ConnId, ConvId, Seq, ShardId, UserId};
-use crate::limits::{CONV_LIST_MAX, PAGE_MAX, SYNC_CONVS_MAX};
+use crate::limits::{CONV_LIST_MAX, PAGE_BYTES_MAX, PAGE_MAX, SYNC_CONVS_MAX};
 use crate::mail::{GatherRef, Mail, Page};
 use crate::protocol::{self as p, error_frame, push_json_str, ErrorCode};
 use crate::storage::{keys, Storage, UserConv};
@@ -148,6 +148,7 @@ impl<S: Storage> Shard<S> {
                 after: Some(after),
                 before: None,
                 limit,
+                bytes_max: PAGE_BYTES_MAX / n,
             };
             self.mail(conv.slot().shard(self.cfg.shards), mail);
         }
@@ -185,6 +186,7 @@ impl<S: Storage> Shard<S> {
             after: None,
             before: req.before,
             limit,
+            bytes_max: PAGE_BYTES_MAX,
         };
         self.mail(conv.slot().shard(self.cfg.shards), mail);
     }

@@ -62,6 +62,8 @@ pub struct Config {
     /// An unacked push is sent again after this long.
     pub push_retry_ms: u64,
     pub body_bytes_max: usize,
+    /// Requests per connection per second; beyond: `rate_limited`; ten times beyond: close 1008.
+    pub requests_per_sec_max: u32,
     pub token_ttl_s: u64,
     pub hash_cost: HashCost,
     /// Seed for the engine's PRNG (device nonces). The driver seeds from the OS.
@@ -78,6 +80,7 @@ impl Config {
             heartbeat_interval_ms: 20_000,
             push_retry_ms: 5_000,
             body_bytes_max: limits::BODY_BYTES_MAX,
+            requests_per_sec_max: limits::REQUESTS_PER_SEC_MAX,
             token_ttl_s: 30 * 24 * 3600,
             hash_cost: HashCost::default(),
             seed: 0,
@@ -260,7 +263,8 @@ impl<S: Storage> Shard<S> {
                 after,
                 before,
                 limit,
-            } => self.owner_range(gather, user, conv, after, before, limit),
+                bytes_max,
+            } => self.owner_range(gather, user, conv, (after, before), limit, bytes_max),
             Mail::LastSeqs { gather, convs } => self.owner_last_seqs(gather, convs),
             Mail::EnsureMember {
                 conv,

@@ -333,11 +333,11 @@ impl<S: Storage> Shard<S> {
         gather: GatherRef,
         user: UserId,
         conv: ConvId,
-        after: Option<Seq>,
-        before: Option<Seq>,
+        (after, before): (Option<Seq>, Option<Seq>),
         limit: usize,
+        bytes_max: usize,
     ) {
-        let page = self.read_page(user, conv, after, before, limit);
+        let page = self.read_page(user, conv, after, before, limit, bytes_max);
         self.mail(gather.shard, Mail::RangeDone { gather, page });
     }
 
@@ -348,6 +348,7 @@ impl<S: Storage> Shard<S> {
         after: Option<Seq>,
         before: Option<Seq>,
         limit: usize,
+        bytes_max: usize,
     ) -> Page {
         let limit = limit.clamp(1, PAGE_MAX) as u64;
         let state = self.conv_state(conv).map_err(|_| ErrorCode::Internal)?;
@@ -382,17 +383,37 @@ impl<S: Storage> Shard<S> {
                 false,
             )
             .map_err(|_| ErrorCode::Internal)?;
-        let mut msgs = Vec::with_capacity(rows.len());
-        for (k, v) in rows {
-            let rec = MessageRecord::decode(&k, &v).map_err(|_| ErrorCode::Internal)?;
-            msgs.push(rec.to_json(conv));
-        }
         debug_assert_eq!(
-            msgs.len() as u64,
+            rows.len() as u64,
             hi - lo + 1,
             "durable seqs are contiguous in storage"
         );
-        Ok((msgs, more))
+        // Keep the messages nearest the cursor within the byte budget (always one): the first
+        // ones going forward, the last ones going backward.
+        let forward = after.is_some();
+        let mut msgs = Vec::with_capacity(rows.len());
+        let mut bytes = 0;
+        let mut truncated = false;
+        let ordered: Box<dyn Iterator<Item = _>> = if forward {
+            Box::new(rows.into_iter())
+        } else {
+            Box::new(rows.into_iter().rev())
+        };
+        for (k, v) in ordered {
+            let json = MessageRecord::decode(&k, &v)
+                .map_err(|_| ErrorCode::Internal)?
+                .to_json(conv);
+            if !msgs.is_empty() && bytes + json.len() > bytes_max {
+                truncated = true;
+                break;
+            }
+            bytes += json.len();
+            msgs.push(json);
+        }
+        if !forward {
+            msgs.reverse();
+        }
+        Ok((msgs, more || truncated))
     }
 
     pub(super) fn owner_last_seqs(&mut self, gather: GatherRef, convs: Vec<(usize, ConvId)>) {

@@ -16,7 +16,7 @@ use super::commit::Deferred;
 use super::{Output, Shard};
 use crate::auth::{self, Job, JobResult, TokenClaims};
 use crate::ids::{ConnId, ConvId, UserId};
-use crate::limits::{FAILED_LOGINS_MAX, REQUESTS_PER_SEC_MAX, UNACKED_PUSHES_MAX};
+use crate::limits::{FAILED_LOGINS_MAX, UNACKED_PUSHES_MAX};
 use crate::mail::{Mail, ReplyTo};
 use crate::protocol::{self as p, close, message_push, ok_frame, ErrorCode};
 use crate::storage::{keys, DeviceRecord, Storage, UserConv, UserRecord};
@@ -172,10 +172,10 @@ impl<S: Storage> Shard<S> {
             c.window_requests = 0;
         }
         c.window_requests += 1;
-        if c.window_requests > 10 * REQUESTS_PER_SEC_MAX {
+        if c.window_requests > self.cfg.requests_per_sec_max.saturating_mul(10) {
             return self.close(conn, close::POLICY_VIOLATION, "request flood");
         }
-        let flooding = c.window_requests > REQUESTS_PER_SEC_MAX;
+        let flooding = c.window_requests > self.cfg.requests_per_sec_max;
         let session = c.session.clone();
 
         let head: p::Head = match serde_json::from_str(text) {
