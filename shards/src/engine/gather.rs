@@ -155,13 +155,8 @@ impl<S: Storage> Shard<S> {
     }
 
     pub(super) fn start_history(&mut self, conn: ConnId, rid: u64, user: UserId, req: p::History) {
-        let Some(conv) = ConvId::parse(&req.conv) else {
-            return self.error(
-                conn,
-                Some(rid),
-                ErrorCode::BadRequest,
-                "conv is not a conversation id",
-            );
+        let Some(conv) = self.parse_conv(conn, rid, &req.conv) else {
+            return;
         };
         let limit = req.limit.map_or(50, |l| l as usize).clamp(1, PAGE_MAX);
         let id = self.gather(

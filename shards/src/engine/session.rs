@@ -214,7 +214,10 @@ impl<S: Storage> Shard<S> {
             );
         }
         let result = match (op, &session) {
-            ("ping", _) => Ok(self.send(conn, ok_frame(rid, &json!({ "time": now_ms })))),
+            ("ping", _) => {
+                self.send(conn, ok_frame(rid, &json!({ "time": now_ms })));
+                Ok(())
+            }
             ("register" | "login" | "resume", Some(_)) => Err((
                 ErrorCode::AlreadyAuthenticated,
                 "this connection is logged in".into(),
@@ -231,12 +234,18 @@ impl<S: Storage> Shard<S> {
             ("logout" | "open" | "send" | "convs" | "read" | "sync" | "history", None) => {
                 Err((ErrorCode::NotAuthenticated, "log in first".into()))
             }
-            ("logout", Some(s)) => Ok(self.logout(conn, rid, s)),
+            ("logout", Some(s)) => {
+                self.logout(conn, rid, s);
+                Ok(())
+            }
             ("open", Some(s)) => parse(text).map(|r| self.open(conn, rid, s, r)).map_err(bad),
             ("send", Some(s)) => parse(text)
                 .map(|r| self.send_message(now_ms, conn, rid, s, r))
                 .map_err(bad),
-            ("convs", Some(s)) => Ok(self.start_convs(conn, rid, s.user)),
+            ("convs", Some(s)) => {
+                self.start_convs(conn, rid, s.user);
+                Ok(())
+            }
             ("read", Some(s)) => parse(text).map(|r| self.read(conn, rid, s, r)).map_err(bad),
             ("sync", Some(s)) => parse(text)
                 .map(|r| self.start_sync(conn, rid, s.user, r))
@@ -601,6 +610,20 @@ impl<S: Storage> Shard<S> {
 
     // ---- conversations, from the member's side ----
 
+    /// A conversation id from a request, or `None` after answering `bad_request`.
+    pub(super) fn parse_conv(&mut self, conn: ConnId, rid: u64, text: &str) -> Option<ConvId> {
+        let conv = ConvId::parse(text);
+        if conv.is_none() {
+            self.error(
+                conn,
+                Some(rid),
+                ErrorCode::BadRequest,
+                "conv is not a conversation id",
+            );
+        }
+        conv
+    }
+
     fn open(&mut self, conn: ConnId, rid: u64, s: &Session, req: p::Open) {
         let peer_name = match auth::normalise_username(&req.user) {
             Ok(name) => name,
@@ -634,13 +657,8 @@ impl<S: Storage> Shard<S> {
     }
 
     fn send_message(&mut self, now_ms: u64, conn: ConnId, rid: u64, s: &Session, req: p::Send) {
-        let Some(conv) = ConvId::parse(&req.conv) else {
-            return self.error(
-                conn,
-                Some(rid),
-                ErrorCode::BadRequest,
-                "conv is not a conversation id",
-            );
+        let Some(conv) = self.parse_conv(conn, rid, &req.conv) else {
+            return;
         };
         if !conv.has_member(s.user) {
             return self.error(
@@ -684,13 +702,8 @@ impl<S: Storage> Shard<S> {
     }
 
     fn read(&mut self, conn: ConnId, rid: u64, s: &Session, req: p::Read) {
-        let Some(conv) = ConvId::parse(&req.conv) else {
-            return self.error(
-                conn,
-                Some(rid),
-                ErrorCode::BadRequest,
-                "conv is not a conversation id",
-            );
+        let Some(conv) = self.parse_conv(conn, rid, &req.conv) else {
+            return;
         };
         let key = keys::user_conv(s.user, conv);
         match self

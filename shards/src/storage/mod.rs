@@ -36,6 +36,9 @@ pub enum StorageError {
     Closed,
 }
 
+/// Key-value pairs from a scan, in scan order.
+pub type Rows = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// Read access to one shard's column family.
 pub trait Storage {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError>;
@@ -46,7 +49,7 @@ pub trait Storage {
         end: &[u8],
         limit: usize,
         reverse: bool,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StorageError>;
+    ) -> Result<Rows, StorageError>;
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -264,7 +267,7 @@ impl Storage for MemStorage {
         end: &[u8],
         limit: usize,
         reverse: bool,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StorageError> {
+    ) -> Result<Rows, StorageError> {
         let map = self.map.borrow();
         let range = map.range(start.to_vec()..end.to_vec());
         let pick = |(k, v): (&Vec<u8>, &Vec<u8>)| (k.clone(), v.clone());

@@ -11,7 +11,7 @@ use rocksdb::{
     ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB,
 };
 
-use super::{Storage, StorageError, WriteOp};
+use super::{Rows, Storage, StorageError, WriteOp};
 use crate::engine::Durability;
 
 const SHARDS_KEY: &[u8] = b"hermod/shards";
@@ -153,7 +153,7 @@ impl Storage for RocksStorage {
         end: &[u8],
         limit: usize,
         reverse: bool,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StorageError> {
+    ) -> Result<Rows, StorageError> {
         let cf = self.handle()?;
         let mode = if reverse {
             IteratorMode::From(end, Direction::Reverse)
@@ -222,9 +222,9 @@ mod tests {
         );
         drop(s);
         drop(db);
-        let err = open(&dir, 3)
-            .err()
-            .expect("changed shard count must be refused");
+        let Err(err) = open(&dir, 3) else {
+            panic!("a changed shard count must be refused")
+        };
         assert!(
             matches!(
                 err,
