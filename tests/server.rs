@@ -664,3 +664,47 @@ fn slow_reader_is_cut_off_without_hurting_others_or_losing_messages() {
     }
     assert_eq!(after, 700);
 }
+
+#[test]
+fn frames_pipelined_behind_login_survive_the_hand_off() {
+    // The login moves the socket to the user's home shard with the bytes read past it. Over
+    // several users, connections land on both shards, so both the local and the hand-off
+    // paths run; every pipelined request must get its reply, in order.
+    let server = Server::start(&[]);
+    for i in 0..8 {
+        let name = format!("pipe{i}");
+        server.user(&name, "setup");
+        let mut c = server.client();
+        let frames = [
+            json!({ "op": "login", "rid": 1, "username": name, "password": "password123", "device": "pc" }),
+            json!({ "op": "ping", "rid": 2 }),
+            json!({ "op": "convs", "rid": 3 }),
+        ];
+        for f in &frames {
+            c.ws.write(Message::text(f.to_string())).unwrap();
+        }
+        c.ws.flush().unwrap(); // one write: the three frames travel together
+        for rid in 1..=3 {
+            let r = c.next_frame().expect("a reply");
+            assert_eq!(r["rid"], rid, "{r}");
+            assert!(r.get("ok").is_some(), "{r}");
+        }
+    }
+    // Register, log in and use the session in one write: frames behind a password hash wait
+    // for it and run in order.
+    let mut c = server.client();
+    let frames = [
+        json!({ "op": "register", "rid": 1, "username": "eager", "password": "password123" }),
+        json!({ "op": "login", "rid": 2, "username": "eager", "password": "password123", "device": "pc" }),
+        json!({ "op": "convs", "rid": 3 }),
+    ];
+    for f in &frames {
+        c.ws.write(Message::text(f.to_string())).unwrap();
+    }
+    c.ws.flush().unwrap();
+    for rid in 1..=3 {
+        let r = c.next_frame().expect("a reply");
+        assert_eq!(r["rid"], rid, "{r}");
+        assert!(r.get("ok").is_some(), "{r}");
+    }
+}

@@ -43,6 +43,10 @@ pub const MESSAGE_OVERHEAD_BYTES_MAX: usize = 512;
 /// Conversations listed by one `convs` request.
 pub const CONV_LIST_MAX: usize = 10_000;
 
+/// Frames a connection may send while its `register` or `login` is hashing; they are held and
+/// run in order afterwards. One more closes the connection with 1008.
+pub const HELD_FRAMES_MAX: usize = 64;
+
 /// Failed logins allowed on one connection; the next failure closes it with 1008.
 pub const FAILED_LOGINS_MAX: u32 = 5;
 

@@ -153,7 +153,7 @@ impl<S: Storage> Shard<S> {
                 tracing::error!(shard = %self.cfg.shard, %reason, "storage write failed; failing its requests");
                 let open = std::mem::take(&mut self.commits.open);
                 for effect in batch.deferred.into_iter().chain(open.deferred) {
-                    self.fail_deferred(effect);
+                    self.fail_deferred(now_ms, effect);
                 }
                 self.owner_rollback();
             }
@@ -186,30 +186,37 @@ impl<S: Storage> Shard<S> {
                 session,
                 frame,
                 ..
-            } => self.activate(now_ms, conn, session, frame),
+            } => {
+                self.activate(now_ms, conn, session, frame);
+                self.end_busy(now_ms, conn);
+            }
             Deferred::Registered {
                 conn, user, frame, ..
             } => {
                 self.sessions.registering.remove(&user);
                 self.send(conn, frame);
+                self.end_busy(now_ms, conn);
             }
             Deferred::LoggedOut { conn, rid } => self.logged_out(conn, rid),
         }
     }
 
-    fn fail_deferred(&mut self, effect: Deferred) {
+    fn fail_deferred(&mut self, now_ms: u64, effect: Deferred) {
         const WHY: &str = "storage write failed; retry";
         match effect {
-            Deferred::Reply { conn, rid, .. }
-            | Deferred::LoggedIn { conn, rid, .. }
-            | Deferred::LoggedOut { conn, rid } => {
+            Deferred::Reply { conn, rid, .. } | Deferred::LoggedOut { conn, rid } => {
                 self.error(conn, Some(rid), ErrorCode::Internal, WHY)
+            }
+            Deferred::LoggedIn { conn, rid, .. } => {
+                self.error(conn, Some(rid), ErrorCode::Internal, WHY);
+                self.end_busy(now_ms, conn);
             }
             Deferred::Registered {
                 conn, rid, user, ..
             } => {
                 self.sessions.registering.remove(&user);
                 self.error(conn, Some(rid), ErrorCode::Internal, WHY);
+                self.end_busy(now_ms, conn);
             }
             Deferred::Appended { conv, id, .. } => self.owner_append_failed(conv, id),
             Deferred::Ensured { owner, conv, user } => self.mail(

@@ -6,7 +6,7 @@
 //! moves the connection to that user's home shard, which runs the request. So every device of
 //! a user lives on one core and delivery to a user is local.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 use rand::Rng;
 use serde::Deserialize;
@@ -16,7 +16,7 @@ use super::commit::Deferred;
 use super::{Output, Shard};
 use crate::auth::{self, Job, JobResult, TokenClaims};
 use crate::ids::{ConnId, ConvId, UserId};
-use crate::limits::{FAILED_LOGINS_MAX, UNACKED_PUSHES_MAX};
+use crate::limits::{FAILED_LOGINS_MAX, HELD_FRAMES_MAX, UNACKED_PUSHES_MAX};
 use crate::mail::{Mail, ReplyTo};
 use crate::protocol::{self as p, close, message_push, ok_frame, ErrorCode};
 use crate::storage::{keys, DeviceRecord, Storage, UserConv, UserRecord};
@@ -44,8 +44,10 @@ struct Unacked {
 
 pub(super) struct Conn {
     session: Option<Session>,
-    /// An authentication request is running (password hash); others are refused meanwhile.
-    auth_busy: bool,
+    /// A `register` or `login` is running (password hash, then commit). Frames arriving
+    /// meanwhile wait in `held` and run in order when it ends, so a client may pipeline.
+    busy: bool,
+    held: VecDeque<String>,
     failed_logins: u32,
     last_in_ms: u64,
     last_ping_ms: u64,
@@ -101,7 +103,8 @@ impl<S: Storage> Shard<S> {
     pub fn handle_connect(&mut self, now_ms: u64, conn: ConnId) {
         let fresh = Conn {
             session: None,
-            auth_busy: false,
+            busy: false,
+            held: VecDeque::new(),
             failed_logins: 0,
             last_in_ms: now_ms,
             last_ping_ms: now_ms,
@@ -174,6 +177,17 @@ impl<S: Storage> Shard<S> {
         c.window_requests += 1;
         if c.window_requests > self.cfg.requests_per_sec_max.saturating_mul(10) {
             return self.close(conn, close::POLICY_VIOLATION, "request flood");
+        }
+        if c.busy {
+            if c.held.len() >= HELD_FRAMES_MAX {
+                return self.close(
+                    conn,
+                    close::POLICY_VIOLATION,
+                    "too many frames during authentication",
+                );
+            }
+            c.held.push_back(text.to_owned());
+            return;
         }
         let flooding = c.window_requests > self.cfg.requests_per_sec_max;
         let session = c.session.clone();
@@ -318,6 +332,7 @@ impl<S: Storage> Shard<S> {
             ),
             Ok(None) => {
                 self.sessions.registering.insert(user);
+                self.set_busy(conn);
                 self.job(
                     Job::Hash {
                         password: req.password,
@@ -354,7 +369,7 @@ impl<S: Storage> Shard<S> {
         match self.get_latest(&keys::user(user)) {
             Ok(Some(bytes)) => match UserRecord::decode(&keys::user(user), &bytes) {
                 Ok(rec) if rec.name == name => {
-                    self.set_auth_busy(conn, true);
+                    self.set_busy(conn);
                     let pending = PendingJob::Login {
                         conn,
                         rid,
@@ -418,20 +433,11 @@ impl<S: Storage> Shard<S> {
         }
     }
 
-    /// Refuses a second authentication while one is running, and any after too many failures.
+    /// Refuses authentication after too many failures on this connection.
     fn auth_gate(&mut self, conn: ConnId, rid: u64) -> bool {
         let Some(c) = self.sessions.conns.get(&conn) else {
             return false;
         };
-        if c.auth_busy {
-            self.error(
-                conn,
-                Some(rid),
-                ErrorCode::BadRequest,
-                "an authentication request is already running",
-            );
-            return false;
-        }
         if c.failed_logins >= FAILED_LOGINS_MAX {
             self.error(
                 conn,
@@ -445,9 +451,30 @@ impl<S: Storage> Shard<S> {
         true
     }
 
-    fn set_auth_busy(&mut self, conn: ConnId, busy: bool) {
+    fn set_busy(&mut self, conn: ConnId) {
         if let Some(c) = self.sessions.conns.get_mut(&conn) {
-            c.auth_busy = busy;
+            c.busy = true;
+        }
+    }
+
+    /// The running `register`/`login` answered: run the frames held meanwhile, in order,
+    /// until one of them makes the connection busy again.
+    pub(super) fn end_busy(&mut self, now_ms: u64, conn: ConnId) {
+        let Some(c) = self.sessions.conns.get_mut(&conn) else {
+            return;
+        };
+        c.busy = false;
+        loop {
+            let Some(c) = self.sessions.conns.get_mut(&conn) else {
+                return;
+            };
+            if c.busy {
+                return;
+            }
+            let Some(text) = c.held.pop_front() else {
+                return;
+            };
+            self.frame(now_ms, conn, &text);
         }
     }
 
@@ -506,6 +533,7 @@ impl<S: Storage> Shard<S> {
                     ErrorCode::Internal,
                     "password hashing failed",
                 );
+                self.end_busy(now_ms, conn);
             }
             (
                 PendingJob::Login {
@@ -517,7 +545,6 @@ impl<S: Storage> Shard<S> {
                 },
                 JobResult::Verified(true),
             ) => {
-                self.set_auth_busy(conn, false);
                 if !self.sessions.conns.contains_key(&conn) {
                     return; // gone while hashing: no device record, no token
                 }
@@ -551,8 +578,8 @@ impl<S: Storage> Shard<S> {
                 });
             }
             (PendingJob::Login { conn, rid, .. }, _) => {
-                self.set_auth_busy(conn, false);
                 self.login_failed(conn, rid, ErrorCode::BadCredentials);
+                self.end_busy(now_ms, conn);
             }
         }
     }
