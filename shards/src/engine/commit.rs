@@ -106,6 +106,12 @@ impl<S: Storage> Shard<S> {
         open.ops.push(WriteOp::Put(key, value));
     }
 
+    /// A write that `get_latest` need not see: message records and dedup keys, which are only
+    /// read once durable. Skips the overlay copy on the hottest path.
+    pub(super) fn put_unread(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.commits.open.ops.push(WriteOp::Put(key, value));
+    }
+
     pub(super) fn delete(&mut self, key: Vec<u8>) {
         let open = &mut self.commits.open;
         open.overlay.insert(key.clone(), None);

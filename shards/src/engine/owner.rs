@@ -231,8 +231,8 @@ impl<S: Storage> Shard<S> {
             body,
         };
         let msg: Arc<str> = rec.to_json(conv).into();
-        self.put(keys::message(conv, seq), rec.encode());
-        self.put(dedup_key, DedupRecord { seq, ts_ms: now_ms }.encode());
+        self.put_unread(keys::message(conv, seq), rec.encode());
+        self.put_unread(dedup_key, DedupRecord { seq, ts_ms: now_ms }.encode());
         self.stats.appended += 1;
         let frame_ok = ack_frame(reply.rid, &id, seq, now_ms);
         self.defer(Deferred::Appended {
