@@ -1,0 +1,167 @@
+//! `hermod-bench`: run a scenario against a running Hermod, or compare two reports.
+//! See `docs/benchmarks.md` for the scenarios, the report schema and published figures.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use hermod_bench::report::{compare, Report};
+use hermod_bench::scenario::{self, DirectParams, EchoParams};
+
+#[derive(Parser)]
+#[command(
+    name = "hermod-bench",
+    version,
+    about = "Load generator for Hermod: open-loop, coordinated-omission-corrected, correctness-checked"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args)]
+struct Common {
+    /// WebSocket URL of the server.
+    #[arg(long, default_value = "ws://127.0.0.1:7400/ws")]
+    url: String,
+    /// Messages (or requests) per second offered, all connections together.
+    #[arg(long, default_value_t = 1000.0)]
+    rate: f64,
+    /// Measured seconds, after the warm-up.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Seconds of load before measuring (excluded from latencies and throughput).
+    #[arg(long, default_value_t = 2.0)]
+    warmup: f64,
+    /// Longest wait after the last send for outstanding acks and deliveries.
+    #[arg(long, default_value_t = 10.0)]
+    drain: f64,
+    /// Worker threads of the load generator.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Prefix of the benchmark users' names (a fresh prefix per run gives fresh users).
+    #[arg(long)]
+    prefix: Option<String>,
+    /// Write the JSON report here.
+    #[arg(long, value_name = "FILE")]
+    report: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// One-to-one messages between online users: ack and end-to-end latency, throughput.
+    Direct {
+        #[command(flatten)]
+        common: Common,
+        /// Online users (one connection each).
+        #[arg(long, default_value_t = 100)]
+        users: usize,
+        /// Conversations per user.
+        #[arg(long, default_value_t = 4)]
+        peers: usize,
+        /// Body padding in bytes.
+        #[arg(long, default_value_t = 64)]
+        body_bytes: usize,
+    },
+    /// `ping` round trips: the ceiling to compare the other scenarios with.
+    Echo {
+        #[command(flatten)]
+        common: Common,
+        /// Connections.
+        #[arg(long, default_value_t = 10)]
+        conns: usize,
+    },
+    /// Print the figures of two reports side by side with their change.
+    Compare { a: PathBuf, b: PathBuf },
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("hermod-bench: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run() -> anyhow::Result<ExitCode> {
+    let cli = Cli::parse();
+    let (common, report) = match cli.command {
+        Command::Compare { a, b } => {
+            let read = |p: &PathBuf| -> anyhow::Result<Report> {
+                Ok(serde_json::from_str(&std::fs::read_to_string(p)?)?)
+            };
+            print!("{}", compare(&read(&a)?, &read(&b)?));
+            return Ok(ExitCode::SUCCESS);
+        }
+        Command::Direct {
+            common,
+            users,
+            peers,
+            body_bytes,
+        } => {
+            let params = DirectParams {
+                url: common.url.clone(),
+                users,
+                peers,
+                rate: common.rate,
+                duration_s: common.duration,
+                warmup_s: common.warmup,
+                drain_s: common.drain,
+                body_bytes,
+                prefix: prefix(&common),
+            };
+            let report = runtime(&common)?.block_on(scenario::direct(params))?;
+            (common, report)
+        }
+        Command::Echo { common, conns } => {
+            let params = EchoParams {
+                url: common.url.clone(),
+                conns,
+                rate: common.rate,
+                duration_s: common.duration,
+                warmup_s: common.warmup,
+                drain_s: common.drain,
+                prefix: prefix(&common),
+            };
+            let report = runtime(&common)?.block_on(scenario::echo(params))?;
+            (common, report)
+        }
+    };
+    println!("{}", serde_json::to_string_pretty(&report.figures)?);
+    if let Some(path) = &common.report {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
+    }
+    let correct = report.figures.get("correctness").is_none_or(|c| {
+        ["lost", "duplicated", "reordered"]
+            .iter()
+            .all(|k| c[k].as_u64() == Some(0))
+    });
+    if !correct {
+        eprintln!(
+            "hermod-bench: correctness violated: {}",
+            report.figures["correctness"]
+        );
+        return Ok(ExitCode::from(1));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn prefix(common: &Common) -> String {
+    common
+        .prefix
+        .clone()
+        .unwrap_or_else(|| format!("b{:x}", rand::random::<u32>()))
+}
+
+fn runtime(common: &Common) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut builder = if common.threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(common.threads);
+        b
+    };
+    Ok(builder.enable_all().build()?)
+}

@@ -1,0 +1,63 @@
+//! Benchmark users. Each run creates its own users (`<prefix>-<n>`) through the public protocol
+//! — `register` then `login` — so the server under test needs no special mode. Registration
+//! costs one argon2id hash per user at the server's configured cost: for thousands of users,
+//! run the server with a lower `--argon2-memory-kib` (the hash cost is not what a message
+//! benchmark measures). Token minting from the server secret is planned (issue 3's tools/).
+
+use anyhow::Context;
+use serde_json::json;
+
+use crate::conn::Conn;
+
+pub const PASSWORD: &str = "hermod-bench-password";
+
+/// A logged-in user: its name and its connection.
+pub struct User {
+    pub name: String,
+    pub conn: Conn,
+}
+
+/// Registers and logs in `count` users, `parallel` at a time.
+pub async fn users(
+    url: &str,
+    prefix: &str,
+    count: usize,
+    parallel: usize,
+) -> anyhow::Result<Vec<User>> {
+    let mut out = Vec::with_capacity(count);
+    let mut next = 0;
+    while next < count {
+        let batch: Vec<_> = (next..count.min(next + parallel.max(1)))
+            .map(|i| {
+                let url = url.to_owned();
+                let name = format!("{prefix}-{i}");
+                tokio::spawn(async move { login(&url, name).await })
+            })
+            .collect();
+        next += batch.len();
+        for task in batch {
+            out.push(task.await.context("provisioning task")??);
+        }
+    }
+    Ok(out)
+}
+
+async fn login(url: &str, name: String) -> anyhow::Result<User> {
+    let mut conn = Conn::connect(url).await?;
+    let r = conn
+        .request(
+            "register",
+            json!({ "username": name, "password": PASSWORD }),
+        )
+        .await?;
+    if r.get("ok").is_none() && r["error"]["code"] != "username_taken" {
+        anyhow::bail!("register {name}: {}", r["error"]);
+    }
+    conn.ok(
+        "login",
+        json!({ "username": name, "password": PASSWORD, "device": "bench" }),
+    )
+    .await
+    .with_context(|| format!("login {name}"))?;
+    Ok(User { name, conn })
+}

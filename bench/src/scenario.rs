@@ -1,0 +1,544 @@
+//! The scenarios. Each provisions its users, runs an open-loop schedule per connection, and
+//! returns a [`Report`].
+//!
+//! Open loop: connection `i` of `n` sends its `k`-th message at `start + (i/n + k) * n/rate`
+//! seconds, whatever happened before; latencies are measured from that intended time.
+
+use std::collections::{HashMap, HashSet};
+use std::io::IsTerminal;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use futures_util::{SinkExt, StreamExt};
+use hdrhistogram::Histogram;
+use rand::Rng;
+use serde::Serialize;
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::conn::Conn;
+use crate::report::{encode_histogram, Host, Report, SCHEMA};
+use crate::stats::{histogram, record, Correctness, Summary};
+
+/// Request ids of the measured phase start here, so `rid - RID_BASE` is the send's index.
+const RID_BASE: u64 = 1 << 32;
+/// Pushes are acked in batches of this many, or after `ACK_DELAY`.
+const ACK_BATCH: usize = 64;
+const ACK_DELAY: Duration = Duration::from_millis(5);
+
+/// The fixed send times of one connection.
+#[derive(Clone, Copy)]
+struct Schedule {
+    start: Instant,
+    interval: Duration,
+    offset: Duration,
+}
+
+impl Schedule {
+    fn new(start: Instant, rate: f64, conns: usize, index: usize) -> Schedule {
+        let interval = Duration::from_secs_f64(conns as f64 / rate);
+        Schedule {
+            start,
+            interval,
+            offset: interval.mul_f64(index as f64 / conns as f64),
+        }
+    }
+
+    fn at(&self, k: u64) -> Instant {
+        self.start + self.offset + self.interval.mul_f64(k as f64)
+    }
+}
+
+/// Counters shared by all connections, for the progress line and the end of the drain.
+#[derive(Default)]
+struct Progress {
+    sent: AtomicU64,
+    acked: AtomicU64,
+    answered: AtomicU64,
+    delivered: AtomicU64,
+}
+
+fn progress_line(
+    progress: Arc<Progress>,
+    start: Instant,
+    label: &'static str,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        if !std::io::stderr().is_terminal() {
+            return;
+        }
+        let mut last = (0, 0);
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let sent = progress.sent.load(Ordering::Relaxed);
+            let done = progress
+                .delivered
+                .load(Ordering::Relaxed)
+                .max(progress.answered.load(Ordering::Relaxed));
+            eprint!(
+                "\r{label}: {:>5.1}s sent {sent} ({}/s), {} {done} ({}/s)      ",
+                start.elapsed().as_secs_f64(),
+                sent - last.0,
+                if label == "echo" {
+                    "answered"
+                } else {
+                    "delivered"
+                },
+                done - last.1
+            );
+            last = (sent, done);
+        }
+    })
+}
+
+fn now_unix_s() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+// ---------------------------------------------------------------- direct
+
+#[derive(Clone, Debug, Serialize)]
+pub struct DirectParams {
+    pub url: String,
+    /// Online users, one connection each.
+    pub users: usize,
+    /// Conversations per user: with the next `peers` users (wrapping).
+    pub peers: usize,
+    /// Messages per second, all users together.
+    pub rate: f64,
+    pub duration_s: f64,
+    pub warmup_s: f64,
+    /// Longest wait after the last send for acks and deliveries.
+    pub drain_s: f64,
+    /// Padding added to each body, in bytes.
+    pub body_bytes: usize,
+    pub prefix: String,
+}
+
+struct DirectConn {
+    ack: Histogram<u64>,
+    e2e: Histogram<u64>,
+    /// From the actual send (not the intended one): what the server and network cost alone.
+    e2e_service: Histogram<u64>,
+    sent: u64,
+    unacked: u64,
+    acked_ids: Vec<u128>,
+    delivered_ids: HashSet<u128>,
+    delivered_in_window: u64,
+    duplicated: u64,
+    reordered: u64,
+}
+
+impl DirectConn {
+    fn new() -> DirectConn {
+        DirectConn {
+            ack: histogram(),
+            e2e: histogram(),
+            e2e_service: histogram(),
+            sent: 0,
+            unacked: 0,
+            acked_ids: Vec::new(),
+            delivered_ids: HashSet::new(),
+            delivered_in_window: 0,
+            duplicated: 0,
+            reordered: 0,
+        }
+    }
+}
+
+/// `direct`: users send one-to-one messages to random peers at a fixed total rate.
+pub async fn direct(p: DirectParams) -> anyhow::Result<Report> {
+    anyhow::ensure!(p.users >= 2, "direct needs at least 2 users");
+    anyhow::ensure!(
+        p.rate > 0.0 && p.duration_s > 0.0,
+        "rate and duration must be positive"
+    );
+    let peers = p.peers.clamp(1, p.users - 1);
+    let mut users = crate::provision::users(&p.url, &p.prefix, p.users, 32).await?;
+
+    // Conversations: i with i+1..=i+peers (mod users), each opened once.
+    let mut convs: Vec<Vec<String>> = vec![Vec::new(); p.users];
+    let mut opened = HashSet::new();
+    for i in 0..p.users {
+        for d in 1..=peers {
+            let j = (i + d) % p.users;
+            if !opened.insert((i.min(j), i.max(j))) {
+                continue;
+            }
+            let peer = users[j].name.clone();
+            let ok = users[i]
+                .conn
+                .ok("open", json!({ "user": peer }))
+                .await
+                .context("open")?;
+            let conv = ok["conv"].as_str().context("conv id")?.to_owned();
+            convs[i].push(conv.clone());
+            convs[j].push(conv);
+        }
+    }
+
+    let start = Instant::now() + Duration::from_millis(500);
+    let warm_end = start + Duration::from_secs_f64(p.warmup_s);
+    let sends_end = warm_end + Duration::from_secs_f64(p.duration_s);
+    let deadline = sends_end + Duration::from_secs_f64(p.drain_s);
+    let progress = Arc::new(Progress::default());
+    let all_sent = Arc::new(AtomicU64::new(0)); // connections finished sending
+    let printer = progress_line(progress.clone(), start, "direct");
+    let pad = "x".repeat(p.body_bytes);
+    let n = users.len();
+    let mut tasks = Vec::with_capacity(n);
+    for (i, user) in users.drain(..).enumerate() {
+        let schedule = Schedule::new(start, p.rate, n, i);
+        let convs = std::mem::take(&mut convs[i]);
+        let (progress, all_sent, pad) = (progress.clone(), all_sent.clone(), pad.clone());
+        tasks.push(tokio::spawn(async move {
+            direct_conn(
+                user.conn,
+                convs,
+                schedule,
+                (warm_end, sends_end, deadline),
+                pad,
+                progress,
+                all_sent,
+                n as u64,
+            )
+            .await
+        }));
+    }
+    let mut results = Vec::with_capacity(n);
+    for t in tasks {
+        results.push(t.await.context("connection task")??);
+    }
+    printer.abort();
+    if std::io::stderr().is_terminal() {
+        eprintln!();
+    }
+
+    let (mut ack, mut e2e, mut e2e_service) = (histogram(), histogram(), histogram());
+    let mut c = Correctness::default();
+    let mut delivered_all = HashSet::new();
+    let mut acked_all = Vec::new();
+    let mut in_window = 0;
+    for r in &mut results {
+        ack.add(&r.ack).expect("same bounds");
+        e2e.add(&r.e2e).expect("same bounds");
+        e2e_service.add(&r.e2e_service).expect("same bounds");
+        c.sent += r.sent;
+        c.unacked += r.unacked;
+        c.duplicated += r.duplicated;
+        c.reordered += r.reordered;
+        in_window += r.delivered_in_window;
+        acked_all.append(&mut r.acked_ids);
+        delivered_all.extend(r.delivered_ids.drain());
+    }
+    c.acked = acked_all.len() as u64;
+    c.delivered = delivered_all.len() as u64;
+    c.lost = acked_all
+        .iter()
+        .filter(|id| !delivered_all.contains(id))
+        .count() as u64;
+    let figures = json!({
+        "throughput_per_s": in_window as f64 / p.duration_s,
+        "offered_per_s": p.rate,
+        "ack_latency": Summary::of(&ack),
+        "e2e_latency": Summary::of(&e2e),
+        "e2e_service_latency": Summary::of(&e2e_service),
+        "correctness": c,
+    });
+    let histograms = [
+        ("ack_latency".to_owned(), encode_histogram(&ack)),
+        ("e2e_latency".to_owned(), encode_histogram(&e2e)),
+    ];
+    Ok(Report {
+        schema: SCHEMA.into(),
+        scenario: "direct".into(),
+        started_at_unix_s: now_unix_s(),
+        params: serde_json::to_value(&p)?,
+        host: Host::this(),
+        figures,
+        histograms: histograms.into_iter().collect(),
+    })
+}
+
+/// One user's connection: a writer task follows the send schedule (and sends the acks the
+/// reader asks for); a reader task sorts replies and pushes. Two tasks, so a read is never
+/// cancelled by a timer firing in the same `select!`.
+#[allow(clippy::too_many_arguments)]
+async fn direct_conn(
+    conn: Conn,
+    convs: Vec<String>,
+    schedule: Schedule,
+    (warm_end, sends_end, deadline): (Instant, Instant, Instant),
+    pad: String,
+    progress: Arc<Progress>,
+    all_sent: Arc<AtomicU64>,
+    conns: u64,
+) -> anyhow::Result<DirectConn> {
+    let (mut tx, mut rx) = conn.split();
+    let (ack_tx, mut ack_rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u64>>();
+    let sent_here = Arc::new(AtomicU64::new(0));
+    let done_sending = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let start = schedule.start;
+
+    let writer = {
+        let (progress, all_sent, sent_here, done_sending) = (
+            progress.clone(),
+            all_sent.clone(),
+            sent_here.clone(),
+            done_sending.clone(),
+        );
+        tokio::spawn(async move {
+            let mut k = 0u64;
+            let mut sending = !convs.is_empty();
+            loop {
+                if sending && schedule.at(k) > sends_end {
+                    sending = false;
+                }
+                if !sending && !done_sending.swap(true, Ordering::Relaxed) {
+                    all_sent.fetch_add(1, Ordering::Relaxed);
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep_until(schedule.at(k).into()), if sending => {
+                        // Everything due now, each with its own intended time.
+                        while schedule.at(k) <= Instant::now() && schedule.at(k) <= sends_end {
+                            let intended = schedule.at(k);
+                            let id = uuid::Uuid::now_v7();
+                            let conv = &convs[rand::thread_rng().gen_range(0..convs.len())];
+                            let t_us = intended.duration_since(start).as_micros() as u64;
+                            // `a`: when it actually left, for the service-time histogram.
+                            let a_us = Instant::now().saturating_duration_since(start).as_micros() as u64;
+                            let frame = json!({ "op": "send", "rid": RID_BASE + k, "conv": conv, "id": id.to_string(), "body": { "t": t_us, "a": a_us, "pad": pad } });
+                            tx.feed(Message::text(frame.to_string())).await?;
+                            sent_here.fetch_add(1, Ordering::Relaxed);
+                            progress.sent.fetch_add(1, Ordering::Relaxed);
+                            k += 1;
+                        }
+                        tx.flush().await?;
+                    }
+                    pids = ack_rx.recv() => match pids {
+                        Some(pids) => {
+                            tx.send(Message::text(json!({ "op": "ack", "pids": pids }).to_string())).await?;
+                        }
+                        None => break, // the reader finished
+                    },
+                }
+            }
+            let _ = tx.close().await;
+            Ok::<_, anyhow::Error>(())
+        })
+    };
+
+    let mut out = DirectConn::new();
+    let mut answered_here = 0u64;
+    let mut pids: Vec<u64> = Vec::new();
+    let mut last_ack = Instant::now();
+    let mut seen_pids: HashSet<u64> = HashSet::new();
+    let mut last_seq: HashMap<String, u64> = HashMap::new();
+    loop {
+        // Done when every connection has sent everything, every send is answered, and every
+        // acked message has been delivered somewhere: then nothing is in flight to this one.
+        let drained = done_sending.load(Ordering::Relaxed)
+            && answered_here == sent_here.load(Ordering::Relaxed)
+            && all_sent.load(Ordering::Relaxed) == conns
+            && progress.answered.load(Ordering::Relaxed) == progress.sent.load(Ordering::Relaxed)
+            && progress.delivered.load(Ordering::Relaxed) >= progress.acked.load(Ordering::Relaxed);
+        if drained || Instant::now() >= deadline {
+            break;
+        }
+        if !pids.is_empty() && (pids.len() >= ACK_BATCH || last_ack.elapsed() >= ACK_DELAY) {
+            let _ = ack_tx.send(std::mem::take(&mut pids));
+            last_ack = Instant::now();
+        }
+        let text = match tokio::time::timeout(ACK_DELAY, rx.next()).await {
+            Err(_) => continue, // nothing for a while: re-check acks and the drain
+            Ok(Some(Ok(Message::Text(t)))) => t,
+            Ok(Some(Ok(Message::Close(_)))) | Ok(None) => break,
+            Ok(Some(Ok(_))) => continue,
+            Ok(Some(Err(e))) => return Err(e.into()),
+        };
+        let now = Instant::now();
+        let v: Value = serde_json::from_str(&text)?;
+        if v["push"] == "msg" {
+            let pid = v["pid"].as_u64().unwrap_or(0);
+            pids.push(pid);
+            if !seen_pids.insert(pid) {
+                continue; // a retry of a push already counted
+            }
+            let msg = &v["msg"];
+            let id = msg["id"]
+                .as_str()
+                .and_then(|s| uuid::Uuid::parse_str(s).ok())
+                .map_or(0, |u| u.as_u128());
+            let seq = msg["seq"].as_u64().unwrap_or(0);
+            let last = last_seq
+                .entry(msg["conv"].as_str().unwrap_or("").to_owned())
+                .or_insert(0);
+            if seq <= *last {
+                out.reordered += 1;
+            }
+            *last = (*last).max(seq);
+            if !out.delivered_ids.insert(id) {
+                out.duplicated += 1;
+                continue;
+            }
+            progress.delivered.fetch_add(1, Ordering::Relaxed);
+            let intended = start + Duration::from_micros(msg["body"]["t"].as_u64().unwrap_or(0));
+            if intended >= warm_end && intended <= sends_end {
+                out.delivered_in_window += 1;
+                record(&mut out.e2e, now.saturating_duration_since(intended));
+                let actual = start + Duration::from_micros(msg["body"]["a"].as_u64().unwrap_or(0));
+                if std::env::var("BENCH_DEBUG").is_ok() {
+                    eprintln!(
+                        "t {} a {} now {}",
+                        msg["body"]["t"],
+                        msg["body"]["a"],
+                        now.duration_since(start).as_micros()
+                    );
+                }
+                record(&mut out.e2e_service, now.saturating_duration_since(actual));
+            }
+        } else if let Some(rid) = v["rid"].as_u64().filter(|r| *r >= RID_BASE) {
+            answered_here += 1;
+            progress.answered.fetch_add(1, Ordering::Relaxed);
+            let id = v["ok"]["id"]
+                .as_str()
+                .and_then(|s| uuid::Uuid::parse_str(s).ok());
+            match id {
+                Some(id) => {
+                    out.acked_ids.push(id.as_u128());
+                    progress.acked.fetch_add(1, Ordering::Relaxed);
+                    let intended = schedule.at(rid - RID_BASE);
+                    if intended >= warm_end {
+                        record(&mut out.ack, now.saturating_duration_since(intended));
+                    }
+                }
+                None => out.unacked += 1,
+            }
+        }
+    }
+    drop(ack_tx);
+    writer.await.context("writer task")??;
+    out.sent = sent_here.load(Ordering::Relaxed);
+    out.unacked += out.sent - answered_here;
+    Ok(out)
+}
+
+// ---------------------------------------------------------------- echo
+
+#[derive(Clone, Debug, Serialize)]
+pub struct EchoParams {
+    pub url: String,
+    pub conns: usize,
+    pub rate: f64,
+    pub duration_s: f64,
+    pub warmup_s: f64,
+    pub drain_s: f64,
+    pub prefix: String,
+}
+
+/// `echo`: the cheapest round trip Hermod offers (`ping` on an authenticated connection), at a
+/// fixed rate: the ceiling the other scenarios are compared with.
+pub async fn echo(p: EchoParams) -> anyhow::Result<Report> {
+    anyhow::ensure!(
+        p.conns >= 1 && p.rate > 0.0 && p.duration_s > 0.0,
+        "conns, rate and duration must be positive"
+    );
+    let users = crate::provision::users(&p.url, &p.prefix, p.conns, 32).await?;
+    let start = Instant::now() + Duration::from_millis(500);
+    let warm_end = start + Duration::from_secs_f64(p.warmup_s);
+    let sends_end = warm_end + Duration::from_secs_f64(p.duration_s);
+    let deadline = sends_end + Duration::from_secs_f64(p.drain_s);
+    let progress = Arc::new(Progress::default());
+    let printer = progress_line(progress.clone(), start, "echo");
+    let n = users.len();
+    let mut tasks = Vec::new();
+    for (i, user) in users.into_iter().enumerate() {
+        let schedule = Schedule::new(start, p.rate, n, i);
+        let progress = progress.clone();
+        tasks.push(tokio::spawn(async move {
+            let (mut tx, mut rx) = user.conn.split();
+            let mut h = histogram();
+            let (mut sent, mut answered, mut errors, mut in_window) = (0u64, 0u64, 0u64, 0u64);
+            let mut k = 0u64;
+            loop {
+                let sending = schedule.at(k) <= sends_end;
+                if (!sending && answered + errors == sent) || Instant::now() >= deadline {
+                    break;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep_until(schedule.at(k).into()), if sending => {
+                        while schedule.at(k) <= Instant::now() && schedule.at(k) <= sends_end {
+                            tx.feed(Message::text(format!("{{\"op\":\"ping\",\"rid\":{}}}", RID_BASE + k))).await?;
+                            sent += 1;
+                            progress.sent.fetch_add(1, Ordering::Relaxed);
+                            k += 1;
+                        }
+                        tx.flush().await?;
+                    }
+                    _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                    msg = rx.next() => {
+                        let text = match msg {
+                            Some(Ok(Message::Text(t))) => t,
+                            Some(Ok(Message::Close(_))) | None => break,
+                            Some(Ok(_)) => continue,
+                            Some(Err(e)) => return Err(anyhow::Error::from(e)),
+                        };
+                        let now = Instant::now();
+                        let v: Value = serde_json::from_str(&text)?;
+                        let Some(rid) = v["rid"].as_u64().filter(|r| *r >= RID_BASE) else { continue };
+                        if v.get("ok").is_none() {
+                            errors += 1;
+                            continue;
+                        }
+                        answered += 1;
+                        progress.answered.fetch_add(1, Ordering::Relaxed);
+                        let intended = schedule.at(rid - RID_BASE);
+                        if intended >= warm_end {
+                            in_window += 1;
+                            record(&mut h, now.saturating_duration_since(intended));
+                        }
+                    }
+                }
+            }
+            Ok::<_, anyhow::Error>((h, sent, answered, errors, in_window))
+        }));
+    }
+    let mut all = histogram();
+    let (mut sent, mut answered, mut errors, mut in_window) = (0, 0, 0, 0);
+    for t in tasks {
+        let (h, s, a, e, w) = t.await.context("connection task")??;
+        all.add(&h).expect("same bounds");
+        sent += s;
+        answered += a;
+        errors += e;
+        in_window += w;
+    }
+    printer.abort();
+    if std::io::stderr().is_terminal() {
+        eprintln!();
+    }
+    let figures = json!({
+        "throughput_per_s": in_window as f64 / p.duration_s,
+        "offered_per_s": p.rate,
+        "latency": Summary::of(&all),
+        "sent": sent,
+        "answered": answered,
+        "errors": errors,
+        "unanswered": sent - answered - errors,
+    });
+    Ok(Report {
+        schema: SCHEMA.into(),
+        scenario: "echo".into(),
+        started_at_unix_s: now_unix_s(),
+        params: serde_json::to_value(&p)?,
+        host: Host::this(),
+        figures,
+        histograms: [("latency".to_owned(), encode_histogram(&all))]
+            .into_iter()
+            .collect(),
+    })
+}

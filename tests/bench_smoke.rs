@@ -1,0 +1,59 @@
+//! Smoke runs of every hermod-bench scenario at tiny scale against the real server: they
+//! assert correctness counts only (figures are published from full runs, never asserted).
+
+mod common;
+
+use common::Server;
+use hermod_bench::scenario::{self, DirectParams, EchoParams};
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn direct_scenario_accounts_for_every_message() {
+    let server = Server::start(&[]);
+    let params = DirectParams {
+        url: format!("ws://{}/ws", server.addr),
+        users: 6,
+        peers: 2,
+        rate: 300.0,
+        duration_s: 1.0,
+        warmup_s: 0.2,
+        drain_s: 10.0,
+        body_bytes: 32,
+        prefix: "smoke".into(),
+    };
+    let report = runtime().block_on(scenario::direct(params)).unwrap();
+    let c = &report.figures["correctness"];
+    assert!(c["sent"].as_u64().unwrap() >= 300, "{c}");
+    assert_eq!(c["acked"], c["sent"], "{c}");
+    assert_eq!(c["delivered"], c["acked"], "{c}");
+    for key in ["lost", "duplicated", "reordered", "unacked"] {
+        assert_eq!(c[key], 0, "{key}: {c}");
+    }
+    assert!(report.figures["e2e_latency"]["count"].as_u64().unwrap() > 0);
+    assert_eq!(report.schema, hermod_bench::report::SCHEMA);
+}
+
+#[test]
+fn echo_scenario_answers_every_ping() {
+    let server = Server::start(&[]);
+    let params = EchoParams {
+        url: format!("ws://{}/ws", server.addr),
+        conns: 3,
+        rate: 300.0,
+        duration_s: 1.0,
+        warmup_s: 0.2,
+        drain_s: 10.0,
+        prefix: "echo".into(),
+    };
+    let report = runtime().block_on(scenario::echo(params)).unwrap();
+    let f = &report.figures;
+    assert!(f["sent"].as_u64().unwrap() >= 300, "{f}");
+    assert_eq!(f["answered"], f["sent"], "{f}");
+    assert_eq!(f["errors"], 0, "{f}");
+}
