@@ -337,18 +337,13 @@ fn kick_commit(ctx: &Ctx) {
         let store = ctx.store.clone();
         let durability = ctx.durability;
         let ops = commit.ops;
-        let result = if durability == Durability::Fsync {
-            glommio::executor()
-                .spawn_blocking(move || store.write(&ops, durability).map_err(|e| e.to_string()))
-                .await
-        } else {
-            // Without fsync a commit is a memtable insert plus one write(2) of the WAL record
-            // into the page cache: tens of microseconds for a large batch. Done inline,
-            // because a round trip through the blocking pool costs far more in wake-up
-            // latency (measured: p99 of acks 42 ms through the pool, see docs/benchmarks.md).
-            glommio::yield_if_needed().await;
-            store.write(&ops, durability).map_err(|e| e.to_string())
-        };
+        // On the blocking pool in every mode: with `fsync` the write blocks for the sync, and
+        // without it, measured with hermod-bench `direct`, writing inline made the reactor wait
+        // on each WAL write and gave worse tails (docs/benchmarks.md) than letting the next
+        // batch fill while a pool thread writes.
+        let result = glommio::executor()
+            .spawn_blocking(move || store.write(&ops, durability).map_err(|e| e.to_string()))
+            .await;
         ctx.committing.set(false);
         ctx.engine
             .borrow_mut()
