@@ -306,27 +306,32 @@ mod tests {
         assert!(keys::message(c, 1).starts_with(&c.slot().0.to_be_bytes()));
     }
 
-    #[test]
-    fn mem_scan_bounds_and_reverse() {
-        let s = MemStorage::default();
+    /// The contract every store keeps: half-open bounds, limits, descending scans. Used by the
+    /// tests of each implementation.
+    pub(crate) fn check_scans(store: &dyn Storage, write: &dyn Fn(&[WriteOp])) {
         let c = ConvId::direct(UserId(1), UserId(2));
         let ops: Vec<_> = (1..=5)
             .map(|i| WriteOp::Put(keys::message(c, i), vec![i as u8]))
             .collect();
-        s.apply(&ops);
-        let got = s
-            .scan(&keys::message(c, 2), &keys::message(c, 5), 10, false)
-            .unwrap();
-        assert_eq!(
-            got.iter().map(|(_, v)| v[0]).collect::<Vec<_>>(),
-            vec![2, 3, 4]
-        );
-        let got = s
-            .scan(&keys::message(c, 1), &keys::message(c, 5), 2, true)
-            .unwrap();
-        assert_eq!(
-            got.iter().map(|(_, v)| v[0]).collect::<Vec<_>>(),
-            vec![4, 3]
-        );
+        write(&ops);
+        let values = |start: u64, end: u64, limit: usize, reverse: bool| -> Vec<u8> {
+            let rows = store.scan(
+                &keys::message(c, start),
+                &keys::message(c, end),
+                limit,
+                reverse,
+            );
+            rows.unwrap().iter().map(|(_, v)| v[0]).collect()
+        };
+        assert_eq!(values(2, 5, 10, false), vec![2, 3, 4]);
+        assert_eq!(values(1, 5, 10, true), vec![4, 3, 2, 1]);
+        assert_eq!(values(1, 5, 2, true), vec![4, 3]);
+        assert_eq!(values(0, 3, 1, false), vec![1]);
+    }
+
+    #[test]
+    fn mem_scan_bounds_and_reverse() {
+        let s = MemStorage::default();
+        check_scans(&s, &|ops| s.apply(ops));
     }
 }

@@ -194,25 +194,8 @@ mod tests {
         let dir = tempdir();
         let db = open(&dir, 2).unwrap();
         let s = RocksStorage::new(db.clone(), 1);
+        crate::storage::tests::check_scans(&s, &|ops| s.write(ops, Durability::Wal).unwrap());
         let c = ConvId::direct(UserId(1), UserId(2));
-        let ops: Vec<_> = (1..=5)
-            .map(|i| WriteOp::Put(keys::message(c, i), vec![i as u8]))
-            .collect();
-        s.write(&ops, Durability::Wal).unwrap();
-        let fwd = s
-            .scan(&keys::message(c, 2), &keys::message(c, 5), 10, false)
-            .unwrap();
-        assert_eq!(
-            fwd.iter().map(|(_, v)| v[0]).collect::<Vec<_>>(),
-            vec![2, 3, 4]
-        );
-        let rev = s
-            .scan(&keys::message(c, 1), &keys::message(c, 5), 10, true)
-            .unwrap();
-        assert_eq!(
-            rev.iter().map(|(_, v)| v[0]).collect::<Vec<_>>(),
-            vec![4, 3, 2, 1]
-        );
         assert!(
             RocksStorage::new(db.clone(), 0)
                 .get(&keys::message(c, 1))
