@@ -1,0 +1,9 @@
+//! # hermod-tools: what an operator runs around Hermod
+//!
+//! | module | subcommand | owns |
+//! | --- | --- | --- |
+//! | [`plan`] | `plan` | the capacity planner: load → cores, hosts, memory, disk, network, with the arithmetic shown |
+//! | [`doctor`] | `doctor` | host checks against `tuning.md`: current, recommended, why |
+
+pub mod doctor;
+pub mod plan;

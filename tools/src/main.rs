@@ -1,0 +1,177 @@
+//! `hermod-tools`: operator tools. See `tuning.md` and `docs/benchmarks.md`.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use hermod_tools::doctor::{self, Target};
+use hermod_tools::plan::{self, si, Inputs};
+
+#[derive(Parser)]
+#[command(
+    name = "hermod-tools",
+    version,
+    about = "Operator tools for Hermod: capacity planner, host doctor"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Capacity plan: peak load, cores, hosts, memory, disk and network, with the arithmetic.
+    Plan {
+        #[arg(long, default_value_t = 1e6)]
+        dau: f64,
+        #[arg(long, default_value_t = 20.0)]
+        msgs_per_user_day: f64,
+        #[arg(long, default_value_t = 5.0)]
+        peak_factor: f64,
+        /// Share of daily users online at the peak.
+        #[arg(long, default_value_t = 0.1)]
+        online_ratio: f64,
+        #[arg(long, default_value_t = 1.5)]
+        devices_per_user: f64,
+        /// Average recipients per message (1 for one-to-one, the group size for groups).
+        #[arg(long, default_value_t = 1.0)]
+        group_size: f64,
+        #[arg(long, default_value_t = 30.0)]
+        retention_days: f64,
+        /// A `hermod-bench direct` report: its throughput becomes the per-core figure.
+        #[arg(long, value_name = "FILE")]
+        report: Option<PathBuf>,
+        /// Messages per second per core, when no report is given.
+        #[arg(long, default_value_t = 20_000.0)]
+        per_core: f64,
+        /// Fraction of each core to use at peak.
+        #[arg(long, default_value_t = 0.5)]
+        headroom: f64,
+        #[arg(long, default_value_t = 32.0)]
+        cores_per_host: f64,
+        #[arg(long, default_value_t = 128.0)]
+        mem_gib_per_host: f64,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check this host against tuning.md: current, recommended, why.
+    Doctor {
+        /// Connections this host should hold.
+        #[arg(long, default_value_t = 100_000)]
+        connections: u64,
+        /// Shards (cores) Hermod will run. Default: the number of cores.
+        #[arg(long)]
+        shards: Option<u64>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Plan {
+            dau,
+            msgs_per_user_day,
+            peak_factor,
+            online_ratio,
+            devices_per_user,
+            group_size,
+            retention_days,
+            report,
+            per_core,
+            headroom,
+            cores_per_host,
+            mem_gib_per_host,
+            json,
+        } => {
+            let per_core_msgs = match &report {
+                Some(path) => per_core_from_report(path)?,
+                None => per_core,
+            };
+            let inputs = Inputs {
+                dau,
+                msgs_per_user_day,
+                peak_factor,
+                online_ratio,
+                devices_per_user,
+                recipients_per_msg: group_size,
+                retention_days,
+                per_core_msgs,
+                headroom,
+                cores_per_host,
+                mem_gib_per_host,
+                ..Inputs::default()
+            };
+            let lines = plan::plan(&inputs);
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(
+                        &serde_json::json!({ "inputs": inputs, "plan": lines })
+                    )?
+                );
+            } else {
+                if let Some(path) = &report {
+                    println!(
+                        "per-core throughput {} msg/s from {}",
+                        si(per_core_msgs),
+                        path.display()
+                    );
+                }
+                for l in lines {
+                    println!(
+                        "{:<22} {:>12} {:<7} = {}",
+                        l.what,
+                        si(l.value),
+                        l.unit,
+                        l.arithmetic
+                    );
+                }
+            }
+        }
+        Command::Doctor {
+            connections,
+            shards,
+            json,
+        } => {
+            let shards = shards.unwrap_or_else(|| {
+                std::thread::available_parallelism().map_or(1, |n| n.get() as u64)
+            });
+            let checks = doctor::checks(Target {
+                connections,
+                shards,
+            });
+            if json {
+                println!("{}", serde_json::to_string_pretty(&checks)?);
+            } else {
+                print!("{}", doctor::render(&checks));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Per-core msg/s from a `direct` report: its throughput divided by the server's shards (the
+/// report records the load, not the server; one shard is assumed, as in docs/benchmarks.md).
+fn per_core_from_report(path: &PathBuf) -> anyhow::Result<f64> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let report: serde_json::Value = serde_json::from_str(&text)?;
+    anyhow::ensure!(
+        report["scenario"] == "direct",
+        "{}: a `direct` report is needed",
+        path.display()
+    );
+    let correctness = &report["figures"]["correctness"];
+    anyhow::ensure!(
+        ["lost", "duplicated", "reordered"]
+            .iter()
+            .all(|k| correctness[k].as_u64() == Some(0)),
+        "{}: the run lost, duplicated or reordered messages; its throughput is not a capacity",
+        path.display()
+    );
+    report["figures"]["throughput_per_s"]
+        .as_f64()
+        .context("report has no throughput_per_s")
+}

@@ -1,0 +1,214 @@
+//! The capacity planner. Every output line shows its arithmetic, so a reader can check it and
+//! change one input in their head. Per-core throughput comes from a `hermod-bench direct`
+//! report when given (`--report`), so the plan rests on a measurement, not a guess.
+
+use serde::Serialize;
+
+/// The load to plan for, and what one core and one host can do.
+#[derive(Clone, Debug, Serialize)]
+pub struct Inputs {
+    pub dau: f64,
+    pub msgs_per_user_day: f64,
+    /// Peak-hour rate over the daily average.
+    pub peak_factor: f64,
+    /// Share of daily users online at the peak.
+    pub online_ratio: f64,
+    pub devices_per_user: f64,
+    /// Average recipients per message (1 for one-to-one; the group size for groups).
+    pub recipients_per_msg: f64,
+    pub retention_days: f64,
+    /// Stored bytes per message: record + dedup key + RocksDB overhead.
+    pub stored_bytes_per_msg: f64,
+    /// Bytes on the wire per message for the sender (frame + ack) and per push (frame + ack).
+    pub wire_bytes_per_send: f64,
+    pub wire_bytes_per_push: f64,
+    /// Messages per second one core sustains within the latency budget (from a bench report).
+    pub per_core_msgs: f64,
+    /// Fraction of a core to plan to use at peak.
+    pub headroom: f64,
+    /// Server memory per connected device (measured: docs/benchmarks.md).
+    pub bytes_per_conn: f64,
+    pub cores_per_host: f64,
+    pub mem_gib_per_host: f64,
+    /// Connections one host may hold (file descriptors, with room for RocksDB and listeners).
+    pub conns_per_host: f64,
+}
+
+impl Default for Inputs {
+    fn default() -> Self {
+        Inputs {
+            dau: 1e6,
+            msgs_per_user_day: 20.0,
+            peak_factor: 5.0,
+            online_ratio: 0.1,
+            devices_per_user: 1.5,
+            recipients_per_msg: 1.0,
+            retention_days: 30.0,
+            stored_bytes_per_msg: 300.0,
+            wire_bytes_per_send: 350.0,
+            wire_bytes_per_push: 350.0,
+            per_core_msgs: 20_000.0,
+            headroom: 0.5,
+            bytes_per_conn: 3_300.0,
+            cores_per_host: 32.0,
+            mem_gib_per_host: 128.0,
+            conns_per_host: 1_000_000.0,
+        }
+    }
+}
+
+/// One line of the plan: what, how much, and how it was computed.
+#[derive(Clone, Debug, Serialize)]
+pub struct Line {
+    pub what: &'static str,
+    pub value: f64,
+    pub unit: &'static str,
+    pub arithmetic: String,
+}
+
+fn line(what: &'static str, value: f64, unit: &'static str, arithmetic: String) -> Line {
+    Line {
+        what,
+        value,
+        unit,
+        arithmetic,
+    }
+}
+
+/// Human-sized numbers: 23148 → "23.1k".
+pub fn si(v: f64) -> String {
+    let a = v.abs();
+    if a >= 1e12 {
+        format!("{:.1}T", v / 1e12)
+    } else if a >= 1e9 {
+        format!("{:.1}G", v / 1e9)
+    } else if a >= 1e6 {
+        format!("{:.1}M", v / 1e6)
+    } else if a >= 1e3 {
+        format!("{:.1}k", v / 1e3)
+    } else {
+        format!("{v:.1}")
+    }
+}
+
+pub fn plan(i: &Inputs) -> Vec<Line> {
+    let msgs_day = i.dau * i.msgs_per_user_day;
+    let avg = msgs_day / 86_400.0;
+    let peak = avg * i.peak_factor;
+    let pushes = peak * i.recipients_per_msg * i.devices_per_user * i.online_ratio.max(0.0);
+    let conns = i.dau * i.online_ratio * i.devices_per_user;
+    let cores = peak / (i.per_core_msgs * i.headroom);
+    let mem_gib = conns * i.bytes_per_conn / 1024f64.powi(3);
+    let hosts_cpu = (cores / i.cores_per_host).ceil();
+    let hosts_mem = (mem_gib / i.mem_gib_per_host).ceil();
+    let hosts_conn = (conns / i.conns_per_host).ceil();
+    let hosts = hosts_cpu.max(hosts_mem).max(hosts_conn).max(1.0);
+    let disk_day = msgs_day * i.stored_bytes_per_msg;
+    let disk_total = disk_day * i.retention_days;
+    let net_bits = (peak * i.wire_bytes_per_send + pushes * i.wire_bytes_per_push) * 8.0;
+    vec![
+        line("messages per day", msgs_day, "msg", format!("{} DAU × {} msg/user/day", si(i.dau), i.msgs_per_user_day)),
+        line("average rate", avg, "msg/s", format!("{} msg/day ÷ 86,400 s", si(msgs_day))),
+        line("peak rate", peak, "msg/s", format!("{} msg/s × peak factor {}", si(avg), i.peak_factor)),
+        line(
+            "peak pushes",
+            pushes,
+            "push/s",
+            format!(
+                "{} msg/s × {} recipients × {} devices × {} online",
+                si(peak),
+                i.recipients_per_msg,
+                i.devices_per_user,
+                i.online_ratio
+            ),
+        ),
+        line(
+            "connections at peak",
+            conns,
+            "conn",
+            format!("{} DAU × {} online × {} devices", si(i.dau), i.online_ratio, i.devices_per_user),
+        ),
+        line(
+            "cores",
+            cores.ceil(),
+            "core",
+            format!("{} msg/s ÷ ({} msg/s/core × {} headroom)", si(peak), si(i.per_core_msgs), i.headroom),
+        ),
+        line(
+            "connection memory",
+            mem_gib,
+            "GiB",
+            format!("{} conn × {} B/conn", si(conns), i.bytes_per_conn),
+        ),
+        line(
+            "hosts",
+            hosts,
+            "host",
+            format!(
+                "max(cpu {hosts_cpu} = ⌈{:.0}/{}⌉, memory {hosts_mem} = ⌈{mem_gib:.1}/{}⌉, conns {hosts_conn} = ⌈{}/{}⌉)",
+                cores.ceil(),
+                i.cores_per_host,
+                i.mem_gib_per_host,
+                si(conns),
+                si(i.conns_per_host)
+            ),
+        ),
+        line(
+            "disk per day",
+            disk_day / 1e9,
+            "GB",
+            format!("{} msg/day × {} B/msg", si(msgs_day), i.stored_bytes_per_msg),
+        ),
+        line(
+            "disk for retention",
+            disk_total / 1e12,
+            "TB",
+            format!("{:.1} GB/day × {} days", disk_day / 1e9, i.retention_days),
+        ),
+        line(
+            "network at peak",
+            net_bits / 1e9,
+            "Gbit/s",
+            format!(
+                "({} msg/s × {} B + {} push/s × {} B) × 8",
+                si(peak),
+                i.wire_bytes_per_send,
+                si(pushes),
+                i.wire_bytes_per_push
+            ),
+        ),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_documented_example() {
+        // docs: 100M DAU × 20 msgs/day ≈ 23k msg/s average, ~116k at a peak factor of 5.
+        let i = Inputs {
+            dau: 100e6,
+            msgs_per_user_day: 20.0,
+            ..Inputs::default()
+        };
+        let p = plan(&i);
+        let get = |what| p.iter().find(|l| l.what == what).unwrap().value;
+        assert!((get("average rate") - 23_148.1).abs() < 1.0);
+        assert!((get("peak rate") - 115_740.7).abs() < 1.0);
+        assert_eq!(get("cores"), 12.0, "115.7k / (20k × 0.5) = 11.6 → 12");
+        assert_eq!(get("connections at peak"), 15e6);
+        assert!(get("hosts") >= 1.0);
+        assert!(
+            (get("disk per day") - 600.0).abs() < 1e-6,
+            "2G msg × 300 B = 600 GB"
+        );
+    }
+
+    #[test]
+    fn human_numbers() {
+        assert_eq!(si(23_148.0), "23.1k");
+        assert_eq!(si(1.5e6), "1.5M");
+        assert_eq!(si(12.0), "12.0");
+    }
+}
