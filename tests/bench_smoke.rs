@@ -57,3 +57,21 @@ fn echo_scenario_answers_every_ping() {
     assert_eq!(f["answered"], f["sent"], "{f}");
     assert_eq!(f["errors"], 0, "{f}");
 }
+
+#[test]
+fn idle_scenario_holds_its_connections() {
+    let server = Server::start(&[]);
+    let params = scenario::IdleParams {
+        url: format!("ws://{}/ws", server.addr),
+        conns: 20,
+        hold_s: 0.5,
+        parallel: 8,
+        server_pid: None,
+        prefix: "idle".into(),
+    };
+    let report = runtime().block_on(scenario::idle(params)).unwrap();
+    let f = &report.figures;
+    assert_eq!(f["connections_held"], 20, "{f}");
+    assert_eq!(f["connection_failures"], 0, "{f}");
+    assert_eq!(f["dropped_while_holding"], 0, "{f}");
+}

@@ -71,6 +71,22 @@ enum Command {
         #[arg(long, default_value_t = 10)]
         conns: usize,
     },
+    /// Hold N authenticated connections; with --server-pid, the server's memory per connection.
+    Idle {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long, default_value_t = 1000)]
+        conns: usize,
+        /// Seconds to hold the connections once all are up.
+        #[arg(long, default_value_t = 10.0)]
+        hold: f64,
+        /// Logins in flight at once while connecting.
+        #[arg(long, default_value_t = 64)]
+        parallel: usize,
+        /// The server's pid (same host), to sample its resident memory.
+        #[arg(long)]
+        server_pid: Option<u32>,
+    },
     /// Print the figures of two reports side by side with their change.
     Compare { a: PathBuf, b: PathBuf },
 }
@@ -113,6 +129,24 @@ fn run() -> anyhow::Result<ExitCode> {
                 prefix: prefix(&common),
             };
             let report = runtime(&common)?.block_on(scenario::direct(params))?;
+            (common, report)
+        }
+        Command::Idle {
+            common,
+            conns,
+            hold,
+            parallel,
+            server_pid,
+        } => {
+            let params = scenario::IdleParams {
+                url: common.url.clone(),
+                conns,
+                hold_s: hold,
+                parallel,
+                server_pid,
+                prefix: prefix(&common),
+            };
+            let report = runtime(&common)?.block_on(scenario::idle(params))?;
             (common, report)
         }
         Command::Echo { common, conns } => {
