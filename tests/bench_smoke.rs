@@ -75,3 +75,20 @@ fn idle_scenario_holds_its_connections() {
     assert_eq!(f["connection_failures"], 0, "{f}");
     assert_eq!(f["dropped_while_holding"], 0, "{f}");
 }
+
+#[test]
+fn connect_scenario_resumes_every_connection() {
+    let server = Server::start(&[]);
+    let params = scenario::ConnectParams {
+        url: format!("ws://{}/ws", server.addr),
+        conns: 30,
+        rate: 300.0,
+        parallel: 8,
+        prefix: "storm".into(),
+    };
+    let report = runtime().block_on(scenario::connect(params)).unwrap();
+    let f = &report.figures;
+    assert_eq!(f["connections"], 30, "{f}");
+    assert_eq!(f["failures"], 0, "{f}");
+    assert_eq!(f["setup_latency"]["count"], 30, "{f}");
+}

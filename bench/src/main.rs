@@ -87,6 +87,16 @@ enum Command {
         #[arg(long)]
         server_pid: Option<u32>,
     },
+    /// A storm of new authenticated (resumed) connections at --rate per second.
+    Connect {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long, default_value_t = 1000)]
+        conns: usize,
+        /// Logins in flight while minting the tokens.
+        #[arg(long, default_value_t = 64)]
+        parallel: usize,
+    },
     /// Print the figures of two reports side by side with their change.
     Compare { a: PathBuf, b: PathBuf },
 }
@@ -147,6 +157,21 @@ fn run() -> anyhow::Result<ExitCode> {
                 prefix: prefix(&common),
             };
             let report = runtime(&common)?.block_on(scenario::idle(params))?;
+            (common, report)
+        }
+        Command::Connect {
+            common,
+            conns,
+            parallel,
+        } => {
+            let params = scenario::ConnectParams {
+                url: common.url.clone(),
+                conns,
+                rate: common.rate,
+                parallel,
+                prefix: prefix(&common),
+            };
+            let report = runtime(&common)?.block_on(scenario::connect(params))?;
             (common, report)
         }
         Command::Echo { common, conns } => {

@@ -680,3 +680,118 @@ pub async fn idle(p: IdleParams) -> anyhow::Result<Report> {
             .collect(),
     })
 }
+
+// ---------------------------------------------------------------- connect
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ConnectParams {
+    pub url: String,
+    /// New authenticated connections in the storm.
+    pub conns: usize,
+    /// Connections per second (open loop).
+    pub rate: f64,
+    /// Logins in flight while minting the tokens the storm resumes with.
+    pub parallel: usize,
+    pub prefix: String,
+}
+
+/// `connect`: a storm of new connections at a fixed rate, each a TCP connect, a WebSocket
+/// handshake and a `resume` with a device token (minted beforehand by logging each device in
+/// once). Reports the set-up latency from the intended start, the achieved rate and failures.
+/// Connections stay open until the storm ends, so `conns` is bounded by the fd limit.
+pub async fn connect(p: ConnectParams) -> anyhow::Result<Report> {
+    anyhow::ensure!(
+        p.conns >= 1 && p.rate > 0.0,
+        "conns and rate must be positive"
+    );
+    let user = format!("{}-conn", p.prefix);
+    let mut first = Conn::connect(&p.url).await?;
+    let r = first
+        .request(
+            "register",
+            json!({ "username": user, "password": crate::provision::PASSWORD }),
+        )
+        .await?;
+    anyhow::ensure!(
+        r.get("ok").is_some() || r["error"]["code"] == "username_taken",
+        "register: {}",
+        r["error"]
+    );
+    drop(first);
+
+    // Tokens: one login per device, then the connection is closed; the storm resumes them.
+    let mut tokens = Vec::with_capacity(p.conns);
+    let mut next = 0;
+    while next < p.conns {
+        let batch: Vec<_> = (next..p.conns.min(next + p.parallel.max(1)))
+            .map(|i| {
+                let (url, user) = (p.url.clone(), user.clone());
+                tokio::spawn(async move {
+                    let mut c = Conn::connect(&url).await?;
+                    let ok = c
+                        .ok("login", json!({ "username": user, "password": crate::provision::PASSWORD, "device": format!("d{i}") }))
+                        .await?;
+                    ok["token"].as_str().map(str::to_owned).context("token")
+                })
+            })
+            .collect();
+        next += batch.len();
+        for t in batch {
+            tokens.push(t.await.context("login task")??);
+        }
+    }
+
+    let start = Instant::now() + Duration::from_millis(200);
+    let schedule = Schedule::new(start, p.rate, 1, 0);
+    let mut tasks = Vec::with_capacity(p.conns);
+    for (k, token) in tokens.into_iter().enumerate() {
+        let intended = schedule.at(k as u64);
+        tokio::time::sleep_until(intended.into()).await;
+        let url = p.url.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut c = Conn::connect(&url).await?;
+            c.ok("resume", json!({ "token": token })).await?;
+            Ok::<_, anyhow::Error>((c, Instant::now().saturating_duration_since(intended)))
+        }));
+    }
+    let mut setup = histogram();
+    let (mut ok, mut failures) = (0u64, 0u64);
+    let mut held = Vec::with_capacity(p.conns);
+    let mut last_done = start;
+    for t in tasks {
+        match t.await.context("connect task")? {
+            Ok((c, took)) => {
+                ok += 1;
+                record(&mut setup, took);
+                last_done = last_done.max(Instant::now());
+                held.push(c);
+            }
+            Err(e) => {
+                failures += 1;
+                if failures == 1 {
+                    eprintln!("hermod-bench: a connection failed: {e:#} (fd limit: `ulimit -n`)");
+                }
+            }
+        }
+    }
+    let achieved = ok as f64 / last_done.duration_since(start).as_secs_f64().max(1e-9);
+    drop(held);
+    let figures = json!({
+        "offered_per_s": p.rate,
+        "achieved_per_s": achieved,
+        "connections": ok,
+        "failures": failures,
+        "setup_latency": Summary::of(&setup),
+    });
+    Ok(Report {
+        schema: SCHEMA.into(),
+        scenario: "connect".into(),
+        started_at_unix_s: now_unix_s(),
+        params: serde_json::to_value(&p)?,
+        host: Host::this(),
+        figures,
+        histograms: [("setup_latency".to_owned(), encode_histogram(&setup))]
+            .into_iter()
+            .collect(),
+    })
+}
