@@ -92,3 +92,20 @@ fn connect_scenario_resumes_every_connection() {
     assert_eq!(f["failures"], 0, "{f}");
     assert_eq!(f["setup_latency"]["count"], 30, "{f}");
 }
+
+#[test]
+fn sync_scenario_pulls_every_backlogged_message() {
+    let server = Server::start(&[]);
+    let params = scenario::SyncParams {
+        url: format!("ws://{}/ws", server.addr),
+        pairs: 3,
+        backlog: 120,
+        page: 50,
+        body_bytes: 16,
+        prefix: "sync".into(),
+    };
+    let report = runtime().block_on(scenario::sync(params)).unwrap();
+    let f = &report.figures;
+    assert_eq!(f["pulled"], 360, "{f}");
+    assert_eq!(f["missing"], 0, "{f}");
+}

@@ -97,6 +97,19 @@ enum Command {
         #[arg(long, default_value_t = 64)]
         parallel: usize,
     },
+    /// Recipients come back to a backlog and pull it with `sync`: messages pulled per second.
+    Sync {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long, default_value_t = 20)]
+        pairs: usize,
+        #[arg(long, default_value_t = 1000)]
+        backlog: usize,
+        #[arg(long, default_value_t = 500)]
+        page: usize,
+        #[arg(long, default_value_t = 64)]
+        body_bytes: usize,
+    },
     /// Print the figures of two reports side by side with their change.
     Compare { a: PathBuf, b: PathBuf },
 }
@@ -172,6 +185,24 @@ fn run() -> anyhow::Result<ExitCode> {
                 prefix: prefix(&common),
             };
             let report = runtime(&common)?.block_on(scenario::connect(params))?;
+            (common, report)
+        }
+        Command::Sync {
+            common,
+            pairs,
+            backlog,
+            page,
+            body_bytes,
+        } => {
+            let params = scenario::SyncParams {
+                url: common.url.clone(),
+                pairs,
+                backlog,
+                page,
+                body_bytes,
+                prefix: prefix(&common),
+            };
+            let report = runtime(&common)?.block_on(scenario::sync(params))?;
             (common, report)
         }
         Command::Echo { common, conns } => {
