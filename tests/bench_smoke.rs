@@ -85,6 +85,7 @@ fn connect_scenario_resumes_every_connection() {
         rate: 300.0,
         parallel: 8,
         prefix: "storm".into(),
+        tokens_file: None,
     };
     let report = runtime().block_on(scenario::connect(params)).unwrap();
     let f = &report.figures;
@@ -108,4 +109,37 @@ fn sync_scenario_pulls_every_backlogged_message() {
     let f = &report.figures;
     assert_eq!(f["pulled"], 360, "{f}");
     assert_eq!(f["missing"], 0, "{f}");
+}
+
+#[test]
+fn provisioned_accounts_resume_on_the_real_server() {
+    // The benchmark provisioning path: accounts written offline, tokens resumed by the server.
+    let data = tempfile::Builder::new()
+        .prefix("hermod-prov-")
+        .tempdir()
+        .unwrap()
+        .keep();
+    let request = hermod_tools::provision::Request {
+        data: &data,
+        shards: 2,
+        prefix: "prov",
+        users: 40,
+        password: "password123",
+        device: "bench",
+        token_ttl_s: 3600,
+    };
+    let accounts = hermod_tools::provision::provision(&request).unwrap();
+    let server = Server::start_on(&data, &[]);
+    for (name, token) in accounts.iter().take(10) {
+        let mut c = server.client();
+        let ok = c.ok("resume", serde_json::json!({ "token": token }));
+        assert_eq!(ok["user"], name.as_str());
+        assert_eq!(ok["device"], "bench");
+    }
+    // And the shared password logs in too.
+    let mut c = server.client();
+    c.ok(
+        "login",
+        serde_json::json!({ "username": "prov-3", "password": "password123", "device": "pc" }),
+    );
 }

@@ -96,6 +96,9 @@ enum Command {
         /// Logins in flight while minting the tokens.
         #[arg(long, default_value_t = 64)]
         parallel: usize,
+        /// Use tokens from `hermod-tools provision --out FILE` instead of logging in.
+        #[arg(long, value_name = "FILE")]
+        tokens: Option<PathBuf>,
     },
     /// Recipients come back to a backlog and pull it with `sync`: messages pulled per second.
     Sync {
@@ -176,6 +179,7 @@ fn run() -> anyhow::Result<ExitCode> {
             common,
             conns,
             parallel,
+            tokens,
         } => {
             let params = scenario::ConnectParams {
                 url: common.url.clone(),
@@ -183,6 +187,7 @@ fn run() -> anyhow::Result<ExitCode> {
                 rate: common.rate,
                 parallel,
                 prefix: prefix(&common),
+                tokens_file: tokens,
             };
             let report = runtime(&common)?.block_on(scenario::connect(params))?;
             (common, report)

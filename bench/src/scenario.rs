@@ -693,6 +693,8 @@ pub struct ConnectParams {
     /// Logins in flight while minting the tokens the storm resumes with.
     pub parallel: usize,
     pub prefix: String,
+    /// Tokens from `hermod-tools provision` (`user<TAB>token` lines): no logins needed.
+    pub tokens_file: Option<std::path::PathBuf>,
 }
 
 /// `connect`: a storm of new connections at a fixed rate, each a TCP connect, a WebSocket
@@ -704,6 +706,32 @@ pub async fn connect(p: ConnectParams) -> anyhow::Result<Report> {
         p.conns >= 1 && p.rate > 0.0,
         "conns and rate must be positive"
     );
+    let tokens = match &p.tokens_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let tokens: Vec<String> = text
+                .lines()
+                .filter_map(|l| l.split('\t').nth(1))
+                .map(str::to_owned)
+                .take(p.conns)
+                .collect();
+            anyhow::ensure!(
+                tokens.len() == p.conns,
+                "{} holds {} tokens, {} needed",
+                path.display(),
+                tokens.len(),
+                p.conns
+            );
+            tokens
+        }
+        None => mint_by_login(&p).await?,
+    };
+    storm(&p, tokens).await
+}
+
+/// One login per device (`<prefix>-conn`, devices d0…): their tokens, for a storm of resumes.
+async fn mint_by_login(p: &ConnectParams) -> anyhow::Result<Vec<String>> {
     let user = format!("{}-conn", p.prefix);
     let mut first = Conn::connect(&p.url).await?;
     let r = first
@@ -740,7 +768,10 @@ pub async fn connect(p: ConnectParams) -> anyhow::Result<Report> {
             tokens.push(t.await.context("login task")??);
         }
     }
+    Ok(tokens)
+}
 
+async fn storm(p: &ConnectParams, tokens: Vec<String>) -> anyhow::Result<Report> {
     let start = Instant::now() + Duration::from_millis(200);
     let schedule = Schedule::new(start, p.rate, 1, 0);
     let mut tasks = Vec::with_capacity(p.conns);

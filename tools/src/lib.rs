@@ -4,6 +4,8 @@
 //! | --- | --- | --- |
 //! | [`plan`] | `plan` | the capacity planner: load → cores, hosts, memory, disk, network, with the arithmetic shown |
 //! | [`doctor`] | `doctor` | host checks against `tuning.md`: current, recommended, why |
+//! | [`provision`] | `provision` | bulk benchmark accounts written offline into a data dir, with signed tokens |
 
 pub mod doctor;
 pub mod plan;
+pub mod provision;

@@ -55,6 +55,28 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write benchmark accounts into a stopped server's data dir and print their tokens (TSV).
+    Provision {
+        /// The server's data dir (created if new). The server must be stopped.
+        #[arg(long)]
+        data: PathBuf,
+        /// The server's shard count (fixed once the data dir exists).
+        #[arg(long)]
+        shards: u16,
+        #[arg(long, default_value_t = 1000)]
+        users: usize,
+        #[arg(long, default_value = "bench")]
+        prefix: String,
+        #[arg(long, default_value = "hermod-bench-password")]
+        password: String,
+        #[arg(long, default_value = "bench")]
+        device: String,
+        #[arg(long, default_value_t = 7 * 24 * 3600)]
+        token_ttl_s: u64,
+        /// Write `username<TAB>token` lines here instead of stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Check this host against tuning.md: current, recommended, why.
     Doctor {
         /// Connections this host should hold.
@@ -129,6 +151,37 @@ fn main() -> anyhow::Result<()> {
                     );
                 }
             }
+        }
+        Command::Provision {
+            data,
+            shards,
+            users,
+            prefix,
+            password,
+            device,
+            token_ttl_s,
+            out,
+        } => {
+            let request = hermod_tools::provision::Request {
+                data: &data,
+                shards,
+                prefix: &prefix,
+                users,
+                password: &password,
+                device: &device,
+                token_ttl_s,
+            };
+            let accounts = hermod_tools::provision::provision(&request)?;
+            let text: String = accounts
+                .iter()
+                .map(|(u, t)| format!("{u}\t{t}\n"))
+                .collect();
+            match out {
+                Some(path) => std::fs::write(&path, text)
+                    .with_context(|| format!("writing {}", path.display()))?,
+                None => print!("{text}"),
+            }
+            eprintln!("provisioned {users} accounts in {}", data.display());
         }
         Command::Doctor {
             connections,
