@@ -818,7 +818,7 @@ async fn storm(p: &ConnectParams, tokens: Vec<String>) -> anyhow::Result<Report>
         schema: SCHEMA.into(),
         scenario: "connect".into(),
         started_at_unix_s: now_unix_s(),
-        params: serde_json::to_value(&p)?,
+        params: serde_json::to_value(p)?,
         host: Host::this(),
         figures,
         histograms: [("setup_latency".to_owned(), encode_histogram(&setup))]
