@@ -77,6 +77,13 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// What a data dir holds per shard (read-only; safe beside a running server).
+    Inspect {
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// Check this host against tuning.md: current, recommended, why.
     Doctor {
         /// Connections this host should hold.
@@ -182,6 +189,14 @@ fn main() -> anyhow::Result<()> {
                 None => print!("{text}"),
             }
             eprintln!("provisioned {users} accounts in {}", data.display());
+        }
+        Command::Inspect { data, json } => {
+            let stats = hermod_tools::inspect::inspect(&data)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&stats)?);
+            } else {
+                print!("{}", hermod_tools::inspect::render(&stats));
+            }
         }
         Command::Doctor {
             connections,

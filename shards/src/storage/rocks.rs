@@ -104,6 +104,49 @@ pub fn open(path: &Path, shards: u16) -> Result<Arc<DB>, OpenError> {
     Ok(Arc::new(db))
 }
 
+/// Visits every key of every shard's column family, read-only (works beside a running
+/// server: RocksDB's read-only mode takes no lock). Returns the recorded shard count.
+/// For operator tools (`hermod-tools inspect`), never for the serving path.
+pub fn visit_all(path: &Path, mut visit: impl FnMut(u16, &[u8], &[u8])) -> Result<u16, OpenError> {
+    let shown = path.display().to_string();
+    let opts = Options::default();
+    let names = DB::list_cf(&opts, path).map_err(|source| OpenError::Open {
+        path: shown.clone(),
+        source,
+    })?;
+    let db = DB::open_cf_for_read_only(&opts, path, &names, false).map_err(|source| {
+        OpenError::Open {
+            path: shown.clone(),
+            source,
+        }
+    })?;
+    let shards = match db
+        .get(SHARDS_KEY)
+        .map_err(|e| OpenError::Meta(e.to_string()))?
+    {
+        Some(v) => v
+            .as_slice()
+            .try_into()
+            .map(u16::from_be_bytes)
+            .map_err(|_| OpenError::Meta("bad shard count".into()))?,
+        None => {
+            return Err(OpenError::Meta(format!(
+                "{shown} holds no Hermod shard count"
+            )))
+        }
+    };
+    for shard in 0..shards {
+        let Some(cf) = db.cf_handle(&cf_name(shard)) else {
+            continue;
+        };
+        for item in db.iterator_cf(cf, IteratorMode::Start) {
+            let (k, v) = item.map_err(|e| OpenError::Meta(e.to_string()))?;
+            visit(shard, &k, &v);
+        }
+    }
+    Ok(shards)
+}
+
 /// One shard's view of the database. Cheap to clone; `Send`, so the driver can move a clone
 /// into a blocking-pool closure to write.
 #[derive(Clone)]
