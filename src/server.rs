@@ -2,16 +2,15 @@
 //! pinned glommio executor per shard, the mesh between them, and SIGINT/SIGTERM handling.
 
 use std::fs;
-use std::io::{Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
+use std::io::Write;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use glommio::{LocalExecutorBuilder, Placement, PoolPlacement};
-use hermod_shards::auth::{HashCost, SECRET_BYTES};
+use hermod_shards::auth::HashCost;
 use hermod_shards::engine::{Config as EngineConfig, Durability};
+use hermod_shards::storage::datadir;
 use hermod_shards::storage::rocks::{self, RocksStorage};
 use hermod_shards::{Shard, ShardId};
 use rand::RngCore;
@@ -38,8 +37,9 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
 
     fs::create_dir_all(&cfg.data)
         .with_context(|| format!("creating data dir {}", cfg.data.display()))?;
-    let secret = load_secret(&cfg.data.join("secret.key"))?;
-    let db = rocks::open(&cfg.data.join("db"), cfg.shards)?;
+    let secret = datadir::load_or_create_secret(&cfg.data)
+        .with_context(|| format!("token secret in {}", cfg.data.display()))?;
+    let db = rocks::open(&datadir::db_path(&cfg.data), cfg.shards)?;
 
     let (placeholder, addr) = reserve(cfg.listen)?;
     let (bound_tx, bound_rx) = std::sync::mpsc::channel();
@@ -160,28 +160,4 @@ fn io_memory_per_executor(shards: usize) -> anyhow::Result<usize> {
         );
     }
     Ok(per)
-}
-
-/// Reads the token-signing secret, creating it (mode 0600) on first start.
-fn load_secret(path: &Path) -> anyhow::Result<[u8; SECRET_BYTES]> {
-    let mut secret = [0u8; SECRET_BYTES];
-    match fs::File::open(path) {
-        Ok(mut f) => {
-            f.read_exact(&mut secret)
-                .with_context(|| format!("reading {}", path.display()))?;
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            rand::rngs::OsRng.fill_bytes(&mut secret);
-            let mut f = fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(path)
-                .with_context(|| format!("creating {}", path.display()))?;
-            f.write_all(&secret)?;
-            f.sync_all()?;
-        }
-        Err(e) => return Err(e).with_context(|| format!("opening {}", path.display())),
-    }
-    Ok(secret)
 }

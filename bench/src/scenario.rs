@@ -576,19 +576,7 @@ fn rss_bytes(pid: u32) -> Option<u64> {
 pub async fn idle(p: IdleParams) -> anyhow::Result<Report> {
     anyhow::ensure!(p.conns >= 1, "conns must be at least 1");
     let user = format!("{}-idle", p.prefix);
-    let mut first = Conn::connect(&p.url).await?;
-    let r = first
-        .request(
-            "register",
-            json!({ "username": user, "password": crate::provision::PASSWORD }),
-        )
-        .await?;
-    anyhow::ensure!(
-        r.get("ok").is_some() || r["error"]["code"] == "username_taken",
-        "register: {}",
-        r["error"]
-    );
-    drop(first);
+    register_one(&p.url, &user).await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let rss_before = p.server_pid.and_then(rss_bytes);
 
@@ -596,34 +584,16 @@ pub async fn idle(p: IdleParams) -> anyhow::Result<Report> {
     let mut held = Vec::with_capacity(p.conns);
     let mut setup = histogram();
     let mut failures = 0u64;
-    let mut next = 0;
-    while next < p.conns {
-        let batch: Vec<_> = (next..p.conns.min(next + p.parallel.max(1)))
-            .map(|i| {
-                let (url, user) = (p.url.clone(), user.clone());
-                tokio::spawn(async move {
-                    let t = Instant::now();
-                    let mut c = Conn::connect(&url).await?;
-                    let device = format!("d{i}");
-                    c.ok("login", json!({ "username": user, "password": crate::provision::PASSWORD, "device": device })).await?;
-                    Ok::<_, anyhow::Error>((c, t.elapsed()))
-                })
-            })
-            .collect();
-        next += batch.len();
-        for t in batch {
-            match t.await.context("login task")? {
-                Ok((c, took)) => {
-                    record(&mut setup, took);
-                    held.push(c);
-                }
-                Err(e) => {
-                    failures += 1;
-                    if failures == 1 {
-                        eprintln!(
-                            "hermod-bench: a connection failed: {e:#} (fd limit: `ulimit -n`)"
-                        );
-                    }
+    for result in login_devices(&p.url, &user, p.conns, p.parallel).await? {
+        match result {
+            Ok((c, _token, took)) => {
+                record(&mut setup, took);
+                held.push(c);
+            }
+            Err(e) => {
+                failures += 1;
+                if failures == 1 {
+                    eprintln!("hermod-bench: a connection failed: {e:#} (fd limit: `ulimit -n`)");
                 }
             }
         }
@@ -733,8 +703,19 @@ pub async fn connect(p: ConnectParams) -> anyhow::Result<Report> {
 /// One login per device (`<prefix>-conn`, devices d0…): their tokens, for a storm of resumes.
 async fn mint_by_login(p: &ConnectParams) -> anyhow::Result<Vec<String>> {
     let user = format!("{}-conn", p.prefix);
-    let mut first = Conn::connect(&p.url).await?;
-    let r = first
+    register_one(&p.url, &user).await?;
+    // The connections close here; the storm resumes their devices.
+    login_devices(&p.url, &user, p.conns, p.parallel)
+        .await?
+        .into_iter()
+        .map(|r| r.map(|(_, token, _)| token))
+        .collect()
+}
+
+/// Registers `user` with the benchmark password (an existing account is fine).
+async fn register_one(url: &str, user: &str) -> anyhow::Result<()> {
+    let mut c = Conn::connect(url).await?;
+    let r = c
         .request(
             "register",
             json!({ "username": user, "password": crate::provision::PASSWORD }),
@@ -742,33 +723,42 @@ async fn mint_by_login(p: &ConnectParams) -> anyhow::Result<Vec<String>> {
         .await?;
     anyhow::ensure!(
         r.get("ok").is_some() || r["error"]["code"] == "username_taken",
-        "register: {}",
+        "register {user}: {}",
         r["error"]
     );
-    drop(first);
+    Ok(())
+}
 
-    // Tokens: one login per device, then the connection is closed; the storm resumes them.
-    let mut tokens = Vec::with_capacity(p.conns);
+/// Logs `user` in as devices `d0…d{n-1}`, `parallel` at a time: for each, its connection, its
+/// token and how long connect + handshake + login took (or why it failed).
+async fn login_devices(
+    url: &str,
+    user: &str,
+    n: usize,
+    parallel: usize,
+) -> anyhow::Result<Vec<anyhow::Result<(Conn, String, Duration)>>> {
+    let mut out = Vec::with_capacity(n);
     let mut next = 0;
-    while next < p.conns {
-        let batch: Vec<_> = (next..p.conns.min(next + p.parallel.max(1)))
+    while next < n {
+        let batch: Vec<_> = (next..n.min(next + parallel.max(1)))
             .map(|i| {
-                let (url, user) = (p.url.clone(), user.clone());
+                let (url, user) = (url.to_owned(), user.to_owned());
                 tokio::spawn(async move {
+                    let t = Instant::now();
                     let mut c = Conn::connect(&url).await?;
-                    let ok = c
-                        .ok("login", json!({ "username": user, "password": crate::provision::PASSWORD, "device": format!("d{i}") }))
-                        .await?;
-                    ok["token"].as_str().map(str::to_owned).context("token")
+                    let login = json!({ "username": user, "password": crate::provision::PASSWORD, "device": format!("d{i}") });
+                    let ok = c.ok("login", login).await?;
+                    let token = ok["token"].as_str().context("token")?.to_owned();
+                    Ok((c, token, t.elapsed()))
                 })
             })
             .collect();
         next += batch.len();
         for t in batch {
-            tokens.push(t.await.context("login task")??);
+            out.push(t.await.context("login task")?);
         }
     }
-    Ok(tokens)
+    Ok(out)
 }
 
 async fn storm(p: &ConnectParams, tokens: Vec<String>) -> anyhow::Result<Report> {

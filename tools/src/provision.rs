@@ -7,17 +7,16 @@
 //! All accounts share one password, hashed once at the production argon2id cost.
 
 use std::fs;
-use std::io::{Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use anyhow::Context;
-use hermod_shards::auth::{self, HashCost, Job, JobResult, TokenClaims, TokenKey, SECRET_BYTES};
+use hermod_shards::auth::{self, HashCost, Job, JobResult, TokenClaims, TokenKey};
 use hermod_shards::engine::Durability;
 use hermod_shards::ids::UserId;
+use hermod_shards::storage::datadir;
 use hermod_shards::storage::rocks::{self, RocksStorage};
 use hermod_shards::storage::{keys, DeviceRecord, UserRecord, WriteOp};
-use rand::{Rng, RngCore};
+use rand::Rng;
 
 pub struct Request<'a> {
     pub data: &'a Path,
@@ -35,8 +34,8 @@ pub fn provision(r: &Request) -> anyhow::Result<Vec<(String, String)>> {
     auth::check_device(r.device)
         .map_err(|_| anyhow::anyhow!("device names are 1-64 printable characters"))?;
     fs::create_dir_all(r.data).with_context(|| format!("creating {}", r.data.display()))?;
-    let key = TokenKey::new(&secret(&r.data.join("secret.key"))?);
-    let db = rocks::open(&r.data.join("db"), r.shards)?;
+    let key = TokenKey::new(&datadir::load_or_create_secret(r.data).context("token secret")?);
+    let db = rocks::open(&datadir::db_path(r.data), r.shards)?;
     let JobResult::Hashed(Some(phc)) = (Job::Hash {
         password: r.password.to_owned(),
     })
@@ -84,29 +83,6 @@ pub fn provision(r: &Request) -> anyhow::Result<Vec<(String, String)>> {
     Ok(out)
 }
 
-/// The data dir's token secret, created (mode 0600) if this is a new data dir — the same file
-/// the server reads and creates.
-fn secret(path: &Path) -> anyhow::Result<[u8; SECRET_BYTES]> {
-    let mut secret = [0u8; SECRET_BYTES];
-    match fs::File::open(path) {
-        Ok(mut f) => f
-            .read_exact(&mut secret)
-            .with_context(|| format!("reading {}", path.display()))?,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            rand::rngs::OsRng.fill_bytes(&mut secret);
-            let mut f = fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(path)?;
-            f.write_all(&secret)?;
-            f.sync_all()?;
-        }
-        Err(e) => return Err(e).with_context(|| format!("opening {}", path.display())),
-    }
-    Ok(secret)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -126,8 +102,8 @@ mod tests {
         };
         let accounts = provision(&req).unwrap();
         assert_eq!(accounts.len(), 50);
-        let key = TokenKey::new(&secret(&dir.path().join("secret.key")).unwrap());
-        let db = rocks::open(&dir.path().join("db"), 2).unwrap();
+        let key = TokenKey::new(&datadir::load_or_create_secret(dir.path()).unwrap());
+        let db = rocks::open(&datadir::db_path(dir.path()), 2).unwrap();
         for (name, token) in &accounts {
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)

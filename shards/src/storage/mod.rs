@@ -18,6 +18,7 @@
 //!
 //! Values are rkyv archives: no schema parsing on read, validated before use.
 
+pub mod datadir;
 pub mod rocks;
 
 use std::cell::RefCell;
