@@ -41,6 +41,32 @@ pub struct Host {
     pub hostname: String,
 }
 
+impl Report {
+    /// A report of this host, now, with each histogram encoded.
+    pub fn new<P: Serialize>(
+        scenario: &str,
+        params: &P,
+        figures: Value,
+        histograms: &[(&str, &Histogram<u64>)],
+    ) -> anyhow::Result<Report> {
+        let started_at_unix_s = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        Ok(Report {
+            schema: SCHEMA.into(),
+            scenario: scenario.into(),
+            started_at_unix_s,
+            params: serde_json::to_value(params)?,
+            host: Host::this(),
+            figures,
+            histograms: histograms
+                .iter()
+                .map(|(name, h)| (name.to_string(), encode_histogram(h)))
+                .collect(),
+        })
+    }
+}
+
 impl Host {
     pub fn this() -> Host {
         let read = |p: &str| {

@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet};
 use std::io::IsTerminal;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use futures_util::{SinkExt, StreamExt};
@@ -19,7 +19,7 @@ use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::conn::Conn;
-use crate::report::{encode_histogram, Host, Report, SCHEMA};
+use crate::report::Report;
 use crate::stats::{histogram, record, Correctness, Summary};
 
 /// Request ids of the measured phase start here, so `rid - RID_BASE` is the send's index.
@@ -91,12 +91,6 @@ fn progress_line(
             last = (sent, done);
         }
     })
-}
-
-fn now_unix_s() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 // ---------------------------------------------------------------- direct
@@ -249,19 +243,16 @@ pub async fn direct(p: DirectParams) -> anyhow::Result<Report> {
         "e2e_service_latency": Summary::of(&e2e_service),
         "correctness": c,
     });
-    let histograms = [
-        ("ack_latency".to_owned(), encode_histogram(&ack)),
-        ("e2e_latency".to_owned(), encode_histogram(&e2e)),
-    ];
-    Ok(Report {
-        schema: SCHEMA.into(),
-        scenario: "direct".into(),
-        started_at_unix_s: now_unix_s(),
-        params: serde_json::to_value(&p)?,
-        host: Host::this(),
+    Report::new(
+        "direct",
+        &p,
         figures,
-        histograms: histograms.into_iter().collect(),
-    })
+        &[
+            ("ack_latency", &ack),
+            ("e2e_latency", &e2e),
+            ("e2e_service_latency", &e2e_service),
+        ],
+    )
 }
 
 /// One user's connection: a writer task follows the send schedule (and sends the acks the
@@ -530,17 +521,7 @@ pub async fn echo(p: EchoParams) -> anyhow::Result<Report> {
         "errors": errors,
         "unanswered": sent - answered - errors,
     });
-    Ok(Report {
-        schema: SCHEMA.into(),
-        scenario: "echo".into(),
-        started_at_unix_s: now_unix_s(),
-        params: serde_json::to_value(&p)?,
-        host: Host::this(),
-        figures,
-        histograms: [("latency".to_owned(), encode_histogram(&all))]
-            .into_iter()
-            .collect(),
-    })
+    Report::new("echo", &p, figures, &[("latency", &all)])
 }
 
 // ---------------------------------------------------------------- idle
@@ -638,17 +619,7 @@ pub async fn idle(p: IdleParams) -> anyhow::Result<Report> {
         "server_rss_after_bytes": rss_after,
         "server_bytes_per_connection": per_conn,
     });
-    Ok(Report {
-        schema: SCHEMA.into(),
-        scenario: "idle".into(),
-        started_at_unix_s: now_unix_s(),
-        params: serde_json::to_value(&p)?,
-        host: Host::this(),
-        figures,
-        histograms: [("setup_latency".to_owned(), encode_histogram(&setup))]
-            .into_iter()
-            .collect(),
-    })
+    Report::new("idle", &p, figures, &[("setup_latency", &setup)])
 }
 
 // ---------------------------------------------------------------- connect
@@ -804,17 +775,7 @@ async fn storm(p: &ConnectParams, tokens: Vec<String>) -> anyhow::Result<Report>
         "failures": failures,
         "setup_latency": Summary::of(&setup),
     });
-    Ok(Report {
-        schema: SCHEMA.into(),
-        scenario: "connect".into(),
-        started_at_unix_s: now_unix_s(),
-        params: serde_json::to_value(p)?,
-        host: Host::this(),
-        figures,
-        histograms: [("setup_latency".to_owned(), encode_histogram(&setup))]
-            .into_iter()
-            .collect(),
-    })
+    Report::new("connect", &p, figures, &[("setup_latency", &setup)])
 }
 
 // ---------------------------------------------------------------- sync
@@ -953,15 +914,5 @@ pub async fn sync(p: SyncParams) -> anyhow::Result<Report> {
         "page_latency": Summary::of(&pages),
     });
     anyhow::ensure!(pulled == expected, "pulled {pulled} of {expected} messages");
-    Ok(Report {
-        schema: SCHEMA.into(),
-        scenario: "sync".into(),
-        started_at_unix_s: now_unix_s(),
-        params: serde_json::to_value(&p)?,
-        host: Host::this(),
-        figures,
-        histograms: [("page_latency".to_owned(), encode_histogram(&pages))]
-            .into_iter()
-            .collect(),
-    })
+    Report::new("sync", &p, figures, &[("page_latency", &pages)])
 }
