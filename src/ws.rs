@@ -333,3 +333,41 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    //! Seeded random inputs through the decoder (a stable-toolchain stand-in for cargo-fuzz,
+    //! which needs nightly): it must never panic, never claim more bytes than it was given,
+    //! and a violation must carry a close code from RFC 6455's set.
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    #[test]
+    fn random_bytes_never_panic() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
+        for _ in 0..20_000 {
+            let len = rng.gen_range(0..300);
+            let mut buf: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
+            // Bias towards plausible headers so the deeper paths run too.
+            if rng.gen_bool(0.7) && buf.len() >= 2 {
+                buf[0] = [0x81, 0x01, 0x80, 0x82, 0x88, 0x89, 0x8a, 0x00][rng.gen_range(0..8)];
+                buf[1] |= 0x80;
+            }
+            let mut decoder = Decoder::default();
+            let mut at = 0;
+            loop {
+                match decoder.decode(&mut buf[at..], 200) {
+                    Ok(Some((_, used))) => {
+                        assert!(used > 0 && at + used <= len);
+                        at += used;
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        assert!([1002, 1007, 1009].contains(&e.code), "{e}");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
