@@ -3,7 +3,11 @@
 # bindgen) and a C++ compiler. Idempotent; sourced by the other scripts.
 set -euo pipefail
 have_libclang() {
-  ls /usr/lib/llvm-*/lib/libclang*.so* /usr/lib/x86_64-linux-gnu/libclang*.so* /usr/lib/aarch64-linux-gnu/libclang*.so* >/dev/null 2>&1
+  local f
+  for f in /usr/lib/llvm-*/lib/libclang*.so* /usr/lib/*-linux-gnu/libclang*.so*; do
+    [ -e "$f" ] && return 0
+  done
+  return 1
 }
 if ! have_libclang || ! command -v c++ >/dev/null 2>&1; then
   echo "hermod: installing build dependencies (libclang-dev, g++)" >&2
