@@ -277,12 +277,11 @@ impl<S: Storage> Shard<S> {
             }
             Mail::Reply { conn, frame } => self.send(conn, frame),
             Mail::Deliver {
-                conv,
-                seq,
                 msg,
                 recipients,
                 skip,
-            } => self.home_deliver(now_ms, conv, seq, &msg, &recipients, skip),
+                ..
+            } => self.home_deliver(now_ms, &msg, &recipients, skip),
             Mail::RangeDone { gather, page } => self.gather_range_done(gather, page),
             Mail::LastSeqsDone { gather, seqs } => self.gather_last_seqs_done(gather, seqs),
         }

@@ -7,6 +7,7 @@
 //! a user lives on one core and delivery to a user is local.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 
 use rand::Rng;
 use serde::Deserialize;
@@ -37,8 +38,10 @@ pub(crate) struct Session {
     pub device: String,
 }
 
+/// A push awaiting its ack. Holds the message JSON shared by every recipient (one allocation
+/// per message, not per push); a retry rebuilds the small push envelope around it.
 struct Unacked {
-    frame: String,
+    msg: Arc<str>,
     sent_ms: u64,
 }
 
@@ -792,9 +795,7 @@ impl<S: Storage> Shard<S> {
     pub(super) fn home_deliver(
         &mut self,
         now_ms: u64,
-        _conv: ConvId,
-        _seq: u64,
-        msg: &str,
+        msg: &Arc<str>,
         recipients: &[UserId],
         skip: Option<ConnId>,
     ) {
@@ -809,7 +810,7 @@ impl<S: Storage> Shard<S> {
         }
     }
 
-    fn push(&mut self, now_ms: u64, conn: ConnId, msg: &str) {
+    fn push(&mut self, now_ms: u64, conn: ConnId, msg: &Arc<str>) {
         let Some(c) = self.sessions.conns.get_mut(&conn) else {
             return;
         };
@@ -823,7 +824,7 @@ impl<S: Storage> Shard<S> {
         c.unacked.insert(
             pid,
             Unacked {
-                frame: frame.clone(),
+                msg: msg.clone(),
                 sent_ms: now_ms,
             },
         );
@@ -857,13 +858,13 @@ impl<S: Storage> Shard<S> {
                 c.last_ping_ms = now_ms;
                 self.out.push_back(Output::Ping { conn });
             }
-            for unacked in c.unacked.values_mut() {
+            for (&pid, unacked) in c.unacked.iter_mut() {
                 if now_ms.saturating_sub(unacked.sent_ms) >= retry {
                     unacked.sent_ms = now_ms;
                     self.stats.push_retries += 1;
                     self.out.push_back(Output::Send {
                         conn,
-                        frame: unacked.frame.clone(),
+                        frame: message_push(pid, &unacked.msg),
                     });
                 }
             }
