@@ -3,7 +3,8 @@
 //!
 //! One task per connection does both directions: it waits for either readable bytes or work
 //! in its [`Outbox`], so no lock or split stream is needed. Bytes read go to the shard's
-//! shared scratch buffer; only an incomplete frame is kept per connection.
+//! shared scratch buffer, then to the connection's buffer until decoded; that buffer is
+//! released when drained if it grew past `KEEP_BUFFER_BYTES`, so idle connections stay small.
 //!
 //! Outbox policy: at most `OUTBOX_BYTES_MAX` bytes queued; a push beyond it closes the
 //! connection (4001, slow consumer) — the device loses nothing, it syncs on reconnect. Writes

@@ -57,8 +57,10 @@ pub struct ShardCtx {
     /// Mails queued locally because a peer channel was full.
     backlog: Cell<usize>,
     committing: Cell<bool>,
-    /// Shared read buffer: a socket read lands here and is copied into the connection's own
-    /// buffer only when a frame is incomplete, so idle connections hold no read buffer.
+    /// Shared read buffer: a socket read lands here (one 64 KiB buffer per shard, not per
+    /// connection) and is then appended to the connection's own buffer, which holds only bytes
+    /// not yet decoded and is released once drained if it grew past 4 KiB. Decoding straight
+    /// from here would save that copy; not done yet.
     pub scratch: RefCell<Vec<u8>>,
     pub frame_bytes_max: usize,
 }
