@@ -4,7 +4,9 @@
 set -euo pipefail
 have_libclang() {
   local f
-  for f in /usr/lib/llvm-*/lib/libclang*.so* /usr/lib/*-linux-gnu/libclang*.so*; do
+  # libclang itself, not libclang-cpp (installed with LLVM alone, useless to bindgen).
+  for f in /usr/lib/llvm-*/lib/libclang.so* /usr/lib/llvm-*/lib/libclang-[0-9]*.so* \
+    /usr/lib/*-linux-gnu/libclang.so* /usr/lib/*-linux-gnu/libclang-[0-9]*.so*; do
     [ -e "$f" ] && return 0
   done
   return 1
