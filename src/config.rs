@@ -40,6 +40,12 @@ pub struct ServeArgs {
     /// Requests per connection per second before `rate_limited` (10x that closes it).
     #[arg(long, value_name = "N")]
     pub rate_limit: Option<u32>,
+    /// Largest group, in members (default 10000).
+    #[arg(long, value_name = "N")]
+    pub group_members_max: Option<usize>,
+    /// Seconds after sending in which a sender may recall or edit a message (default 900).
+    #[arg(long, value_name = "S")]
+    pub edit_window_s: Option<u64>,
     /// Argon2id memory cost in KiB (default 19456, OWASP's minimum). Lower only for tests.
     #[arg(long, value_name = "KIB")]
     pub argon2_memory_kib: Option<u32>,
@@ -64,6 +70,8 @@ struct FileConfig {
     push_retry_ms: Option<u64>,
     body_bytes_max: Option<usize>,
     rate_limit: Option<u32>,
+    group_members_max: Option<usize>,
+    edit_window_s: Option<u64>,
     token_ttl_s: Option<u64>,
     argon2_memory_kib: Option<u32>,
     argon2_passes: Option<u32>,
@@ -82,6 +90,8 @@ pub struct Config {
     pub push_retry_ms: u64,
     pub body_bytes_max: usize,
     pub rate_limit: u32,
+    pub group_members_max: usize,
+    pub edit_window_s: u64,
     pub token_ttl_s: u64,
     pub argon2_memory_kib: u32,
     pub argon2_passes: u32,
@@ -136,6 +146,14 @@ impl Config {
                 .rate_limit
                 .or(file.rate_limit)
                 .unwrap_or(hermod_shards::limits::REQUESTS_PER_SEC_MAX),
+            group_members_max: args
+                .group_members_max
+                .or(file.group_members_max)
+                .unwrap_or(hermod_shards::limits::GROUP_MEMBERS_MAX),
+            edit_window_s: args
+                .edit_window_s
+                .or(file.edit_window_s)
+                .unwrap_or(hermod_shards::limits::EDIT_WINDOW_MS / 1000),
             body_bytes_max: file
                 .body_bytes_max
                 .unwrap_or(hermod_shards::limits::BODY_BYTES_MAX),
@@ -156,7 +174,7 @@ impl Config {
     }
 
     fn check(&self) -> anyhow::Result<()> {
-        use hermod_shards::limits::{BODY_BYTES_MAX, SHARDS_MAX};
+        use hermod_shards::limits::{BODY_BYTES_MAX, GROUP_MEMBERS_LIMIT, SHARDS_MAX};
         if self.shards == 0 || self.shards as usize > SHARDS_MAX {
             bail!("shards must be 1..={SHARDS_MAX}");
         }
@@ -171,6 +189,9 @@ impl Config {
         }
         if self.body_bytes_max == 0 || self.body_bytes_max > BODY_BYTES_MAX {
             bail!("body_bytes_max must be 1..={BODY_BYTES_MAX}");
+        }
+        if !(2..=GROUP_MEMBERS_LIMIT).contains(&self.group_members_max) {
+            bail!("group_members_max must be 2..={GROUP_MEMBERS_LIMIT}");
         }
         if self.argon2_memory_kib < 8 || self.argon2_passes == 0 {
             bail!("argon2_memory_kib must be >= 8 and argon2_passes >= 1");

@@ -29,11 +29,18 @@ pub type Seq = u64;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ConnId(pub u64);
 
+/// A group: a random id drawn by the creator's home shard. Membership lives with the group's
+/// owner shard, never in the id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct GroupId(pub u64);
+
 /// A conversation. One-to-one conversations are named by their two members (lower id first),
-/// so membership is checked without a lookup and both sides derive the same id.
+/// so membership is checked without a lookup and both sides derive the same id. Groups are
+/// named by their id; their owner shard holds the member list.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ConvId {
     Direct(UserId, UserId),
+    Group(GroupId),
 }
 
 impl UserId {
@@ -66,14 +73,22 @@ impl ConvId {
         Slot((xxh3_64(&self.to_bytes()) % SLOTS as u64) as u16)
     }
 
-    pub fn members(self) -> [UserId; 2] {
+    /// The two members of a one-to-one conversation; `None` for a group.
+    pub fn direct_members(self) -> Option<[UserId; 2]> {
         match self {
-            ConvId::Direct(a, b) => [a, b],
+            ConvId::Direct(a, b) => Some([a, b]),
+            ConvId::Group(_) => None,
         }
     }
 
-    pub fn has_member(self, user: UserId) -> bool {
-        self.members().contains(&user)
+    /// Whether `user` may be in this conversation as far as the id alone tells: always true
+    /// for groups (their owner checks), the two members for a one-to-one conversation.
+    pub fn may_have_member(self, user: UserId) -> bool {
+        self.direct_members().is_none_or(|m| m.contains(&user))
+    }
+
+    pub fn is_group(self) -> bool {
+        matches!(self, ConvId::Group(_))
     }
 
     /// Fixed-width key encoding: kind byte, then the ids big-endian (so keys sort by id).
@@ -85,22 +100,33 @@ impl ConvId {
                 out[1..9].copy_from_slice(&a.0.to_be_bytes());
                 out[9..17].copy_from_slice(&b.0.to_be_bytes());
             }
+            ConvId::Group(g) => {
+                out[0] = b'g';
+                out[1..9].copy_from_slice(&g.0.to_be_bytes());
+            }
         }
         out
     }
 
     pub fn from_bytes(bytes: &[u8]) -> Option<ConvId> {
-        if bytes.len() != 17 || bytes[0] != b'd' {
+        if bytes.len() != 17 {
             return None;
         }
         let a = u64::from_be_bytes(bytes[1..9].try_into().ok()?);
         let b = u64::from_be_bytes(bytes[9..17].try_into().ok()?);
-        (a <= b).then_some(ConvId::Direct(UserId(a), UserId(b)))
+        match bytes[0] {
+            b'd' => (a <= b).then_some(ConvId::Direct(UserId(a), UserId(b))),
+            b'g' => (b == 0).then_some(ConvId::Group(GroupId(a))),
+            _ => None,
+        }
     }
 
-    /// Parses the protocol form `d.<hex>.<hex>`. Rejects non-canonical forms (wrong order,
-    /// upper case, leading zeros) so one conversation has exactly one name.
+    /// Parses the protocol forms `d.<hex>.<hex>` and `g.<hex>`. Rejects non-canonical forms
+    /// (wrong order, upper case, leading zeros) so one conversation has exactly one name.
     pub fn parse(text: &str) -> Option<ConvId> {
+        if let Some(rest) = text.strip_prefix("g.") {
+            return parse_hex(rest).map(|g| ConvId::Group(GroupId(g)));
+        }
         let rest = text.strip_prefix("d.")?;
         let (a, b) = rest.split_once('.')?;
         let a = parse_hex(a)?;
@@ -126,6 +152,7 @@ impl fmt::Display for ConvId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ConvId::Direct(a, b) => write!(f, "d.{:x}.{:x}", a.0, b.0),
+            ConvId::Group(g) => write!(f, "g.{:x}", g.0),
         }
     }
 }
@@ -152,6 +179,12 @@ mod tests {
         assert_eq!(ConvId::parse("d.012.feed"), None, "leading zero");
         assert_eq!(ConvId::parse("d.12.FEED"), None, "upper case");
         assert_eq!(ConvId::parse("g.1.2"), None);
+        let g = ConvId::Group(GroupId(0xabc));
+        assert_eq!(g.to_string(), "g.abc");
+        assert_eq!(ConvId::parse("g.abc"), Some(g));
+        assert_eq!(ConvId::from_bytes(&g.to_bytes()), Some(g));
+        assert_eq!(ConvId::parse("g.0abc"), None, "leading zero");
+        assert!(g.may_have_member(UserId(5)) && !c.may_have_member(UserId(5)));
         assert_eq!(ConvId::parse("d.1"), None);
     }
 

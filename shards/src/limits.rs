@@ -68,6 +68,25 @@ pub const MAIL_BACKLOG_MAX: usize = 16 * 1024;
 /// next commit.
 pub const COMMIT_OPS_MAX: usize = 8 * 1024;
 
+/// Default largest group (configurable up to `GROUP_MEMBERS_LIMIT`). Beyond it: `group_full`.
+pub const GROUP_MEMBERS_MAX: usize = 10_000;
+
+/// Hard ceiling on the configurable group size: the owner keeps every member of a loaded group
+/// in memory, and one fan-out carries every member id once.
+pub const GROUP_MEMBERS_LIMIT: usize = 100_000;
+
+/// Users named in one `group_create` or `group_invite`.
+pub const GROUP_INVITE_MAX: usize = 1_000;
+
+pub const GROUP_NAME_BYTES_MAX: usize = 64;
+
+/// Default window in which a sender may recall or edit their message (configurable).
+pub const EDIT_WINDOW_MS: u64 = 15 * 60 * 1000;
+
+/// Typing notices a connection may send per conversation-agnostic interval: one per this many
+/// ms; more are answered `rate_limited` (they are ephemeral, dropping them loses nothing).
+pub const TYPING_INTERVAL_MS: u64 = 1_000;
+
 /// Usernames: length bounds, in bytes (ASCII only).
 pub const USERNAME_BYTES_MIN: usize = 3;
 pub const USERNAME_BYTES_MAX: usize = 32;
@@ -88,6 +107,11 @@ const _: () = assert!(
     "an outbox holds several frames"
 );
 const _: () = assert!(MAIL_BACKLOG_MAX >= MAIL_CHANNEL_CAPACITY);
+const _: () = assert!(GROUP_MEMBERS_MAX <= GROUP_MEMBERS_LIMIT);
+const _: () = assert!(
+    GROUP_INVITE_MAX * (USERNAME_BYTES_MAX + 3) < FRAME_BYTES_MAX,
+    "a full invite fits in one frame"
+);
 const _: () = assert!(
     PAGE_MAX * 100 < OUTBOX_BYTES_MAX * 4,
     "a page of small messages fits"

@@ -5,8 +5,9 @@
 //! an owner shard's `Deliver` mails for one conversation reach each home shard in seq order.
 //!
 //! Directions: *home → owner* mails carry a [`ReplyTo`] or a [`GatherRef`] naming where the
-//! answer goes; *owner → home* mails are those answers, plus `Deliver` (fan-out) and
-//! `EnsureMember` (the owner asking a member's home shard to index a new conversation).
+//! answer goes; *owner → home* mails are those answers, plus `Deliver` (fan-out), `Ephemeral`
+//! (typing, receipts) and `EnsureMember`/`Index`/`Unindex` (the owner keeping members'
+//! conversation lists in step with membership).
 
 use std::sync::Arc;
 
@@ -31,6 +32,87 @@ pub struct GatherRef {
 
 /// A page of messages (their client JSON, ascending seq) and whether more follow.
 pub type Page = Result<(Vec<String>, bool), ErrorCode>;
+
+/// What the owner tells a member's conversation list about one conversation.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ConvSummary {
+    pub last_seq: Seq,
+    /// Messages at or below this seq are not the member's to read (a group joined later that
+    /// hides earlier history): unread counts start above it.
+    pub floor: Seq,
+    /// The group's current name; `None` for one-to-one conversations.
+    pub title: Option<String>,
+    /// False when the member's index outlived their membership (a crash between a removal and
+    /// the index clean-up): the list drops the entry.
+    pub member: bool,
+    /// One-to-one: the peer's read cursor (for "read" ticks).
+    pub peer_read: Option<Seq>,
+}
+
+/// A user named in a request, resolved by the requester's shard: id and normalised name.
+pub type Named = (UserId, String);
+
+/// Requests on one conversation that its owner runs, other than the hot `Append`.
+#[derive(Debug)]
+pub enum ConvOp {
+    GroupCreate {
+        name: String,
+        members: Vec<Named>,
+        approval: bool,
+        history_visible: bool,
+    },
+    Invite {
+        users: Vec<Named>,
+    },
+    Join,
+    Approve {
+        user: UserId,
+    },
+    Decline {
+        user: UserId,
+    },
+    Leave,
+    Kick {
+        user: UserId,
+    },
+    Role {
+        user: UserId,
+        admin: bool,
+    },
+    Transfer {
+        user: UserId,
+    },
+    /// `user: None` mutes or unmutes the whole group.
+    Mute {
+        user: Option<UserId>,
+        muted: bool,
+    },
+    Update {
+        name: Option<String>,
+        approval: Option<bool>,
+        history_visible: Option<bool>,
+    },
+    Disband,
+    Info {
+        version: Option<u64>,
+    },
+    Members {
+        version: Option<u64>,
+    },
+    Receipts {
+        seq: Seq,
+    },
+    Recall {
+        seq: Seq,
+        device: String,
+    },
+    Edit {
+        seq: Seq,
+        body: String,
+        device: String,
+    },
+    Typing,
+}
 
 #[derive(Debug)]
 pub enum Mail {
@@ -63,10 +145,26 @@ pub enum Mail {
         limit: usize,
         bytes_max: usize,
     },
-    /// Last durable seq of each listed conversation (index into the requester's list, id).
+    /// Summary of each listed conversation for `user` (index into the requester's list, id).
     LastSeqs {
         gather: GatherRef,
+        user: UserId,
         convs: Vec<(usize, ConvId)>,
+    },
+    /// Any other request on one conversation (groups, recall and edit, receipts, typing).
+    Op {
+        reply: ReplyTo,
+        conv: ConvId,
+        actor: UserId,
+        actor_name: String,
+        op: ConvOp,
+    },
+    /// `user` read `conv` up to `seq` (already durable on the home shard).
+    ReadUpTo {
+        conv: ConvId,
+        user: UserId,
+        user_name: String,
+        seq: Seq,
     },
 
     // ---- owner → home ----
@@ -82,6 +180,32 @@ pub enum Mail {
         user: UserId,
         result: Result<(), ErrorCode>,
     },
+    /// Index group `conv` for each listed user that exists, durably, under `title`; answer with
+    /// `Indexed`. `op` names the owner's pending membership change.
+    Index {
+        conv: ConvId,
+        op: u64,
+        users: Vec<UserId>,
+        title: String,
+    },
+    Indexed {
+        conv: ConvId,
+        op: u64,
+        ok: Vec<UserId>,
+        missing: Vec<UserId>,
+    },
+    /// Drop `conv` from these users' conversation lists (they left or were removed).
+    Unindex {
+        conv: ConvId,
+        users: Vec<UserId>,
+    },
+    /// An ephemeral push (typing, read receipt) for the online devices of `recipients`
+    /// homed on the receiving shard, except those of `skip_user`.
+    Ephemeral {
+        frame: Arc<str>,
+        recipients: Arc<[UserId]>,
+        skip_user: Option<UserId>,
+    },
     /// A finished reply frame for a connection on the receiving shard.
     Reply {
         conn: ConnId,
@@ -93,7 +217,7 @@ pub enum Mail {
         conv: ConvId,
         seq: Seq,
         msg: Arc<str>,
-        recipients: Vec<UserId>,
+        recipients: Arc<[UserId]>,
         skip: Option<ConnId>,
     },
     RangeDone {
@@ -102,6 +226,6 @@ pub enum Mail {
     },
     LastSeqsDone {
         gather: GatherRef,
-        seqs: Vec<(usize, Seq)>,
+        seqs: Vec<(usize, ConvSummary)>,
     },
 }

@@ -99,6 +99,88 @@ pub struct History<'a> {
     pub limit: Option<u32>,
 }
 
+/// `group_create`: a name and the initial members (usernames; the creator is added).
+#[derive(Debug, Deserialize)]
+pub struct GroupCreate {
+    pub name: String,
+    #[serde(default)]
+    pub members: Vec<String>,
+    #[serde(default)]
+    pub approval: bool,
+    #[serde(default)]
+    pub history_visible: bool,
+}
+
+/// Ops on one conversation that name nothing else (`group_join`, `group_leave`,
+/// `group_disband`, `typing`).
+#[derive(Debug, Deserialize)]
+pub struct ConvOnly<'a> {
+    #[serde(borrow)]
+    pub conv: Cow<'a, str>,
+}
+
+/// `group_invite`: usernames to add (or, for a plain member of an approval group, to propose).
+#[derive(Debug, Deserialize)]
+pub struct GroupUsers<'a> {
+    #[serde(borrow)]
+    pub conv: Cow<'a, str>,
+    pub users: Vec<String>,
+}
+
+/// Ops naming one member: `group_kick`, `group_approve`, `group_decline`, `group_transfer`,
+/// `group_role` (with `role`), `group_mute` (with `muted`; no `user`: the whole group).
+#[derive(Debug, Deserialize)]
+pub struct GroupUser<'a> {
+    #[serde(borrow)]
+    pub conv: Cow<'a, str>,
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub role: Option<String>,
+    #[serde(default)]
+    pub muted: Option<bool>,
+}
+
+/// `group_update`: settings to change; absent fields stay.
+#[derive(Debug, Deserialize)]
+pub struct GroupUpdate<'a> {
+    #[serde(borrow)]
+    pub conv: Cow<'a, str>,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub approval: Option<bool>,
+    #[serde(default)]
+    pub history_visible: Option<bool>,
+}
+
+/// `group_info`, `group_members`: `version` is the one the client holds.
+#[derive(Debug, Deserialize)]
+pub struct Versioned<'a> {
+    #[serde(borrow)]
+    pub conv: Cow<'a, str>,
+    #[serde(default)]
+    pub version: Option<u64>,
+}
+
+/// `recall` (no body) and `edit` (new body) of message `seq`.
+#[derive(Debug, Deserialize)]
+pub struct Amend<'a> {
+    #[serde(borrow)]
+    pub conv: Cow<'a, str>,
+    pub seq: u64,
+    #[serde(borrow, default)]
+    pub body: Option<&'a RawValue>,
+}
+
+/// `receipts`: how many members have read up to `seq`.
+#[derive(Debug, Deserialize)]
+pub struct Receipts<'a> {
+    #[serde(borrow)]
+    pub conv: Cow<'a, str>,
+    pub seq: u64,
+}
+
 /// Stable, machine-readable error codes. The string forms are part of the protocol: never
 /// rename one, only add.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -121,6 +203,18 @@ pub enum ErrorCode {
     NoSuchUser,
     NoSuchConversation,
     NotMember,
+    /// The requester's role does not allow this.
+    Forbidden,
+    /// The sender (or the whole group) is muted.
+    Muted,
+    GroupFull,
+    GroupDisbanded,
+    AlreadyMember,
+    /// The owner must hand over ownership before leaving.
+    OwnerCannotLeave,
+    NoSuchMessage,
+    /// The recall or edit window of this message has passed.
+    WindowPassed,
     Overloaded,
     Internal,
 }
@@ -146,6 +240,14 @@ impl ErrorCode {
             ErrorCode::NoSuchUser => "no_such_user",
             ErrorCode::NoSuchConversation => "no_such_conversation",
             ErrorCode::NotMember => "not_member",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::Muted => "muted",
+            ErrorCode::GroupFull => "group_full",
+            ErrorCode::GroupDisbanded => "group_disbanded",
+            ErrorCode::AlreadyMember => "already_member",
+            ErrorCode::OwnerCannotLeave => "owner_cannot_leave",
+            ErrorCode::NoSuchMessage => "no_such_message",
+            ErrorCode::WindowPassed => "window_passed",
             ErrorCode::Overloaded => "overloaded",
             ErrorCode::Internal => "internal",
         }
@@ -211,7 +313,9 @@ pub fn push_json_str(out: &mut String, s: &str) {
 
 /// The JSON of one message as clients see it (in pushes, sync and history). Assembled by hand
 /// because `body` is raw JSON text that must be copied verbatim, and this runs once per stored
-/// message read or appended.
+/// message read or appended. `(kind, target, flags)` are the record's; a plain message
+/// (0, 0, 0) carries none of those fields, so the common frame stays small.
+#[allow(clippy::too_many_arguments)]
 pub fn message_json(
     conv: &str,
     seq: u64,
@@ -220,7 +324,9 @@ pub fn message_json(
     device: &str,
     ts_ms: u64,
     body: &str,
+    (kind, target, flags): (u8, u64, u8),
 ) -> String {
+    use crate::storage::{flags as f, kind as k};
     let mut out = String::with_capacity(body.len() + conv.len() + from.len() + device.len() + 96);
     out.push_str("{\"conv\":\"");
     out.push_str(conv);
@@ -228,8 +334,33 @@ pub fn message_json(
     push_json_str(&mut out, from);
     out.push_str(",\"dev\":");
     push_json_str(&mut out, device);
-    let _ = write!(out, ",\"ts\":{ts_ms},\"body\":");
+    let _ = write!(out, ",\"ts\":{ts_ms},");
+    if kind != k::MESSAGE {
+        let _ = write!(out, "\"kind\":\"{}\",", k::name(kind));
+    }
+    if target != 0 {
+        let _ = write!(out, "\"target\":{target},");
+    }
+    if flags & f::RECALLED != 0 {
+        out.push_str("\"recalled\":true,");
+    }
+    if flags & f::EDITED != 0 {
+        out.push_str("\"edited\":true,");
+    }
+    out.push_str("\"body\":");
     out.push_str(body);
+    out.push('}');
+    out
+}
+
+/// An ephemeral push (typing, read receipt): never stored, never acked or retried.
+pub fn event_push(kind: &str, conv: &str, user: &str, seq: Option<u64>) -> String {
+    let mut out = String::with_capacity(64 + conv.len() + user.len());
+    let _ = write!(out, "{{\"push\":\"{kind}\",\"conv\":\"{conv}\",\"user\":");
+    push_json_str(&mut out, user);
+    if let Some(seq) = seq {
+        let _ = write!(out, ",\"seq\":{seq}");
+    }
     out.push('}');
     out
 }
@@ -258,7 +389,9 @@ mod tests {
             "pc",
             99,
             r#"{"t":"hi\n","n":[1,2]}"#,
+            (0, 0, 0),
         );
+        assert!(!text.contains("kind"), "plain messages carry no kind");
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();
         assert_eq!(v["seq"], 7);
         assert_eq!(v["from"], "al\"ice");
@@ -267,6 +400,21 @@ mod tests {
         let push: serde_json::Value = serde_json::from_str(&message_push(3, &text)).unwrap();
         assert_eq!(push["pid"], 3);
         assert_eq!(push["msg"]["conv"], "d.1.2");
+        let edit = message_json("g.1", 9, &id, "bob", "pc", 1, "\"new\"", (3, 7, 0));
+        let v: serde_json::Value = serde_json::from_str(&edit).unwrap();
+        assert_eq!(
+            (v["kind"].as_str(), v["target"].as_u64()),
+            (Some("edit"), Some(7))
+        );
+        let recalled = message_json("g.1", 7, &id, "bob", "pc", 1, "null", (0, 0, 1));
+        let v: serde_json::Value = serde_json::from_str(&recalled).unwrap();
+        assert_eq!(
+            (v["recalled"].as_bool(), v["body"].is_null()),
+            (Some(true), true)
+        );
+        let typing: serde_json::Value =
+            serde_json::from_str(&event_push("typing", "g.1", "a\"b", None)).unwrap();
+        assert_eq!(typing["user"], "a\"b");
     }
 
     #[test]

@@ -8,7 +8,10 @@
 //! - an acked message id always maps to the same seq, and storage holds it exactly once;
 //! - seqs in storage are contiguous from 1;
 //! - on one connection, first-time pushes of a conversation arrive in increasing seq order;
-//! - after everyone reconnects and syncs, every device has seen every seq, without gaps.
+//! - after everyone reconnects and syncs, every device has seen every seq, without gaps (in a
+//!   group: every seq from the one that added its user);
+//! - groups: membership changes (create, invite, join, kick, leave) race with sends, and no
+//!   device receives a group message assigned while its user was not a member.
 //!
 //! On failure the panic message names the seed; `HERMOD_SIM_SEED=<seed>` replays it exactly.
 
@@ -18,7 +21,7 @@ use hermod_shards::auth::{HashCost, Job};
 use hermod_shards::engine::{Config, Output};
 use hermod_shards::ids::{ConnId, ConvId, ShardId, UserId};
 use hermod_shards::mail::Mail;
-use hermod_shards::storage::{keys, MemStorage, MessageRecord, Storage};
+use hermod_shards::storage::{keys, kind, GroupMember, MemStorage, MessageRecord, Storage};
 use hermod_shards::Shard;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -43,8 +46,15 @@ enum Req {
     Login,
     Resume,
     Open,
-    Send { conv: ConvId, id: uuid::Uuid },
+    Send {
+        conv: ConvId,
+        id: uuid::Uuid,
+    },
     Sync,
+    CreateGroup,
+    /// Invite, join, kick, leave: refusals are expected (roles, races), so only the shape of
+    /// the reply is checked.
+    GroupChange,
 }
 
 struct Device {
@@ -59,6 +69,8 @@ struct Device {
     /// Per connection: pids seen and the last first-time push seq per conversation.
     pids: HashSet<u64>,
     last_push: HashMap<ConvId, u64>,
+    /// Every first-time push: (conversation, seq), for the group membership check.
+    pushed: Vec<(ConvId, u64)>,
     /// Sends not yet acked: retried with the same id after a reconnect.
     unacked_sends: Vec<(ConvId, uuid::Uuid)>,
     to_ack: Vec<u64>,
@@ -118,6 +130,7 @@ impl Sim {
                 seen: HashMap::new(),
                 pids: HashSet::new(),
                 last_push: HashMap::new(),
+                pushed: Vec::new(),
                 unacked_sends: Vec::new(),
                 to_ack: Vec::new(),
                 syncing: false,
@@ -253,6 +266,7 @@ impl Sim {
                     ));
                 }
                 *last = seq;
+                dev.pushed.push((conv, seq));
             }
             dev.seen.entry(conv).or_default().insert(seq);
             dev.to_ack.push(pid);
@@ -314,8 +328,25 @@ impl Sim {
                     dev.seen.entry(conv).or_default().insert(seq);
                 }
                 Some("internal") => {} // a failed commit: retried later with the same id
+                // Removed from the group (or never in it): the send is refused, not lost.
+                Some("not_member" | "no_such_conversation") if conv.is_group() => {
+                    self.devices[d].unacked_sends.retain(|(_, i)| *i != id);
+                }
                 Some(code) => self.fail(format!("send refused with {code}: {text}")),
             },
+            Req::CreateGroup => {
+                if let Some(conv) = ok["conv"].as_str() {
+                    let conv = ConvId::parse(conv).expect("group id");
+                    self.convs.push(conv);
+                } else if err != Some("internal") {
+                    self.fail(format!("group_create failed: {text}"));
+                }
+            }
+            Req::GroupChange => {
+                if ok.is_null() && err.is_none() {
+                    self.fail(format!("neither ok nor error: {text}"));
+                }
+            }
             Req::Sync => {
                 self.devices[d].syncing = false;
                 let Some(list) = ok["convs"].as_array() else {
@@ -336,22 +367,42 @@ impl Sim {
         }
     }
 
+    /// The highest seq up to which the device has everything it may read.
     fn contiguous(&self, d: usize, conv: ConvId) -> u64 {
         let seen = self.devices[d].seen.get(&conv);
-        let mut n = 0;
+        let mut n = self.first_seq(d, conv) - 1;
         while seen.is_some_and(|s| s.contains(&(n + 1))) {
             n += 1;
         }
         n
     }
 
+    /// Conversations the device's user is in, by durable state: one-to-one by id, groups by
+    /// their member records.
     fn my_convs(&self, d: usize) -> Vec<ConvId> {
         let user = UserId::from_username(&username(self.devices[d].user));
         self.convs
             .iter()
             .copied()
-            .filter(|c| c.has_member(user))
+            .filter(|c| c.may_have_member(user))
+            .filter(|c| !c.is_group() || self.member_record(*c, user).is_some())
             .collect()
+    }
+
+    fn member_record(&self, conv: ConvId, user: UserId) -> Option<GroupMember> {
+        let owner = conv.slot().shard(SHARDS as u16).0 as usize;
+        let key = keys::group_member(conv, user);
+        let bytes = self.stores[owner].get(&key).unwrap()?;
+        Some(GroupMember::decode(&key, &bytes).unwrap())
+    }
+
+    /// The first seq the device's user may read in `conv` (groups hide earlier history).
+    fn first_seq(&self, d: usize, conv: ConvId) -> u64 {
+        if !conv.is_group() {
+            return 1;
+        }
+        let user = UserId::from_username(&username(self.devices[d].user));
+        self.member_record(conv, user).map_or(1, |m| m.joined_seq)
     }
 
     /// Makes sure the device has a connection and, unless a request is in flight, that it is
@@ -434,7 +485,8 @@ impl Sim {
                     json!({ "op": "open", "user": username(peer) }),
                 );
             }
-            40..=47 => {
+            40..=43 => self.group_step(d),
+            44..=47 => {
                 // Retry an unacked send with its original id.
                 if let Some(&(conv, id)) = self.devices[d].unacked_sends.first() {
                     self.send(d, conv, id);
@@ -449,6 +501,92 @@ impl Sim {
                 let id = uuid::Uuid::from_u128(self.rng.gen());
                 self.devices[d].unacked_sends.push((conv, id));
                 self.send(d, conv, id);
+            }
+        }
+    }
+
+    /// A random membership change: create a group (a few per run), invite, join, kick, leave.
+    fn group_step(&mut self, d: usize) {
+        let groups: Vec<ConvId> = self
+            .convs
+            .iter()
+            .copied()
+            .filter(|c| c.is_group())
+            .collect();
+        let other = username(self.rng.gen_range(0..USERS));
+        if groups.is_empty() || (groups.len() < 3 && self.rng.gen_ratio(1, 4)) {
+            let members: Vec<String> = (0..USERS)
+                .filter(|_| self.rng.gen_bool(0.5))
+                .map(username)
+                .collect();
+            return self.request(
+                d,
+                Req::CreateGroup,
+                json!({ "op": "group_create", "name": "g", "members": members }),
+            );
+        }
+        let conv = groups[self.rng.gen_range(0..groups.len())].to_string();
+        let frame = match self.rng.gen_range(0..4) {
+            0 => json!({ "op": "group_invite", "conv": conv, "users": [other] }),
+            1 => json!({ "op": "group_join", "conv": conv }),
+            2 => json!({ "op": "group_kick", "conv": conv, "user": other }),
+            _ => json!({ "op": "group_leave", "conv": conv }),
+        };
+        self.request(d, Req::GroupChange, frame);
+    }
+
+    /// No device received a group message assigned while its user was not a member. The
+    /// membership at each seq is rebuilt from the group's system messages in storage.
+    fn check_group_deliveries(&self) {
+        for &conv in self.convs.iter().filter(|c| c.is_group()) {
+            let owner = conv.slot().shard(SHARDS as u16).0 as usize;
+            let rows = self.stores[owner]
+                .scan(
+                    &keys::message(conv, 0),
+                    &keys::message(conv, u64::MAX),
+                    usize::MAX,
+                    false,
+                )
+                .unwrap();
+            // allowed[seq] = members who may receive that seq.
+            let mut members: HashSet<String> = HashSet::new();
+            let mut allowed: HashMap<u64, HashSet<String>> = HashMap::new();
+            for (k, v) in rows {
+                let rec = MessageRecord::decode(&k, &v).unwrap();
+                let mut at = members.clone();
+                if rec.kind == kind::SYSTEM {
+                    let body: Value = serde_json::from_str(&rec.body).unwrap();
+                    let users: Vec<String> = body["users"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|u| u.as_str().unwrap().to_owned())
+                        .collect();
+                    match body["event"].as_str().unwrap() {
+                        "created" | "added" | "joined" => {
+                            members.extend(users.iter().cloned());
+                            at.extend(users);
+                        }
+                        "left" | "removed" => {
+                            for u in &users {
+                                members.remove(u);
+                            }
+                            at.extend(users); // they hear of their own removal
+                        }
+                        _ => {}
+                    }
+                }
+                allowed.insert(rec.seq, at);
+            }
+            for (d, dev) in self.devices.iter().enumerate() {
+                let name = username(dev.user);
+                for &(c, seq) in dev.pushed.iter().filter(|(c, _)| *c == conv) {
+                    if !allowed.get(&seq).is_some_and(|a| a.contains(&name)) {
+                        self.fail(format!(
+                            "device {d} ({name}) got {c}#{seq} while not a member"
+                        ));
+                    }
+                }
             }
         }
     }
@@ -668,11 +806,16 @@ fn run(seed: u64, steps: usize) -> Sim {
         }
     }
     sim.check_storage();
+    sim.check_group_deliveries();
     for d in 0..sim.devices.len() {
         for conv in sim.my_convs(d) {
             let last = sim.last_seq(conv);
-            let seen = sim.devices[d].seen.get(&conv).map_or(0, |s| s.len()) as u64;
-            if seen != last || sim.contiguous(d, conv) != last {
+            let first = sim.first_seq(d, conv);
+            let seen = sim.devices[d]
+                .seen
+                .get(&conv)
+                .map_or(0, |s| s.range(first..).count()) as u64;
+            if seen != last + 1 - first || sim.contiguous(d, conv) != last {
                 sim.fail(format!(
                     "device {d} in {conv}: saw {seen} of {last} messages"
                 ));
@@ -684,11 +827,13 @@ fn run(seed: u64, steps: usize) -> Sim {
 
 #[test]
 fn simulation_keeps_every_invariant() {
+    let replay = std::env::var("HERMOD_SIM_SEED").is_ok();
     let seeds: Vec<u64> = match std::env::var("HERMOD_SIM_SEED") {
         Ok(s) => vec![s.parse().expect("HERMOD_SIM_SEED is a u64")],
         Err(_) => (1..=24).collect(),
     };
     let mut total_acked = 0;
+    let mut group_acked = 0;
     let mut failures = 0;
     for seed in seeds {
         let sim = run(seed, 6_000);
@@ -697,11 +842,19 @@ fn simulation_keeps_every_invariant() {
             "seed {seed}: no conversation was opened"
         );
         total_acked += sim.acked.len();
+        group_acked += sim.acked.values().filter(|(c, _)| c.is_group()).count();
         failures += sim.commit_failures;
+    }
+    if replay {
+        return; // the coverage thresholds below are for the full seed set
     }
     assert!(
         total_acked > 1_000,
         "the simulation should exercise many sends, got {total_acked}"
+    );
+    assert!(
+        group_acked > 100,
+        "the simulation should exercise group sends, got {group_acked}"
     );
     assert!(
         failures > 0,

@@ -21,6 +21,8 @@ pub struct ShardStats {
     pub conversations: Tally,
     pub messages: Tally,
     pub dedup_keys: Tally,
+    /// Group member records and pending join requests.
+    pub group_members: Tally,
     pub other: Tally,
 }
 
@@ -33,6 +35,7 @@ fn tally_for<'a>(stats: &'a mut ShardStats, key: &[u8]) -> &'a mut Tally {
         Some(b'M') => &mut stats.conversations,
         Some(b'R') => &mut stats.messages,
         Some(b'I') => &mut stats.dedup_keys,
+        Some(b'G' | b'J') => &mut stats.group_members,
         _ => &mut stats.other,
     }
 }
@@ -66,18 +69,26 @@ pub fn inspect(data: &Path) -> anyhow::Result<Vec<ShardStats>> {
 
 pub fn render(stats: &[ShardStats]) -> String {
     let mut out = format!(
-        "{:<6} {:>10} {:>10} {:>12} {:>14} {:>12} {:>14}\n",
-        "shard", "users", "devices", "memberships", "conversations", "messages", "message bytes"
+        "{:<6} {:>10} {:>10} {:>12} {:>14} {:>14} {:>12} {:>14}\n",
+        "shard",
+        "users",
+        "devices",
+        "memberships",
+        "conversations",
+        "group members",
+        "messages",
+        "message bytes"
     );
     let mut total = ShardStats::default();
     for s in stats {
         out.push_str(&format!(
-            "{:<6} {:>10} {:>10} {:>12} {:>14} {:>12} {:>14}\n",
+            "{:<6} {:>10} {:>10} {:>12} {:>14} {:>14} {:>12} {:>14}\n",
             s.shard,
             s.users.count,
             s.devices.count,
             s.memberships.count,
             s.conversations.count,
+            s.group_members.count,
             s.messages.count,
             s.messages.bytes
         ));
@@ -86,6 +97,7 @@ pub fn render(stats: &[ShardStats]) -> String {
             (&mut total.devices, s.devices),
             (&mut total.memberships, s.memberships),
             (&mut total.conversations, s.conversations),
+            (&mut total.group_members, s.group_members),
             (&mut total.messages, s.messages),
         ] {
             t.count += x.count;
@@ -93,12 +105,13 @@ pub fn render(stats: &[ShardStats]) -> String {
         }
     }
     out.push_str(&format!(
-        "{:<6} {:>10} {:>10} {:>12} {:>14} {:>12} {:>14}\n",
+        "{:<6} {:>10} {:>10} {:>12} {:>14} {:>14} {:>12} {:>14}\n",
         "total",
         total.users.count,
         total.devices.count,
         total.memberships.count,
         total.conversations.count,
+        total.group_members.count,
         total.messages.count,
         total.messages.bytes
     ));

@@ -11,6 +11,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use super::owner::Fanout;
 use super::session::Session;
 use super::Shard;
 use crate::ids::{ConnId, ConvId, Seq, ShardId, UserId};
@@ -32,6 +33,22 @@ pub(super) enum Deferred {
         msg: Arc<str>,
         frame_ok: String,
         sender: ReplyTo,
+        fanout: Fanout,
+    },
+    /// An event the owner wrote itself (system message, recall, edit).
+    Event {
+        conv: ConvId,
+        seq: Seq,
+        msg: Arc<str>,
+        fanout: Fanout,
+        reply: Option<(ReplyTo, String)>,
+        unindex: Vec<UserId>,
+    },
+    /// Mail that may only leave once this batch is durable (the answer to an `Index`, a read
+    /// cursor for the owner). On failure an `Indexed` reports no user indexed; others drop.
+    Mail {
+        to: ShardId,
+        mail: Mail,
     },
     Ensured {
         owner: ShardId,
@@ -122,6 +139,23 @@ impl<S: Storage> Shard<S> {
         self.commits.open.deferred.push(effect);
     }
 
+    /// Sends `frame` to the requester once the open batch is durable, wherever it lives.
+    pub(super) fn reply_when_durable(&mut self, to: ReplyTo, frame: String) {
+        if to.shard == self.cfg.shard {
+            self.defer(Deferred::Reply {
+                conn: to.conn,
+                rid: to.rid,
+                frame,
+            });
+        } else {
+            let mail = Mail::Reply {
+                conn: to.conn,
+                frame,
+            };
+            self.defer(Deferred::Mail { to: to.shard, mail });
+        }
+    }
+
     /// The value of `key` including this shard's own writes not yet durable.
     pub(super) fn get_latest(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
         if let Some(v) = self.commits.open.overlay.get(key) {
@@ -177,7 +211,17 @@ impl<S: Storage> Shard<S> {
                 msg,
                 frame_ok,
                 sender,
-            } => self.owner_appended(conv, id, seq, msg, frame_ok, sender),
+                fanout,
+            } => self.owner_appended(conv, id, seq, msg, frame_ok, sender, fanout),
+            Deferred::Event {
+                conv,
+                seq,
+                msg,
+                fanout,
+                reply,
+                unindex,
+            } => self.owner_event_done(conv, seq, msg, fanout, reply, unindex),
+            Deferred::Mail { to, mail } => self.mail(to, mail),
             Deferred::Ensured { owner, conv, user } => self.mail(
                 owner,
                 Mail::MemberEnsured {
@@ -225,6 +269,20 @@ impl<S: Storage> Shard<S> {
                 self.end_busy(now_ms, conn);
             }
             Deferred::Appended { conv, id, .. } => self.owner_append_failed(conv, id),
+            Deferred::Event { reply, .. } => self.owner_event_failed(reply),
+            Deferred::Mail {
+                to,
+                mail: Mail::Indexed { conv, op, .. },
+            } => self.mail(
+                to,
+                Mail::Indexed {
+                    conv,
+                    op,
+                    ok: Vec::new(),
+                    missing: Vec::new(),
+                },
+            ),
+            Deferred::Mail { .. } => {}
             Deferred::Ensured { owner, conv, user } => self.mail(
                 owner,
                 Mail::MemberEnsured {

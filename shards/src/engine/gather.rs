@@ -10,7 +10,7 @@ use std::fmt::Write as _;
 use super::Shard;
 use crate::ids::{ConnId, ConvId, Seq, ShardId, UserId};
 use crate::limits::{CONV_LIST_MAX, PAGE_BYTES_MAX, PAGE_MAX, SYNC_CONVS_MAX};
-use crate::mail::{GatherRef, Mail, Page};
+use crate::mail::{ConvSummary, GatherRef, Mail, Page};
 use crate::protocol::{self as p, error_frame, push_json_str, ErrorCode};
 use crate::storage::{keys, Storage, UserConv};
 
@@ -30,7 +30,7 @@ struct Gather {
 enum Kind {
     Convs {
         entries: Vec<(ConvId, UserConv)>,
-        last: Vec<Seq>,
+        last: Vec<ConvSummary>,
     },
     Pages {
         convs: Vec<ConvId>,
@@ -80,7 +80,7 @@ impl<S: Storage> Shard<S> {
                 .or_default()
                 .push((i, *conv));
         }
-        let last = vec![0; entries.len()];
+        let last = vec![ConvSummary::default(); entries.len()];
         let id = self.gather(conn, rid, by_owner.len(), Kind::Convs { entries, last });
         if by_owner.is_empty() {
             return self.finish_gather(id);
@@ -95,6 +95,7 @@ impl<S: Storage> Shard<S> {
                         id,
                         part: 0,
                     },
+                    user,
                     convs,
                 },
             );
@@ -201,7 +202,11 @@ impl<S: Storage> Shard<S> {
         }
     }
 
-    pub(super) fn gather_last_seqs_done(&mut self, gather: GatherRef, seqs: Vec<(usize, Seq)>) {
+    pub(super) fn gather_last_seqs_done(
+        &mut self,
+        gather: GatherRef,
+        seqs: Vec<(usize, ConvSummary)>,
+    ) {
         let Some(g) = self.gathers.map.get_mut(&gather.id) else {
             return;
         };
@@ -291,18 +296,36 @@ fn sync_frame(rid: u64, convs: &[ConvId], pages: &[Option<Page>]) -> String {
     out
 }
 
-fn convs_frame(rid: u64, entries: &[(ConvId, UserConv)], last: &[Seq]) -> String {
+fn convs_frame(rid: u64, entries: &[(ConvId, UserConv)], last: &[ConvSummary]) -> String {
     let mut out = String::with_capacity(64 + entries.len() * 96);
     let _ = write!(out, "{{\"rid\":{rid},\"ok\":{{\"convs\":[");
     let mut total_unread = 0u64;
-    for (i, ((conv, entry), &last_seq)) in entries.iter().zip(last).enumerate() {
-        if i > 0 {
+    let mut first = true;
+    for ((conv, entry), summary) in entries.iter().zip(last) {
+        if !summary.member {
+            continue;
+        }
+        if !first {
             out.push(',');
         }
-        let unread = last_seq.saturating_sub(entry.read_seq);
+        first = false;
+        let last_seq: Seq = summary.last_seq;
+        let unread = last_seq.saturating_sub(entry.read_seq.max(summary.floor));
         total_unread += unread;
-        let _ = write!(out, "{{\"conv\":\"{conv}\",\"peer\":");
-        push_json_str(&mut out, &entry.peer_name);
+        let _ = write!(out, "{{\"conv\":\"{conv}\",");
+        match &summary.title {
+            Some(title) => {
+                out.push_str("\"kind\":\"group\",\"title\":");
+                push_json_str(&mut out, title);
+            }
+            None => {
+                out.push_str("\"kind\":\"direct\",\"peer\":");
+                push_json_str(&mut out, &entry.peer_name);
+            }
+        }
+        if let Some(peer_read) = summary.peer_read {
+            let _ = write!(out, ",\"peer_read_seq\":{peer_read}");
+        }
         let _ = write!(
             out,
             ",\"last_seq\":{last_seq},\"read_seq\":{},\"unread\":{unread}}}",

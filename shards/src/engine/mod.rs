@@ -7,7 +7,8 @@
 //! | file | owns |
 //! | --- | --- |
 //! | `session.rs` | connections, authentication, hand-off, heartbeats, pushes and their retries |
-//! | `owner.rs` | conversations this shard owns: open, append (seq, dedup), pages, last seqs |
+//! | `owner.rs` | conversations this shard owns: open, append (seq, dedup), fan-out, pages, summaries, recall and edit, read cursors |
+//! | `group.rs` | groups this shard owns: membership, roles, settings, versions, join requests |
 //! | `gather.rs` | requests that need several shards' answers: `convs`, `sync`, `history` |
 //! | `commit.rs` | group commit: the open batch, the one in flight, effects deferred until durable |
 //!
@@ -20,6 +21,7 @@
 
 mod commit;
 mod gather;
+mod group;
 mod owner;
 mod session;
 
@@ -65,6 +67,11 @@ pub struct Config {
     /// Requests per connection per second; beyond: `rate_limited`; ten times beyond: close 1008.
     pub requests_per_sec_max: u32,
     pub token_ttl_s: u64,
+    /// Largest group; `group_full` beyond it.
+    pub group_members_max: usize,
+    /// A sender may recall or edit a message this long after sending it (admins recall any
+    /// group message at any time).
+    pub edit_window_ms: u64,
     pub hash_cost: HashCost,
     /// Seed for the engine's PRNG (device nonces). The driver seeds from the OS.
     pub seed: u64,
@@ -82,6 +89,8 @@ impl Config {
             body_bytes_max: limits::BODY_BYTES_MAX,
             requests_per_sec_max: limits::REQUESTS_PER_SEC_MAX,
             token_ttl_s: 30 * 24 * 3600,
+            group_members_max: limits::GROUP_MEMBERS_MAX,
+            edit_window_ms: limits::EDIT_WINDOW_MS,
             hash_cost: HashCost::default(),
             seed: 0,
         }
@@ -139,6 +148,8 @@ pub struct Stats {
     pub deduplicated: u64,
     pub pushes: u64,
     pub push_retries: u64,
+    /// `Deliver` mails sent by owners (one per destination shard per message).
+    pub fanout_mails: u64,
     pub commits: u64,
     pub commit_ops: u64,
     pub errors: u64,
@@ -151,6 +162,10 @@ impl<S: Storage> Shard<S> {
         assert!(
             cfg.heartbeat_interval_ms < cfg.heartbeat_timeout_ms,
             "ping before timing out"
+        );
+        assert!(
+            (2..=limits::GROUP_MEMBERS_LIMIT).contains(&cfg.group_members_max),
+            "group size limit out of range"
         );
         Shard {
             tokens: TokenKey::new(&cfg.secret),
@@ -265,7 +280,42 @@ impl<S: Storage> Shard<S> {
                 limit,
                 bytes_max,
             } => self.owner_range(gather, user, conv, (after, before), limit, bytes_max),
-            Mail::LastSeqs { gather, convs } => self.owner_last_seqs(gather, convs),
+            Mail::LastSeqs {
+                gather,
+                user,
+                convs,
+            } => self.owner_last_seqs(gather, user, convs),
+            Mail::Op {
+                reply,
+                conv,
+                actor,
+                actor_name,
+                op,
+            } => self.owner_op(now_ms, reply, conv, (actor, actor_name), op),
+            Mail::ReadUpTo {
+                conv,
+                user,
+                user_name,
+                seq,
+            } => self.owner_read_up_to(conv, user, &user_name, seq),
+            Mail::Index {
+                conv,
+                op,
+                users,
+                title,
+            } => self.home_index(conv, op, users, title),
+            Mail::Indexed {
+                conv,
+                op,
+                ok,
+                missing,
+            } => self.group_indexed(now_ms, conv, op, ok, missing),
+            Mail::Unindex { conv, users } => self.home_unindex(conv, &users),
+            Mail::Ephemeral {
+                frame,
+                recipients,
+                skip_user,
+            } => self.home_ephemeral(&frame, &recipients, skip_user),
             Mail::EnsureMember {
                 conv,
                 user,
@@ -359,6 +409,15 @@ mod fuzz {
         r#"{"op":"read","rid":1,"conv":"d.1.2","seq":4}"#,
         r#"{"op":"open","rid":1,"user":"bob"}"#,
         r#"{"op":"resume","rid":1,"token":"AAAA.BBBB"}"#,
+        r#"{"op":"group_create","rid":1,"name":"team","members":["bob","carol"],"approval":true}"#,
+        r#"{"op":"group_invite","rid":1,"conv":"g.1f","users":["dave"]}"#,
+        r#"{"op":"group_mute","rid":1,"conv":"g.1f","user":"dave","muted":false}"#,
+        r#"{"op":"group_role","rid":1,"conv":"g.1f","user":"dave","role":"admin"}"#,
+        r#"{"op":"group_info","rid":1,"conv":"g.1f","version":3}"#,
+        r#"{"op":"edit","rid":1,"conv":"d.1.2","seq":4,"body":{"t":"y"}}"#,
+        r#"{"op":"recall","rid":1,"conv":"g.1f","seq":4}"#,
+        r#"{"op":"receipts","rid":1,"conv":"g.1f","seq":4}"#,
+        r#"{"op":"typing","rid":1,"conv":"d.1.2"}"#,
     ];
 
     fn mutate(rng: &mut impl Rng, s: &str) -> String {

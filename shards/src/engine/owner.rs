@@ -4,8 +4,12 @@
 //! `Deliver` mail per destination shard.
 //!
 //! A conversation exists once its meta record is durable, which happens only after every
-//! member's home shard has durably indexed it (`EnsureMember`): no message can be acked in a
-//! conversation that some member's conversation list would miss.
+//! member's home shard has durably indexed it (`EnsureMember`, `Index`): no message can be
+//! acked in a conversation that some member's conversation list would miss.
+//!
+//! Recipients of a message are fixed when its seq is assigned, from the membership at that
+//! moment: a member removed before a message was assigned never receives it, one removed after
+//! receives it (it was theirs to see).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -13,29 +17,86 @@ use std::sync::Arc;
 use serde_json::json;
 
 use super::commit::Deferred;
+use super::group::Group;
 use super::Shard;
 use crate::ids::{ConvId, Seq, ShardId, UserId};
 use crate::limits::PAGE_MAX;
-use crate::mail::{GatherRef, Mail, Page, ReplyTo};
-use crate::protocol::{ok_frame, ErrorCode};
-use crate::storage::{keys, ConvMeta, DedupRecord, MessageRecord, Storage, StorageError};
+use crate::mail::{ConvOp, ConvSummary, GatherRef, Mail, Named, Page, ReplyTo};
+use crate::protocol::{event_push, ok_frame, ErrorCode};
+use crate::storage::{
+    flags, keys, kind, role, ConvMeta, DedupRecord, MessageRecord, Storage, StorageError,
+};
+
+/// Where one message goes: per destination shard, the recipients homed there. Shared by every
+/// message of a conversation until its membership changes (groups cache it).
+pub(super) type Fanout = Arc<[(ShardId, Arc<[UserId]>)]>;
 
 #[derive(Default)]
 pub(super) struct Owned {
-    convs: HashMap<ConvId, ConvState>,
+    pub(super) convs: HashMap<ConvId, ConvState>,
+    /// Numbers pending group additions (`Index` → `Indexed`).
+    pub(super) next_op: u64,
 }
 
-struct ConvState {
+pub(super) struct ConvState {
     /// The meta record is durable: the conversation accepts messages.
-    exists: bool,
+    pub(super) exists: bool,
     /// Highest seq assigned (may be in a commit not yet durable).
-    last_seq: Seq,
+    pub(super) last_seq: Seq,
     /// Highest seq durable. Everything visible to clients is `<= durable_seq`.
     durable_seq: Seq,
     /// Appends assigned a seq but not yet durable, by message id, with every request
     /// waiting for that id (a retry while the original is in flight joins it).
     pending: HashMap<uuid::Uuid, Vec<ReplyTo>>,
     opening: Option<Opening>,
+    /// One-to-one: the meta record (read cursors) once it exists.
+    direct: Option<ConvMeta>,
+    /// Groups: settings and members, loaded with the state.
+    pub(super) group: Option<Box<Group>>,
+}
+
+impl ConvState {
+    fn empty() -> ConvState {
+        ConvState {
+            exists: false,
+            last_seq: 0,
+            durable_seq: 0,
+            pending: HashMap::new(),
+            opening: None,
+            direct: None,
+            group: None,
+        }
+    }
+
+    /// The sender `user` may append now, or why not.
+    fn may_send(&self, user: UserId) -> Result<(), ErrorCode> {
+        if !self.exists {
+            return Err(ErrorCode::NoSuchConversation);
+        }
+        match &self.group {
+            None => Ok(()),
+            Some(g) => g.may_send(user),
+        }
+    }
+}
+
+/// Builds a reply frame from the seq an event was given.
+pub(super) type ReplyBuilder = Box<dyn FnOnce(Seq) -> String>;
+
+/// A timeline entry the owner writes itself (system messages, recall and edit events) and
+/// what happens once it is durable.
+pub(super) struct Event {
+    pub kind: u8,
+    pub target: Seq,
+    pub actor: Named,
+    pub device: String,
+    pub body: String,
+    /// The reply to the request that caused it: built from the event's seq.
+    pub reply: Option<(ReplyTo, ReplyBuilder)>,
+    /// Who receives it beyond the members (e.g. a member just removed).
+    pub also: Vec<UserId>,
+    /// Conversation lists to clean up once durable.
+    pub unindex: Vec<UserId>,
 }
 
 struct Opening {
@@ -47,9 +108,21 @@ struct Opening {
 
 impl<S: Storage> Shard<S> {
     /// The state of an owned conversation, loaded from storage on first use.
-    fn conv_state(&mut self, conv: ConvId) -> Result<&mut ConvState, StorageError> {
+    pub(super) fn conv_state(&mut self, conv: ConvId) -> Result<&mut ConvState, StorageError> {
         if !self.owned.convs.contains_key(&conv) {
-            let exists = self.storage.get(&keys::conv_meta(conv))?.is_some();
+            let meta_key = keys::conv_meta(conv);
+            let meta = self.storage.get(&meta_key)?;
+            let exists = meta.is_some();
+            let (direct, group) = match (conv, meta) {
+                (ConvId::Group(_), Some(bytes)) => (
+                    None,
+                    Some(Box::new(Group::load(&self.storage, conv, &bytes)?)),
+                ),
+                (ConvId::Direct(..), Some(bytes)) => {
+                    (Some(ConvMeta::decode(&meta_key, &bytes)?), None)
+                }
+                (_, None) => (None, None),
+            };
             let last = self.storage.scan(
                 &keys::message(conv, 0),
                 &keys::message(conv, Seq::MAX),
@@ -64,8 +137,9 @@ impl<S: Storage> Shard<S> {
                 exists,
                 last_seq,
                 durable_seq: last_seq,
-                pending: HashMap::new(),
-                opening: None,
+                direct,
+                group,
+                ..ConvState::empty()
             };
             self.owned.convs.insert(conv, state);
         }
@@ -135,14 +209,14 @@ impl<S: Storage> Shard<S> {
         if let Some(code) = opening.error {
             return self.owner_opened(conv, Some(code));
         }
-        self.put(
-            keys::conv_meta(conv),
-            ConvMeta {
-                last_seq: 0,
-                created_ms: now_ms,
-            }
-            .encode(),
-        );
+        let meta = ConvMeta {
+            last_seq: 0,
+            created_ms: now_ms,
+            read: [0, 0],
+        };
+        let bytes = meta.encode();
+        state.direct = Some(meta);
+        self.put(keys::conv_meta(conv), bytes);
         self.defer(Deferred::Opened { conv });
     }
 
@@ -185,19 +259,15 @@ impl<S: Storage> Shard<S> {
             Ok(state) => state,
             Err(e) => return self.storage_error_to(reply, &e),
         };
-        if !state.exists {
-            return self.error_to(
-                reply,
-                ErrorCode::NoSuchConversation,
-                "open the conversation first",
-            );
-        }
-        if !conv.has_member(sender) {
+        if !conv.may_have_member(sender) {
             return self.error_to(
                 reply,
                 ErrorCode::NotMember,
                 "you are not in this conversation",
             );
+        }
+        if let Err(code) = state.may_send(sender) {
+            return self.error_to(reply, code, send_refusal(code));
         }
         if let Some(waiters) = state.pending.get_mut(&id) {
             waiters.push(reply);
@@ -217,6 +287,7 @@ impl<S: Storage> Shard<S> {
             Ok(None) => {}
             Err(e) => return self.storage_error_to(reply, &e),
         }
+        let fanout = self.fanout(conv);
         let state = self.owned.convs.get_mut(&conv).expect("loaded above");
         state.last_seq += 1;
         let seq = state.last_seq;
@@ -229,6 +300,9 @@ impl<S: Storage> Shard<S> {
             device,
             ts_ms: now_ms,
             body,
+            kind: kind::MESSAGE,
+            target: 0,
+            flags: 0,
         };
         let msg: Arc<str> = rec.to_json(conv).into();
         self.put_unread(keys::message(conv, seq), rec.encode());
@@ -242,10 +316,69 @@ impl<S: Storage> Shard<S> {
             msg,
             frame_ok,
             sender: reply,
+            fanout,
         });
     }
 
+    /// Where a message assigned now goes: both members of a one-to-one conversation, every
+    /// member of a group (cached until the membership changes).
+    pub(super) fn fanout(&mut self, conv: ConvId) -> Fanout {
+        let shards = self.cfg.shards;
+        if let Some(members) = conv.direct_members() {
+            return by_shard(members.into_iter(), shards);
+        }
+        let group = self
+            .owned
+            .convs
+            .get_mut(&conv)
+            .and_then(|s| s.group.as_mut())
+            .expect("a group's state is loaded before its fan-out");
+        group.fanout(shards)
+    }
+
+    /// Marks `seq` durable. Commits complete in order, so seqs do too.
+    fn mark_durable(&mut self, conv: ConvId, seq: Seq) -> &mut ConvState {
+        let state = self
+            .owned
+            .convs
+            .get_mut(&conv)
+            .expect("a conversation with writes in flight stays loaded");
+        assert_eq!(
+            state.durable_seq + 1,
+            seq,
+            "seqs become durable in order, without gaps"
+        );
+        state.durable_seq = seq;
+        state
+    }
+
+    /// One `Deliver` mail per destination shard.
+    fn deliver(
+        &mut self,
+        conv: ConvId,
+        seq: Seq,
+        msg: &Arc<str>,
+        fanout: &Fanout,
+        sender: Option<ReplyTo>,
+    ) {
+        for (to, recipients) in fanout.iter() {
+            let skip = sender.filter(|s| s.shard == *to).map(|s| s.conn);
+            self.stats.fanout_mails += 1;
+            self.mail(
+                *to,
+                Mail::Deliver {
+                    conv,
+                    seq,
+                    msg: msg.clone(),
+                    recipients: recipients.clone(),
+                    skip,
+                },
+            );
+        }
+    }
+
     /// A message became durable: ack every waiting request, then fan out.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn owner_appended(
         &mut self,
         conv: ConvId,
@@ -254,19 +387,9 @@ impl<S: Storage> Shard<S> {
         msg: Arc<str>,
         frame_ok: String,
         sender: ReplyTo,
+        fanout: Fanout,
     ) {
-        let shards = self.cfg.shards;
-        let state = self
-            .owned
-            .convs
-            .get_mut(&conv)
-            .expect("an appended conversation stays loaded");
-        assert_eq!(
-            state.durable_seq + 1,
-            seq,
-            "seqs become durable in order, without gaps"
-        );
-        state.durable_seq = seq;
+        let state = self.mark_durable(conv, seq);
         let waiters = state.pending.remove(&id).unwrap_or_default();
         for waiter in waiters {
             // The original request's frame is prebuilt; a retry that joined it needs its own rid.
@@ -277,30 +400,97 @@ impl<S: Storage> Shard<S> {
             };
             self.reply_to(waiter, frame);
         }
-        let mut by_shard: Vec<(ShardId, Vec<UserId>)> = Vec::with_capacity(2);
-        for user in conv.members() {
-            let home = user.slot().shard(shards);
-            match by_shard.iter_mut().find(|(s, _)| *s == home) {
-                Some((_, users)) => {
-                    if !users.contains(&user) {
-                        users.push(user)
-                    }
-                }
-                None => by_shard.push((home, vec![user])),
-            }
+        self.deliver(conv, seq, &msg, &fanout, Some(sender));
+    }
+
+    /// Assigns the next seq to an event the owner writes itself and queues it for the commit.
+    /// The caller has checked that the conversation exists and the actor may do this.
+    pub(super) fn append_event(&mut self, now_ms: u64, conv: ConvId, event: Event) -> Seq {
+        let mut fanout = self.fanout(conv);
+        if !event.also.is_empty() {
+            let shards = self.cfg.shards;
+            let extra = fanout
+                .iter()
+                .flat_map(|(_, users)| users.iter().copied())
+                .chain(event.also.iter().copied());
+            fanout = by_shard(extra, shards);
         }
-        for (to, recipients) in by_shard {
-            let skip = (to == sender.shard).then_some(sender.conn);
-            self.mail(
-                to,
-                Mail::Deliver {
-                    conv,
-                    seq,
-                    msg: msg.clone(),
-                    recipients,
-                    skip,
-                },
-            );
+        let state = self
+            .owned
+            .convs
+            .get_mut(&conv)
+            .expect("loaded by the caller");
+        state.last_seq += 1;
+        let seq = state.last_seq;
+        let id = uuid_v7(now_ms);
+        let rec = MessageRecord {
+            id: *id.as_bytes(),
+            seq,
+            sender: event.actor.0 .0,
+            sender_name: event.actor.1,
+            device: event.device,
+            ts_ms: now_ms,
+            body: event.body,
+            kind: event.kind,
+            target: event.target,
+            flags: 0,
+        };
+        let msg: Arc<str> = rec.to_json(conv).into();
+        self.put_unread(keys::message(conv, seq), rec.encode());
+        self.stats.appended += 1;
+        let reply = event.reply.map(|(to, build)| (to, build(seq)));
+        self.defer(Deferred::Event {
+            conv,
+            seq,
+            msg,
+            fanout,
+            reply,
+            unindex: event.unindex,
+        });
+        seq
+    }
+
+    /// An owner-written event became durable: answer its request, fan out, clean up lists.
+    pub(super) fn owner_event_done(
+        &mut self,
+        conv: ConvId,
+        seq: Seq,
+        msg: Arc<str>,
+        fanout: Fanout,
+        reply: Option<(ReplyTo, String)>,
+        unindex: Vec<UserId>,
+    ) {
+        let state = self.mark_durable(conv, seq);
+        if state.group.is_some() {
+            // A group exists from its first event (its creation) on.
+            state.exists = true;
+        }
+        if let Some((to, frame)) = reply {
+            self.reply_to(to, frame);
+        }
+        self.deliver(conv, seq, &msg, &fanout, None);
+        self.unindex(conv, unindex);
+    }
+
+    /// Drops `conv` from the conversation lists of `users`, one mail per home shard, except
+    /// for users who are (again) members or being added.
+    pub(super) fn unindex(&mut self, conv: ConvId, mut users: Vec<UserId>) {
+        if let Some(group) = self.owned.convs.get(&conv).and_then(|s| s.group.as_ref()) {
+            users.retain(|u| !group.keeps_index(*u));
+        }
+        for (to, users) in by_shard(users.into_iter(), self.cfg.shards).iter() {
+            let mail = Mail::Unindex {
+                conv,
+                users: users.to_vec(),
+            };
+            self.mail(*to, mail);
+        }
+    }
+
+    /// An event failed to become durable: its request gets an error.
+    pub(super) fn owner_event_failed(&mut self, reply: Option<(ReplyTo, String)>) {
+        if let Some((to, _)) = reply {
+            self.error_to(to, ErrorCode::Internal, "storage write failed; retry");
         }
     }
 
@@ -322,6 +512,20 @@ impl<S: Storage> Shard<S> {
 
     /// After a failed commit: forget seqs that never became durable.
     pub(super) fn owner_rollback(&mut self) {
+        // Group settings and membership changed in memory with the failed writes: forget the
+        // loaded state so the next use reloads what is durable (answering additions that were
+        // waiting for indexes first).
+        let groups: Vec<ConvId> = self
+            .owned
+            .convs
+            .iter()
+            .filter(|(_, s)| s.group.is_some())
+            .map(|(c, _)| *c)
+            .collect();
+        for conv in &groups {
+            self.abort_adds(*conv);
+            self.owned.convs.remove(conv);
+        }
         for state in self.owned.convs.values_mut() {
             state.last_seq = state.durable_seq;
             state.pending.clear();
@@ -355,9 +559,15 @@ impl<S: Storage> Shard<S> {
         if !state.exists {
             return Err(ErrorCode::NoSuchConversation);
         }
-        if !conv.has_member(user) {
+        if !conv.may_have_member(user) {
             return Err(ErrorCode::NotMember);
         }
+        // Seqs at or below `floor` are not this member's to read.
+        let floor = match &state.group {
+            None => 0,
+            Some(g) => g.floor(user).ok_or(ErrorCode::NotMember)?,
+        };
+        let after = after.map(|a| a.max(floor));
         let durable = state.durable_seq;
         // [lo, hi] inclusive, within what is durable.
         let (lo, hi, more) = match (after, before) {
@@ -367,8 +577,8 @@ impl<S: Storage> Shard<S> {
             }
             (None, before) => {
                 let end = before.unwrap_or(Seq::MAX).min(durable + 1);
-                let lo = end.saturating_sub(limit).max(1);
-                (lo, end.saturating_sub(1), lo > 1)
+                let lo = end.saturating_sub(limit).max(floor + 1);
+                (lo, end.saturating_sub(1), lo > floor + 1)
             }
         };
         if lo > hi {
@@ -416,13 +626,217 @@ impl<S: Storage> Shard<S> {
         Ok((msgs, more || truncated))
     }
 
-    pub(super) fn owner_last_seqs(&mut self, gather: GatherRef, convs: Vec<(usize, ConvId)>) {
+    pub(super) fn owner_last_seqs(
+        &mut self,
+        gather: GatherRef,
+        user: UserId,
+        convs: Vec<(usize, ConvId)>,
+    ) {
         let mut seqs = Vec::with_capacity(convs.len());
         for (index, conv) in convs {
-            let seq = self.conv_state(conv).map(|s| s.durable_seq).unwrap_or(0);
-            seqs.push((index, seq));
+            let summary = match self.conv_state(conv) {
+                Ok(state) => summarise(conv, state, user),
+                Err(_) => ConvSummary {
+                    member: true,
+                    ..ConvSummary::default()
+                },
+            };
+            seqs.push((index, summary));
         }
         self.mail(gather.shard, Mail::LastSeqsDone { gather, seqs });
+    }
+
+    /// A member's read cursor moved (already durable on their home shard). One-to-one: kept
+    /// in the meta record and pushed to the peer's devices as a read receipt. Groups: kept on
+    /// the member record for `receipts` counts.
+    pub(super) fn owner_read_up_to(&mut self, conv: ConvId, user: UserId, name: &str, seq: Seq) {
+        let Ok(state) = self.conv_state(conv) else {
+            return;
+        };
+        let seq = seq.min(state.durable_seq);
+        if let Some(group) = &mut state.group {
+            if let Some(put) = group.read_up_to(conv, user, seq) {
+                self.put(put.0, put.1);
+            }
+            return;
+        }
+        let (Some(meta), Some(members)) = (&mut state.direct, conv.direct_members()) else {
+            return;
+        };
+        let Some(i) = members.iter().position(|&m| m == user) else {
+            return;
+        };
+        if meta.read[i] >= seq {
+            return;
+        }
+        meta.read[i] = seq;
+        let bytes = meta.encode();
+        self.put(keys::conv_meta(conv), bytes);
+        let peer = members[1 - i];
+        let frame: Arc<str> = event_push("read", &conv.to_string(), name, Some(seq)).into();
+        let mail = Mail::Ephemeral {
+            frame,
+            recipients: Arc::from([peer]),
+            skip_user: None,
+        };
+        self.mail(peer.slot().shard(self.cfg.shards), mail);
+    }
+
+    /// Requests on one conversation other than `Append`: group ops go to `group.rs`.
+    pub(super) fn owner_op(
+        &mut self,
+        now_ms: u64,
+        reply: ReplyTo,
+        conv: ConvId,
+        actor: Named,
+        op: ConvOp,
+    ) {
+        if let ConvOp::GroupCreate { .. } = op {
+            return self.group_create(now_ms, reply, conv, actor, op);
+        }
+        let state = match self.conv_state(conv) {
+            Ok(state) => state,
+            Err(e) => return self.storage_error_to(reply, &e),
+        };
+        if !state.exists || !conv.may_have_member(actor.0) {
+            let code = if state.exists {
+                ErrorCode::NotMember
+            } else {
+                ErrorCode::NoSuchConversation
+            };
+            return self.error_to(reply, code, "no such conversation for you");
+        }
+        match op {
+            ConvOp::Recall { seq, device } => {
+                self.amend(now_ms, reply, conv, actor, seq, None, device)
+            }
+            ConvOp::Edit { seq, body, device } => {
+                self.amend(now_ms, reply, conv, actor, seq, Some(body), device)
+            }
+            ConvOp::Typing => self.typing(reply, conv, actor),
+            op => self.group_op(now_ms, reply, conv, actor, op),
+        }
+    }
+
+    /// Recall (`body: None`) or edit message `seq`: a new timeline entry pointing at it, and
+    /// the original marked (its body removed on recall, replaced on edit).
+    #[allow(clippy::too_many_arguments)]
+    fn amend(
+        &mut self,
+        now_ms: u64,
+        reply: ReplyTo,
+        conv: ConvId,
+        actor: Named,
+        seq: Seq,
+        body: Option<String>,
+        device: String,
+    ) {
+        let window = self.cfg.edit_window_ms;
+        let state = self.owned.convs.get(&conv).expect("loaded by owner_op");
+        if let Err(code) = state.may_send(actor.0) {
+            return self.error_to(reply, code, send_refusal(code));
+        }
+        if seq == 0 || seq > state.durable_seq {
+            return self.error_to(reply, ErrorCode::NoSuchMessage, "no such message");
+        }
+        let is_admin = state
+            .group
+            .as_ref()
+            .is_some_and(|g| g.role_of(actor.0).is_some_and(|r| r >= role::ADMIN));
+        let key = keys::message(conv, seq);
+        let mut target = match self
+            .get_latest(&key)
+            .and_then(|v| v.map(|b| MessageRecord::decode(&key, &b)).transpose())
+        {
+            Ok(Some(rec)) => rec,
+            Ok(None) => return self.error_to(reply, ErrorCode::NoSuchMessage, "no such message"),
+            Err(e) => return self.storage_error_to(reply, &e),
+        };
+        if target.kind != kind::MESSAGE || target.flags & flags::RECALLED != 0 {
+            return self.error_to(
+                reply,
+                ErrorCode::NoSuchMessage,
+                "only a message that is not recalled can be recalled or edited",
+            );
+        }
+        let own = target.sender == actor.0 .0;
+        let in_window = now_ms.saturating_sub(target.ts_ms) <= window;
+        let editing = body.is_some();
+        let allowed = match (editing, own) {
+            (true, true) | (false, true) => in_window || (!editing && is_admin),
+            (false, false) => is_admin,
+            (true, false) => false,
+        };
+        if !allowed {
+            return if own {
+                self.error_to(
+                    reply,
+                    ErrorCode::WindowPassed,
+                    "the window to change this message has passed",
+                )
+            } else {
+                self.error_to(
+                    reply,
+                    ErrorCode::Forbidden,
+                    "only its sender (or, to recall, a group admin) may change this message",
+                )
+            };
+        }
+        let (event_kind, event_body) = match body {
+            Some(body) => {
+                target.flags |= flags::EDITED;
+                target.body = body.clone();
+                (kind::EDIT, body)
+            }
+            None => {
+                target.flags |= flags::RECALLED;
+                target.body = "null".into();
+                (kind::RECALL, "null".to_owned())
+            }
+        };
+        self.put(key, target.encode());
+        let conv_text = conv.to_string();
+        self.append_event(
+            now_ms,
+            conv,
+            Event {
+                kind: event_kind,
+                target: seq,
+                actor,
+                device,
+                body: event_body,
+                reply: Some((
+                    reply,
+                    Box::new(move |event_seq| {
+                        ok_frame(
+                            reply.rid,
+                            &json!({ "conv": conv_text, "seq": event_seq, "target": seq }),
+                        )
+                    }),
+                )),
+                also: Vec::new(),
+                unindex: Vec::new(),
+            },
+        );
+    }
+
+    /// Typing notice: ephemeral, to every other member's online devices.
+    fn typing(&mut self, reply: ReplyTo, conv: ConvId, actor: Named) {
+        let state = self.owned.convs.get(&conv).expect("loaded by owner_op");
+        if let Err(code) = state.may_send(actor.0) {
+            return self.error_to(reply, code, send_refusal(code));
+        }
+        let fanout = self.fanout(conv);
+        let frame: Arc<str> = event_push("typing", &conv.to_string(), &actor.1, None).into();
+        for (to, recipients) in fanout.iter() {
+            let mail = Mail::Ephemeral {
+                frame: frame.clone(),
+                recipients: recipients.clone(),
+                skip_user: Some(actor.0),
+            };
+            self.mail(*to, mail);
+        }
+        self.reply_to(reply, ok_frame(reply.rid, &json!({})));
     }
 
     fn storage_error_to(&mut self, reply: ReplyTo, err: &StorageError) {
@@ -438,6 +852,69 @@ fn open_frame(rid: u64, conv: ConvId, names: &[(UserId, String); 2], requester: 
         &names[0].1
     };
     ok_frame(rid, &json!({ "conv": conv.to_string(), "peer": peer }))
+}
+
+/// The one-line reason for a refused send.
+pub(super) fn send_refusal(code: ErrorCode) -> &'static str {
+    match code {
+        ErrorCode::NoSuchConversation => "open the conversation first",
+        ErrorCode::NotMember => "you are not in this conversation",
+        ErrorCode::Muted => "you are muted in this group",
+        ErrorCode::GroupDisbanded => "this group was disbanded",
+        _ => "not allowed",
+    }
+}
+
+/// Users grouped by home shard, each user once.
+pub(super) fn by_shard(users: impl Iterator<Item = UserId>, shards: u16) -> Fanout {
+    let mut groups: Vec<(ShardId, Vec<UserId>)> = Vec::with_capacity(shards.min(8) as usize);
+    let mut seen = std::collections::HashSet::new();
+    for user in users {
+        if !seen.insert(user) {
+            continue;
+        }
+        let home = user.slot().shard(shards);
+        match groups.iter_mut().find(|(s, _)| *s == home) {
+            Some((_, list)) => list.push(user),
+            None => groups.push((home, vec![user])),
+        }
+    }
+    groups
+        .into_iter()
+        .map(|(shard, users)| (shard, Arc::from(users)))
+        .collect()
+}
+
+fn summarise(conv: ConvId, state: &ConvState, user: UserId) -> ConvSummary {
+    let mut summary = ConvSummary {
+        last_seq: state.durable_seq,
+        member: conv.may_have_member(user),
+        ..ConvSummary::default()
+    };
+    if let Some(group) = &state.group {
+        summary.title = Some(group.meta.name.clone());
+        match group.floor(user) {
+            Some(floor) => summary.floor = floor,
+            None => summary.member = false,
+        }
+    }
+    if let (Some(meta), Some(members)) = (&state.direct, conv.direct_members()) {
+        summary.peer_read = members
+            .iter()
+            .position(|&m| m != user)
+            .map(|peer| meta.read[peer]);
+    }
+    summary
+}
+
+/// A UUIDv7 for `now_ms` (server-made message ids).
+pub(super) fn uuid_v7(now_ms: u64) -> uuid::Uuid {
+    let ts = uuid::Timestamp::from_unix(
+        uuid::NoContext,
+        now_ms / 1000,
+        (now_ms % 1000) as u32 * 1_000_000,
+    );
+    uuid::Uuid::new_v7(ts)
 }
 
 fn ack_frame(rid: u64, id: &uuid::Uuid, seq: Seq, ts_ms: u64) -> String {

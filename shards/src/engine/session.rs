@@ -16,9 +16,12 @@ use serde_json::json;
 use super::commit::Deferred;
 use super::{Output, Shard};
 use crate::auth::{self, Job, JobResult, TokenClaims};
-use crate::ids::{ConnId, ConvId, UserId};
-use crate::limits::{FAILED_LOGINS_MAX, HELD_FRAMES_MAX, UNACKED_PUSHES_MAX};
-use crate::mail::{Mail, ReplyTo};
+use crate::ids::{ConnId, ConvId, GroupId, UserId};
+use crate::limits::{
+    FAILED_LOGINS_MAX, GROUP_INVITE_MAX, GROUP_NAME_BYTES_MAX, HELD_FRAMES_MAX, TYPING_INTERVAL_MS,
+    UNACKED_PUSHES_MAX,
+};
+use crate::mail::{ConvOp, Mail, Named, ReplyTo};
 use crate::protocol::{self as p, close, message_push, ok_frame, ErrorCode};
 use crate::storage::{keys, DeviceRecord, Storage, UserConv, UserRecord};
 
@@ -54,6 +57,8 @@ pub(super) struct Conn {
     failed_logins: u32,
     last_in_ms: u64,
     last_ping_ms: u64,
+    /// When this connection last sent a `typing` notice that went out.
+    last_typing_ms: Option<u64>,
     window_start_ms: u64,
     window_requests: u32,
     unacked: BTreeMap<u64, Unacked>,
@@ -111,6 +116,7 @@ impl<S: Storage> Shard<S> {
             failed_logins: 0,
             last_in_ms: now_ms,
             last_ping_ms: now_ms,
+            last_typing_ms: None,
             window_start_ms: now_ms,
             window_requests: 0,
             unacked: BTreeMap::new(),
@@ -248,7 +254,7 @@ impl<S: Storage> Shard<S> {
             ("resume", None) => parse(text)
                 .map(|r| self.resume(now_ms, conn, rid, r, text))
                 .map_err(bad),
-            ("logout" | "open" | "send" | "convs" | "read" | "sync" | "history", None) => {
+            (op, None) if !matches!(op, "ping" | "register" | "login" | "resume") && is_op(op) => {
                 Err((ErrorCode::NotAuthenticated, "log in first".into()))
             }
             ("logout", Some(s)) => {
@@ -270,6 +276,9 @@ impl<S: Storage> Shard<S> {
             ("history", Some(s)) => parse(text)
                 .map(|r| self.start_history(conn, rid, s.user, r))
                 .map_err(bad),
+            (op, Some(s)) if op.starts_with("group_") || CONV_OPS.contains(&op) => {
+                self.conv_request(now_ms, conn, rid, s, op, text)
+            }
             (other, _) => Err((ErrorCode::UnknownOp, format!("unknown op {other:?}"))),
         };
         if let Err((code, message)) = result {
@@ -686,11 +695,208 @@ impl<S: Storage> Shard<S> {
         );
     }
 
+    /// Usernames from a request, normalised, with their ids; the first invalid one is an error.
+    fn resolve(names: &[String]) -> Result<Vec<Named>, (ErrorCode, String)> {
+        if names.len() > GROUP_INVITE_MAX {
+            return Err(bad(format!("at most {GROUP_INVITE_MAX} users per request")));
+        }
+        names
+            .iter()
+            .map(|n| match auth::normalise_username(n) {
+                Ok(name) => Ok((UserId::from_username(&name), name)),
+                Err(_) => Err((ErrorCode::NoSuchUser, format!("no such user {n:?}"))),
+            })
+            .collect()
+    }
+
+    fn resolve_one(name: Option<&String>) -> Result<UserId, (ErrorCode, String)> {
+        let name = name.ok_or_else(|| bad("user is required".into()))?;
+        Ok(Self::resolve(std::slice::from_ref(name))?[0].0)
+    }
+
+    fn conv_arg(text: &str) -> Result<ConvId, (ErrorCode, String)> {
+        ConvId::parse(text).ok_or_else(|| bad("conv is not a conversation id".into()))
+    }
+
+    /// Group ops, recall and edit, receipts and typing: checked for shape here, run by the
+    /// conversation's owner shard (membership and roles live there).
+    fn conv_request(
+        &mut self,
+        now_ms: u64,
+        conn: ConnId,
+        rid: u64,
+        s: &Session,
+        op: &str,
+        text: &str,
+    ) -> Result<(), (ErrorCode, String)> {
+        let (conv, op) = match op {
+            "group_create" => {
+                let req: p::GroupCreate = parse(text).map_err(bad)?;
+                let name = req.name.trim().to_owned();
+                if name.is_empty() || name.len() > GROUP_NAME_BYTES_MAX {
+                    return Err(bad(format!(
+                        "name must be 1 to {GROUP_NAME_BYTES_MAX} bytes"
+                    )));
+                }
+                let members = Self::resolve(&req.members)?;
+                let conv = ConvId::Group(GroupId(self.rng.gen_range(1..=u64::MAX)));
+                let op = ConvOp::GroupCreate {
+                    name,
+                    members,
+                    approval: req.approval,
+                    history_visible: req.history_visible,
+                };
+                (conv, op)
+            }
+            "group_invite" => {
+                let req: p::GroupUsers = parse(text).map_err(bad)?;
+                let users = Self::resolve(&req.users)?;
+                (Self::conv_arg(&req.conv)?, ConvOp::Invite { users })
+            }
+            "group_join" | "group_leave" | "group_disband" | "typing" => {
+                let req: p::ConvOnly = parse(text).map_err(bad)?;
+                let op = match op {
+                    "group_join" => ConvOp::Join,
+                    "group_leave" => ConvOp::Leave,
+                    "group_disband" => ConvOp::Disband,
+                    _ => {
+                        let c = self.sessions.conns.get_mut(&conn).expect("frame's conn");
+                        if c.last_typing_ms
+                            .is_some_and(|t| now_ms.saturating_sub(t) < TYPING_INTERVAL_MS)
+                        {
+                            return Err((
+                                ErrorCode::RateLimited,
+                                format!("one typing notice per {TYPING_INTERVAL_MS} ms"),
+                            ));
+                        }
+                        c.last_typing_ms = Some(now_ms);
+                        ConvOp::Typing
+                    }
+                };
+                (Self::conv_arg(&req.conv)?, op)
+            }
+            "group_kick" | "group_approve" | "group_decline" | "group_transfer" | "group_role"
+            | "group_mute" => {
+                let req: p::GroupUser = parse(text).map_err(bad)?;
+                let conv = Self::conv_arg(&req.conv)?;
+                let op = match op {
+                    "group_mute" => ConvOp::Mute {
+                        user: match &req.user {
+                            Some(_) => Some(Self::resolve_one(req.user.as_ref())?),
+                            None => None,
+                        },
+                        muted: req.muted.unwrap_or(true),
+                    },
+                    "group_role" => ConvOp::Role {
+                        user: Self::resolve_one(req.user.as_ref())?,
+                        admin: match req.role.as_deref() {
+                            Some("admin") => true,
+                            Some("member") => false,
+                            _ => return Err(bad("role is \"admin\" or \"member\"".into())),
+                        },
+                    },
+                    _ => {
+                        let user = Self::resolve_one(req.user.as_ref())?;
+                        match op {
+                            "group_kick" => ConvOp::Kick { user },
+                            "group_approve" => ConvOp::Approve { user },
+                            "group_decline" => ConvOp::Decline { user },
+                            _ => ConvOp::Transfer { user },
+                        }
+                    }
+                };
+                (conv, op)
+            }
+            "group_update" => {
+                let req: p::GroupUpdate = parse(text).map_err(bad)?;
+                let name = match req.name {
+                    Some(n) => {
+                        let n = n.trim().to_owned();
+                        if n.is_empty() || n.len() > GROUP_NAME_BYTES_MAX {
+                            return Err(bad(format!(
+                                "name must be 1 to {GROUP_NAME_BYTES_MAX} bytes"
+                            )));
+                        }
+                        Some(n)
+                    }
+                    None => None,
+                };
+                let op = ConvOp::Update {
+                    name,
+                    approval: req.approval,
+                    history_visible: req.history_visible,
+                };
+                (Self::conv_arg(&req.conv)?, op)
+            }
+            "group_info" | "group_members" => {
+                let req: p::Versioned = parse(text).map_err(bad)?;
+                let version = req.version;
+                let op = if op == "group_info" {
+                    ConvOp::Info { version }
+                } else {
+                    ConvOp::Members { version }
+                };
+                (Self::conv_arg(&req.conv)?, op)
+            }
+            "receipts" => {
+                let req: p::Receipts = parse(text).map_err(bad)?;
+                (
+                    Self::conv_arg(&req.conv)?,
+                    ConvOp::Receipts { seq: req.seq },
+                )
+            }
+            "recall" | "edit" => {
+                let req: p::Amend = parse(text).map_err(bad)?;
+                let conv = Self::conv_arg(&req.conv)?;
+                let device = s.device.clone();
+                let op = match (op, req.body) {
+                    ("recall", _) => ConvOp::Recall {
+                        seq: req.seq,
+                        device,
+                    },
+                    (_, Some(body)) if body.get().len() > self.cfg.body_bytes_max => {
+                        return Err((
+                            ErrorCode::BodyTooLarge,
+                            format!("body is over {} bytes", self.cfg.body_bytes_max),
+                        ))
+                    }
+                    (_, Some(body)) => ConvOp::Edit {
+                        seq: req.seq,
+                        body: body.get().to_owned(),
+                        device,
+                    },
+                    (_, None) => return Err(bad("edit needs a body".into())),
+                };
+                (conv, op)
+            }
+            other => return Err((ErrorCode::UnknownOp, format!("unknown op {other:?}"))),
+        };
+        if !conv.may_have_member(s.user) {
+            return Err((
+                ErrorCode::NotMember,
+                "you are not in this conversation".into(),
+            ));
+        }
+        let mail = Mail::Op {
+            reply: ReplyTo {
+                shard: self.cfg.shard,
+                conn,
+                rid,
+            },
+            conv,
+            actor: s.user,
+            actor_name: s.name.clone(),
+            op,
+        };
+        self.mail(conv.slot().shard(self.cfg.shards), mail);
+        Ok(())
+    }
+
     fn send_message(&mut self, now_ms: u64, conn: ConnId, rid: u64, s: &Session, req: p::Send) {
         let Some(conv) = self.parse_conv(conn, rid, &req.conv) else {
             return;
         };
-        if !conv.has_member(s.user) {
+        if !conv.may_have_member(s.user) {
             return self.error(
                 conn,
                 Some(rid),
@@ -707,14 +913,7 @@ impl<S: Storage> Shard<S> {
                 &format!("body is over {} bytes", self.cfg.body_bytes_max),
             );
         }
-        let id = req.id.unwrap_or_else(|| {
-            let ts = uuid::Timestamp::from_unix(
-                uuid::NoContext,
-                now_ms / 1000,
-                (now_ms % 1000) as u32 * 1_000_000,
-            );
-            uuid::Uuid::new_v7(ts)
-        });
+        let id = req.id.unwrap_or_else(|| super::owner::uuid_v7(now_ms));
         let mail = Mail::Append {
             reply: ReplyTo {
                 shard: self.cfg.shard,
@@ -746,8 +945,18 @@ impl<S: Storage> Shard<S> {
                     rid,
                     &json!({ "conv": conv.to_string(), "read_seq": entry.read_seq }),
                 );
+                let seq = entry.read_seq;
                 self.put(key, entry.encode());
                 self.defer(Deferred::Reply { conn, rid, frame });
+                // The owner keeps cursors for receipts; it hears once the cursor is durable.
+                let mail = Mail::ReadUpTo {
+                    conv,
+                    user: s.user,
+                    user_name: s.name.clone(),
+                    seq,
+                };
+                let owner = conv.slot().shard(self.cfg.shards);
+                self.defer(Deferred::Mail { to: owner, mail });
             }
             Ok(None) => self.error(
                 conn,
@@ -806,6 +1015,30 @@ impl<S: Storage> Shard<S> {
             let targets: Vec<ConnId> = conns.iter().copied().filter(|&c| Some(c) != skip).collect();
             for conn in targets {
                 self.push(now_ms, conn, msg);
+            }
+        }
+    }
+
+    /// An ephemeral push (typing, read receipt) to the online devices of `recipients`.
+    /// Not acked, not retried, dropped for a device whose outbox is full.
+    pub(super) fn home_ephemeral(
+        &mut self,
+        frame: &Arc<str>,
+        recipients: &[UserId],
+        skip_user: Option<UserId>,
+    ) {
+        for user in recipients {
+            if Some(*user) == skip_user {
+                continue;
+            }
+            let Some(conns) = self.sessions.online.get(user) else {
+                continue;
+            };
+            for &conn in conns {
+                self.out.push_back(Output::Send {
+                    conn,
+                    frame: frame.to_string(),
+                });
             }
         }
     }
@@ -877,6 +1110,28 @@ impl<S: Storage> Shard<S> {
 
 fn bad(message: String) -> (ErrorCode, String) {
     (ErrorCode::BadRequest, message)
+}
+
+/// Ops on one conversation that its owner runs (besides `send`), other than the `group_*` ones.
+const CONV_OPS: &[&str] = &["recall", "edit", "receipts", "typing"];
+
+/// Ops after `group_` in their name.
+const GROUP_OPS: &[&str] = &[
+    "create", "invite", "join", "approve", "decline", "leave", "kick", "role", "transfer", "mute",
+    "update", "disband", "info", "members",
+];
+
+/// Every op this server knows (to tell "log in first" from "unknown op").
+fn is_op(op: &str) -> bool {
+    const OTHERS: &[&str] = &[
+        "ping", "register", "login", "resume", "logout", "open", "send", "convs", "read", "sync",
+        "history", "ack",
+    ];
+    OTHERS.contains(&op)
+        || CONV_OPS.contains(&op)
+        || op
+            .strip_prefix("group_")
+            .is_some_and(|g| GROUP_OPS.contains(&g))
 }
 
 /// The normalised form of a register request, as handed to the home shard.

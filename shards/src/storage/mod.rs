@@ -8,7 +8,9 @@
 //! | `slot 'U' user` | [`UserRecord`] | user's home shard |
 //! | `slot 'D' user device` | [`DeviceRecord`] | user's home shard |
 //! | `slot 'C' user conv` | [`UserConv`] (membership index + read cursor) | user's home shard |
-//! | `slot 'M' conv` | [`ConvMeta`] | conversation's owner shard |
+//! | `slot 'M' conv` | [`ConvMeta`] (one-to-one) or [`GroupMeta`] (group) | conversation's owner shard |
+//! | `slot 'G' conv user` | [`GroupMember`] | group's owner shard |
+//! | `slot 'J' conv user` | [`JoinRequest`] (awaiting approval) | group's owner shard |
 //! | `slot 'R' conv seq` | [`MessageRecord`] | conversation's owner shard |
 //! | `slot 'I' conv msg-id` | [`DedupRecord`] | conversation's owner shard |
 //!
@@ -113,6 +115,36 @@ pub mod keys {
         k
     }
 
+    pub fn group_member(conv: ConvId, user: UserId) -> Vec<u8> {
+        let mut k = group_member_prefix(conv);
+        k.extend_from_slice(&user.0.to_be_bytes());
+        k
+    }
+
+    pub fn group_member_prefix(conv: ConvId) -> Vec<u8> {
+        let mut k = head(conv.slot().0, b'G', 17 + 8);
+        k.extend_from_slice(&conv.to_bytes());
+        k
+    }
+
+    pub fn join_request(conv: ConvId, user: UserId) -> Vec<u8> {
+        let mut k = join_request_prefix(conv);
+        k.extend_from_slice(&user.0.to_be_bytes());
+        k
+    }
+
+    pub fn join_request_prefix(conv: ConvId) -> Vec<u8> {
+        let mut k = head(conv.slot().0, b'J', 17 + 8);
+        k.extend_from_slice(&conv.to_bytes());
+        k
+    }
+
+    /// The user id at the end of a `group_member` or `join_request` key.
+    pub fn user_of_group_key(key: &[u8]) -> Option<UserId> {
+        let tail: [u8; 8] = key.get(3 + 17..)?.try_into().ok()?;
+        Some(UserId(u64::from_be_bytes(tail)))
+    }
+
     pub fn message(conv: ConvId, seq: Seq) -> Vec<u8> {
         let mut k = head(conv.slot().0, b'R', 17 + 8);
         k.extend_from_slice(&conv.to_bytes());
@@ -188,8 +220,91 @@ record!(UserConv);
 pub struct ConvMeta {
     pub last_seq: u64,
     pub created_ms: u64,
+    /// Each member's read cursor as last reported to the owner (members in id order): the
+    /// source of read receipts and of `peer_read_seq` in the conversation list.
+    pub read: [u64; 2],
 }
 record!(ConvMeta);
+
+/// A group's settings. `info_version` moves on every change to these fields, `members_version`
+/// on every membership or role change: clients pull with the version they hold.
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct GroupMeta {
+    pub name: String,
+    pub owner: u64,
+    pub created_ms: u64,
+    pub info_version: u64,
+    pub members_version: u64,
+    /// Joining needs an admin's approval (otherwise any user may join).
+    pub approval: bool,
+    /// Members added later see the history from before they joined.
+    pub history_visible: bool,
+    /// Only admins and the owner may send.
+    pub muted_all: bool,
+    pub disbanded: bool,
+}
+record!(GroupMeta);
+
+pub mod role {
+    pub const MEMBER: u8 = 0;
+    pub const ADMIN: u8 = 1;
+    pub const OWNER: u8 = 2;
+
+    pub fn name(role: u8) -> &'static str {
+        match role {
+            OWNER => "owner",
+            ADMIN => "admin",
+            _ => "member",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct GroupMember {
+    pub name: String,
+    /// [`role`] constants.
+    pub role: u8,
+    /// The seq of the system message that added this member.
+    pub joined_seq: u64,
+    pub muted: bool,
+    /// Read cursor as last reported to the owner (for read counts).
+    pub read_seq: u64,
+}
+record!(GroupMember);
+
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct JoinRequest {
+    pub name: String,
+    pub ts_ms: u64,
+}
+record!(JoinRequest);
+
+/// [`MessageRecord::kind`] values.
+pub mod kind {
+    /// A client's message.
+    pub const MESSAGE: u8 = 0;
+    /// A membership or settings change, written by the owner; `body` describes it.
+    pub const SYSTEM: u8 = 1;
+    /// Recalls message `target`.
+    pub const RECALL: u8 = 2;
+    /// Replaces the body of message `target` with this `body`.
+    pub const EDIT: u8 = 3;
+
+    pub fn name(kind: u8) -> &'static str {
+        match kind {
+            SYSTEM => "system",
+            RECALL => "recall",
+            EDIT => "edit",
+            _ => "msg",
+        }
+    }
+}
+
+/// [`MessageRecord::flags`] bits, set on a message when a later recall or edit targets it.
+pub mod flags {
+    pub const RECALLED: u8 = 1;
+    pub const EDITED: u8 = 2;
+}
 
 #[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct MessageRecord {
@@ -199,8 +314,14 @@ pub struct MessageRecord {
     pub sender_name: String,
     pub device: String,
     pub ts_ms: u64,
-    /// The raw JSON text of the body, exactly as the client sent it.
+    /// The raw JSON text of the body, exactly as the client sent it (`null` once recalled).
     pub body: String,
+    /// [`kind`] constants.
+    pub kind: u8,
+    /// For recall and edit: the seq they target. 0 otherwise.
+    pub target: u64,
+    /// [`flags`] bits.
+    pub flags: u8,
 }
 record!(MessageRecord);
 
@@ -221,6 +342,7 @@ impl MessageRecord {
             &self.device,
             self.ts_ms,
             &self.body,
+            (self.kind, self.target, self.flags),
         )
     }
 }
@@ -294,6 +416,9 @@ mod tests {
             device: "pc".into(),
             ts_ms: 5,
             body: "\"hi\"".into(),
+            kind: kind::EDIT,
+            target: 2,
+            flags: flags::EDITED,
         };
         let bytes = rec.encode();
         assert_eq!(MessageRecord::decode(b"k", &bytes).unwrap(), rec);

@@ -1,0 +1,964 @@
+//! Groups this shard owns: settings, members and roles, join requests, versions.
+//!
+//! The owner is the single writer of a group's membership as of its timeline: every change is
+//! a system message in the timeline, written in the same batch as the member records, so
+//! "who was a member at seq N" has one answer. Adding members takes two steps, like opening a
+//! one-to-one conversation: first every new member's home shard durably indexes the group
+//! (`Index` → `Indexed`, one mail per home shard), then the owner re-checks the request
+//! against the membership as it is *then*, writes the members and the system message, and
+//! answers. Removal is one step (member records deleted with the system message); the removed
+//! members' conversation lists are cleaned up after it is durable (`Unindex`), and until then
+//! the owner's summary marks the entry stale.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+
+use super::owner::{by_shard, Event, Fanout};
+use super::Shard;
+use crate::ids::{ConvId, Seq, ShardId, UserId};
+use crate::limits::GROUP_MEMBERS_LIMIT;
+use crate::mail::{ConvOp, Mail, Named, ReplyTo};
+use crate::protocol::{event_push, ok_frame, ErrorCode};
+use crate::storage::{
+    keys, kind, role, GroupMember, GroupMeta, JoinRequest, Storage, StorageError, UserConv,
+};
+
+pub(super) struct Group {
+    pub(super) meta: GroupMeta,
+    members: HashMap<UserId, GroupMember>,
+    requests: BTreeMap<UserId, JoinRequest>,
+    /// Recipients by home shard; rebuilt after a membership change.
+    fanout: Option<Fanout>,
+    /// Additions waiting for the new members' home shards to index the group.
+    adds: HashMap<u64, Adding>,
+}
+
+struct Adding {
+    reply: ReplyTo,
+    actor: Named,
+    users: Vec<Named>,
+    how: AddHow,
+    /// `Indexed` answers still to come (one per home shard asked).
+    left: usize,
+    ok: HashSet<UserId>,
+    missing: HashSet<UserId>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum AddHow {
+    Create,
+    Invite,
+    Join,
+    Approve,
+}
+
+impl Group {
+    pub(super) fn load<S: Storage>(
+        storage: &S,
+        conv: ConvId,
+        meta: &[u8],
+    ) -> Result<Group, StorageError> {
+        let meta = GroupMeta::decode(&keys::conv_meta(conv), meta)?;
+        let prefix = keys::group_member_prefix(conv);
+        let mut members = HashMap::new();
+        for (k, v) in storage.scan(
+            &prefix,
+            &keys::prefix_end(&prefix),
+            GROUP_MEMBERS_LIMIT,
+            false,
+        )? {
+            if let Some(user) = keys::user_of_group_key(&k) {
+                members.insert(user, GroupMember::decode(&k, &v)?);
+            }
+        }
+        let prefix = keys::join_request_prefix(conv);
+        let mut requests = BTreeMap::new();
+        for (k, v) in storage.scan(
+            &prefix,
+            &keys::prefix_end(&prefix),
+            GROUP_MEMBERS_LIMIT,
+            false,
+        )? {
+            if let Some(user) = keys::user_of_group_key(&k) {
+                requests.insert(user, JoinRequest::decode(&k, &v)?);
+            }
+        }
+        Ok(Group {
+            meta,
+            members,
+            requests,
+            fanout: None,
+            adds: HashMap::new(),
+        })
+    }
+
+    pub(super) fn role_of(&self, user: UserId) -> Option<u8> {
+        self.members.get(&user).map(|m| m.role)
+    }
+
+    pub(super) fn may_send(&self, user: UserId) -> Result<(), ErrorCode> {
+        let member = self.members.get(&user).ok_or(ErrorCode::NotMember)?;
+        if self.meta.disbanded {
+            return Err(ErrorCode::GroupDisbanded);
+        }
+        if member.muted || (self.meta.muted_all && member.role < role::ADMIN) {
+            return Err(ErrorCode::Muted);
+        }
+        Ok(())
+    }
+
+    /// The highest seq `user` may not read (0: all history), or `None` for a non-member.
+    pub(super) fn floor(&self, user: UserId) -> Option<Seq> {
+        let member = self.members.get(&user)?;
+        Some(if self.meta.history_visible {
+            0
+        } else {
+            member.joined_seq.saturating_sub(1)
+        })
+    }
+
+    pub(super) fn fanout(&mut self, shards: u16) -> Fanout {
+        if let Some(f) = &self.fanout {
+            return f.clone();
+        }
+        let f = by_shard(self.members.keys().copied(), shards);
+        self.fanout = Some(f.clone());
+        f
+    }
+
+    /// Moves `user`'s read cursor forward; the record to write if it moved.
+    pub(super) fn read_up_to(
+        &mut self,
+        conv: ConvId,
+        user: UserId,
+        seq: Seq,
+    ) -> Option<(Vec<u8>, Vec<u8>)> {
+        let member = self.members.get_mut(&user)?;
+        if member.read_seq >= seq {
+            return None;
+        }
+        member.read_seq = seq;
+        Some((keys::group_member(conv, user), member.encode()))
+    }
+
+    /// Whether `user`'s conversation-list entry must stay: a member, or being added. Clean-ups
+    /// (`Unindex`) skip such users, so a removal racing with a re-join never strands a member
+    /// without the entry (mail to a home shard is FIFO, so the check at send time suffices).
+    pub(super) fn keeps_index(&self, user: UserId) -> bool {
+        self.members.contains_key(&user)
+            || self
+                .adds
+                .values()
+                .any(|a| a.users.iter().any(|(u, _)| *u == user))
+    }
+
+    fn name_of(&self, user: UserId) -> String {
+        self.members
+            .get(&user)
+            .map(|m| m.name.clone())
+            .or_else(|| self.requests.get(&user).map(|r| r.name.clone()))
+            .unwrap_or_default()
+    }
+
+    fn admins(&self) -> impl Iterator<Item = UserId> + '_ {
+        self.members
+            .iter()
+            .filter(|(_, m)| m.role >= role::ADMIN)
+            .map(|(&u, _)| u)
+    }
+
+    fn info_json(&self, conv: ConvId) -> Value {
+        json!({
+            "conv": conv.to_string(),
+            "name": self.meta.name,
+            "owner": self.name_of(UserId(self.meta.owner)),
+            "approval": self.meta.approval,
+            "history_visible": self.meta.history_visible,
+            "muted_all": self.meta.muted_all,
+            "disbanded": self.meta.disbanded,
+            "members": self.members.len(),
+            "version": self.meta.info_version,
+        })
+    }
+
+    fn members_json(&self, conv: ConvId, with_requests: bool) -> Value {
+        let mut members: Vec<&GroupMember> = self.members.values().collect();
+        members.sort_by(|a, b| b.role.cmp(&a.role).then_with(|| a.name.cmp(&b.name)));
+        let list: Vec<Value> = members
+            .iter()
+            .map(|m| json!({ "user": m.name, "role": role::name(m.role), "muted": m.muted }))
+            .collect();
+        let mut out = json!({
+            "conv": conv.to_string(),
+            "version": self.meta.members_version,
+            "members": list,
+        });
+        if with_requests {
+            out["requests"] = self
+                .requests
+                .values()
+                .map(|r| json!({ "user": r.name, "ts": r.ts_ms }))
+                .collect();
+        }
+        out
+    }
+}
+
+/// Why a request was refused: the code and its message.
+type Refusal = (ErrorCode, &'static str);
+
+const NOT_MEMBER: Refusal = (ErrorCode::NotMember, "you are not in this group");
+const NOT_ADMIN: Refusal = (ErrorCode::Forbidden, "only the group's admins may do this");
+const NOT_OWNER: Refusal = (ErrorCode::Forbidden, "only the group's owner may do this");
+const DISBANDED: Refusal = (ErrorCode::GroupDisbanded, "this group was disbanded");
+const NOT_A_GROUP: Refusal = (ErrorCode::BadRequest, "this is not a group");
+
+impl<S: Storage> Shard<S> {
+    fn group_mut(&mut self, conv: ConvId) -> Option<&mut Group> {
+        self.owned.convs.get_mut(&conv)?.group.as_deref_mut()
+    }
+
+    /// `group_create`: a fresh id drawn by the requester's shard; the creator becomes owner.
+    pub(super) fn group_create(
+        &mut self,
+        now_ms: u64,
+        reply: ReplyTo,
+        conv: ConvId,
+        actor: Named,
+        op: ConvOp,
+    ) {
+        let ConvOp::GroupCreate {
+            name,
+            members,
+            approval,
+            history_visible,
+        } = op
+        else {
+            unreachable!("called for group_create only");
+        };
+        let max = self.cfg.group_members_max;
+        let state = match self.conv_state(conv) {
+            Ok(state) => state,
+            Err(e) => return self.error_to(reply, ErrorCode::Internal, &e.to_string()),
+        };
+        if state.exists || state.group.is_some() {
+            // Two random 64-bit ids met: vanishingly rare, and the client may simply retry.
+            return self.error_to(reply, ErrorCode::Internal, "group id taken; retry");
+        }
+        let mut users: Vec<Named> = vec![actor.clone()];
+        for m in members {
+            if !users.iter().any(|(u, _)| *u == m.0) {
+                users.push(m);
+            }
+        }
+        if users.len() > max {
+            return self.error_to(
+                reply,
+                ErrorCode::GroupFull,
+                "more members than a group may have",
+            );
+        }
+        state.group = Some(Box::new(Group {
+            meta: GroupMeta {
+                name,
+                owner: actor.0 .0,
+                created_ms: now_ms,
+                info_version: 1,
+                members_version: 0,
+                approval,
+                history_visible,
+                muted_all: false,
+                disbanded: false,
+            },
+            members: HashMap::new(),
+            requests: BTreeMap::new(),
+            fanout: None,
+            adds: HashMap::new(),
+        }));
+        self.start_add(conv, reply, actor, users, AddHow::Create);
+    }
+
+    /// Every other group request, with the group's state loaded and existing.
+    pub(super) fn group_op(
+        &mut self,
+        now_ms: u64,
+        reply: ReplyTo,
+        conv: ConvId,
+        actor: Named,
+        op: ConvOp,
+    ) {
+        if let Err((code, message)) = self.try_group_op(now_ms, reply, conv, actor, op) {
+            self.error_to(reply, code, message);
+        }
+    }
+
+    fn try_group_op(
+        &mut self,
+        now_ms: u64,
+        reply: ReplyTo,
+        conv: ConvId,
+        actor: Named,
+        op: ConvOp,
+    ) -> Result<(), Refusal> {
+        let max = self.cfg.group_members_max;
+        let group = self.group_mut(conv).ok_or(NOT_A_GROUP)?;
+        let me = group.members.get(&actor.0).cloned();
+        let my_role = me.as_ref().map(|m| m.role);
+        let is_admin = my_role.is_some_and(|r| r >= role::ADMIN);
+        let is_owner = my_role == Some(role::OWNER);
+        let rid = reply.rid;
+        // Reads first: allowed after disbanding.
+        match op {
+            ConvOp::Info { version } => {
+                let frame = if version == Some(group.meta.info_version) {
+                    not_modified(rid, conv, group.meta.info_version)
+                } else {
+                    ok_frame(rid, &group.info_json(conv))
+                };
+                self.reply_to(reply, frame);
+                return Ok(());
+            }
+            ConvOp::Members { version } => {
+                me.as_ref().ok_or(NOT_MEMBER)?;
+                let frame = if version == Some(group.meta.members_version) {
+                    not_modified(rid, conv, group.meta.members_version)
+                } else {
+                    ok_frame(rid, &group.members_json(conv, is_admin))
+                };
+                self.reply_to(reply, frame);
+                return Ok(());
+            }
+            ConvOp::Receipts { seq } => {
+                me.as_ref().ok_or(NOT_MEMBER)?;
+                let read = group.members.values().filter(|m| m.read_seq >= seq).count();
+                let total = group.members.len();
+                let frame = ok_frame(
+                    rid,
+                    &json!({ "conv": conv.to_string(), "seq": seq, "read": read, "members": total }),
+                );
+                self.reply_to(reply, frame);
+                return Ok(());
+            }
+            _ => {}
+        }
+        if group.meta.disbanded {
+            return Err(DISBANDED);
+        }
+        match op {
+            ConvOp::Join => {
+                if me.is_some() {
+                    return Err((ErrorCode::AlreadyMember, "you are in this group"));
+                }
+                if group.members.len() >= max {
+                    return Err((ErrorCode::GroupFull, "this group is full"));
+                }
+                if group.meta.approval {
+                    self.request_join(now_ms, conv, vec![actor.clone()]);
+                    let frame = ok_frame(
+                        rid,
+                        &json!({ "conv": conv.to_string(), "requested": [actor.1] }),
+                    );
+                    self.reply_to(reply, frame);
+                } else {
+                    self.start_add(conv, reply, actor.clone(), vec![actor], AddHow::Join);
+                }
+            }
+            ConvOp::Invite { users } => {
+                me.as_ref().ok_or(NOT_MEMBER)?;
+                let new: Vec<Named> = users
+                    .into_iter()
+                    .filter(|(u, _)| !group.members.contains_key(u))
+                    .collect();
+                if group.members.len() + new.len() > max {
+                    return Err((
+                        ErrorCode::GroupFull,
+                        "the group would exceed its size limit",
+                    ));
+                }
+                if !is_admin && group.meta.approval {
+                    let names: Vec<String> = new.iter().map(|(_, n)| n.clone()).collect();
+                    self.request_join(now_ms, conv, new);
+                    let frame = ok_frame(
+                        rid,
+                        &json!({ "conv": conv.to_string(), "requested": names }),
+                    );
+                    self.reply_to(reply, frame);
+                } else if new.is_empty() {
+                    let frame = ok_frame(rid, &json!({ "conv": conv.to_string(), "added": [] }));
+                    self.reply_to(reply, frame);
+                } else {
+                    self.start_add(conv, reply, actor, new, AddHow::Invite);
+                }
+            }
+            ConvOp::Approve { user } => {
+                if !is_admin {
+                    return Err(NOT_ADMIN);
+                }
+                let request = group
+                    .requests
+                    .get(&user)
+                    .ok_or((ErrorCode::NoSuchUser, "no such join request"))?;
+                let named = (user, request.name.clone());
+                if group.members.len() >= max {
+                    return Err((ErrorCode::GroupFull, "this group is full"));
+                }
+                self.start_add(conv, reply, actor, vec![named], AddHow::Approve);
+            }
+            ConvOp::Decline { user } => {
+                if !is_admin {
+                    return Err(NOT_ADMIN);
+                }
+                if group.requests.remove(&user).is_none() {
+                    return Err((ErrorCode::NoSuchUser, "no such join request"));
+                }
+                self.delete(keys::join_request(conv, user));
+                let frame = ok_frame(rid, &json!({ "conv": conv.to_string() }));
+                self.reply_when_durable(reply, frame);
+            }
+            ConvOp::Leave => {
+                let me = me.ok_or(NOT_MEMBER)?;
+                if me.role == role::OWNER {
+                    return Err((
+                        ErrorCode::OwnerCannotLeave,
+                        "hand the group to another member (group_transfer) or disband it",
+                    ));
+                }
+                self.remove_member(now_ms, reply, conv, actor.clone(), actor.0, "left");
+            }
+            ConvOp::Kick { user } => {
+                let target = group.members.get(&user).ok_or(NOT_MEMBER_TARGET)?;
+                if user == actor.0 {
+                    return Err((ErrorCode::BadRequest, "use group_leave to leave"));
+                }
+                if !is_admin || target.role >= my_role.unwrap_or(0) {
+                    return Err((
+                        ErrorCode::Forbidden,
+                        "admins remove members; only the owner removes admins",
+                    ));
+                }
+                self.remove_member(now_ms, reply, conv, actor, user, "removed");
+            }
+            ConvOp::Role { user, admin } => {
+                if !is_owner {
+                    return Err(NOT_OWNER);
+                }
+                let target = group.members.get_mut(&user).ok_or(NOT_MEMBER_TARGET)?;
+                if target.role == role::OWNER {
+                    return Err((
+                        ErrorCode::BadRequest,
+                        "the owner's role changes by transfer",
+                    ));
+                }
+                target.role = if admin { role::ADMIN } else { role::MEMBER };
+                let body = json!({ "event": "role", "users": [target.name], "role": role::name(target.role) });
+                self.put_member(conv, user);
+                self.membership_changed(now_ms, reply, conv, actor, body, Vec::new());
+            }
+            ConvOp::Transfer { user } => {
+                if !is_owner {
+                    return Err(NOT_OWNER);
+                }
+                if user == actor.0 {
+                    return Err((ErrorCode::BadRequest, "you own this group already"));
+                }
+                let target = group.members.get_mut(&user).ok_or(NOT_MEMBER_TARGET)?;
+                target.role = role::OWNER;
+                let body = json!({ "event": "owner", "users": [target.name] });
+                if let Some(old) = group.members.get_mut(&actor.0) {
+                    old.role = role::ADMIN;
+                }
+                group.meta.owner = user.0;
+                group.meta.info_version += 1;
+                self.put_member(conv, user);
+                self.put_member(conv, actor.0);
+                self.membership_changed(now_ms, reply, conv, actor, body, Vec::new());
+            }
+            ConvOp::Mute { user: None, muted } => {
+                if !is_admin {
+                    return Err(NOT_ADMIN);
+                }
+                group.meta.muted_all = muted;
+                group.meta.info_version += 1;
+                let body = json!({ "event": "muted", "all": true, "muted": muted });
+                self.settings_changed(now_ms, reply, conv, actor, body);
+            }
+            ConvOp::Mute {
+                user: Some(user),
+                muted,
+            } => {
+                let target = group.members.get_mut(&user).ok_or(NOT_MEMBER_TARGET)?;
+                if !is_admin || target.role >= my_role.unwrap_or(0) {
+                    return Err((
+                        ErrorCode::Forbidden,
+                        "admins mute members; only the owner mutes admins",
+                    ));
+                }
+                target.muted = muted;
+                let body = json!({ "event": "muted", "users": [target.name], "muted": muted });
+                self.put_member(conv, user);
+                self.membership_changed(now_ms, reply, conv, actor, body, Vec::new());
+            }
+            ConvOp::Update {
+                name,
+                approval,
+                history_visible,
+            } => {
+                if !is_admin {
+                    return Err(NOT_ADMIN);
+                }
+                let mut body = json!({ "event": "updated" });
+                if let Some(name) = name {
+                    body["name"] = json!(name);
+                    group.meta.name = name;
+                }
+                if let Some(approval) = approval {
+                    body["approval"] = json!(approval);
+                    group.meta.approval = approval;
+                }
+                if let Some(visible) = history_visible {
+                    body["history_visible"] = json!(visible);
+                    group.meta.history_visible = visible;
+                }
+                group.meta.info_version += 1;
+                self.settings_changed(now_ms, reply, conv, actor, body);
+            }
+            ConvOp::Disband => {
+                if !is_owner {
+                    return Err(NOT_OWNER);
+                }
+                group.meta.disbanded = true;
+                group.meta.info_version += 1;
+                self.settings_changed(now_ms, reply, conv, actor, json!({ "event": "disbanded" }));
+            }
+            ConvOp::GroupCreate { .. }
+            | ConvOp::Info { .. }
+            | ConvOp::Members { .. }
+            | ConvOp::Receipts { .. }
+            | ConvOp::Recall { .. }
+            | ConvOp::Edit { .. }
+            | ConvOp::Typing => unreachable!("routed elsewhere"),
+        }
+        Ok(())
+    }
+
+    // ---- additions: index on the members' home shards, then commit ----
+
+    fn start_add(
+        &mut self,
+        conv: ConvId,
+        reply: ReplyTo,
+        actor: Named,
+        users: Vec<Named>,
+        how: AddHow,
+    ) {
+        self.owned.next_op += 1;
+        let op = self.owned.next_op;
+        let shards = self.cfg.shards;
+        let group = self.group_mut(conv).expect("caller checked");
+        let title = group.meta.name.clone();
+        let mut by_home: BTreeMap<ShardId, Vec<UserId>> = BTreeMap::new();
+        for (user, _) in &users {
+            by_home
+                .entry(user.slot().shard(shards))
+                .or_default()
+                .push(*user);
+        }
+        group.adds.insert(
+            op,
+            Adding {
+                reply,
+                actor,
+                users,
+                how,
+                left: by_home.len(),
+                ok: HashSet::new(),
+                missing: HashSet::new(),
+            },
+        );
+        for (home, users) in by_home {
+            let mail = Mail::Index {
+                conv,
+                op,
+                users,
+                title: title.clone(),
+            };
+            self.mail(home, mail);
+        }
+    }
+
+    /// A home shard indexed (`ok`) or could not find (`missing`) some of an addition's users;
+    /// users in neither failed to index.
+    pub(super) fn group_indexed(
+        &mut self,
+        now_ms: u64,
+        conv: ConvId,
+        op: u64,
+        ok: Vec<UserId>,
+        missing: Vec<UserId>,
+    ) {
+        let Some(group) = self.group_mut(conv) else {
+            // The state was dropped (a failed commit); its requests were answered then.
+            return self.unindex(conv, ok);
+        };
+        let Some(adding) = group.adds.get_mut(&op) else {
+            return self.unindex(conv, ok);
+        };
+        adding.ok.extend(ok);
+        adding.missing.extend(missing);
+        adding.left -= 1;
+        if adding.left > 0 {
+            return;
+        }
+        let adding = group.adds.remove(&op).expect("present above");
+        self.finish_add(now_ms, conv, adding);
+    }
+
+    fn finish_add(&mut self, now_ms: u64, conv: ConvId, adding: Adding) {
+        let max = self.cfg.group_members_max;
+        let Adding {
+            reply,
+            actor,
+            users,
+            how,
+            ok,
+            missing,
+            ..
+        } = adding;
+        let group = self.group_mut(conv).expect("caller holds it");
+        let names = |pick: &dyn Fn(&UserId) -> bool| -> Vec<String> {
+            users
+                .iter()
+                .filter(|(u, _)| pick(u))
+                .map(|(_, n)| n.clone())
+                .collect()
+        };
+        let missing_names = names(&|u| missing.contains(u));
+        let failed_names = names(&|u| !ok.contains(u) && !missing.contains(u));
+        // Re-check against the group as it is now: it may have changed while indexing.
+        let refusal: Option<Refusal> = if how == AddHow::Create {
+            (!ok.contains(&actor.0)).then_some((
+                ErrorCode::Internal,
+                "could not index the group for its creator; retry",
+            ))
+        } else if group.meta.disbanded {
+            Some(DISBANDED)
+        } else if how != AddHow::Join && !group.members.contains_key(&actor.0) {
+            Some(NOT_MEMBER)
+        } else {
+            None
+        };
+        let new: Vec<Named> = users
+            .into_iter()
+            .filter(|(u, _)| ok.contains(u) && !group.members.contains_key(u))
+            .collect();
+        let refusal = refusal.or_else(|| {
+            (group.members.len() + new.len() > max).then_some((
+                ErrorCode::GroupFull,
+                "the group would exceed its size limit",
+            ))
+        });
+        if let Some((code, message)) = refusal {
+            let stale: Vec<UserId> = new
+                .iter()
+                .map(|(u, _)| *u)
+                .filter(|u| !group.keeps_index(*u))
+                .collect();
+            if how == AddHow::Create {
+                if let Some(state) = self.owned.convs.get_mut(&conv) {
+                    state.group = None;
+                }
+            }
+            self.unindex(conv, stale);
+            return self.error_to(reply, code, message);
+        }
+        if new.is_empty() {
+            // Everyone was missing, failed, or joined meanwhile: nothing to write.
+            let frame = ok_frame(
+                reply.rid,
+                &json!({ "conv": conv.to_string(), "added": [], "missing": missing_names, "failed": failed_names }),
+            );
+            return self.reply_to(reply, frame);
+        }
+        let next_seq = self.owned.convs[&conv].last_seq + 1;
+        let group = self.group_mut(conv).expect("present");
+        for (user, name) in &new {
+            let member = GroupMember {
+                name: name.clone(),
+                role: if how == AddHow::Create && *user == actor.0 {
+                    role::OWNER
+                } else {
+                    role::MEMBER
+                },
+                joined_seq: next_seq,
+                muted: false,
+                read_seq: 0,
+            };
+            group.members.insert(*user, member);
+            group.requests.remove(user);
+        }
+        let added: Vec<String> = new.iter().map(|(_, n)| n.clone()).collect();
+        let event = match how {
+            AddHow::Create => "created",
+            AddHow::Invite => "added",
+            AddHow::Join | AddHow::Approve => "joined",
+        };
+        let mut body = json!({ "event": event, "users": added });
+        if how == AddHow::Create {
+            body["name"] = json!(group.meta.name);
+        }
+        for (user, _) in &new {
+            self.put_member(conv, *user);
+            self.delete(keys::join_request(conv, *user));
+        }
+        let mut answer = json!({
+            "conv": conv.to_string(),
+            "added": added,
+            "missing": missing_names,
+            "failed": failed_names,
+        });
+        if how == AddHow::Create {
+            answer["name"] = body["name"].clone();
+        }
+        let build = move |seq: Seq, version: u64| {
+            answer["seq"] = json!(seq);
+            answer["version"] = json!(version);
+            ok_frame(reply.rid, &answer)
+        };
+        let seq = self.record_change(
+            now_ms,
+            reply,
+            conv,
+            actor,
+            body,
+            Vec::new(),
+            true,
+            Box::new(build),
+        );
+        debug_assert_eq!(seq, next_seq, "members joined at the seq of their event");
+    }
+
+    /// Join requests for `users` (an approval group); admins' devices hear of them live.
+    fn request_join(&mut self, now_ms: u64, conv: ConvId, users: Vec<Named>) {
+        let group = self.group_mut(conv).expect("caller checked");
+        let mut writes = Vec::new();
+        for (user, name) in &users {
+            if group.requests.contains_key(user) {
+                continue;
+            }
+            let request = JoinRequest {
+                name: name.clone(),
+                ts_ms: now_ms,
+            };
+            writes.push((keys::join_request(conv, *user), request.encode()));
+            group.requests.insert(*user, request);
+        }
+        let admins: Vec<UserId> = group.admins().collect();
+        for (k, v) in writes {
+            self.put(k, v);
+        }
+        let conv_text = conv.to_string();
+        for (to, recipients) in by_shard(admins.into_iter(), self.cfg.shards).iter() {
+            for (_, name) in &users {
+                let frame: Arc<str> = event_push("group_request", &conv_text, name, None).into();
+                let mail = Mail::Ephemeral {
+                    frame,
+                    recipients: recipients.clone(),
+                    skip_user: None,
+                };
+                self.mail(*to, mail);
+            }
+        }
+    }
+
+    // ---- changes that take effect at once ----
+
+    fn remove_member(
+        &mut self,
+        now_ms: u64,
+        reply: ReplyTo,
+        conv: ConvId,
+        actor: Named,
+        user: UserId,
+        event: &str,
+    ) {
+        let group = self.group_mut(conv).expect("caller checked");
+        let Some(member) = group.members.remove(&user) else {
+            return;
+        };
+        let body = json!({ "event": event, "users": [member.name] });
+        self.delete(keys::group_member(conv, user));
+        self.membership_changed(now_ms, reply, conv, actor, body, vec![user]);
+    }
+
+    fn put_member(&mut self, conv: ConvId, user: UserId) {
+        let Some(member) = self.group_mut(conv).and_then(|g| g.members.get(&user)) else {
+            return;
+        };
+        let bytes = member.encode();
+        self.put(keys::group_member(conv, user), bytes);
+    }
+
+    /// A membership or role change: new members version, a system message, a reply with both.
+    /// `removed` still receive this message, then lose the conversation from their lists.
+    fn membership_changed(
+        &mut self,
+        now_ms: u64,
+        reply: ReplyTo,
+        conv: ConvId,
+        actor: Named,
+        body: Value,
+        removed: Vec<UserId>,
+    ) {
+        let conv_text = conv.to_string();
+        let build = move |seq: Seq, version: u64| {
+            ok_frame(
+                reply.rid,
+                &json!({ "conv": conv_text, "seq": seq, "version": version }),
+            )
+        };
+        self.record_change(
+            now_ms,
+            reply,
+            conv,
+            actor,
+            body,
+            removed,
+            true,
+            Box::new(build),
+        );
+    }
+
+    /// A settings change (info version).
+    fn settings_changed(
+        &mut self,
+        now_ms: u64,
+        reply: ReplyTo,
+        conv: ConvId,
+        actor: Named,
+        body: Value,
+    ) {
+        let conv_text = conv.to_string();
+        let build = move |seq: Seq, version: u64| {
+            ok_frame(
+                reply.rid,
+                &json!({ "conv": conv_text, "seq": seq, "version": version }),
+            )
+        };
+        self.record_change(
+            now_ms,
+            reply,
+            conv,
+            actor,
+            body,
+            Vec::new(),
+            false,
+            Box::new(build),
+        );
+    }
+
+    /// Writes the group's meta record and a system message describing the change; the reply
+    /// (built from the message's seq and the new version) goes out once both are durable.
+    #[allow(clippy::too_many_arguments)]
+    fn record_change(
+        &mut self,
+        now_ms: u64,
+        reply: ReplyTo,
+        conv: ConvId,
+        actor: Named,
+        body: Value,
+        removed: Vec<UserId>,
+        members_changed: bool,
+        build: Box<dyn FnOnce(Seq, u64) -> String>,
+    ) -> Seq {
+        let group = self.group_mut(conv).expect("caller checked");
+        let version = if members_changed {
+            group.fanout = None;
+            group.meta.members_version += 1;
+            group.meta.members_version
+        } else {
+            group.meta.info_version
+        };
+        let meta = group.meta.encode();
+        self.put(keys::conv_meta(conv), meta);
+        self.append_event(
+            now_ms,
+            conv,
+            Event {
+                kind: kind::SYSTEM,
+                target: 0,
+                actor,
+                device: String::new(),
+                body: body.to_string(),
+                reply: Some((reply, Box::new(move |seq| build(seq, version)))),
+                also: removed.clone(),
+                unindex: removed,
+            },
+        )
+    }
+
+    /// Answers every addition still waiting for indexes (the group's state is being dropped).
+    pub(super) fn abort_adds(&mut self, conv: ConvId) {
+        let Some(group) = self.group_mut(conv) else {
+            return;
+        };
+        let replies: Vec<ReplyTo> = group.adds.drain().map(|(_, a)| a.reply).collect();
+        for reply in replies {
+            self.error_to(reply, ErrorCode::Internal, "storage write failed; retry");
+        }
+    }
+
+    // ---- on a member's home shard ----
+
+    /// Index group `conv` for each listed user that exists; answer once durable.
+    pub(super) fn home_index(&mut self, conv: ConvId, op: u64, users: Vec<UserId>, title: String) {
+        let owner = conv.slot().shard(self.cfg.shards);
+        let (mut ok, mut missing) = (Vec::new(), Vec::new());
+        for user in users {
+            match self.get_latest(&keys::user(user)) {
+                Ok(Some(_)) => {}
+                Ok(None) => {
+                    missing.push(user);
+                    continue;
+                }
+                Err(_) => continue,
+            }
+            match self.get_latest(&keys::user_conv(user, conv)) {
+                Ok(Some(_)) => ok.push(user),
+                Ok(None) => {
+                    let entry = UserConv {
+                        peer: 0,
+                        peer_name: title.clone(),
+                        read_seq: 0,
+                    };
+                    self.put(keys::user_conv(user, conv), entry.encode());
+                    ok.push(user);
+                }
+                Err(_) => {}
+            }
+        }
+        let mail = Mail::Indexed {
+            conv,
+            op,
+            ok,
+            missing,
+        };
+        self.defer(super::commit::Deferred::Mail { to: owner, mail });
+    }
+
+    pub(super) fn home_unindex(&mut self, conv: ConvId, users: &[UserId]) {
+        for &user in users {
+            self.delete(keys::user_conv(user, conv));
+        }
+    }
+}
+
+const NOT_MEMBER_TARGET: Refusal = (ErrorCode::NotMember, "that user is not in this group");
+
+fn not_modified(rid: u64, conv: ConvId, version: u64) -> String {
+    ok_frame(
+        rid,
+        &json!({ "conv": conv.to_string(), "not_modified": true, "version": version }),
+    )
+}

@@ -1,0 +1,606 @@
+//! Groups, recall and edit, read receipts and typing, against the real server binary (2 shards,
+//! so owners and members are spread over both), with real WebSocket clients.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Client, Server};
+use serde_json::{json, Value};
+
+/// The next `msg` push (acked), skipping ephemeral pushes.
+fn next_msg(c: &mut Client) -> Value {
+    loop {
+        let p = c.push();
+        if p["push"] == "msg" {
+            c.ack(&p);
+            return p["msg"].clone();
+        }
+    }
+}
+
+/// The next push of `kind` (acking messages on the way).
+fn next_push(c: &mut Client, kind: &str) -> Value {
+    loop {
+        let p = c.push();
+        if p["push"] == "msg" {
+            c.ack(&p);
+        }
+        if p["push"] == kind {
+            return p;
+        }
+    }
+}
+
+/// No `msg` push arrives within `wait` (ephemeral pushes are ignored).
+fn no_msg_within(c: &mut Client, wait: Duration) {
+    while let Some(p) = c.push_within(wait) {
+        assert_ne!(p["push"], "msg", "unexpected message: {p}");
+    }
+}
+
+fn send(c: &mut Client, conv: &str, text: &str) -> Value {
+    c.ok("send", json!({ "conv": conv, "body": { "text": text } }))
+}
+
+fn create(c: &mut Client, name: &str, members: &[&str], extra: Value) -> Value {
+    let mut req = json!({ "name": name, "members": members });
+    for (k, v) in extra.as_object().into_iter().flatten() {
+        req[k] = v.clone();
+    }
+    c.ok("group_create", req)
+}
+
+fn sync_all(c: &mut Client, conv: &str) -> Value {
+    c.request("sync", json!({ "convs": [{ "conv": conv, "after": 0 }] }))
+}
+
+fn events(msgs: &Value) -> Vec<String> {
+    msgs.as_array()
+        .unwrap()
+        .iter()
+        .map(|m| match m["kind"].as_str() {
+            Some("system") => format!("system:{}", m["body"]["event"].as_str().unwrap()),
+            Some(k) => k.to_owned(),
+            None => format!("msg:{}", m["body"]["text"].as_str().unwrap_or("")),
+        })
+        .collect()
+}
+
+#[test]
+fn create_send_fan_out_and_list() {
+    let server = Server::start(&[]);
+    let (mut alice, _) = server.user("alice", "pc");
+    let (mut bob, _) = server.user("bob", "pc");
+    let (mut bob2, _) = server.user("bob", "phone");
+    let (mut carol, _) = server.user("carol", "pc");
+    let ok = create(&mut alice, "Team", &["bob", "carol", "nobody"], json!({}));
+    let conv = ok["conv"].as_str().unwrap().to_owned();
+    assert!(conv.starts_with("g."), "{ok}");
+    assert_eq!(ok["seq"], 1);
+    assert_eq!(ok["missing"], json!(["nobody"]));
+    assert_eq!(ok["added"].as_array().unwrap().len(), 3);
+    let version = ok["version"].as_u64().unwrap();
+
+    // Everyone online hears of the creation, then of a message, on every device.
+    for c in [&mut bob, &mut bob2, &mut carol] {
+        let created = next_msg(c);
+        assert_eq!(
+            (created["kind"].as_str(), created["seq"].as_u64()),
+            (Some("system"), Some(1))
+        );
+        assert_eq!(created["body"]["event"], "created");
+        assert_eq!(created["from"], "alice");
+    }
+    let _ = next_msg(&mut alice); // the creator's own devices get the event too
+    let ack = send(&mut bob, &conv, "hello team");
+    assert_eq!(ack["seq"], 2);
+    for c in [&mut alice, &mut bob2, &mut carol] {
+        let m = next_msg(c);
+        assert_eq!(
+            (m["seq"].as_u64(), m["from"].as_str()),
+            (Some(2), Some("bob"))
+        );
+    }
+    no_msg_within(&mut bob, Duration::from_millis(200));
+
+    // The conversation list shows the group with its title and unread count.
+    let list = carol.ok("convs", json!({}));
+    let entry = &list["convs"][0];
+    assert_eq!(
+        (entry["kind"].as_str(), entry["title"].as_str()),
+        (Some("group"), Some("Team"))
+    );
+    assert_eq!(
+        (entry["last_seq"].as_u64(), entry["unread"].as_u64()),
+        (Some(2), Some(2))
+    );
+    assert_eq!(list["total_unread"], 2);
+
+    // Versioned pulls.
+    let info = carol.ok("group_info", json!({ "conv": conv }));
+    assert_eq!(
+        (info["name"].as_str(), info["owner"].as_str()),
+        (Some("Team"), Some("alice"))
+    );
+    assert_eq!(info["members"], 3);
+    let v = info["version"].as_u64().unwrap();
+    assert_eq!(
+        carol.ok("group_info", json!({ "conv": conv, "version": v }))["not_modified"],
+        true
+    );
+    let members = carol.ok("group_members", json!({ "conv": conv }));
+    assert_eq!(members["version"], version);
+    let roles: Vec<(String, String)> = members["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["user"].as_str().unwrap().into(),
+                m["role"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        roles,
+        [("alice", "owner"), ("bob", "member"), ("carol", "member")]
+            .map(|(a, b)| (a.to_owned(), b.to_owned()))
+    );
+    assert_eq!(
+        carol.ok("group_members", json!({ "conv": conv, "version": version }))["not_modified"],
+        true
+    );
+
+    // Same id twice is one message, as in one-to-one chat.
+    let id = "0190b2a4-8c6e-7d3e-9b1a-2f4c6d8e0a1b";
+    let a = carol.ok("send", json!({ "conv": conv, "id": id, "body": 1 }));
+    let b = carol.ok("send", json!({ "conv": conv, "id": id, "body": 1 }));
+    assert_eq!(a["seq"], b["seq"]);
+    let all = sync_all(&mut carol, &conv);
+    assert_eq!(
+        events(&all["ok"]["convs"][0]["msgs"]),
+        ["system:created", "msg:hello team", "msg:"]
+    );
+}
+
+#[test]
+fn membership_changes_and_what_removed_members_see() {
+    let server = Server::start(&[]);
+    let (mut alice, _) = server.user("alice", "pc");
+    let (mut bob, _) = server.user("bob", "pc");
+    let (mut carol, _) = server.user("carol", "pc");
+    let (mut dave, _) = server.user("dave", "pc");
+    let conv = create(&mut alice, "G", &["bob", "carol"], json!({}))["conv"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for c in [&mut alice, &mut bob, &mut carol] {
+        next_msg(c);
+    }
+    send(&mut bob, &conv, "before");
+
+    // Permission errors.
+    assert_eq!(
+        dave.err("send", json!({ "conv": conv, "body": 1 })),
+        "not_member"
+    );
+    assert_eq!(
+        dave.err("group_members", json!({ "conv": conv })),
+        "not_member"
+    );
+    assert_eq!(
+        bob.err("group_kick", json!({ "conv": conv, "user": "carol" })),
+        "forbidden"
+    );
+    assert_eq!(
+        bob.err(
+            "group_role",
+            json!({ "conv": conv, "user": "carol", "role": "admin" })
+        ),
+        "forbidden"
+    );
+    assert_eq!(
+        bob.err("group_disband", json!({ "conv": conv })),
+        "forbidden"
+    );
+    assert_eq!(
+        alice.err("group_leave", json!({ "conv": conv })),
+        "owner_cannot_leave"
+    );
+    assert_eq!(
+        alice.err("group_kick", json!({ "conv": conv, "user": "dave" })),
+        "not_member"
+    );
+    assert_eq!(
+        dave.err("group_join", json!({ "conv": "g.zz" })),
+        "bad_request"
+    );
+
+    // An admin may remove members but not the owner.
+    alice.ok(
+        "group_role",
+        json!({ "conv": conv, "user": "bob", "role": "admin" }),
+    );
+    assert_eq!(
+        bob.err("group_kick", json!({ "conv": conv, "user": "alice" })),
+        "forbidden"
+    );
+    let kicked = bob.ok("group_kick", json!({ "conv": conv, "user": "carol" }));
+    assert!(kicked["version"].as_u64().unwrap() >= 3);
+
+    // Carol hears of her removal (the last thing she receives), then nothing more.
+    let mut seen = Vec::new();
+    loop {
+        let m = next_msg(&mut carol);
+        seen.push(m["body"]["event"].as_str().unwrap_or("msg").to_owned());
+        if m["body"]["event"] == "removed" {
+            assert_eq!(m["body"]["users"], json!(["carol"]));
+            break;
+        }
+    }
+    assert_eq!(seen, ["msg", "role", "removed"]);
+    send(&mut alice, &conv, "after");
+    no_msg_within(&mut carol, Duration::from_millis(300));
+    assert_eq!(
+        carol.err("send", json!({ "conv": conv, "body": 1 })),
+        "not_member"
+    );
+    let page = sync_all(&mut carol, &conv);
+    assert_eq!(page["ok"]["convs"][0]["error"], "not_member");
+    // Her conversation list drops the group (the clean-up follows the removal).
+    let mut listed = true;
+    for _ in 0..50 {
+        listed = carol.ok("convs", json!({}))["convs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["conv"] == json!(conv));
+        if !listed {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!listed, "a removed member's list still shows the group");
+
+    // Dave is added later and, with history hidden, sees only from his joining on.
+    let added = bob.ok("group_invite", json!({ "conv": conv, "users": ["dave"] }));
+    assert_eq!(added["added"], json!(["dave"]));
+    let joined_seq = added["seq"].as_u64().unwrap();
+    let first = next_msg(&mut dave);
+    assert_eq!(
+        (first["seq"].as_u64(), first["body"]["event"].as_str()),
+        (Some(joined_seq), Some("added"))
+    );
+    let page = sync_all(&mut dave, &conv);
+    let msgs = &page["ok"]["convs"][0]["msgs"];
+    assert_eq!(msgs[0]["seq"].as_u64(), Some(joined_seq), "{page}");
+    let history = dave.ok("history", json!({ "conv": conv }));
+    assert_eq!(history["msgs"][0]["seq"].as_u64(), Some(joined_seq));
+    assert_eq!(history["more"], false);
+    let list = dave.ok("convs", json!({}));
+    assert_eq!(list["convs"][0]["unread"], 1, "{list}");
+
+    // Mutes: one member, then everyone but admins.
+    alice.ok(
+        "group_mute",
+        json!({ "conv": conv, "user": "dave", "muted": true }),
+    );
+    assert_eq!(
+        dave.err("send", json!({ "conv": conv, "body": 1 })),
+        "muted"
+    );
+    alice.ok(
+        "group_mute",
+        json!({ "conv": conv, "user": "dave", "muted": false }),
+    );
+    send(&mut dave, &conv, "unmuted");
+    alice.ok("group_mute", json!({ "conv": conv, "muted": true }));
+    assert_eq!(
+        dave.err("send", json!({ "conv": conv, "body": 1 })),
+        "muted"
+    );
+    send(&mut bob, &conv, "admins may still talk");
+
+    // Ownership moves; the old owner may then leave.
+    alice.ok("group_transfer", json!({ "conv": conv, "user": "bob" }));
+    assert_eq!(
+        alice.err("group_transfer", json!({ "conv": conv, "user": "dave" })),
+        "forbidden"
+    );
+    alice.ok("group_leave", json!({ "conv": conv }));
+    let info = bob.ok("group_info", json!({ "conv": conv }));
+    assert_eq!(
+        (info["owner"].as_str(), info["members"].as_u64()),
+        (Some("bob"), Some(2))
+    );
+
+    // Disbanded: nothing more is written; history stays readable.
+    bob.ok("group_disband", json!({ "conv": conv }));
+    assert_eq!(
+        bob.err("send", json!({ "conv": conv, "body": 1 })),
+        "group_disbanded"
+    );
+    assert_eq!(
+        bob.err("group_invite", json!({ "conv": conv, "users": ["alice"] })),
+        "group_disbanded"
+    );
+    let all = sync_all(&mut bob, &conv);
+    let kinds = events(&all["ok"]["convs"][0]["msgs"]);
+    assert_eq!(
+        kinds.last().map(String::as_str),
+        Some("system:disbanded"),
+        "{kinds:?}"
+    );
+}
+
+#[test]
+fn joining_open_and_by_approval() {
+    let server = Server::start(&[]);
+    let (mut alice, _) = server.user("alice", "pc");
+    let (mut erin, _) = server.user("erin", "pc");
+    let (mut frank, _) = server.user("frank", "pc");
+    let open = create(&mut alice, "Open", &[], json!({ "history_visible": true }))["conv"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    send(&mut alice, &open, "early");
+    let joined = erin.ok("group_join", json!({ "conv": open }));
+    assert_eq!(joined["added"], json!(["erin"]));
+    assert_eq!(
+        erin.err("group_join", json!({ "conv": open })),
+        "already_member"
+    );
+    // History visible: the newcomer reads from the start.
+    let page = sync_all(&mut erin, &open);
+    assert_eq!(page["ok"]["convs"][0]["msgs"][0]["seq"], 1);
+
+    let closed = create(&mut alice, "Closed", &[], json!({ "approval": true }))["conv"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let r = erin.ok("group_join", json!({ "conv": closed }));
+    assert_eq!(r["requested"], json!(["erin"]));
+    let request = next_push(&mut alice, "group_request");
+    assert_eq!(
+        (request["conv"].as_str(), request["user"].as_str()),
+        (Some(closed.as_str()), Some("erin"))
+    );
+    assert_eq!(
+        erin.err("send", json!({ "conv": closed, "body": 1 })),
+        "not_member"
+    );
+    frank.ok("group_join", json!({ "conv": closed }));
+    let members = alice.ok("group_members", json!({ "conv": closed }));
+    assert_eq!(
+        members["requests"].as_array().unwrap().len(),
+        2,
+        "{members}"
+    );
+    alice.ok("group_approve", json!({ "conv": closed, "user": "erin" }));
+    alice.ok("group_decline", json!({ "conv": closed, "user": "frank" }));
+    assert_eq!(
+        alice.err("group_approve", json!({ "conv": closed, "user": "frank" })),
+        "no_such_user"
+    );
+    send(&mut erin, &closed, "let in");
+    assert_eq!(
+        frank.err("send", json!({ "conv": closed, "body": 1 })),
+        "not_member"
+    );
+    let members = alice.ok("group_members", json!({ "conv": closed }));
+    assert_eq!(members["members"].as_array().unwrap().len(), 2);
+    assert_eq!(members["requests"], json!([]));
+}
+
+#[test]
+fn group_size_limit() {
+    let server = Server::start(&["--group-members-max", "3"]);
+    let (mut alice, _) = server.user("alice", "pc");
+    for name in ["bob", "carol", "dave"] {
+        server.user(name, "pc");
+    }
+    assert_eq!(
+        alice.err(
+            "group_create",
+            json!({ "name": "Big", "members": ["bob", "carol", "dave"] })
+        ),
+        "group_full"
+    );
+    let conv = create(&mut alice, "Small", &["bob", "carol"], json!({}))["conv"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        alice.err("group_invite", json!({ "conv": conv, "users": ["dave"] })),
+        "group_full"
+    );
+    assert_eq!(
+        alice.err("group_create", json!({ "name": "" })),
+        "bad_request"
+    );
+}
+
+#[test]
+fn recall_and_edit() {
+    let server = Server::start(&[]);
+    let (mut alice, _) = server.user("alice", "pc");
+    let (mut bob, _) = server.user("bob", "pc");
+    let conv = alice.ok("open", json!({ "user": "bob" }))["conv"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let seq = send(&mut alice, &conv, "tpyo")["seq"].as_u64().unwrap();
+    next_msg(&mut bob);
+
+    let edit = alice.ok(
+        "edit",
+        json!({ "conv": conv, "seq": seq, "body": { "text": "typo" } }),
+    );
+    assert_eq!(
+        (edit["target"].as_u64(), edit["seq"].as_u64()),
+        (Some(seq), Some(seq + 1))
+    );
+    let live = next_msg(&mut bob);
+    assert_eq!(
+        (live["kind"].as_str(), live["target"].as_u64()),
+        (Some("edit"), Some(seq))
+    );
+    assert_eq!(live["body"]["text"], "typo");
+    assert_eq!(
+        bob.err("edit", json!({ "conv": conv, "seq": seq, "body": 1 })),
+        "forbidden"
+    );
+    assert_eq!(
+        bob.err("recall", json!({ "conv": conv, "seq": seq })),
+        "forbidden"
+    );
+    assert_eq!(
+        alice.err("recall", json!({ "conv": conv, "seq": 99 })),
+        "no_such_message"
+    );
+    assert_eq!(
+        alice.err("edit", json!({ "conv": conv, "seq": seq })),
+        "bad_request"
+    );
+
+    alice.ok("recall", json!({ "conv": conv, "seq": seq }));
+    let live = next_msg(&mut bob);
+    assert_eq!(
+        (live["kind"].as_str(), live["target"].as_u64()),
+        (Some("recall"), Some(seq))
+    );
+    assert_eq!(
+        alice.err("recall", json!({ "conv": conv, "seq": seq })),
+        "no_such_message"
+    );
+    assert_eq!(
+        alice.err("recall", json!({ "conv": conv, "seq": seq + 1 })),
+        "no_such_message"
+    );
+
+    // Offline devices learn by sync: the original is marked, its body gone.
+    let (mut bob_later, _) = server.user("bob", "tablet");
+    let page = sync_all(&mut bob_later, &conv);
+    let msgs = &page["ok"]["convs"][0]["msgs"];
+    assert_eq!(msgs[0]["recalled"], true, "{page}");
+    assert_eq!(msgs[0]["edited"], true);
+    assert!(msgs[0]["body"].is_null());
+    assert_eq!(events(msgs)[1..], ["edit".to_owned(), "recall".to_owned()]);
+}
+
+#[test]
+fn edit_window_and_admin_recall() {
+    let server = Server::start(&["--edit-window-s", "0"]);
+    let (mut alice, _) = server.user("alice", "pc");
+    let (mut bob, _) = server.user("bob", "pc");
+    let conv = create(&mut alice, "G", &["bob"], json!({}))["conv"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let seq = send(&mut bob, &conv, "oops")["seq"].as_u64().unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(
+        bob.err("edit", json!({ "conv": conv, "seq": seq, "body": 2 })),
+        "window_passed"
+    );
+    assert_eq!(
+        bob.err("recall", json!({ "conv": conv, "seq": seq })),
+        "window_passed"
+    );
+    // The owner (an admin) recalls any message at any time, but edits none but their own.
+    assert_eq!(
+        alice.err("edit", json!({ "conv": conv, "seq": seq, "body": 2 })),
+        "forbidden"
+    );
+    alice.ok("recall", json!({ "conv": conv, "seq": seq }));
+    let history = bob.ok("history", json!({ "conv": conv }));
+    let original = history["msgs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["seq"] == seq)
+        .cloned()
+        .unwrap();
+    assert_eq!(original["recalled"], true);
+}
+
+#[test]
+fn read_receipts_and_typing() {
+    let server = Server::start(&[]);
+    let (mut alice, _) = server.user("alice", "pc");
+    let (mut bob, _) = server.user("bob", "pc");
+    let (mut carol, _) = server.user("carol", "pc");
+    let conv = alice.ok("open", json!({ "user": "bob" }))["conv"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let seq = send(&mut alice, &conv, "read me")["seq"].as_u64().unwrap();
+    next_msg(&mut bob);
+    bob.ok("read", json!({ "conv": conv, "seq": seq }));
+    let receipt = next_push(&mut alice, "read");
+    assert_eq!(
+        (receipt["user"].as_str(), receipt["seq"].as_u64()),
+        (Some("bob"), Some(seq))
+    );
+    let list = alice.ok("convs", json!({}));
+    assert_eq!(list["convs"][0]["peer_read_seq"], seq);
+
+    bob.ok("typing", json!({ "conv": conv }));
+    let typing = next_push(&mut alice, "typing");
+    assert_eq!(typing["user"], "bob");
+    assert_eq!(bob.err("typing", json!({ "conv": conv })), "rate_limited");
+    assert_eq!(carol.err("typing", json!({ "conv": conv })), "not_member");
+
+    // Groups: read counts on request.
+    let group = create(&mut alice, "G", &["bob", "carol"], json!({}))["conv"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let seq = send(&mut alice, &group, "count me")["seq"]
+        .as_u64()
+        .unwrap();
+    bob.ok("read", json!({ "conv": group, "seq": seq }));
+    let mut read = 0;
+    for _ in 0..50 {
+        read = alice.ok("receipts", json!({ "conv": group, "seq": seq }))["read"]
+            .as_u64()
+            .unwrap();
+        if read == 1 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(read, 1);
+    std::thread::sleep(Duration::from_millis(1_100));
+    bob.ok("typing", json!({ "conv": group }));
+    assert_eq!(next_push(&mut carol, "typing")["conv"], json!(group));
+}
+
+#[test]
+fn groups_survive_a_restart() {
+    let mut first = Server::start(&[]);
+    let (mut alice, _) = first.user("alice", "pc");
+    first.user("bob", "pc");
+    let conv = create(&mut alice, "Durable", &["bob"], json!({}))["conv"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    send(&mut alice, &conv, "kept");
+    alice.ok(
+        "group_role",
+        json!({ "conv": conv, "user": "bob", "role": "admin" }),
+    );
+    assert!(first.stop().success());
+    // `first` keeps the data dir until the end of the test.
+    let server = Server::start_on(&first.data, &[]);
+    let (mut bob, _) = server.user("bob", "pc");
+    let members = bob.ok("group_members", json!({ "conv": conv }));
+    assert_eq!(members["members"][1]["role"], "admin", "{members}");
+    let all = sync_all(&mut bob, &conv);
+    assert_eq!(
+        events(&all["ok"]["convs"][0]["msgs"]),
+        ["system:created", "msg:kept", "system:role"]
+    );
+    send(&mut bob, &conv, "and continues");
+}
