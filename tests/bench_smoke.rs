@@ -4,6 +4,7 @@
 mod common;
 
 use common::Server;
+use hermod_bench::conn::Target;
 use hermod_bench::scenario::{self, DirectParams, EchoParams};
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -17,7 +18,7 @@ fn runtime() -> tokio::runtime::Runtime {
 fn direct_scenario_accounts_for_every_message() {
     let server = Server::start(&[]);
     let params = DirectParams {
-        url: format!("ws://{}/ws", server.addr),
+        target: Target::new(&format!("ws://{}/ws", server.addr), Vec::new()).unwrap(),
         users: 6,
         peers: 2,
         rate: 300.0,
@@ -43,7 +44,7 @@ fn direct_scenario_accounts_for_every_message() {
 fn echo_scenario_answers_every_ping() {
     let server = Server::start(&[]);
     let params = EchoParams {
-        url: format!("ws://{}/ws", server.addr),
+        target: Target::new(&format!("ws://{}/ws", server.addr), Vec::new()).unwrap(),
         conns: 3,
         rate: 300.0,
         duration_s: 1.0,
@@ -62,7 +63,7 @@ fn echo_scenario_answers_every_ping() {
 fn idle_scenario_holds_its_connections() {
     let server = Server::start(&[]);
     let params = scenario::IdleParams {
-        url: format!("ws://{}/ws", server.addr),
+        target: Target::new(&format!("ws://{}/ws", server.addr), Vec::new()).unwrap(),
         conns: 20,
         hold_s: 0.5,
         parallel: 8,
@@ -80,7 +81,7 @@ fn idle_scenario_holds_its_connections() {
 fn connect_scenario_resumes_every_connection() {
     let server = Server::start(&[]);
     let params = scenario::ConnectParams {
-        url: format!("ws://{}/ws", server.addr),
+        target: Target::new(&format!("ws://{}/ws", server.addr), Vec::new()).unwrap(),
         conns: 30,
         rate: 300.0,
         parallel: 8,
@@ -98,7 +99,7 @@ fn connect_scenario_resumes_every_connection() {
 fn sync_scenario_pulls_every_backlogged_message() {
     let server = Server::start(&[]);
     let params = scenario::SyncParams {
-        url: format!("ws://{}/ws", server.addr),
+        target: Target::new(&format!("ws://{}/ws", server.addr), Vec::new()).unwrap(),
         pairs: 3,
         backlog: 120,
         page: 50,
@@ -142,4 +143,34 @@ fn provisioned_accounts_resume_on_the_real_server() {
         "login",
         serde_json::json!({ "username": "prov-3", "password": "password123", "device": "pc" }),
     );
+}
+
+#[test]
+fn group_scenario_accounts_for_every_delivery() {
+    let server = Server::start(&[]);
+    let params = scenario::GroupParams {
+        target: Target::new(&format!("ws://{}/ws", server.addr), Vec::new()).unwrap(),
+        users: 30,
+        groups: 3,
+        members: 12,
+        senders: 2,
+        rate: 100.0,
+        duration_s: 1.0,
+        warmup_s: 0.2,
+        drain_s: 10.0,
+        body_bytes: 16,
+        prefix: "bg".into(),
+    };
+    let report = runtime().block_on(scenario::group(params)).unwrap();
+    let c = &report.figures["correctness"];
+    assert!(c["acked"].as_u64().unwrap() > 50, "{c}");
+    assert_eq!(
+        c["delivered"].as_u64(),
+        c["acked"].as_u64().map(|a| a * 11),
+        "{c}"
+    );
+    for k in ["lost", "duplicated", "reordered", "unacked"] {
+        assert_eq!(c[k], 0, "{k}: {c}");
+    }
+    assert!(report.figures["deliveries_per_s"].as_f64().unwrap() > 0.0);
 }

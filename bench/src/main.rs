@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use hermod_bench::conn::{parse_sources, raise_nofile_limit, Target};
 use hermod_bench::report::{compare, Report};
 use hermod_bench::scenario::{self, DirectParams, EchoParams};
 
@@ -36,6 +37,10 @@ struct Common {
     /// Longest wait after the last send for outstanding acks and deliveries.
     #[arg(long, default_value_t = 10.0)]
     drain: f64,
+    /// Local source addresses, spread round-robin: comma-separated addresses or IPv4 ranges
+    /// (`127.0.0.1-127.0.0.8`). Needed past ~28k connections per source (local ports).
+    #[arg(long, value_name = "ADDRS")]
+    sources: Option<String>,
     /// Worker threads of the load generator.
     #[arg(long, default_value_t = 1)]
     threads: usize,
@@ -60,6 +65,24 @@ enum Command {
         #[arg(long, default_value_t = 4)]
         peers: usize,
         /// Body padding in bytes.
+        #[arg(long, default_value_t = 64)]
+        body_bytes: usize,
+    },
+    /// Group messages: groups of online members, some sending; deliveries/s and latency.
+    Group {
+        #[command(flatten)]
+        common: Common,
+        /// Online users (one connection each); groups draw members from them.
+        #[arg(long, default_value_t = 100)]
+        users: usize,
+        #[arg(long, default_value_t = 1)]
+        groups: usize,
+        /// Members per group.
+        #[arg(long, default_value_t = 100)]
+        members: usize,
+        /// Sending members per group.
+        #[arg(long, default_value_t = 1)]
+        senders: usize,
         #[arg(long, default_value_t = 64)]
         body_bytes: usize,
     },
@@ -129,6 +152,9 @@ fn main() -> ExitCode {
 
 fn run() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
+    // One fd per connection: take every descriptor the hard limit allows; a connect that still
+    // runs out names the limit in its error.
+    raise_nofile_limit();
     let (common, report) = match cli.command {
         Command::Compare { a, b } => {
             let read = |p: &PathBuf| -> anyhow::Result<Report> {
@@ -144,7 +170,7 @@ fn run() -> anyhow::Result<ExitCode> {
             body_bytes,
         } => {
             let params = DirectParams {
-                url: common.url.clone(),
+                target: target(&common)?,
                 users,
                 peers,
                 rate: common.rate,
@@ -157,6 +183,30 @@ fn run() -> anyhow::Result<ExitCode> {
             let report = runtime(&common)?.block_on(scenario::direct(params))?;
             (common, report)
         }
+        Command::Group {
+            common,
+            users,
+            groups,
+            members,
+            senders,
+            body_bytes,
+        } => {
+            let params = scenario::GroupParams {
+                target: target(&common)?,
+                users,
+                groups,
+                members,
+                senders,
+                rate: common.rate,
+                duration_s: common.duration,
+                warmup_s: common.warmup,
+                drain_s: common.drain,
+                body_bytes,
+                prefix: prefix(&common),
+            };
+            let report = runtime(&common)?.block_on(scenario::group(params))?;
+            (common, report)
+        }
         Command::Idle {
             common,
             conns,
@@ -165,7 +215,7 @@ fn run() -> anyhow::Result<ExitCode> {
             server_pid,
         } => {
             let params = scenario::IdleParams {
-                url: common.url.clone(),
+                target: target(&common)?,
                 conns,
                 hold_s: hold,
                 parallel,
@@ -182,7 +232,7 @@ fn run() -> anyhow::Result<ExitCode> {
             tokens,
         } => {
             let params = scenario::ConnectParams {
-                url: common.url.clone(),
+                target: target(&common)?,
                 conns,
                 rate: common.rate,
                 parallel,
@@ -200,7 +250,7 @@ fn run() -> anyhow::Result<ExitCode> {
             body_bytes,
         } => {
             let params = scenario::SyncParams {
-                url: common.url.clone(),
+                target: target(&common)?,
                 pairs,
                 backlog,
                 page,
@@ -212,7 +262,7 @@ fn run() -> anyhow::Result<ExitCode> {
         }
         Command::Echo { common, conns } => {
             let params = EchoParams {
-                url: common.url.clone(),
+                target: target(&common)?,
                 conns,
                 rate: common.rate,
                 duration_s: common.duration,
@@ -241,6 +291,14 @@ fn run() -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::from(1));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn target(common: &Common) -> anyhow::Result<Target> {
+    let sources = match &common.sources {
+        Some(spec) => parse_sources(spec)?,
+        None => Vec::new(),
+    };
+    Target::new(&common.url, sources)
 }
 
 fn prefix(common: &Common) -> String {

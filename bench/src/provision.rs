@@ -2,12 +2,13 @@
 //! — `register` then `login` — so the server under test needs no special mode. Registration
 //! costs one argon2id hash per user at the server's configured cost: for thousands of users,
 //! run the server with a lower `--argon2-memory-kib` (the hash cost is not what a message
-//! benchmark measures). Token minting from the server secret is planned (issue 3's tools/).
+//! benchmark measures). For thousands of users without argon2 logins, `hermod-tools provision` mints tokens
+//! offline from the server secret (see `connect --tokens`).
 
 use anyhow::Context;
 use serde_json::json;
 
-use crate::conn::Conn;
+use crate::conn::{Conn, Target};
 
 pub const PASSWORD: &str = "hermod-bench-password";
 
@@ -19,7 +20,7 @@ pub struct User {
 
 /// Registers and logs in `count` users, `parallel` at a time.
 pub async fn users(
-    url: &str,
+    target: &Target,
     prefix: &str,
     count: usize,
     parallel: usize,
@@ -29,9 +30,9 @@ pub async fn users(
     while next < count {
         let batch: Vec<_> = (next..count.min(next + parallel.max(1)))
             .map(|i| {
-                let url = url.to_owned();
+                let target = target.clone();
                 let name = format!("{prefix}-{i}");
-                tokio::spawn(async move { login(&url, name).await })
+                tokio::spawn(async move { login(&target, name).await })
             })
             .collect();
         next += batch.len();
@@ -42,8 +43,8 @@ pub async fn users(
     Ok(out)
 }
 
-async fn login(url: &str, name: String) -> anyhow::Result<User> {
-    let mut conn = Conn::connect(url).await?;
+async fn login(target: &Target, name: String) -> anyhow::Result<User> {
+    let mut conn = Conn::connect(target).await?;
     let r = conn
         .request(
             "register",

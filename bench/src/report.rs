@@ -4,7 +4,7 @@
 //! ```text
 //! { "schema": "hermod-bench/1", "scenario": "direct", "started_at_unix_s": 1732350000,
 //!   "params": { ...the scenario's parameters... },
-//!   "host": { "cores": 2, "kernel": "6.1.0", "hostname": "..." },
+//!   "host": { "cores": 2, "kernel": "6.1.0", "hostname": "...", "nofile_limit": 20000 },
 //!   "figures": { "throughput_per_s": 19870.5, "ack_latency": Summary, "e2e_latency": Summary,
 //!                "correctness": Correctness, ... },
 //!   "histograms": { "e2e_latency": "<base64 hdrhistogram V2>", ... } }
@@ -39,6 +39,9 @@ pub struct Host {
     pub cores: usize,
     pub kernel: String,
     pub hostname: String,
+    /// The load generator's RLIMIT_NOFILE (soft) during the run: its ceiling on connections.
+    #[serde(default)]
+    pub nofile_limit: u64,
 }
 
 impl Report {
@@ -78,6 +81,7 @@ impl Host {
             cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
             kernel: read("/proc/sys/kernel/osrelease"),
             hostname: read("/proc/sys/kernel/hostname"),
+            nofile_limit: crate::conn::nofile_limit().0,
         }
     }
 }

@@ -18,7 +18,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::conn::Conn;
+use crate::conn::{Conn, Target};
 use crate::report::Report;
 use crate::stats::{histogram, record, Correctness, Summary};
 
@@ -97,7 +97,7 @@ fn progress_line(
 
 #[derive(Clone, Debug, Serialize)]
 pub struct DirectParams {
-    pub url: String,
+    pub target: Target,
     /// Online users, one connection each.
     pub users: usize,
     /// Conversations per user: with the next `peers` users (wrapping).
@@ -152,7 +152,7 @@ pub async fn direct(p: DirectParams) -> anyhow::Result<Report> {
         "rate and duration must be positive"
     );
     let peers = p.peers.clamp(1, p.users - 1);
-    let mut users = crate::provision::users(&p.url, &p.prefix, p.users, 32).await?;
+    let mut users = crate::provision::users(&p.target, &p.prefix, p.users, 32).await?;
 
     // Conversations: i with i+1..=i+peers (mod users), each opened once.
     let mut convs: Vec<Vec<String>> = vec![Vec::new(); p.users];
@@ -175,37 +175,80 @@ pub async fn direct(p: DirectParams) -> anyhow::Result<Report> {
         }
     }
 
+    let conns = users.into_iter().map(|u| u.conn).zip(convs).collect();
+    let timing = Timing {
+        rate: p.rate,
+        warmup_s: p.warmup_s,
+        duration_s: p.duration_s,
+        drain_s: p.drain_s,
+    };
+    let (figures, hists) = drive(conns, timing, p.body_bytes, 1, "direct").await?;
+    Report::new(
+        "direct",
+        &p,
+        figures,
+        &[
+            ("ack_latency", &hists[0]),
+            ("e2e_latency", &hists[1]),
+            ("e2e_service_latency", &hists[2]),
+        ],
+    )
+}
+
+/// The load phase shared by `direct` and `group`.
+#[derive(Clone, Copy)]
+struct Timing {
+    /// Sends per second, all sending connections together.
+    rate: f64,
+    warmup_s: f64,
+    duration_s: f64,
+    drain_s: f64,
+}
+
+/// Runs the open-loop phase over `conns` (each with the conversations it sends to; an empty
+/// list only receives) and accounts for every message: each acked one must reach `fanout`
+/// connections exactly once, in seq order per conversation. Returns the figures and the
+/// ack, end-to-end and service-time histograms.
+async fn drive(
+    conns: Vec<(Conn, Vec<String>)>,
+    t: Timing,
+    body_bytes: usize,
+    fanout: u64,
+    label: &'static str,
+) -> anyhow::Result<(Value, [Histogram<u64>; 3])> {
     let start = Instant::now() + Duration::from_millis(500);
-    let warm_end = start + Duration::from_secs_f64(p.warmup_s);
-    let sends_end = warm_end + Duration::from_secs_f64(p.duration_s);
-    let deadline = sends_end + Duration::from_secs_f64(p.drain_s);
+    let warm_end = start + Duration::from_secs_f64(t.warmup_s);
+    let sends_end = warm_end + Duration::from_secs_f64(t.duration_s);
+    let deadline = sends_end + Duration::from_secs_f64(t.drain_s);
     let progress = Arc::new(Progress::default());
     let all_sent = Arc::new(AtomicU64::new(0)); // connections finished sending
-    let printer = progress_line(progress.clone(), start, "direct");
-    let pad = "x".repeat(p.body_bytes);
-    let n = users.len();
+    let printer = progress_line(progress.clone(), start, label);
+    let pad = "x".repeat(body_bytes);
+    let n = conns.len();
+    let senders = conns.iter().filter(|(_, c)| !c.is_empty()).count().max(1);
     let mut tasks = Vec::with_capacity(n);
-    for (i, user) in users.drain(..).enumerate() {
-        let schedule = Schedule::new(start, p.rate, n, i);
-        let convs = std::mem::take(&mut convs[i]);
+    let mut sender_index = 0;
+    for (conn, convs) in conns {
+        let schedule = Schedule::new(start, t.rate, senders, sender_index);
+        if !convs.is_empty() {
+            sender_index += 1;
+        }
         let (progress, all_sent, pad) = (progress.clone(), all_sent.clone(), pad.clone());
         tasks.push(tokio::spawn(async move {
             direct_conn(
-                user.conn,
+                conn,
                 convs,
                 schedule,
                 (warm_end, sends_end, deadline),
                 pad,
-                progress,
-                all_sent,
-                n as u64,
+                (progress, all_sent, n as u64, fanout),
             )
             .await
         }));
     }
     let mut results = Vec::with_capacity(n);
-    for t in tasks {
-        results.push(t.await.context("connection task")??);
+    for task in tasks {
+        results.push(task.await.context("connection task")??);
     }
     printer.abort();
     if std::io::stderr().is_terminal() {
@@ -214,7 +257,7 @@ pub async fn direct(p: DirectParams) -> anyhow::Result<Report> {
 
     let (mut ack, mut e2e, mut e2e_service) = (histogram(), histogram(), histogram());
     let mut c = Correctness::default();
-    let mut delivered_all = HashSet::new();
+    let mut deliveries: HashMap<u128, u64> = HashMap::new();
     let mut acked_all = Vec::new();
     let mut in_window = 0;
     for r in &mut results {
@@ -227,30 +270,114 @@ pub async fn direct(p: DirectParams) -> anyhow::Result<Report> {
         c.reordered += r.reordered;
         in_window += r.delivered_in_window;
         acked_all.append(&mut r.acked_ids);
-        delivered_all.extend(r.delivered_ids.drain());
+        for id in r.delivered_ids.drain() {
+            *deliveries.entry(id).or_insert(0) += 1;
+        }
     }
     c.acked = acked_all.len() as u64;
-    c.delivered = delivered_all.len() as u64;
+    c.delivered = deliveries.values().sum();
     c.lost = acked_all
         .iter()
-        .filter(|id| !delivered_all.contains(id))
-        .count() as u64;
-    let figures = json!({
-        "throughput_per_s": in_window as f64 / p.duration_s,
-        "offered_per_s": p.rate,
+        .map(|id| fanout.saturating_sub(deliveries.get(id).copied().unwrap_or(0)))
+        .sum();
+    let mut figures = json!({
+        "throughput_per_s": in_window as f64 / t.duration_s / fanout as f64,
+        "offered_per_s": t.rate,
         "ack_latency": Summary::of(&ack),
         "e2e_latency": Summary::of(&e2e),
         "e2e_service_latency": Summary::of(&e2e_service),
         "correctness": c,
     });
+    if fanout > 1 {
+        figures["deliveries_per_s"] = json!(in_window as f64 / t.duration_s);
+        figures["recipients_per_message"] = json!(fanout);
+    }
+    Ok((figures, [ack, e2e, e2e_service]))
+}
+
+// ---------------------------------------------------------------- group
+
+#[derive(Clone, Debug, Serialize)]
+pub struct GroupParams {
+    pub target: Target,
+    /// Online users, one connection each; groups draw their members from them.
+    pub users: usize,
+    pub groups: usize,
+    /// Members per group (at most `users`).
+    pub members: usize,
+    /// Members of each group that send to it (the rest only receive).
+    pub senders: usize,
+    /// Messages sent per second, all groups together; deliveries are `members - 1` times more.
+    pub rate: f64,
+    pub duration_s: f64,
+    pub warmup_s: f64,
+    pub drain_s: f64,
+    pub body_bytes: usize,
+    pub prefix: String,
+}
+
+/// `group`: `groups` groups of `members` online members, `senders` of each sending at a fixed
+/// total rate: deliveries per second and end-to-end latency per delivery.
+pub async fn group(p: GroupParams) -> anyhow::Result<Report> {
+    anyhow::ensure!(
+        p.members >= 2 && p.members <= p.users,
+        "members must be 2..=users"
+    );
+    anyhow::ensure!(p.groups >= 1 && p.senders >= 1, "need a group and a sender");
+    anyhow::ensure!(
+        p.rate > 0.0 && p.duration_s > 0.0,
+        "rate and duration must be positive"
+    );
+    let senders = p.senders.min(p.members);
+    let mut users = crate::provision::users(&p.target, &p.prefix, p.users, 32).await?;
+    let mut convs: Vec<Vec<String>> = vec![Vec::new(); p.users];
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(7);
+    // The invite limit per request; the creator names the first batch, then invites the rest.
+    const BATCH: usize = 1000;
+    for g in 0..p.groups {
+        let members: Vec<usize> = if p.members == p.users {
+            (0..p.users).collect()
+        } else {
+            rand::seq::index::sample(&mut rng, p.users, p.members).into_vec()
+        };
+        let names: Vec<String> = members.iter().map(|&i| users[i].name.clone()).collect();
+        let creator = &mut users[members[0]].conn;
+        let first = &names[1..names.len().min(BATCH)];
+        let ok = creator
+            .ok(
+                "group_create",
+                json!({ "name": format!("{}-g{g}", p.prefix), "members": first }),
+            )
+            .await
+            .context("group_create")?;
+        let conv = ok["conv"].as_str().context("group id")?.to_owned();
+        for chunk in names[names.len().min(BATCH)..].chunks(BATCH) {
+            creator
+                .ok("group_invite", json!({ "conv": conv, "users": chunk }))
+                .await
+                .context("group_invite")?;
+        }
+        for &i in &members[..senders] {
+            convs[i].push(conv.clone());
+        }
+    }
+    let conns = users.into_iter().map(|u| u.conn).zip(convs).collect();
+    let timing = Timing {
+        rate: p.rate,
+        warmup_s: p.warmup_s,
+        duration_s: p.duration_s,
+        drain_s: p.drain_s,
+    };
+    let fanout = (p.members - 1) as u64;
+    let (figures, hists) = drive(conns, timing, p.body_bytes, fanout, "group").await?;
     Report::new(
-        "direct",
+        "group",
         &p,
         figures,
         &[
-            ("ack_latency", &ack),
-            ("e2e_latency", &e2e),
-            ("e2e_service_latency", &e2e_service),
+            ("ack_latency", &hists[0]),
+            ("e2e_latency", &hists[1]),
+            ("e2e_service_latency", &hists[2]),
         ],
     )
 }
@@ -258,16 +385,13 @@ pub async fn direct(p: DirectParams) -> anyhow::Result<Report> {
 /// One user's connection: a writer task follows the send schedule (and sends the acks the
 /// reader asks for); a reader task sorts replies and pushes. Two tasks, so a read is never
 /// cancelled by a timer firing in the same `select!`.
-#[allow(clippy::too_many_arguments)]
 async fn direct_conn(
     conn: Conn,
     convs: Vec<String>,
     schedule: Schedule,
     (warm_end, sends_end, deadline): (Instant, Instant, Instant),
     pad: String,
-    progress: Arc<Progress>,
-    all_sent: Arc<AtomicU64>,
-    conns: u64,
+    (progress, all_sent, conns, fanout): (Arc<Progress>, Arc<AtomicU64>, u64, u64),
 ) -> anyhow::Result<DirectConn> {
     let (mut tx, mut rx) = conn.split();
     let (ack_tx, mut ack_rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u64>>();
@@ -336,7 +460,8 @@ async fn direct_conn(
             && answered_here == sent_here.load(Ordering::Relaxed)
             && all_sent.load(Ordering::Relaxed) == conns
             && progress.answered.load(Ordering::Relaxed) == progress.sent.load(Ordering::Relaxed)
-            && progress.delivered.load(Ordering::Relaxed) >= progress.acked.load(Ordering::Relaxed);
+            && progress.delivered.load(Ordering::Relaxed)
+                >= progress.acked.load(Ordering::Relaxed) * fanout;
         if drained || Instant::now() >= deadline {
             break;
         }
@@ -360,6 +485,9 @@ async fn direct_conn(
                 continue; // a retry of a push already counted
             }
             let msg = &v["msg"];
+            if msg["body"]["t"].as_u64().is_none() {
+                continue; // not a benchmark message (a set-up system message): acked only
+            }
             let id = msg["id"]
                 .as_str()
                 .and_then(|s| uuid::Uuid::parse_str(s).ok())
@@ -422,7 +550,7 @@ async fn direct_conn(
 
 #[derive(Clone, Debug, Serialize)]
 pub struct EchoParams {
-    pub url: String,
+    pub target: Target,
     pub conns: usize,
     pub rate: f64,
     pub duration_s: f64,
@@ -438,7 +566,7 @@ pub async fn echo(p: EchoParams) -> anyhow::Result<Report> {
         p.conns >= 1 && p.rate > 0.0 && p.duration_s > 0.0,
         "conns, rate and duration must be positive"
     );
-    let users = crate::provision::users(&p.url, &p.prefix, p.conns, 32).await?;
+    let users = crate::provision::users(&p.target, &p.prefix, p.conns, 32).await?;
     let start = Instant::now() + Duration::from_millis(500);
     let warm_end = start + Duration::from_secs_f64(p.warmup_s);
     let sends_end = warm_end + Duration::from_secs_f64(p.duration_s);
@@ -528,7 +656,7 @@ pub async fn echo(p: EchoParams) -> anyhow::Result<Report> {
 
 #[derive(Clone, Debug, Serialize)]
 pub struct IdleParams {
-    pub url: String,
+    pub target: Target,
     /// Authenticated connections to hold (one user, one device each).
     pub conns: usize,
     /// Seconds to hold them once all are up.
@@ -557,7 +685,7 @@ fn rss_bytes(pid: u32) -> Option<u64> {
 pub async fn idle(p: IdleParams) -> anyhow::Result<Report> {
     anyhow::ensure!(p.conns >= 1, "conns must be at least 1");
     let user = format!("{}-idle", p.prefix);
-    register_one(&p.url, &user).await?;
+    register_one(&p.target, &user).await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let rss_before = p.server_pid.and_then(rss_bytes);
 
@@ -565,7 +693,7 @@ pub async fn idle(p: IdleParams) -> anyhow::Result<Report> {
     let mut held = Vec::with_capacity(p.conns);
     let mut setup = histogram();
     let mut failures = 0u64;
-    for result in login_devices(&p.url, &user, p.conns, p.parallel).await? {
+    for result in login_devices(&p.target, &user, p.conns, p.parallel).await? {
         match result {
             Ok((c, _token, took)) => {
                 record(&mut setup, took);
@@ -626,7 +754,7 @@ pub async fn idle(p: IdleParams) -> anyhow::Result<Report> {
 
 #[derive(Clone, Debug, Serialize)]
 pub struct ConnectParams {
-    pub url: String,
+    pub target: Target,
     /// New authenticated connections in the storm.
     pub conns: usize,
     /// Connections per second (open loop).
@@ -674,9 +802,9 @@ pub async fn connect(p: ConnectParams) -> anyhow::Result<Report> {
 /// One login per device (`<prefix>-conn`, devices d0…): their tokens, for a storm of resumes.
 async fn mint_by_login(p: &ConnectParams) -> anyhow::Result<Vec<String>> {
     let user = format!("{}-conn", p.prefix);
-    register_one(&p.url, &user).await?;
+    register_one(&p.target, &user).await?;
     // The connections close here; the storm resumes their devices.
-    login_devices(&p.url, &user, p.conns, p.parallel)
+    login_devices(&p.target, &user, p.conns, p.parallel)
         .await?
         .into_iter()
         .map(|r| r.map(|(_, token, _)| token))
@@ -684,8 +812,8 @@ async fn mint_by_login(p: &ConnectParams) -> anyhow::Result<Vec<String>> {
 }
 
 /// Registers `user` with the benchmark password (an existing account is fine).
-async fn register_one(url: &str, user: &str) -> anyhow::Result<()> {
-    let mut c = Conn::connect(url).await?;
+async fn register_one(target: &Target, user: &str) -> anyhow::Result<()> {
+    let mut c = Conn::connect(target).await?;
     let r = c
         .request(
             "register",
@@ -703,7 +831,7 @@ async fn register_one(url: &str, user: &str) -> anyhow::Result<()> {
 /// Logs `user` in as devices `d0…d{n-1}`, `parallel` at a time: for each, its connection, its
 /// token and how long connect + handshake + login took (or why it failed).
 async fn login_devices(
-    url: &str,
+    target: &Target,
     user: &str,
     n: usize,
     parallel: usize,
@@ -713,10 +841,10 @@ async fn login_devices(
     while next < n {
         let batch: Vec<_> = (next..n.min(next + parallel.max(1)))
             .map(|i| {
-                let (url, user) = (url.to_owned(), user.to_owned());
+                let (target, user) = (target.clone(), user.to_owned());
                 tokio::spawn(async move {
                     let t = Instant::now();
-                    let mut c = Conn::connect(&url).await?;
+                    let mut c = Conn::connect(&target).await?;
                     let login = json!({ "username": user, "password": crate::provision::PASSWORD, "device": format!("d{i}") });
                     let ok = c.ok("login", login).await?;
                     let token = ok["token"].as_str().context("token")?.to_owned();
@@ -739,9 +867,9 @@ async fn storm(p: &ConnectParams, tokens: Vec<String>) -> anyhow::Result<Report>
     for (k, token) in tokens.into_iter().enumerate() {
         let intended = schedule.at(k as u64);
         tokio::time::sleep_until(intended.into()).await;
-        let url = p.url.clone();
+        let target = p.target.clone();
         tasks.push(tokio::spawn(async move {
-            let mut c = Conn::connect(&url).await?;
+            let mut c = Conn::connect(&target).await?;
             c.ok("resume", json!({ "token": token })).await?;
             Ok::<_, anyhow::Error>((c, Instant::now().saturating_duration_since(intended)))
         }));
@@ -782,7 +910,7 @@ async fn storm(p: &ConnectParams, tokens: Vec<String>) -> anyhow::Result<Report>
 
 #[derive(Clone, Debug, Serialize)]
 pub struct SyncParams {
-    pub url: String,
+    pub target: Target,
     /// Sender/recipient pairs, one conversation each.
     pub pairs: usize,
     /// Messages waiting in each conversation when its recipient comes back.
@@ -800,7 +928,7 @@ pub async fn sync(p: SyncParams) -> anyhow::Result<Report> {
         p.pairs >= 1 && p.backlog >= 1,
         "pairs and backlog must be positive"
     );
-    let users = crate::provision::users(&p.url, &p.prefix, 2 * p.pairs, 32).await?;
+    let users = crate::provision::users(&p.target, &p.prefix, 2 * p.pairs, 32).await?;
     let pad = "x".repeat(p.body_bytes);
     // Fill: each sender pipelines its backlog (windows of 256) while its recipient is away.
     let mut fills = Vec::new();
@@ -851,7 +979,7 @@ pub async fn sync(p: SyncParams) -> anyhow::Result<Report> {
     // Pull: each recipient logs in again (not timed), then syncs from 0 until `more` is false.
     let mut logged_in = Vec::new();
     for (name, conv) in recipients {
-        let mut c = Conn::connect(&p.url).await?;
+        let mut c = Conn::connect(&p.target).await?;
         c.ok(
             "login",
             json!({ "username": name, "password": crate::provision::PASSWORD, "device": "sync" }),
