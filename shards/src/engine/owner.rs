@@ -51,6 +51,8 @@ pub(super) struct ConvState {
     opening: Option<Opening>,
     /// One-to-one: the meta record (read cursors) once it exists.
     direct: Option<ConvMeta>,
+    /// One-to-one: where its messages go (fixed for the conversation's life), built once.
+    direct_fanout: Option<Fanout>,
     /// Groups: settings and members, loaded with the state.
     pub(super) group: Option<Box<Group>>,
 }
@@ -64,6 +66,7 @@ impl ConvState {
             pending: HashMap::new(),
             opening: None,
             direct: None,
+            direct_fanout: None,
             group: None,
         }
     }
@@ -324,16 +327,22 @@ impl<S: Storage> Shard<S> {
     /// member of a group (cached until the membership changes).
     pub(super) fn fanout(&mut self, conv: ConvId) -> Fanout {
         let shards = self.cfg.shards;
-        if let Some(members) = conv.direct_members() {
-            return by_shard(members.into_iter(), shards);
-        }
-        let group = self
+        let state = self
             .owned
             .convs
             .get_mut(&conv)
-            .and_then(|s| s.group.as_mut())
-            .expect("a group's state is loaded before its fan-out");
-        group.fanout(shards)
+            .expect("a conversation's state is loaded before its fan-out");
+        if let Some(members) = conv.direct_members() {
+            return state
+                .direct_fanout
+                .get_or_insert_with(|| by_shard(members.into_iter(), shards))
+                .clone();
+        }
+        state
+            .group
+            .as_mut()
+            .expect("a group has its group state")
+            .fanout(shards)
     }
 
     /// Marks `seq` durable. Commits complete in order, so seqs do too.
