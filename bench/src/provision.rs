@@ -25,34 +25,82 @@ pub async fn users(
     count: usize,
     parallel: usize,
 ) -> anyhow::Result<Vec<User>> {
-    let mut out = Vec::with_capacity(count);
+    batched(target, prefix, count, parallel, Step::RegisterAndLogin).await
+}
+
+/// Registers `count` users and closes their connections: for scenarios that set up state
+/// (groups) before their users come online, so nothing is pushed to idle connections.
+pub async fn register(
+    target: &Target,
+    prefix: &str,
+    count: usize,
+    parallel: usize,
+) -> anyhow::Result<()> {
+    batched(target, prefix, count, parallel, Step::Register)
+        .await
+        .map(drop)
+}
+
+/// Logs in `count` already registered users (device `bench`).
+pub async fn log_in(
+    target: &Target,
+    prefix: &str,
+    count: usize,
+    parallel: usize,
+) -> anyhow::Result<Vec<User>> {
+    batched(target, prefix, count, parallel, Step::Login).await
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Step {
+    Register,
+    Login,
+    RegisterAndLogin,
+}
+
+async fn batched(
+    target: &Target,
+    prefix: &str,
+    count: usize,
+    parallel: usize,
+    step: Step,
+) -> anyhow::Result<Vec<User>> {
+    let mut out = Vec::with_capacity(if step == Step::Register { 0 } else { count });
     let mut next = 0;
     while next < count {
         let batch: Vec<_> = (next..count.min(next + parallel.max(1)))
             .map(|i| {
                 let target = target.clone();
                 let name = format!("{prefix}-{i}");
-                tokio::spawn(async move { login(&target, name).await })
+                tokio::spawn(async move { login(&target, name, step).await })
             })
             .collect();
         next += batch.len();
         for task in batch {
-            out.push(task.await.context("provisioning task")??);
+            let user = task.await.context("provisioning task")??;
+            if step != Step::Register {
+                out.push(user); // registration-only connections close here
+            }
         }
     }
     Ok(out)
 }
 
-async fn login(target: &Target, name: String) -> anyhow::Result<User> {
+async fn login(target: &Target, name: String, step: Step) -> anyhow::Result<User> {
     let mut conn = Conn::connect(target).await?;
-    let r = conn
-        .request(
-            "register",
-            json!({ "username": name, "password": PASSWORD }),
-        )
-        .await?;
-    if r.get("ok").is_none() && r["error"]["code"] != "username_taken" {
-        anyhow::bail!("register {name}: {}", r["error"]);
+    if step != Step::Login {
+        let r = conn
+            .request(
+                "register",
+                json!({ "username": name, "password": PASSWORD }),
+            )
+            .await?;
+        if r.get("ok").is_none() && r["error"]["code"] != "username_taken" {
+            anyhow::bail!("register {name}: {}", r["error"]);
+        }
+    }
+    if step == Step::Register {
+        return Ok(User { name, conn });
     }
     conn.ok(
         "login",

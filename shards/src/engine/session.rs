@@ -161,6 +161,7 @@ impl<S: Storage> Shard<S> {
 
     pub(super) fn close(&mut self, conn: ConnId, code: u16, reason: &'static str) {
         if self.forget(conn).is_some() {
+            tracing::debug!(shard = %self.cfg.shard, conn = conn.0, code, reason, "closing a connection");
             self.out.push_back(Output::Close { conn, code, reason });
         }
     }
