@@ -604,3 +604,104 @@ fn groups_survive_a_restart() {
     );
     send(&mut bob, &conv, "and continues");
 }
+
+/// Overload policy for big groups: a member whose device stops reading is disconnected (4001,
+/// outbox or unacked pushes full) and its pushes dropped; the sender is not slowed, members who
+/// keep up get everything in order, and the slow member loses nothing (it syncs).
+#[test]
+fn a_slow_member_is_shed_without_hurting_the_group() {
+    let server = Server::start(&[]);
+    let (mut alice, _) = server.user("alice", "pc");
+    let readers: Vec<String> = (0..4).map(|i| format!("reader{i}")).collect();
+    let mut names: Vec<&str> = readers.iter().map(String::as_str).collect();
+    let mut reader_clients: Vec<Client> = readers.iter().map(|n| server.user(n, "pc").0).collect();
+    server.user("slow", "pc");
+    names.push("slow");
+    let conv = create(&mut alice, "Busy", &names, json!({}))["conv"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let _ = next_msg(&mut alice);
+
+    // The slow member: a tiny receive buffer, then it stops reading.
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&server.addr.into()).unwrap();
+    let stream: std::net::TcpStream = socket.into();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let (ws, _) = tungstenite::client(format!("ws://{}/ws", server.addr), stream).unwrap();
+    let mut slow = Client {
+        ws,
+        rid: 0,
+        pushes: Default::default(),
+    };
+    slow.ok(
+        "login",
+        json!({ "username": "slow", "password": "password123", "device": "slow" }),
+    );
+
+    const N: u64 = 700;
+    let mut threads = Vec::new();
+    for mut c in reader_clients.drain(..) {
+        threads.push(std::thread::spawn(move || {
+            let mut last = 0;
+            while last < N + 1 {
+                let Some(p) = c.push_within(Duration::from_secs(10)) else {
+                    break;
+                };
+                if p["push"] != "msg" {
+                    continue;
+                }
+                c.ack(&p);
+                let seq = p["msg"]["seq"].as_u64().unwrap();
+                assert!(seq > last, "in order");
+                last = seq;
+            }
+            last
+        }));
+    }
+    // ~10 MB of pushes per member: beyond the slow member's socket buffers and 2 MiB outbox.
+    let body = "x".repeat(15_000);
+    let started = std::time::Instant::now();
+    for _ in 0..N {
+        send(&mut alice, &conv, &body);
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "the sender is not held back"
+    );
+    for t in threads {
+        assert_eq!(
+            t.join().unwrap(),
+            N + 1,
+            "members who keep up get everything"
+        );
+    }
+    let mut pushed = 0;
+    while slow.next_frame().is_some() {
+        pushed += 1;
+    }
+    assert!(
+        pushed < N,
+        "the slow member was cut off ({pushed} frames read)"
+    );
+    let (mut slow, _) = server.user("slow", "pc2");
+    let mut after = 0;
+    loop {
+        let r = slow.ok(
+            "sync",
+            json!({ "convs": [{ "conv": conv, "after": after }] }),
+        );
+        let page = &r["convs"][0];
+        for m in page["msgs"].as_array().unwrap() {
+            assert_eq!(m["seq"].as_u64().unwrap(), after + 1);
+            after += 1;
+        }
+        if page["more"] == false {
+            break;
+        }
+    }
+    assert_eq!(after, N + 1, "the creation event and every message");
+}
