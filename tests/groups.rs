@@ -624,23 +624,7 @@ fn a_slow_member_is_shed_without_hurting_the_group() {
     let _ = next_msg(&mut alice);
 
     // The slow member: a tiny receive buffer, then it stops reading.
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    socket.connect(&server.addr.into()).unwrap();
-    let stream: std::net::TcpStream = socket.into();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
-    let (ws, _) = tungstenite::client(format!("ws://{}/ws", server.addr), stream).unwrap();
-    let mut slow = Client {
-        ws,
-        rid: 0,
-        pushes: Default::default(),
-    };
-    slow.ok(
-        "login",
-        json!({ "username": "slow", "password": "password123", "device": "slow" }),
-    );
+    let mut slow = Client::slow(server.addr, "slow", "slow");
 
     const N: u64 = 700;
     let mut threads = Vec::new();

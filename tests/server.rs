@@ -608,23 +608,7 @@ fn slow_reader_is_cut_off_without_hurting_others_or_losing_messages() {
     server.user("bob", "pc");
     let conv = open(&mut alice, "bob");
     // Bob logs in on a socket with a tiny receive buffer and then stops reading.
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    socket.connect(&server.addr.into()).unwrap();
-    let stream: std::net::TcpStream = socket.into();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
-    let (ws, _) = tungstenite::client(format!("ws://{}/ws", server.addr), stream).unwrap();
-    let mut bob = Client {
-        ws,
-        rid: 0,
-        pushes: Default::default(),
-    };
-    bob.ok(
-        "login",
-        json!({ "username": "bob", "password": "password123", "device": "slow" }),
-    );
+    let mut bob = Client::slow(server.addr, "bob", "slow");
 
     // ~10 MB of pushes: far beyond the socket buffers and the 1 MiB outbox.
     let body = "x".repeat(15_000);

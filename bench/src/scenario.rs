@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use futures_util::{SinkExt, StreamExt};
-use hdrhistogram::Histogram;
 use rand::Rng;
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -190,17 +189,7 @@ pub async fn direct(p: DirectParams) -> anyhow::Result<Report> {
         duration_s: p.duration_s,
         drain_s: p.drain_s,
     };
-    let (figures, hists) = drive(conns, timing, p.body_bytes, 1, "direct").await?;
-    Report::new(
-        "direct",
-        &p,
-        figures,
-        &[
-            ("ack_latency", &hists[0]),
-            ("e2e_latency", &hists[1]),
-            ("e2e_service_latency", &hists[2]),
-        ],
-    )
+    drive(conns, timing, p.body_bytes, 1, ("direct", &p)).await
 }
 
 /// The load phase shared by `direct` and `group`.
@@ -215,15 +204,15 @@ struct Timing {
 
 /// Runs the open-loop phase over `conns` (each with the conversations it sends to; an empty
 /// list only receives) and accounts for every message: each acked one must reach `fanout`
-/// connections exactly once, in seq order per conversation. Returns the figures and the
-/// ack, end-to-end and service-time histograms.
-async fn drive(
+/// connections exactly once, in seq order per conversation. Reports the figures with the ack,
+/// end-to-end and service-time histograms under the scenario's name and parameters.
+async fn drive<P: Serialize>(
     conns: Vec<(Conn, Vec<String>)>,
     t: Timing,
     body_bytes: usize,
     fanout: u64,
-    label: &'static str,
-) -> anyhow::Result<(Value, [Histogram<u64>; 3])> {
+    (label, params): (&'static str, &P),
+) -> anyhow::Result<Report> {
     let start = Instant::now() + Duration::from_millis(500);
     let warm_end = start + Duration::from_secs_f64(t.warmup_s);
     let sends_end = warm_end + Duration::from_secs_f64(t.duration_s);
@@ -326,7 +315,16 @@ async fn drive(
         figures["deliveries_per_s"] = json!(in_window as f64 / t.duration_s);
         figures["recipients_per_message"] = json!(fanout);
     }
-    Ok((figures, [ack, e2e, e2e_service]))
+    Report::new(
+        label,
+        params,
+        figures,
+        &[
+            ("ack_latency", &ack),
+            ("e2e_latency", &e2e),
+            ("e2e_service_latency", &e2e_service),
+        ],
+    )
 }
 
 /// The fields of a server frame the reader needs; replies fall through to a `Value` parse.
@@ -450,17 +448,7 @@ pub async fn group(p: GroupParams) -> anyhow::Result<Report> {
         drain_s: p.drain_s,
     };
     let fanout = (p.members - 1) as u64;
-    let (figures, hists) = drive(conns, timing, p.body_bytes, fanout, "group").await?;
-    Report::new(
-        "group",
-        &p,
-        figures,
-        &[
-            ("ack_latency", &hists[0]),
-            ("e2e_latency", &hists[1]),
-            ("e2e_service_latency", &hists[2]),
-        ],
-    )
+    drive(conns, timing, p.body_bytes, fanout, ("group", &p)).await
 }
 
 /// One user's connection: a writer task follows the send schedule (and sends the acks the

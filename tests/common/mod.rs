@@ -162,6 +162,30 @@ impl Client {
         }
     }
 
+    /// A client logged in as `user`/`device` on a socket with a 4 KiB receive buffer that the
+    /// test then stops reading: the server's slow-consumer path.
+    pub fn slow(addr: SocketAddr, user: &str, device: &str) -> Client {
+        let socket =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        socket.connect(&addr.into()).unwrap();
+        let stream: TcpStream = socket.into();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let (ws, _) = tungstenite::client(format!("ws://{addr}/ws"), stream).unwrap();
+        let mut c = Client {
+            ws,
+            rid: 0,
+            pushes: VecDeque::new(),
+        };
+        c.ok(
+            "login",
+            json!({ "username": user, "password": "password123", "device": device }),
+        );
+        c
+    }
+
     pub fn send_json(&mut self, v: &Value) {
         self.ws.send(Message::text(v.to_string())).expect("send");
     }

@@ -206,6 +206,15 @@ impl Group {
     }
 }
 
+/// Which version a change moves.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Moves {
+    /// Membership, roles, member mutes: `group_members` pulls see it.
+    Members,
+    /// Settings, owner, disbanding: `group_info` pulls see it.
+    Info,
+}
+
 /// Why a request was refused: the code and its message.
 type Refusal = (ErrorCode, &'static str);
 
@@ -454,7 +463,7 @@ impl<S: Storage> Shard<S> {
                 target.role = if admin { role::ADMIN } else { role::MEMBER };
                 let body = json!({ "event": "role", "users": [target.name], "role": role::name(target.role) });
                 self.put_member(conv, user);
-                self.membership_changed(now_ms, reply, conv, actor, body, Vec::new());
+                self.changed(now_ms, reply, conv, actor, body, Vec::new(), Moves::Members);
             }
             ConvOp::Transfer { user } => {
                 if !is_owner {
@@ -473,7 +482,7 @@ impl<S: Storage> Shard<S> {
                 group.meta.info_version += 1;
                 self.put_member(conv, user);
                 self.put_member(conv, actor.0);
-                self.membership_changed(now_ms, reply, conv, actor, body, Vec::new());
+                self.changed(now_ms, reply, conv, actor, body, Vec::new(), Moves::Members);
             }
             ConvOp::Mute { user: None, muted } => {
                 if !is_admin {
@@ -482,7 +491,7 @@ impl<S: Storage> Shard<S> {
                 group.meta.muted_all = muted;
                 group.meta.info_version += 1;
                 let body = json!({ "event": "muted", "all": true, "muted": muted });
-                self.settings_changed(now_ms, reply, conv, actor, body);
+                self.changed(now_ms, reply, conv, actor, body, Vec::new(), Moves::Info);
             }
             ConvOp::Mute {
                 user: Some(user),
@@ -498,7 +507,7 @@ impl<S: Storage> Shard<S> {
                 target.muted = muted;
                 let body = json!({ "event": "muted", "users": [target.name], "muted": muted });
                 self.put_member(conv, user);
-                self.membership_changed(now_ms, reply, conv, actor, body, Vec::new());
+                self.changed(now_ms, reply, conv, actor, body, Vec::new(), Moves::Members);
             }
             ConvOp::Update {
                 name,
@@ -522,7 +531,7 @@ impl<S: Storage> Shard<S> {
                     group.meta.history_visible = visible;
                 }
                 group.meta.info_version += 1;
-                self.settings_changed(now_ms, reply, conv, actor, body);
+                self.changed(now_ms, reply, conv, actor, body, Vec::new(), Moves::Info);
             }
             ConvOp::Disband => {
                 if !is_owner {
@@ -530,7 +539,8 @@ impl<S: Storage> Shard<S> {
                 }
                 group.meta.disbanded = true;
                 group.meta.info_version += 1;
-                self.settings_changed(now_ms, reply, conv, actor, json!({ "event": "disbanded" }));
+                let body = json!({ "event": "disbanded" });
+                self.changed(now_ms, reply, conv, actor, body, Vec::new(), Moves::Info);
             }
             ConvOp::GroupCreate { .. }
             | ConvOp::Info { .. }
@@ -733,7 +743,7 @@ impl<S: Storage> Shard<S> {
             actor,
             body,
             Vec::new(),
-            true,
+            Moves::Members,
             Box::new(build),
         );
         debug_assert_eq!(seq, next_seq, "members joined at the seq of their event");
@@ -789,7 +799,7 @@ impl<S: Storage> Shard<S> {
         };
         let body = json!({ "event": event, "users": [member.name] });
         self.delete(keys::group_member(conv, user));
-        self.membership_changed(now_ms, reply, conv, actor, body, vec![user]);
+        self.changed(now_ms, reply, conv, actor, body, vec![user], Moves::Members);
     }
 
     fn put_member(&mut self, conv: ConvId, user: UserId) {
@@ -800,9 +810,11 @@ impl<S: Storage> Shard<S> {
         self.put(keys::group_member(conv, user), bytes);
     }
 
-    /// A membership or role change: new members version, a system message, a reply with both.
-    /// `removed` still receive this message, then lose the conversation from their lists.
-    fn membership_changed(
+    /// A change answered with the event's seq and the version it moved: membership and roles
+    /// move the members version, settings the info version. `removed` still receive the
+    /// event, then lose the conversation from their lists.
+    #[allow(clippy::too_many_arguments)]
+    fn changed(
         &mut self,
         now_ms: u64,
         reply: ReplyTo,
@@ -810,6 +822,7 @@ impl<S: Storage> Shard<S> {
         actor: Named,
         body: Value,
         removed: Vec<UserId>,
+        moves: Moves,
     ) {
         let conv_text = conv.to_string();
         let build = move |seq: Seq, version: u64| {
@@ -825,35 +838,7 @@ impl<S: Storage> Shard<S> {
             actor,
             body,
             removed,
-            true,
-            Box::new(build),
-        );
-    }
-
-    /// A settings change (info version).
-    fn settings_changed(
-        &mut self,
-        now_ms: u64,
-        reply: ReplyTo,
-        conv: ConvId,
-        actor: Named,
-        body: Value,
-    ) {
-        let conv_text = conv.to_string();
-        let build = move |seq: Seq, version: u64| {
-            ok_frame(
-                reply.rid,
-                &json!({ "conv": conv_text, "seq": seq, "version": version }),
-            )
-        };
-        self.record_change(
-            now_ms,
-            reply,
-            conv,
-            actor,
-            body,
-            Vec::new(),
-            false,
+            moves,
             Box::new(build),
         );
     }
@@ -869,11 +854,11 @@ impl<S: Storage> Shard<S> {
         actor: Named,
         body: Value,
         removed: Vec<UserId>,
-        members_changed: bool,
+        moves: Moves,
         build: Box<dyn FnOnce(Seq, u64) -> String>,
     ) -> Seq {
         let group = self.group_mut(conv).expect("caller checked");
-        let version = if members_changed {
+        let version = if moves == Moves::Members {
             group.fanout = None;
             group.meta.members_version += 1;
             group.meta.members_version
