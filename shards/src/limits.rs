@@ -87,6 +87,16 @@ pub const EDIT_WINDOW_MS: u64 = 15 * 60 * 1000;
 /// ms; more are answered `rate_limited` (they are ephemeral, dropping them loses nothing).
 pub const TYPING_INTERVAL_MS: u64 = 1_000;
 
+/// Friends (and pending requests) per user; beyond it: `bad_request` on new requests. Bounds
+/// the presence fan-out of one user and the `friends` reply.
+pub const FRIENDS_MAX: usize = 5_000;
+
+/// Users named in one `presence` pull.
+pub const PRESENCE_PULL_MAX: usize = 500;
+
+/// Status text and friend request message, in bytes.
+pub const STATUS_BYTES_MAX: usize = 140;
+
 /// Usernames: length bounds, in bytes (ASCII only).
 pub const USERNAME_BYTES_MIN: usize = 3;
 pub const USERNAME_BYTES_MAX: usize = 32;

@@ -52,6 +52,19 @@ pub struct ConvSummary {
 /// A user named in a request, resolved by the requester's shard: id and normalised name.
 pub type Named = (UserId, String);
 
+/// A change to a friendship, requested by one side.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FriendOp {
+    Request { message: String },
+    Accept,
+    Decline,
+    Cancel,
+    Remove,
+}
+
+/// What a user's home shard says of their presence: `state` and status text.
+pub type PresenceInfo = (&'static str, String);
+
 /// Requests on one conversation that its owner runs, other than the hot `Append`.
 #[derive(Debug)]
 pub enum ConvOp {
@@ -158,6 +171,40 @@ pub enum Mail {
         actor: UserId,
         actor_name: String,
         op: ConvOp,
+    },
+    /// A friend operation from `from` (home of `from`) to the home of `to`, which applies its
+    /// side first and answers with `FriendAnswer`.
+    FriendAsk {
+        reply: ReplyTo,
+        from: Named,
+        to: Named,
+        op: FriendOp,
+    },
+    /// Home of `to` → home of `from`: `to`'s new state (a `friend` constant, 0 for none).
+    FriendAnswer {
+        reply: ReplyTo,
+        from: Named,
+        to: Named,
+        op: FriendOp,
+        result: Result<u8, ErrorCode>,
+    },
+    /// `blocker` blocks (or unblocks) the other member of one-to-one `conv`: applied by the
+    /// owner to sends; the owner answers the client once durable.
+    SetBlock {
+        reply: ReplyTo,
+        conv: ConvId,
+        blocker: UserId,
+        blocked: bool,
+    },
+    /// Presence of users homed on the receiving shard, as `requester` may see it.
+    PresenceQuery {
+        gather: GatherRef,
+        requester: UserId,
+        users: Vec<(usize, UserId)>,
+    },
+    PresenceDone {
+        gather: GatherRef,
+        states: Vec<(usize, Option<PresenceInfo>)>,
     },
     /// `user` read `conv` up to `seq` (already durable on the home shard).
     ReadUpTo {

@@ -181,6 +181,43 @@ pub struct Receipts<'a> {
     pub seq: u64,
 }
 
+/// Ops naming one user: `friend_request` (with `message`), `friend_accept`, `friend_decline`,
+/// `friend_cancel`, `friend_remove`, `block`, `unblock`.
+#[derive(Debug, Deserialize)]
+pub struct UserArg {
+    pub user: String,
+    #[serde(default)]
+    pub message: Option<String>,
+}
+
+/// `friends`: the version the client holds.
+#[derive(Debug, Deserialize)]
+pub struct VersionOnly {
+    #[serde(default)]
+    pub version: Option<u64>,
+}
+
+/// `presence`: users to look up.
+#[derive(Debug, Deserialize)]
+pub struct Users {
+    pub users: Vec<String>,
+}
+
+/// `presence_set`: this device's state and the user's status text.
+#[derive(Debug, Deserialize)]
+pub struct PresenceSet {
+    #[serde(default)]
+    pub state: Option<String>,
+    #[serde(default)]
+    pub status: Option<String>,
+}
+
+/// `device_logout`: another device of the same user.
+#[derive(Debug, Deserialize)]
+pub struct DeviceArg {
+    pub device: String,
+}
+
 /// Stable, machine-readable error codes. The string forms are part of the protocol: never
 /// rename one, only add.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -215,6 +252,11 @@ pub enum ErrorCode {
     NoSuchMessage,
     /// The recall or edit window of this message has passed.
     WindowPassed,
+    /// The recipient blocks the sender (one-to-one sends, friend requests).
+    Blocked,
+    /// No such friend request (or friendship) to act on.
+    NoSuchRequest,
+    NoSuchDevice,
     Overloaded,
     Internal,
 }
@@ -248,6 +290,9 @@ impl ErrorCode {
             ErrorCode::OwnerCannotLeave => "owner_cannot_leave",
             ErrorCode::NoSuchMessage => "no_such_message",
             ErrorCode::WindowPassed => "window_passed",
+            ErrorCode::Blocked => "blocked",
+            ErrorCode::NoSuchRequest => "no_such_request",
+            ErrorCode::NoSuchDevice => "no_such_device",
             ErrorCode::Overloaded => "overloaded",
             ErrorCode::Internal => "internal",
         }

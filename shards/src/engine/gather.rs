@@ -10,7 +10,7 @@ use std::fmt::Write as _;
 use super::Shard;
 use crate::ids::{ConnId, ConvId, Seq, ShardId, UserId};
 use crate::limits::{CONV_LIST_MAX, PAGE_BYTES_MAX, PAGE_MAX, SYNC_CONVS_MAX};
-use crate::mail::{ConvSummary, GatherRef, Mail, Page};
+use crate::mail::{ConvSummary, GatherRef, Mail, Page, PresenceInfo};
 use crate::protocol::{self as p, error_frame, push_json_str, ErrorCode};
 use crate::storage::{keys, Storage, UserConv};
 
@@ -27,7 +27,7 @@ struct Gather {
     kind: Kind,
 }
 
-enum Kind {
+pub(super) enum Kind {
     Convs {
         entries: Vec<(ConvId, UserConv)>,
         last: Vec<ConvSummary>,
@@ -37,10 +37,14 @@ enum Kind {
         pages: Vec<Option<Page>>,
         history: bool,
     },
+    Presence {
+        names: Vec<String>,
+        states: Vec<Option<PresenceInfo>>,
+    },
 }
 
 impl<S: Storage> Shard<S> {
-    fn gather(&mut self, conn: ConnId, rid: u64, left: usize, kind: Kind) -> u64 {
+    pub(super) fn gather(&mut self, conn: ConnId, rid: u64, left: usize, kind: Kind) -> u64 {
         self.gathers.next_id += 1;
         let id = self.gathers.next_id;
         self.gathers.map.insert(
@@ -223,7 +227,28 @@ impl<S: Storage> Shard<S> {
         }
     }
 
-    fn finish_gather(&mut self, id: u64) {
+    pub(super) fn gather_presence_done(
+        &mut self,
+        gather: GatherRef,
+        got: Vec<(usize, Option<PresenceInfo>)>,
+    ) {
+        let Some(g) = self.gathers.map.get_mut(&gather.id) else {
+            return;
+        };
+        if let Kind::Presence { states, .. } = &mut g.kind {
+            for (i, info) in got {
+                if let Some(slot) = states.get_mut(i) {
+                    *slot = info;
+                }
+            }
+        }
+        g.left -= 1;
+        if g.left == 0 {
+            self.finish_gather(gather.id);
+        }
+    }
+
+    pub(super) fn finish_gather(&mut self, id: u64) {
         let Some(g) = self.gathers.map.remove(&id) else {
             return;
         };
@@ -243,6 +268,20 @@ impl<S: Storage> Shard<S> {
                 pages,
                 history: false,
             } => sync_frame(g.rid, &convs, &pages),
+            Kind::Presence { names, states } => {
+                // Users one may not see (not friends) read as "hidden", never as offline.
+                let list: Vec<serde_json::Value> = names
+                    .iter()
+                    .zip(states)
+                    .map(|(name, info)| match info {
+                        Some((state, status)) => {
+                            serde_json::json!({ "user": name, "state": state, "status": status })
+                        }
+                        None => serde_json::json!({ "user": name, "state": "hidden" }),
+                    })
+                    .collect();
+                p::ok_frame(g.rid, &serde_json::json!({ "users": list }))
+            }
         };
         self.send(g.conn, frame);
     }

@@ -9,6 +9,7 @@
 //! | `session.rs` | connections, authentication, hand-off, heartbeats, pushes and their retries |
 //! | `owner.rs` | conversations this shard owns: open, append (seq, dedup), fan-out, pages, summaries, recall and edit, read cursors |
 //! | `group.rs` | groups this shard owns: membership, roles, settings, versions, join requests |
+//! | `social.rs` | friends and requests, blocks, presence, devices (on each user's home shard) |
 //! | `gather.rs` | requests that need several shards' answers: `convs`, `sync`, `history` |
 //! | `commit.rs` | group commit: the open batch, the one in flight, effects deferred until durable |
 //!
@@ -24,6 +25,7 @@ mod gather;
 mod group;
 mod owner;
 mod session;
+mod social;
 
 use std::collections::{HashMap, VecDeque};
 
@@ -150,6 +152,8 @@ pub struct Stats {
     pub push_retries: u64,
     /// `Deliver` mails sent by owners (one per destination shard per message).
     pub fanout_mails: u64,
+    /// Presence pushes addressed (recipients, before the per-device fan-out).
+    pub presence_pushes: u64,
     pub commits: u64,
     pub commit_ops: u64,
     pub errors: u64,
@@ -292,6 +296,31 @@ impl<S: Storage> Shard<S> {
                 actor_name,
                 op,
             } => self.owner_op(now_ms, reply, conv, (actor, actor_name), op),
+            Mail::FriendAsk {
+                reply,
+                from,
+                to,
+                op,
+            } => self.friend_ask(now_ms, reply, from, to, op),
+            Mail::FriendAnswer {
+                reply,
+                from,
+                to,
+                op,
+                result,
+            } => self.friend_answer(now_ms, reply, from, to, op, result),
+            Mail::SetBlock {
+                reply,
+                conv,
+                blocker,
+                blocked,
+            } => self.owner_set_block(reply, conv, blocker, blocked),
+            Mail::PresenceQuery {
+                gather,
+                requester,
+                users,
+            } => self.presence_query(gather, requester, users),
+            Mail::PresenceDone { gather, states } => self.gather_presence_done(gather, states),
             Mail::ReadUpTo {
                 conv,
                 user,
@@ -418,6 +447,11 @@ mod fuzz {
         r#"{"op":"recall","rid":1,"conv":"g.1f","seq":4}"#,
         r#"{"op":"receipts","rid":1,"conv":"g.1f","seq":4}"#,
         r#"{"op":"typing","rid":1,"conv":"d.1.2"}"#,
+        r#"{"op":"friend_request","rid":1,"user":"bob","message":"hi"}"#,
+        r#"{"op":"presence","rid":1,"users":["bob","carol"]}"#,
+        r#"{"op":"presence_set","rid":1,"state":"away","status":"lunch"}"#,
+        r#"{"op":"block","rid":1,"user":"bob"}"#,
+        r#"{"op":"device_logout","rid":1,"device":"phone"}"#,
     ];
 
     fn mutate(rng: &mut impl Rng, s: &str) -> String {

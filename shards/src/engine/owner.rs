@@ -24,7 +24,8 @@ use crate::limits::PAGE_MAX;
 use crate::mail::{ConvOp, ConvSummary, GatherRef, Mail, Named, Page, ReplyTo};
 use crate::protocol::{event_push, ok_frame, ErrorCode};
 use crate::storage::{
-    flags, keys, kind, role, ConvMeta, DedupRecord, MessageRecord, Storage, StorageError,
+    flags, keys, kind, role, ConvBlocks, ConvMeta, DedupRecord, MessageRecord, Storage,
+    StorageError,
 };
 
 /// Where one message goes: per destination shard, the recipients homed there. Shared by every
@@ -53,6 +54,8 @@ pub(super) struct ConvState {
     direct: Option<ConvMeta>,
     /// One-to-one: where its messages go (fixed for the conversation's life), built once.
     direct_fanout: Option<Fanout>,
+    /// One-to-one: who blocks whom, as applied to sends.
+    pub(super) blocks: ConvBlocks,
     /// Groups: settings and members, loaded with the state.
     pub(super) group: Option<Box<Group>>,
 }
@@ -67,18 +70,28 @@ impl ConvState {
             opening: None,
             direct: None,
             direct_fanout: None,
+            blocks: ConvBlocks::default(),
             group: None,
         }
     }
 
     /// The sender `user` may append now, or why not.
-    fn may_send(&self, user: UserId) -> Result<(), ErrorCode> {
+    fn may_send(&self, conv: ConvId, user: UserId) -> Result<(), ErrorCode> {
         if !self.exists {
             return Err(ErrorCode::NoSuchConversation);
         }
-        match &self.group {
-            None => Ok(()),
-            Some(g) => g.may_send(user),
+        match (&self.group, conv.direct_members()) {
+            (Some(g), _) => g.may_send(user),
+            (None, Some(members)) => {
+                // The peer's block: member i blocks the other, index by the peer.
+                let peer = usize::from(members[0] == user);
+                if self.blocks.blocked[peer] {
+                    Err(ErrorCode::Blocked)
+                } else {
+                    Ok(())
+                }
+            }
+            (None, None) => Ok(()),
         }
     }
 }
@@ -136,11 +149,17 @@ impl<S: Storage> Shard<S> {
                 Some((k, v)) => MessageRecord::decode(k, v)?.seq,
                 None => 0,
             };
+            let blocks = if conv.is_group() {
+                ConvBlocks::default()
+            } else {
+                super::social::load_blocks(&self.storage, conv)?
+            };
             let state = ConvState {
                 exists,
                 last_seq,
                 durable_seq: last_seq,
                 direct,
+                blocks,
                 group,
                 ..ConvState::empty()
             };
@@ -269,7 +288,7 @@ impl<S: Storage> Shard<S> {
                 "you are not in this conversation",
             );
         }
-        if let Err(code) = state.may_send(sender) {
+        if let Err(code) = state.may_send(conv, sender) {
             return self.error_to(reply, code, send_refusal(code));
         }
         if let Some(waiters) = state.pending.get_mut(&id) {
@@ -742,7 +761,7 @@ impl<S: Storage> Shard<S> {
     ) {
         let window = self.cfg.edit_window_ms;
         let state = self.owned.convs.get(&conv).expect("loaded by owner_op");
-        if let Err(code) = state.may_send(actor.0) {
+        if let Err(code) = state.may_send(conv, actor.0) {
             return self.error_to(reply, code, send_refusal(code));
         }
         if seq == 0 || seq > state.durable_seq {
@@ -832,7 +851,7 @@ impl<S: Storage> Shard<S> {
     /// Typing notice: ephemeral, to every other member's online devices.
     fn typing(&mut self, reply: ReplyTo, conv: ConvId, actor: Named) {
         let state = self.owned.convs.get(&conv).expect("loaded by owner_op");
-        if let Err(code) = state.may_send(actor.0) {
+        if let Err(code) = state.may_send(conv, actor.0) {
             return self.error_to(reply, code, send_refusal(code));
         }
         let fanout = self.fanout(conv);
@@ -848,7 +867,7 @@ impl<S: Storage> Shard<S> {
         self.reply_to(reply, ok_frame(reply.rid, &json!({})));
     }
 
-    fn storage_error_to(&mut self, reply: ReplyTo, err: &StorageError) {
+    pub(super) fn storage_error_to(&mut self, reply: ReplyTo, err: &StorageError) {
         tracing::error!(shard = %self.cfg.shard, error = %err, "storage read failed");
         self.error_to(reply, ErrorCode::Internal, "storage read failed");
     }
@@ -870,6 +889,7 @@ pub(super) fn send_refusal(code: ErrorCode) -> &'static str {
         ErrorCode::NotMember => "you are not in this conversation",
         ErrorCode::Muted => "you are muted in this group",
         ErrorCode::GroupDisbanded => "this group was disbanded",
+        ErrorCode::Blocked => "this user does not accept your messages",
         _ => "not allowed",
     }
 }

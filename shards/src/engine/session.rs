@@ -6,7 +6,7 @@
 //! moves the connection to that user's home shard, which runs the request. So every device of
 //! a user lives on one core and delivery to a user is local.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use rand::Rng;
@@ -18,10 +18,10 @@ use super::{Output, Shard};
 use crate::auth::{self, Job, JobResult, TokenClaims};
 use crate::ids::{ConnId, ConvId, GroupId, UserId};
 use crate::limits::{
-    FAILED_LOGINS_MAX, GROUP_INVITE_MAX, GROUP_NAME_BYTES_MAX, HELD_FRAMES_MAX, TYPING_INTERVAL_MS,
-    UNACKED_PUSHES_MAX,
+    FAILED_LOGINS_MAX, GROUP_INVITE_MAX, GROUP_NAME_BYTES_MAX, HELD_FRAMES_MAX, PRESENCE_PULL_MAX,
+    STATUS_BYTES_MAX, TYPING_INTERVAL_MS, UNACKED_PUSHES_MAX,
 };
-use crate::mail::{ConvOp, Mail, Named, ReplyTo};
+use crate::mail::{ConvOp, FriendOp, Mail, Named, ReplyTo};
 use crate::protocol::{self as p, close, message_push, ok_frame, ErrorCode};
 use crate::storage::{keys, DeviceRecord, Storage, UserConv, UserRecord};
 
@@ -49,7 +49,7 @@ struct Unacked {
 }
 
 pub(super) struct Conn {
-    session: Option<Session>,
+    pub(super) session: Option<Session>,
     /// A `register` or `login` is running (password hash, then commit). Frames arriving
     /// meanwhile wait in `held` and run in order when it ends, so a client may pipeline.
     busy: bool,
@@ -59,6 +59,8 @@ pub(super) struct Conn {
     last_ping_ms: u64,
     /// When this connection last sent a `typing` notice that went out.
     last_typing_ms: Option<u64>,
+    /// This device said it is away (`presence_set`).
+    pub(super) away: bool,
     window_start_ms: u64,
     window_requests: u32,
     unacked: BTreeMap<u64, Unacked>,
@@ -72,6 +74,12 @@ pub(super) struct Sessions {
     pub online: HashMap<UserId, Vec<ConnId>>,
     /// Users whose registration is hashing or committing: a second registration is refused.
     pub registering: HashSet<UserId>,
+    /// Users homed here whose presence may have changed since the last tick.
+    pub presence_dirty: BTreeSet<UserId>,
+    /// The presence last pushed for each user (absent: offline with no status).
+    pub presence_sent: HashMap<UserId, (&'static str, String)>,
+    /// When each device last sent a frame, for devices that disconnected since start-up.
+    pub last_seen: HashMap<(UserId, String), u64>,
     next_pid: u64,
 }
 
@@ -117,6 +125,7 @@ impl<S: Storage> Shard<S> {
             last_in_ms: now_ms,
             last_ping_ms: now_ms,
             last_typing_ms: None,
+            away: false,
             window_start_ms: now_ms,
             window_requests: 0,
             unacked: BTreeMap::new(),
@@ -149,6 +158,10 @@ impl<S: Storage> Shard<S> {
     fn forget(&mut self, conn: ConnId) -> Option<Conn> {
         let c = self.sessions.conns.remove(&conn)?;
         if let Some(s) = &c.session {
+            self.sessions.presence_dirty.insert(s.user);
+            self.sessions
+                .last_seen
+                .insert((s.user, s.device.clone()), c.last_in_ms);
             if let Some(list) = self.sessions.online.get_mut(&s.user) {
                 list.retain(|&other| other != conn);
                 if list.is_empty() {
@@ -279,6 +292,9 @@ impl<S: Storage> Shard<S> {
                 .map_err(bad),
             (op, Some(s)) if op.starts_with("group_") || CONV_OPS.contains(&op) => {
                 self.conv_request(now_ms, conn, rid, s, op, text)
+            }
+            (op, Some(s)) if SOCIAL_OPS.contains(&op) => {
+                self.social_request(now_ms, conn, rid, s, op, text)
             }
             (other, _) => Err((ErrorCode::UnknownOp, format!("unknown op {other:?}"))),
         };
@@ -603,22 +619,7 @@ impl<S: Storage> Shard<S> {
         if !self.sessions.conns.contains_key(&conn) {
             return;
         }
-        let same_device: Vec<ConnId> = self
-            .sessions
-            .online
-            .get(&session.user)
-            .into_iter()
-            .flatten()
-            .copied()
-            .filter(|other| {
-                self.sessions
-                    .conns
-                    .get(other)
-                    .and_then(|c| c.session.as_ref())
-                    .is_some_and(|s| s.device == session.device)
-            })
-            .collect();
-        for other in same_device {
+        for other in self.device_conns(session.user, &session.device) {
             self.close(
                 other,
                 close::SESSION_REPLACED,
@@ -630,12 +631,31 @@ impl<S: Storage> Shard<S> {
             .entry(session.user)
             .or_default()
             .push(conn);
+        self.sessions.presence_dirty.insert(session.user);
         if let Some(c) = self.sessions.conns.get_mut(&conn) {
             c.session = Some(session);
             c.failed_logins = 0;
             c.last_in_ms = now_ms;
         }
         self.send(conn, frame);
+    }
+
+    /// The open connections of one device of a user homed here.
+    pub(super) fn device_conns(&self, user: UserId, device: &str) -> Vec<ConnId> {
+        self.sessions
+            .online
+            .get(&user)
+            .into_iter()
+            .flatten()
+            .copied()
+            .filter(|c| {
+                self.sessions
+                    .conns
+                    .get(c)
+                    .and_then(|c| c.session.as_ref())
+                    .is_some_and(|s| s.device == device)
+            })
+            .collect()
     }
 
     fn logout(&mut self, conn: ConnId, rid: u64, s: &Session) {
@@ -717,6 +737,108 @@ impl<S: Storage> Shard<S> {
 
     fn conv_arg(text: &str) -> Result<ConvId, (ErrorCode, String)> {
         ConvId::parse(text).ok_or_else(|| bad("conv is not a conversation id".into()))
+    }
+
+    /// Friends, blocks, presence and devices: the requester's home shard runs them (with one
+    /// hop to the other user's home or the conversation's owner where needed).
+    fn social_request(
+        &mut self,
+        now_ms: u64,
+        conn: ConnId,
+        rid: u64,
+        s: &Session,
+        op: &str,
+        text: &str,
+    ) -> Result<(), (ErrorCode, String)> {
+        let storage_failed = |_| (ErrorCode::Internal, "storage read failed".to_owned());
+        let reply = ReplyTo {
+            shard: self.cfg.shard,
+            conn,
+            rid,
+        };
+        let me: Named = (s.user, s.name.clone());
+        match op {
+            "friends" => {
+                let req: p::VersionOnly = parse(text).map_err(bad)?;
+                self.friends_list(conn, rid, s.user, req.version)
+                    .map_err(storage_failed)
+            }
+            "blocks" => self.blocks_list(conn, rid, s.user).map_err(storage_failed),
+            "devices" => self.devices_list(conn, rid, s.user).map_err(storage_failed),
+            "device_logout" => {
+                let req: p::DeviceArg = parse(text).map_err(bad)?;
+                if req.device == s.device {
+                    return Err(bad("use logout for this device".into()));
+                }
+                self.device_logout(conn, rid, s.user, &req.device)
+            }
+            "presence" => {
+                let req: p::Users = parse(text).map_err(bad)?;
+                if req.users.len() > PRESENCE_PULL_MAX {
+                    return Err(bad(format!("at most {PRESENCE_PULL_MAX} users")));
+                }
+                let users = Self::resolve_lenient(&req.users);
+                self.start_presence(conn, rid, s.user, users);
+                Ok(())
+            }
+            "presence_set" => {
+                let req: p::PresenceSet = parse(text).map_err(bad)?;
+                let away = match req.state.as_deref() {
+                    None => None,
+                    Some("online") => Some(false),
+                    Some("away") => Some(true),
+                    Some(_) => return Err(bad("state is \"online\" or \"away\"".into())),
+                };
+                if req
+                    .status
+                    .as_ref()
+                    .is_some_and(|t| t.len() > STATUS_BYTES_MAX)
+                {
+                    return Err(bad(format!("status is at most {STATUS_BYTES_MAX} bytes")));
+                }
+                self.presence_set(conn, rid, s.user, away, req.status)
+                    .map_err(storage_failed)
+            }
+            _ => {
+                let req: p::UserArg = parse(text).map_err(bad)?;
+                let other = Self::resolve(std::slice::from_ref(&req.user))?.remove(0);
+                match op {
+                    "block" | "unblock" => {
+                        self.set_block(now_ms, reply, s.user, other, op == "block")
+                    }
+                    _ => {
+                        let op = match op {
+                            "friend_request" => {
+                                let message = req.message.unwrap_or_default();
+                                if message.len() > STATUS_BYTES_MAX {
+                                    return Err(bad(format!(
+                                        "message is at most {STATUS_BYTES_MAX} bytes"
+                                    )));
+                                }
+                                FriendOp::Request { message }
+                            }
+                            "friend_accept" => FriendOp::Accept,
+                            "friend_decline" => FriendOp::Decline,
+                            "friend_cancel" => FriendOp::Cancel,
+                            _ => FriendOp::Remove,
+                        };
+                        self.friend_request(reply, me, other, op)
+                    }
+                }
+            }
+        }
+    }
+
+    /// Like `resolve`, but a name that cannot be a username stays (with an id nobody has),
+    /// so a pull answers for every name it was given.
+    fn resolve_lenient(names: &[String]) -> Vec<Named> {
+        names
+            .iter()
+            .map(|n| match auth::normalise_username(n) {
+                Ok(name) => (UserId::from_username(&name), name),
+                Err(_) => (UserId(0), n.clone()),
+            })
+            .collect()
     }
 
     /// Group ops, recall and edit, receipts and typing: checked for shape here, run by the
@@ -1106,6 +1228,7 @@ impl<S: Storage> Shard<S> {
         for conn in dead {
             self.close(conn, close::HEARTBEAT_TIMEOUT, "heartbeat timeout");
         }
+        self.flush_presence();
     }
 }
 
@@ -1115,6 +1238,23 @@ fn bad(message: String) -> (ErrorCode, String) {
 
 /// Ops on one conversation that its owner runs (besides `send`), other than the `group_*` ones.
 const CONV_OPS: &[&str] = &["recall", "edit", "receipts", "typing"];
+
+/// Friends, blocks, presence and devices (`social.rs`).
+const SOCIAL_OPS: &[&str] = &[
+    "friend_request",
+    "friend_accept",
+    "friend_decline",
+    "friend_cancel",
+    "friend_remove",
+    "friends",
+    "block",
+    "unblock",
+    "blocks",
+    "presence",
+    "presence_set",
+    "devices",
+    "device_logout",
+];
 
 /// Ops after `group_` in their name.
 const GROUP_OPS: &[&str] = &[
@@ -1130,6 +1270,7 @@ fn is_op(op: &str) -> bool {
     ];
     OTHERS.contains(&op)
         || CONV_OPS.contains(&op)
+        || SOCIAL_OPS.contains(&op)
         || op
             .strip_prefix("group_")
             .is_some_and(|g| GROUP_OPS.contains(&g))

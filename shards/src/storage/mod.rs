@@ -7,6 +7,10 @@
 //! | --- | --- | --- |
 //! | `slot 'U' user` | [`UserRecord`] | user's home shard |
 //! | `slot 'D' user device` | [`DeviceRecord`] | user's home shard |
+//! | `slot 'F' user other` | [`FriendRecord`] (this user's side of a friendship or request) | user's home shard |
+//! | `slot 'B' user other` | [`BlockRecord`] (this user blocks `other`) | user's home shard |
+//! | `slot 'V' user` | [`SocialMeta`] (friend list version, status text) | user's home shard |
+//! | `slot 'K' conv` | [`ConvBlocks`] (one-to-one: who blocks whom, as applied to sends) | conversation's owner shard |
 //! | `slot 'C' user conv` | [`UserConv`] (membership index + read cursor) | user's home shard |
 //! | `slot 'M' conv` | [`ConvMeta`] (one-to-one) or [`GroupMeta`] (group) | conversation's owner shard |
 //! | `slot 'G' conv user` | [`GroupMember`] | group's owner shard |
@@ -145,6 +149,39 @@ pub mod keys {
         Some(UserId(u64::from_be_bytes(tail)))
     }
 
+    /// A per-user key with another user after it (`F` friends, `B` blocks).
+    pub fn user_pair(tag: u8, user: UserId, other: UserId) -> Vec<u8> {
+        let mut k = user_prefix(tag, user);
+        k.extend_from_slice(&other.0.to_be_bytes());
+        k
+    }
+
+    /// All keys of `tag` for `user` start with this.
+    pub fn user_prefix(tag: u8, user: UserId) -> Vec<u8> {
+        let mut k = head(user.slot().0, tag, 16);
+        k.extend_from_slice(&user.0.to_be_bytes());
+        k
+    }
+
+    /// The other user at the end of a `user_pair` key.
+    pub fn other_of_user_pair(key: &[u8]) -> Option<UserId> {
+        let tail: [u8; 8] = key.get(3 + 8..)?.try_into().ok()?;
+        Some(UserId(u64::from_be_bytes(tail)))
+    }
+
+    pub const FRIEND: u8 = b'F';
+    pub const BLOCK: u8 = b'B';
+
+    pub fn social_meta(user: UserId) -> Vec<u8> {
+        user_prefix(b'V', user)
+    }
+
+    pub fn conv_blocks(conv: ConvId) -> Vec<u8> {
+        let mut k = head(conv.slot().0, b'K', 17);
+        k.extend_from_slice(&conv.to_bytes());
+        k
+    }
+
     pub fn message(conv: ConvId, seq: Seq) -> Vec<u8> {
         let mut k = head(conv.slot().0, b'R', 17 + 8);
         k.extend_from_slice(&conv.to_bytes());
@@ -278,6 +315,63 @@ pub struct JoinRequest {
     pub ts_ms: u64,
 }
 record!(JoinRequest);
+
+/// [`FriendRecord::state`] values (a missing record: no relation).
+pub mod friend {
+    /// This user asked the other.
+    pub const OUT: u8 = 1;
+    /// The other asked this user.
+    pub const IN: u8 = 2;
+    pub const FRIENDS: u8 = 3;
+
+    pub fn name(state: u8) -> &'static str {
+        match state {
+            OUT => "requested",
+            IN => "incoming",
+            FRIENDS => "friends",
+            _ => "none",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct FriendRecord {
+    /// The other user's name.
+    pub name: String,
+    /// [`friend`] constants.
+    pub state: u8,
+    /// The request's message.
+    pub message: String,
+    pub ts_ms: u64,
+}
+record!(FriendRecord);
+
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct BlockRecord {
+    pub name: String,
+    pub ts_ms: u64,
+}
+record!(BlockRecord);
+
+#[derive(
+    Clone, Debug, Default, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
+)]
+pub struct SocialMeta {
+    /// Moves on every change to the friend list (requests included).
+    pub friends_version: u64,
+    /// Free text shown with presence.
+    pub status: String,
+}
+record!(SocialMeta);
+
+/// One-to-one: `blocked[i]` means member `i` (ids in order) blocks the other's sends.
+#[derive(
+    Clone, Debug, Default, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
+)]
+pub struct ConvBlocks {
+    pub blocked: [bool; 2],
+}
+record!(ConvBlocks);
 
 /// [`MessageRecord::kind`] values.
 pub mod kind {

@@ -1,0 +1,311 @@
+//! Friends, blocking, presence and devices against the real server binary (2 shards, so the
+//! two sides of a friendship are often on different cores), with real WebSocket clients.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Client, Server};
+use serde_json::{json, Value};
+
+/// The next push of `kind`, skipping (and acking) others.
+fn next_push(c: &mut Client, kind: &str) -> Value {
+    loop {
+        let p = c.push();
+        if p["push"] == "msg" {
+            c.ack(&p);
+        }
+        if p["push"] == kind {
+            return p;
+        }
+    }
+}
+
+/// Every push of `kind` arriving within `wait`.
+fn pushes_within(c: &mut Client, kind: &str, wait: Duration) -> Vec<Value> {
+    let end = Instant::now() + wait;
+    let mut out = Vec::new();
+    while let Some(left) = end.checked_duration_since(Instant::now()) {
+        match c.push_within(left) {
+            Some(p) if p["push"] == kind => out.push(p),
+            Some(_) => {}
+            None => break,
+        }
+    }
+    out
+}
+
+fn states(list: &Value) -> Vec<(String, String)> {
+    list["friends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            (
+                f["user"].as_str().unwrap().into(),
+                f["state"].as_str().unwrap().into(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn friend_requests_accept_decline_cancel_remove() {
+    let server = Server::start(&[]);
+    let (mut alice, _) = server.user("alice", "pc");
+    let (mut bob, _) = server.user("bob", "pc");
+    let (mut carol, _) = server.user("carol", "pc");
+
+    let r = alice.ok(
+        "friend_request",
+        json!({ "user": "bob", "message": "hi, it's alice" }),
+    );
+    assert_eq!(r["state"], "requested");
+    // Every device of both users hears of the change, the requester's own included.
+    assert_eq!(next_push(&mut alice, "friend")["state"], "requested");
+    let push = next_push(&mut bob, "friend");
+    assert_eq!(
+        (push["user"].as_str(), push["state"].as_str()),
+        (Some("alice"), Some("incoming"))
+    );
+    assert_eq!(push["message"], "hi, it's alice");
+    let list = bob.ok("friends", json!({}));
+    assert_eq!(states(&list), [("alice".to_owned(), "incoming".to_owned())]);
+    assert_eq!(list["friends"][0]["message"], "hi, it's alice");
+    let v = list["version"].as_u64().unwrap();
+    assert_eq!(
+        bob.ok("friends", json!({ "version": v }))["not_modified"],
+        true
+    );
+
+    // Errors: nothing to accept, nobody there, oneself.
+    assert_eq!(
+        alice.err("friend_accept", json!({ "user": "bob" })),
+        "no_such_request"
+    );
+    assert_eq!(
+        alice.err("friend_request", json!({ "user": "nobody" })),
+        "no_such_user"
+    );
+    assert_eq!(
+        alice.err("friend_request", json!({ "user": "alice" })),
+        "bad_request"
+    );
+
+    let r = bob.ok("friend_accept", json!({ "user": "alice" }));
+    assert_eq!(r["state"], "friends");
+    assert_eq!(next_push(&mut alice, "friend")["state"], "friends");
+    assert_eq!(
+        states(&alice.ok("friends", json!({}))),
+        [("bob".to_owned(), "friends".to_owned())]
+    );
+    assert!(bob
+        .ok("friends", json!({ "version": v }))
+        .get("not_modified")
+        .is_none());
+
+    // Decline and cancel leave nothing on either side.
+    carol.ok("friend_request", json!({ "user": "alice" }));
+    alice.ok("friend_decline", json!({ "user": "carol" }));
+    assert_eq!(states(&carol.ok("friends", json!({}))), []);
+    carol.ok("friend_request", json!({ "user": "bob" }));
+    carol.ok("friend_cancel", json!({ "user": "bob" }));
+    let bob_list = bob.ok("friends", json!({}));
+    assert_eq!(
+        states(&bob_list),
+        [("alice".to_owned(), "friends".to_owned())]
+    );
+
+    // Crossing requests make a friendship.
+    carol.ok("friend_request", json!({ "user": "bob" }));
+    let r = bob.ok("friend_request", json!({ "user": "carol" }));
+    assert_eq!(r["state"], "friends");
+
+    alice.ok("friend_remove", json!({ "user": "bob" }));
+    assert_eq!(states(&alice.ok("friends", json!({}))), []);
+    let bob_list = bob.ok("friends", json!({}));
+    assert_eq!(
+        states(&bob_list),
+        [("carol".to_owned(), "friends".to_owned())]
+    );
+}
+
+#[test]
+fn a_block_applies_before_its_reply() {
+    let server = Server::start(&[]);
+    let (mut alice, _) = server.user("alice", "pc");
+    let (mut bob, _) = server.user("bob", "pc");
+    let conv = alice.ok("open", json!({ "user": "bob" }))["conv"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    alice.ok("send", json!({ "conv": conv, "body": "before" }));
+
+    // Alice sends as fast as she can while bob blocks her: every send acked after the block's
+    // reply would break the bound.
+    bob.ok("block", json!({ "user": "alice" }));
+    assert_eq!(
+        alice.err("send", json!({ "conv": conv, "body": "after" })),
+        "blocked"
+    );
+    assert_eq!(
+        alice.err("friend_request", json!({ "user": "bob" })),
+        "blocked"
+    );
+    // The blocker may still write; the block is one-way.
+    bob.ok("send", json!({ "conv": conv, "body": "one way" }));
+    let blocks = bob.ok("blocks", json!({}));
+    assert_eq!(blocks["blocks"][0]["user"], "alice");
+
+    bob.ok("unblock", json!({ "user": "alice" }));
+    alice.ok("send", json!({ "conv": conv, "body": "again" }));
+    assert_eq!(bob.ok("blocks", json!({}))["blocks"], json!([]));
+    alice.ok("friend_request", json!({ "user": "bob" }));
+}
+
+#[test]
+fn blocks_race_with_sends_and_survive_a_restart() {
+    let mut server = Server::start(&[]);
+    let (mut alice, token) = server.user("alice", "pc");
+    let (mut bob, _) = server.user("bob", "pc");
+    let conv = alice.ok("open", json!({ "user": "bob" }))["conv"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // Pipelined sends, then the block: whatever was acked stays, nothing after the block's
+    // reply is acked.
+    for i in 0..50 {
+        alice.send_json(&json!({ "op": "send", "rid": 1000 + i, "conv": conv, "body": i }));
+    }
+    let block = bob.ok("block", json!({ "user": "alice" }));
+    assert_eq!(block["blocked"], true);
+    for i in 0..50 {
+        let r = alice.reply(1000 + i);
+        assert!(
+            r.get("ok").is_some() || r["error"]["code"] == "blocked",
+            "{r}"
+        );
+    }
+    assert_eq!(
+        alice.err("send", json!({ "conv": conv, "body": "late" })),
+        "blocked"
+    );
+
+    let data = server.data.clone();
+    assert!(server.stop().success());
+    let server = Server::start_on(&data, &[]);
+    let mut alice = server.client();
+    alice.ok("resume", json!({ "token": token }));
+    assert_eq!(
+        alice.err("send", json!({ "conv": conv, "body": "still" })),
+        "blocked"
+    );
+}
+
+#[test]
+fn presence_reaches_friends_coalesced_and_hides_from_strangers() {
+    let server = Server::start(&[]);
+    let (mut alice, _) = server.user("alice", "pc");
+    let (mut bob, bob_token) = server.user("bob", "pc");
+    let (mut carol, _) = server.user("carol", "pc");
+    alice.ok("friend_request", json!({ "user": "bob" }));
+    bob.ok("friend_accept", json!({ "user": "alice" }));
+    // Becoming friends tells each the other's presence.
+    let p = next_push(&mut alice, "presence");
+    assert_eq!(
+        (p["user"].as_str(), p["state"].as_str()),
+        (Some("bob"), Some("online"))
+    );
+
+    bob.ok(
+        "presence_set",
+        json!({ "state": "away", "status": "lunch" }),
+    );
+    let p = next_push(&mut alice, "presence");
+    assert_eq!(
+        (p["state"].as_str(), p["status"].as_str()),
+        (Some("away"), Some("lunch"))
+    );
+
+    // Pull: friends see it, strangers do not.
+    let seen = alice.ok("presence", json!({ "users": ["bob", "carol", "no body"] }));
+    assert_eq!(seen["users"][0]["state"], "away");
+    assert_eq!(seen["users"][0]["status"], "lunch");
+    assert_eq!(seen["users"][1]["state"], "hidden");
+    assert_eq!(seen["users"][2]["state"], "hidden");
+    assert_eq!(
+        carol.ok("presence", json!({ "users": ["bob"] }))["users"][0]["state"],
+        "hidden"
+    );
+
+    // Bob's only device leaves: offline (status kept).
+    drop(bob);
+    let p = next_push(&mut alice, "presence");
+    assert_eq!(p["state"], "offline");
+
+    // A flapping connection: ten reconnects in quick succession cost alice at most a few
+    // pushes (one per tick at most), and she ends knowing bob is online.
+    let mut last = None;
+    for _ in 0..10 {
+        let mut c = server.client();
+        c.ok("resume", json!({ "token": bob_token }));
+        last = Some(c);
+    }
+    let got = pushes_within(&mut alice, "presence", Duration::from_millis(2_500));
+    assert!(
+        !got.is_empty() && got.len() <= 4,
+        "{} pushes: {got:?}",
+        got.len()
+    );
+    assert_eq!(got.last().unwrap()["state"], "online");
+
+    // Unfriending races with presence: once the removal is answered, no more presence.
+    let mut bob = last.unwrap();
+    alice.ok("friend_remove", json!({ "user": "bob" }));
+    bob.ok("presence_set", json!({ "state": "away", "status": "gone" }));
+    let after = pushes_within(&mut alice, "presence", Duration::from_millis(2_500));
+    assert!(after.is_empty(), "presence after unfriending: {after:?}");
+    assert_eq!(
+        alice.ok("presence", json!({ "users": ["bob"] }))["users"][0]["state"],
+        "hidden"
+    );
+}
+
+#[test]
+fn devices_list_and_remote_logout() {
+    let server = Server::start(&[]);
+    let (mut pc, _) = server.user("alice", "pc");
+    let (mut phone, phone_token) = server.user("alice", "phone");
+    let list = pc.ok("devices", json!({}));
+    let mut names: Vec<(String, bool)> = list["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            (
+                d["device"].as_str().unwrap().into(),
+                d["online"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    names.sort();
+    assert_eq!(names, [("pc".to_owned(), true), ("phone".to_owned(), true)]);
+
+    assert_eq!(
+        pc.err("device_logout", json!({ "device": "tablet" })),
+        "no_such_device"
+    );
+    assert_eq!(
+        pc.err("device_logout", json!({ "device": "pc" })),
+        "bad_request"
+    );
+    pc.ok("device_logout", json!({ "device": "phone" }));
+    assert_eq!(phone.close_code(), Some(4002));
+    let mut again = server.client();
+    assert_eq!(
+        again.err("resume", json!({ "token": phone_token })),
+        "device_revoked"
+    );
+    let list = pc.ok("devices", json!({}));
+    assert_eq!(list["devices"].as_array().unwrap().len(), 1);
+}
