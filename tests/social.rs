@@ -179,11 +179,20 @@ fn blocks_race_with_sends_and_survive_a_restart() {
     }
     let block = bob.ok("block", json!({ "user": "alice" }));
     assert_eq!(block["blocked"], true);
-    for i in 0..50 {
-        let r = alice.reply(1000 + i);
+    // Replies may come out of order (a refusal does not wait for earlier writes).
+    let mut answered = std::collections::BTreeSet::new();
+    while answered.len() < 50 {
+        let r = alice.next_frame().expect("connection open");
+        if r.get("push").is_some() {
+            continue;
+        }
         assert!(
             r.get("ok").is_some() || r["error"]["code"] == "blocked",
             "{r}"
+        );
+        assert!(
+            answered.insert(r["rid"].as_u64().unwrap()),
+            "one reply per request"
         );
     }
     assert_eq!(
@@ -308,4 +317,63 @@ fn devices_list_and_remote_logout() {
     );
     let list = pc.ok("devices", json!({}));
     assert_eq!(list["devices"].as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn profiles_are_versioned_and_friends_learn_by_version() {
+    let server = Server::start(&[]);
+    let (mut alice, _) = server.user("alice", "pc");
+    let (mut bob, _) = server.user("bob", "pc");
+    alice.ok("friend_request", json!({ "user": "bob" }));
+    bob.ok("friend_accept", json!({ "user": "alice" }));
+    let before = bob.ok("friends", json!({}));
+    assert_eq!(before["friends"][0]["profile_version"], 0);
+
+    let set = alice.ok(
+        "profile_set",
+        json!({ "display_name": "Alice A.", "avatar_url": "https://example.org/a.png", "bio": "hi" }),
+    );
+    assert_eq!(set["version"], 1);
+    let got = bob.ok("profile", json!({ "user": "alice" }));
+    assert_eq!(
+        (
+            got["display_name"].as_str(),
+            got["bio"].as_str(),
+            got["version"].as_u64()
+        ),
+        (Some("Alice A."), Some("hi"), Some(1))
+    );
+    assert_eq!(
+        bob.ok("profile", json!({ "user": "alice", "version": 1 }))["not_modified"],
+        true
+    );
+    assert_eq!(
+        bob.err("profile", json!({ "user": "nobody" })),
+        "no_such_user"
+    );
+    assert_eq!(
+        alice.err("profile_set", json!({ "bio": "x".repeat(2000) })),
+        "bad_request"
+    );
+
+    // Bob's friend list moved (no push needed): the entry carries alice's new profile version.
+    let mut seen = 0;
+    for _ in 0..50 {
+        let list = bob.ok("friends", json!({ "version": before["version"] }));
+        if list.get("not_modified").is_none() {
+            seen = list["friends"][0]["profile_version"].as_u64().unwrap();
+            if seen == 1 {
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(seen, 1);
+    // A partial update keeps the other fields.
+    alice.ok("profile_set", json!({ "bio": "new bio" }));
+    let got = bob.ok("profile", json!({ "user": "alice" }));
+    assert_eq!(
+        (got["display_name"].as_str(), got["bio"].as_str()),
+        (Some("Alice A."), Some("new bio"))
+    );
 }

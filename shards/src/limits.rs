@@ -97,6 +97,11 @@ pub const PRESENCE_PULL_MAX: usize = 500;
 /// Status text and friend request message, in bytes.
 pub const STATUS_BYTES_MAX: usize = 140;
 
+/// Profile fields, in bytes.
+pub const DISPLAY_NAME_BYTES_MAX: usize = 64;
+pub const AVATAR_URL_BYTES_MAX: usize = 512;
+pub const BIO_BYTES_MAX: usize = 1_024;
+
 /// Usernames: length bounds, in bytes (ASCII only).
 pub const USERNAME_BYTES_MIN: usize = 3;
 pub const USERNAME_BYTES_MAX: usize = 32;

@@ -196,6 +196,21 @@ pub enum Mail {
         blocker: UserId,
         blocked: bool,
     },
+    /// `user`'s profile (homed on the receiving shard), answered straight to the requester:
+    /// `not_modified` when `version` is current.
+    ProfileQuery {
+        reply: ReplyTo,
+        user: UserId,
+        name: String,
+        version: Option<u64>,
+    },
+    /// `user`'s profile is now at `version`: record it on these friends' side (no push; their
+    /// friend list version moves).
+    ProfileBumped {
+        user: UserId,
+        version: u64,
+        friends: Vec<UserId>,
+    },
     /// Presence of users homed on the receiving shard, as `requester` may see it.
     PresenceQuery {
         gather: GatherRef,

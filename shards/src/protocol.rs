@@ -212,6 +212,25 @@ pub struct PresenceSet {
     pub status: Option<String>,
 }
 
+/// `profile_set`: fields to change; absent ones stay.
+#[derive(Debug, Deserialize)]
+pub struct ProfileSet {
+    #[serde(default)]
+    pub display_name: Option<String>,
+    #[serde(default)]
+    pub avatar_url: Option<String>,
+    #[serde(default)]
+    pub bio: Option<String>,
+}
+
+/// `profile`: whose, and the version the client holds.
+#[derive(Debug, Deserialize)]
+pub struct ProfileGet {
+    pub user: String,
+    #[serde(default)]
+    pub version: Option<u64>,
+}
+
 /// `device_logout`: another device of the same user.
 #[derive(Debug, Deserialize)]
 pub struct DeviceArg {

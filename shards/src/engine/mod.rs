@@ -315,6 +315,17 @@ impl<S: Storage> Shard<S> {
                 blocker,
                 blocked,
             } => self.owner_set_block(reply, conv, blocker, blocked),
+            Mail::ProfileQuery {
+                reply,
+                user,
+                name,
+                version,
+            } => self.profile_query(reply, user, &name, version),
+            Mail::ProfileBumped {
+                user,
+                version,
+                friends,
+            } => self.profile_bumped(user, version, friends),
             Mail::PresenceQuery {
                 gather,
                 requester,

@@ -18,8 +18,9 @@ use super::{Output, Shard};
 use crate::auth::{self, Job, JobResult, TokenClaims};
 use crate::ids::{ConnId, ConvId, GroupId, UserId};
 use crate::limits::{
-    FAILED_LOGINS_MAX, GROUP_INVITE_MAX, GROUP_NAME_BYTES_MAX, HELD_FRAMES_MAX, PRESENCE_PULL_MAX,
-    STATUS_BYTES_MAX, TYPING_INTERVAL_MS, UNACKED_PUSHES_MAX,
+    AVATAR_URL_BYTES_MAX, BIO_BYTES_MAX, DISPLAY_NAME_BYTES_MAX, FAILED_LOGINS_MAX,
+    GROUP_INVITE_MAX, GROUP_NAME_BYTES_MAX, HELD_FRAMES_MAX, PRESENCE_PULL_MAX, STATUS_BYTES_MAX,
+    TYPING_INTERVAL_MS, UNACKED_PUSHES_MAX,
 };
 use crate::mail::{ConvOp, FriendOp, Mail, Named, ReplyTo};
 use crate::protocol::{self as p, close, message_push, ok_frame, ErrorCode};
@@ -764,6 +765,32 @@ impl<S: Storage> Shard<S> {
                     .map_err(storage_failed)
             }
             "blocks" => self.blocks_list(conn, rid, s.user).map_err(storage_failed),
+            "profile_set" => {
+                let req: p::ProfileSet = parse(text).map_err(bad)?;
+                for (field, value, max) in [
+                    ("display_name", &req.display_name, DISPLAY_NAME_BYTES_MAX),
+                    ("avatar_url", &req.avatar_url, AVATAR_URL_BYTES_MAX),
+                    ("bio", &req.bio, BIO_BYTES_MAX),
+                ] {
+                    if value.as_ref().is_some_and(|v| v.len() > max) {
+                        return Err(bad(format!("{field} is at most {max} bytes")));
+                    }
+                }
+                self.profile_set(conn, rid, s.user, req)
+                    .map_err(storage_failed)
+            }
+            "profile" => {
+                let req: p::ProfileGet = parse(text).map_err(bad)?;
+                let (user, name) = Self::resolve(std::slice::from_ref(&req.user))?.remove(0);
+                let mail = Mail::ProfileQuery {
+                    reply,
+                    user,
+                    name,
+                    version: req.version,
+                };
+                self.mail(self.home_of(user), mail);
+                Ok(())
+            }
             "devices" => self.devices_list(conn, rid, s.user).map_err(storage_failed),
             "device_logout" => {
                 let req: p::DeviceArg = parse(text).map_err(bad)?;
@@ -1254,6 +1281,8 @@ const SOCIAL_OPS: &[&str] = &[
     "presence_set",
     "devices",
     "device_logout",
+    "profile",
+    "profile_set",
 ];
 
 /// Ops after `group_` in their name.

@@ -29,8 +29,8 @@ use crate::limits::FRIENDS_MAX;
 use crate::mail::{FriendOp, GatherRef, Mail, Named, PresenceInfo, ReplyTo};
 use crate::protocol::{ok_frame, push_json_str, ErrorCode};
 use crate::storage::{
-    friend, keys, BlockRecord, ConvBlocks, DeviceRecord, FriendRecord, SocialMeta, Storage,
-    StorageError,
+    friend, keys, BlockRecord, ConvBlocks, DeviceRecord, FriendRecord, ProfileRecord, SocialMeta,
+    Storage, StorageError,
 };
 
 impl<S: Storage> Shard<S> {
@@ -81,6 +81,7 @@ impl<S: Storage> Shard<S> {
                 state,
                 message: message.to_owned(),
                 ts_ms: now_ms,
+                profile_version: 0,
             };
             self.put(key, rec.encode());
         }
@@ -294,8 +295,12 @@ impl<S: Storage> Shard<S> {
         let mut list = Vec::with_capacity(rows.len());
         for (k, v) in rows {
             let rec = FriendRecord::decode(&k, &v)?;
-            let mut entry =
-                json!({ "user": rec.name, "state": friend::name(rec.state), "ts": rec.ts_ms });
+            let mut entry = json!({
+                "user": rec.name,
+                "state": friend::name(rec.state),
+                "ts": rec.ts_ms,
+                "profile_version": rec.profile_version,
+            });
             if rec.state == friend::IN {
                 entry["message"] = json!(rec.message);
             }
@@ -585,6 +590,101 @@ impl<S: Storage> Shard<S> {
             states.push((i, info));
         }
         self.mail(gather.shard, Mail::PresenceDone { gather, states });
+    }
+
+    // ---- profiles ----
+
+    fn profile(&self, user: UserId) -> Result<ProfileRecord, StorageError> {
+        let key = keys::profile(user);
+        Ok(self
+            .get_latest(&key)?
+            .map(|b| ProfileRecord::decode(&key, &b))
+            .transpose()?
+            .unwrap_or_default())
+    }
+
+    /// `profile_set`: a new version; friends' sides learn it by `ProfileBumped`, not by push.
+    pub(super) fn profile_set(
+        &mut self,
+        conn: ConnId,
+        rid: u64,
+        user: UserId,
+        req: crate::protocol::ProfileSet,
+    ) -> Result<(), StorageError> {
+        let mut profile = self.profile(user)?;
+        if let Some(v) = req.display_name {
+            profile.display_name = v;
+        }
+        if let Some(v) = req.avatar_url {
+            profile.avatar_url = v;
+        }
+        if let Some(v) = req.bio {
+            profile.bio = v;
+        }
+        profile.version += 1;
+        let version = profile.version;
+        self.put(keys::profile(user), profile.encode());
+        let friends = self.friends_of(user)?;
+        for (home, friends) in by_shard(friends.into_iter(), self.cfg.shards).iter() {
+            let mail = Mail::ProfileBumped {
+                user,
+                version,
+                friends: friends.to_vec(),
+            };
+            self.defer(Deferred::Mail { to: *home, mail });
+        }
+        let frame = ok_frame(rid, &json!({ "version": version }));
+        self.defer(Deferred::Reply { conn, rid, frame });
+        Ok(())
+    }
+
+    /// On `user`'s home shard: the profile, answered to the requester wherever it is.
+    pub(super) fn profile_query(
+        &mut self,
+        reply: ReplyTo,
+        user: UserId,
+        name: &str,
+        version: Option<u64>,
+    ) {
+        let frame = match (self.get_latest(&keys::user(user)), self.profile(user)) {
+            (Ok(None), _) => {
+                return self.error_to(reply, ErrorCode::NoSuchUser, "no such user");
+            }
+            (Err(e), _) | (_, Err(e)) => return self.storage_error_to(reply, &e),
+            (Ok(Some(_)), Ok(p)) if version == Some(p.version) => ok_frame(
+                reply.rid,
+                &json!({ "user": name, "not_modified": true, "version": p.version }),
+            ),
+            (Ok(Some(_)), Ok(p)) => ok_frame(
+                reply.rid,
+                &json!({
+                    "user": name,
+                    "display_name": p.display_name,
+                    "avatar_url": p.avatar_url,
+                    "bio": p.bio,
+                    "version": p.version,
+                }),
+            ),
+        };
+        self.reply_to(reply, frame);
+    }
+
+    /// On the friends' home shard: note `user`'s new profile version on each friend's side.
+    pub(super) fn profile_bumped(&mut self, user: UserId, version: u64, friends: Vec<UserId>) {
+        for f in friends {
+            let Ok(Some(mut rec)) = self.friend_record(f, user) else {
+                continue;
+            };
+            if rec.state != friend::FRIENDS || rec.profile_version >= version {
+                continue;
+            }
+            rec.profile_version = version;
+            self.put(keys::user_pair(keys::FRIEND, f, user), rec.encode());
+            if let Ok(mut meta) = self.social_meta(f) {
+                meta.friends_version += 1;
+                self.put(keys::social_meta(f), meta.encode());
+            }
+        }
     }
 
     // ---- devices ----

@@ -9,6 +9,7 @@
 //! | `slot 'D' user device` | [`DeviceRecord`] | user's home shard |
 //! | `slot 'F' user other` | [`FriendRecord`] (this user's side of a friendship or request) | user's home shard |
 //! | `slot 'B' user other` | [`BlockRecord`] (this user blocks `other`) | user's home shard |
+//! | `slot 'P' user` | [`ProfileRecord`] (display name, avatar URL, bio, version) | user's home shard |
 //! | `slot 'V' user` | [`SocialMeta`] (friend list version, status text) | user's home shard |
 //! | `slot 'K' conv` | [`ConvBlocks`] (one-to-one: who blocks whom, as applied to sends) | conversation's owner shard |
 //! | `slot 'C' user conv` | [`UserConv`] (membership index + read cursor) | user's home shard |
@@ -171,6 +172,10 @@ pub mod keys {
 
     pub const FRIEND: u8 = b'F';
     pub const BLOCK: u8 = b'B';
+
+    pub fn profile(user: UserId) -> Vec<u8> {
+        user_prefix(b'P', user)
+    }
 
     pub fn social_meta(user: UserId) -> Vec<u8> {
         user_prefix(b'V', user)
@@ -343,8 +348,22 @@ pub struct FriendRecord {
     /// The request's message.
     pub message: String,
     pub ts_ms: u64,
+    /// The other user's profile version as last announced to this side (friends only): a
+    /// change moves this user's friend list version, so clients learn of it by pulling.
+    pub profile_version: u64,
 }
 record!(FriendRecord);
+
+#[derive(
+    Clone, Debug, Default, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
+)]
+pub struct ProfileRecord {
+    pub display_name: String,
+    pub avatar_url: String,
+    pub bio: String,
+    pub version: u64,
+}
+record!(ProfileRecord);
 
 #[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct BlockRecord {
