@@ -174,3 +174,25 @@ fn group_scenario_accounts_for_every_delivery() {
     }
     assert!(report.figures["deliveries_per_s"].as_f64().unwrap() > 0.0);
 }
+
+#[test]
+fn presence_scenario_sees_every_login() {
+    let server = Server::start(&[]);
+    let params = hermod_bench::presence::PresenceParams {
+        target: Target::new(&format!("ws://{}/ws", server.addr), Vec::new()).unwrap(),
+        users: 40,
+        friends: 4,
+        rate: 200.0,
+        drain_s: 3.0,
+        prefix: "bp".into(),
+    };
+    let report = runtime()
+        .block_on(hermod_bench::presence::presence(params))
+        .unwrap();
+    let f = &report.figures;
+    assert_eq!(f["logins"], 20);
+    // Each odd user has 2 even (online) friends among its 4.
+    assert_eq!(f["friend_pairs_expected"], 40, "{f}");
+    assert_eq!(f["friend_pairs_missed"], 0, "{f}");
+    assert_eq!(f["presence_pushes_per_login"], 2.0, "{f}");
+}

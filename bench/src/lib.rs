@@ -16,9 +16,11 @@
 //! | [`provision`] | creating and logging in the benchmark's users |
 //! | [`stats`] | histograms, summaries and correctness counters |
 //! | [`report`] | the versioned JSON report and `compare` |
-//! | [`scenario`] | `direct` and `echo` |
+//! | [`scenario`] | `direct`, `group`, `echo`, `idle`, `connect`, `sync` |
+//! | [`presence`] | `presence`: a login storm seen by online friends |
 
 pub mod conn;
+pub mod presence;
 pub mod provision;
 pub mod report;
 pub mod scenario;

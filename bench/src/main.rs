@@ -86,6 +86,18 @@ enum Command {
         #[arg(long, default_value_t = 64)]
         body_bytes: usize,
     },
+    /// A login storm of users whose friends are online: time for friends to see each login,
+    /// presence pushes per login.
+    Presence {
+        #[command(flatten)]
+        common: Common,
+        /// Users (even: watch online; odd: log back in during the storm).
+        #[arg(long, default_value_t = 1000)]
+        users: usize,
+        /// Friends per user (even), in a ring.
+        #[arg(long, default_value_t = 10)]
+        friends: usize,
+    },
     /// `ping` round trips: the ceiling to compare the other scenarios with.
     Echo {
         #[command(flatten)]
@@ -205,6 +217,22 @@ fn run() -> anyhow::Result<ExitCode> {
                 prefix: prefix(&common),
             };
             let report = runtime(&common)?.block_on(scenario::group(params))?;
+            (common, report)
+        }
+        Command::Presence {
+            common,
+            users,
+            friends,
+        } => {
+            let params = hermod_bench::presence::PresenceParams {
+                target: target(&common)?,
+                users,
+                friends,
+                rate: common.rate,
+                drain_s: common.drain.min(5.0),
+                prefix: prefix(&common),
+            };
+            let report = runtime(&common)?.block_on(hermod_bench::presence::presence(params))?;
             (common, report)
         }
         Command::Idle {

@@ -16,6 +16,8 @@ pub const PASSWORD: &str = "hermod-bench-password";
 pub struct User {
     pub name: String,
     pub conn: Conn,
+    /// The device token from `login` (empty for registration-only users).
+    pub token: String,
 }
 
 /// Registers and logs in `count` users, `parallel` at a time.
@@ -100,13 +102,19 @@ async fn login(target: &Target, name: String, step: Step) -> anyhow::Result<User
         }
     }
     if step == Step::Register {
-        return Ok(User { name, conn });
+        return Ok(User {
+            name,
+            conn,
+            token: String::new(),
+        });
     }
-    conn.ok(
-        "login",
-        json!({ "username": name, "password": PASSWORD, "device": "bench" }),
-    )
-    .await
-    .with_context(|| format!("login {name}"))?;
-    Ok(User { name, conn })
+    let ok = conn
+        .ok(
+            "login",
+            json!({ "username": name, "password": PASSWORD, "device": "bench" }),
+        )
+        .await
+        .with_context(|| format!("login {name}"))?;
+    let token = ok["token"].as_str().unwrap_or_default().to_owned();
+    Ok(User { name, conn, token })
 }
