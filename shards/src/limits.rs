@@ -91,6 +91,10 @@ pub const TYPING_INTERVAL_MS: u64 = 1_000;
 /// the presence fan-out of one user and the `friends` reply.
 pub const FRIENDS_MAX: usize = 5_000;
 
+/// Longest interval between ticks: presence changes of one user are coalesced over it (at most
+/// one push per user per tick), so it is also about the worst delay before friends see one.
+pub const PRESENCE_TICK_MS: u64 = 250;
+
 /// Users named in one `presence` pull.
 pub const PRESENCE_PULL_MAX: usize = 500;
 

@@ -250,13 +250,20 @@ impl Client {
         }
     }
 
-    /// The next push, waiting up to `limit`.
+    /// The next push, waiting up to `limit` in all (pings and pongs do not extend it).
     pub fn push_within(&mut self, limit: Duration) -> Option<Value> {
         if let Some(p) = self.pushes.pop_front() {
             return Some(p);
         }
-        self.ws.get_ref().set_read_timeout(Some(limit)).unwrap();
+        let deadline = std::time::Instant::now() + limit;
         let got = loop {
+            let Some(left) = deadline
+                .checked_duration_since(std::time::Instant::now())
+                .filter(|d| !d.is_zero())
+            else {
+                break None;
+            };
+            self.ws.get_ref().set_read_timeout(Some(left)).unwrap();
             match self.ws.read() {
                 Ok(Message::Text(t)) => {
                     let v: Value = serde_json::from_str(&t).unwrap();
@@ -290,6 +297,29 @@ impl Client {
     pub fn ack(&mut self, push: &Value) {
         let pid = push["pid"].as_u64().expect("pid");
         self.send_json(&json!({ "op": "ack", "pids": [pid] }));
+    }
+
+    /// The close code among the raw bytes left on the socket, read without a WebSocket client:
+    /// a client that never writes (no pongs) so the server's heartbeat timeout is what ends it.
+    pub fn raw_close_code(&mut self) -> Option<u16> {
+        use std::io::Read;
+        let mut bytes = Vec::new();
+        let _ = self.ws.get_mut().read_to_end(&mut bytes);
+        let mut i = 0;
+        while i + 2 <= bytes.len() {
+            let opcode = bytes[i] & 0x0f;
+            let (len, head) = match bytes[i + 1] & 0x7f {
+                126 => (u16::from_be_bytes([bytes[i + 2], bytes[i + 3]]) as usize, 4),
+                127 => return None, // not sent by the server on these tests' paths
+                n => (n as usize, 2),
+            };
+            let body = bytes.get(i + head..i + head + len)?;
+            if opcode == 0x8 && body.len() >= 2 {
+                return Some(u16::from_be_bytes([body[0], body[1]]));
+            }
+            i += head + len;
+        }
+        None
     }
 
     /// Reads until the server closes; returns the close code.

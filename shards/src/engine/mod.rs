@@ -237,9 +237,10 @@ impl<S: Storage> Shard<S> {
         self.drain_local(now_ms);
     }
 
-    /// How often the driver should call `handle_tick`.
+    /// How often the driver should call `handle_tick`: often enough for push retries, and at
+    /// most 250 ms because presence changes go out on the tick (its coalescing window).
     pub fn tick_ms(&self) -> u64 {
-        (self.cfg.push_retry_ms / 4).clamp(10, 1_000)
+        (self.cfg.push_retry_ms / 4).clamp(10, limits::PRESENCE_TICK_MS)
     }
 
     // ---- outputs ----
