@@ -17,7 +17,7 @@ use super::Shard;
 use crate::ids::{ConnId, ConvId, Seq, ShardId, UserId};
 use crate::mail::{Mail, ReplyTo};
 use crate::protocol::{error_frame, ErrorCode};
-use crate::storage::{Commit, Storage, StorageError, WriteOp};
+use crate::storage::{Commit, Record, Storage, StorageError, WriteOp};
 
 /// An effect that runs once the batch it rides with is durable (or fails with it).
 pub(super) enum Deferred {
@@ -154,6 +154,13 @@ impl<S: Storage> Shard<S> {
             };
             self.defer(Deferred::Mail { to: to.shard, mail });
         }
+    }
+
+    /// The record under `key` including this shard's own writes not yet durable.
+    pub(super) fn latest<R: Record>(&self, key: &[u8]) -> Result<Option<R>, StorageError> {
+        self.get_latest(key)?
+            .map(|b| R::decode(key, &b))
+            .transpose()
     }
 
     /// The value of `key` including this shard's own writes not yet durable.

@@ -22,7 +22,8 @@ use crate::limits::GROUP_MEMBERS_LIMIT;
 use crate::mail::{ConvOp, Mail, Named, ReplyTo};
 use crate::protocol::{event_push, ok_frame, ErrorCode};
 use crate::storage::{
-    keys, kind, role, GroupMember, GroupMeta, JoinRequest, Storage, StorageError, UserConv,
+    keys, kind, role, scan_records, GroupMember, GroupMeta, JoinRequest, Storage, StorageError,
+    UserConv,
 };
 
 pub(super) struct Group {
@@ -61,30 +62,23 @@ impl Group {
         meta: &[u8],
     ) -> Result<Group, StorageError> {
         let meta = GroupMeta::decode(&keys::conv_meta(conv), meta)?;
-        let prefix = keys::group_member_prefix(conv);
-        let mut members = HashMap::new();
-        for (k, v) in storage.scan(
-            &prefix,
-            &keys::prefix_end(&prefix),
+        // Keys end with the member's id; a key that does not is skipped, not fatal.
+        let members: HashMap<UserId, GroupMember> = scan_records(
+            storage,
+            &keys::group_member_prefix(conv),
             GROUP_MEMBERS_LIMIT,
-            false,
-        )? {
-            if let Some(user) = keys::user_of_group_key(&k) {
-                members.insert(user, GroupMember::decode(&k, &v)?);
-            }
-        }
-        let prefix = keys::join_request_prefix(conv);
-        let mut requests = BTreeMap::new();
-        for (k, v) in storage.scan(
-            &prefix,
-            &keys::prefix_end(&prefix),
+        )?
+        .into_iter()
+        .filter_map(|(k, m)| Some((keys::user_of_group_key(&k)?, m)))
+        .collect();
+        let requests: BTreeMap<UserId, JoinRequest> = scan_records(
+            storage,
+            &keys::join_request_prefix(conv),
             GROUP_MEMBERS_LIMIT,
-            false,
-        )? {
-            if let Some(user) = keys::user_of_group_key(&k) {
-                requests.insert(user, JoinRequest::decode(&k, &v)?);
-            }
-        }
+        )?
+        .into_iter()
+        .filter_map(|(k, r)| Some((keys::user_of_group_key(&k)?, r)))
+        .collect();
         Ok(Group {
             meta,
             members,

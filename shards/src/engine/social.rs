@@ -29,8 +29,8 @@ use crate::limits::FRIENDS_MAX;
 use crate::mail::{FriendOp, GatherRef, Mail, Named, PresenceInfo, ReplyTo};
 use crate::protocol::{ok_frame, push_json_str, ErrorCode};
 use crate::storage::{
-    friend, keys, BlockRecord, ConvBlocks, DeviceRecord, FriendRecord, ProfileRecord, SocialMeta,
-    Storage, StorageError,
+    friend, keys, scan_records, BlockRecord, ConvBlocks, DeviceRecord, FriendRecord, ProfileRecord,
+    SocialMeta, Storage, StorageError,
 };
 
 impl<S: Storage> Shard<S> {
@@ -288,13 +288,13 @@ impl<S: Storage> Shard<S> {
             self.send(conn, frame);
             return Ok(());
         }
-        let prefix = keys::user_prefix(keys::FRIEND, user);
-        let rows = self
-            .storage
-            .scan(&prefix, &keys::prefix_end(&prefix), FRIENDS_MAX, false)?;
+        let rows: Vec<(_, FriendRecord)> = scan_records(
+            &self.storage,
+            &keys::user_prefix(keys::FRIEND, user),
+            FRIENDS_MAX,
+        )?;
         let mut list = Vec::with_capacity(rows.len());
-        for (k, v) in rows {
-            let rec = FriendRecord::decode(&k, &v)?;
+        for (_, rec) in rows {
             let mut entry = json!({
                 "user": rec.name,
                 "state": friend::name(rec.state),
@@ -380,15 +380,15 @@ impl<S: Storage> Shard<S> {
         rid: u64,
         user: UserId,
     ) -> Result<(), StorageError> {
-        let prefix = keys::user_prefix(keys::BLOCK, user);
-        let rows = self
-            .storage
-            .scan(&prefix, &keys::prefix_end(&prefix), FRIENDS_MAX, false)?;
-        let mut list = Vec::with_capacity(rows.len());
-        for (k, v) in rows {
-            let rec = BlockRecord::decode(&k, &v)?;
-            list.push(json!({ "user": rec.name, "ts": rec.ts_ms }));
-        }
+        let rows: Vec<(_, BlockRecord)> = scan_records(
+            &self.storage,
+            &keys::user_prefix(keys::BLOCK, user),
+            FRIENDS_MAX,
+        )?;
+        let list: Vec<_> = rows
+            .into_iter()
+            .map(|(_, rec)| json!({ "user": rec.name, "ts": rec.ts_ms }))
+            .collect();
         self.send(conn, ok_frame(rid, &json!({ "blocks": list })));
         Ok(())
     }
@@ -508,17 +508,16 @@ impl<S: Storage> Shard<S> {
     }
 
     fn friends_of(&self, user: UserId) -> Result<Vec<UserId>, StorageError> {
-        let prefix = keys::user_prefix(keys::FRIEND, user);
-        let rows = self
-            .storage
-            .scan(&prefix, &keys::prefix_end(&prefix), FRIENDS_MAX, false)?;
-        let mut out = Vec::new();
-        for (k, v) in rows {
-            if FriendRecord::decode(&k, &v)?.state == friend::FRIENDS {
-                out.extend(keys::other_of_user_pair(&k));
-            }
-        }
-        Ok(out)
+        let rows: Vec<(_, FriendRecord)> = scan_records(
+            &self.storage,
+            &keys::user_prefix(keys::FRIEND, user),
+            FRIENDS_MAX,
+        )?;
+        Ok(rows
+            .into_iter()
+            .filter(|(_, rec)| rec.state == friend::FRIENDS)
+            .filter_map(|(k, _)| keys::other_of_user_pair(&k))
+            .collect())
     }
 
     /// `presence` pull: one query per home shard of the named users.
@@ -595,12 +594,7 @@ impl<S: Storage> Shard<S> {
     // ---- profiles ----
 
     fn profile(&self, user: UserId) -> Result<ProfileRecord, StorageError> {
-        let key = keys::profile(user);
-        Ok(self
-            .get_latest(&key)?
-            .map(|b| ProfileRecord::decode(&key, &b))
-            .transpose()?
-            .unwrap_or_default())
+        Ok(self.latest(&keys::profile(user))?.unwrap_or_default())
     }
 
     /// `profile_set`: a new version; friends' sides learn it by `ProfileBumped`, not by push.

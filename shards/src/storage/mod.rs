@@ -211,8 +211,35 @@ pub mod keys {
 
 /// Implements rkyv encode/decode for a record type. Decoding copies into an aligned buffer
 /// first: RocksDB hands back plain byte vectors, and rkyv validates alignment.
+/// A stored value type: what `record!` gives each of them.
+pub trait Record: Sized {
+    fn decode(key: &[u8], bytes: &[u8]) -> Result<Self, StorageError>;
+}
+
+/// Every record under `prefix` (at most `limit`), decoded, with its key.
+pub fn scan_records<R: Record>(
+    storage: &impl Storage,
+    prefix: &[u8],
+    limit: usize,
+) -> Result<Vec<(Vec<u8>, R)>, StorageError> {
+    storage
+        .scan(prefix, &keys::prefix_end(prefix), limit, false)?
+        .into_iter()
+        .map(|(k, v)| {
+            let rec = R::decode(&k, &v)?;
+            Ok((k, rec))
+        })
+        .collect()
+}
+
 macro_rules! record {
     ($ty:ident) => {
+        impl Record for $ty {
+            fn decode(key: &[u8], bytes: &[u8]) -> Result<$ty, StorageError> {
+                $ty::decode(key, bytes)
+            }
+        }
+
         impl $ty {
             pub fn encode(&self) -> Vec<u8> {
                 rkyv::to_bytes::<rkyv::rancor::Error>(self)
