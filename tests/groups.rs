@@ -19,19 +19,6 @@ fn next_msg(c: &mut Client) -> Value {
     }
 }
 
-/// The next push of `kind` (acking messages on the way).
-fn next_push(c: &mut Client, kind: &str) -> Value {
-    loop {
-        let p = c.push();
-        if p["push"] == "msg" {
-            c.ack(&p);
-        }
-        if p["push"] == kind {
-            return p;
-        }
-    }
-}
-
 /// No `msg` push arrives within `wait` (ephemeral pushes are ignored).
 fn no_msg_within(c: &mut Client, wait: Duration) {
     while let Some(p) = c.push_within(wait) {
@@ -361,7 +348,7 @@ fn joining_open_and_by_approval() {
         .to_owned();
     let r = erin.ok("group_join", json!({ "conv": closed }));
     assert_eq!(r["requested"], json!(["erin"]));
-    let request = next_push(&mut alice, "group_request");
+    let request = alice.next_push_of("group_request");
     assert_eq!(
         (request["conv"].as_str(), request["user"].as_str()),
         (Some(closed.as_str()), Some("erin"))
@@ -538,7 +525,7 @@ fn read_receipts_and_typing() {
     let seq = send(&mut alice, &conv, "read me")["seq"].as_u64().unwrap();
     next_msg(&mut bob);
     bob.ok("read", json!({ "conv": conv, "seq": seq }));
-    let receipt = next_push(&mut alice, "read");
+    let receipt = alice.next_push_of("read");
     assert_eq!(
         (receipt["user"].as_str(), receipt["seq"].as_u64()),
         (Some("bob"), Some(seq))
@@ -547,7 +534,7 @@ fn read_receipts_and_typing() {
     assert_eq!(list["convs"][0]["peer_read_seq"], seq);
 
     bob.ok("typing", json!({ "conv": conv }));
-    let typing = next_push(&mut alice, "typing");
+    let typing = alice.next_push_of("typing");
     assert_eq!(typing["user"], "bob");
     assert_eq!(bob.err("typing", json!({ "conv": conv })), "rate_limited");
     assert_eq!(carol.err("typing", json!({ "conv": conv })), "not_member");
@@ -574,7 +561,7 @@ fn read_receipts_and_typing() {
     assert_eq!(read, 1);
     std::thread::sleep(Duration::from_millis(1_100));
     bob.ok("typing", json!({ "conv": group }));
-    assert_eq!(next_push(&mut carol, "typing")["conv"], json!(group));
+    assert_eq!(carol.next_push_of("typing")["conv"], json!(group));
 }
 
 #[test]

@@ -8,19 +8,6 @@ use std::time::{Duration, Instant};
 use common::{Client, Server};
 use serde_json::{json, Value};
 
-/// The next push of `kind`, skipping (and acking) others.
-fn next_push(c: &mut Client, kind: &str) -> Value {
-    loop {
-        let p = c.push();
-        if p["push"] == "msg" {
-            c.ack(&p);
-        }
-        if p["push"] == kind {
-            return p;
-        }
-    }
-}
-
 /// Every push of `kind` arriving within `wait`.
 fn pushes_within(c: &mut Client, kind: &str, wait: Duration) -> Vec<Value> {
     let end = Instant::now() + wait;
@@ -62,8 +49,8 @@ fn friend_requests_accept_decline_cancel_remove() {
     );
     assert_eq!(r["state"], "requested");
     // Every device of both users hears of the change, the requester's own included.
-    assert_eq!(next_push(&mut alice, "friend")["state"], "requested");
-    let push = next_push(&mut bob, "friend");
+    assert_eq!(alice.next_push_of("friend")["state"], "requested");
+    let push = bob.next_push_of("friend");
     assert_eq!(
         (push["user"].as_str(), push["state"].as_str()),
         (Some("alice"), Some("incoming"))
@@ -94,7 +81,7 @@ fn friend_requests_accept_decline_cancel_remove() {
 
     let r = bob.ok("friend_accept", json!({ "user": "alice" }));
     assert_eq!(r["state"], "friends");
-    assert_eq!(next_push(&mut alice, "friend")["state"], "friends");
+    assert_eq!(alice.next_push_of("friend")["state"], "friends");
     assert_eq!(
         states(&alice.ok("friends", json!({}))),
         [("bob".to_owned(), "friends".to_owned())]
@@ -220,7 +207,7 @@ fn presence_reaches_friends_coalesced_and_hides_from_strangers() {
     alice.ok("friend_request", json!({ "user": "bob" }));
     bob.ok("friend_accept", json!({ "user": "alice" }));
     // Becoming friends tells each the other's presence.
-    let p = next_push(&mut alice, "presence");
+    let p = alice.next_push_of("presence");
     assert_eq!(
         (p["user"].as_str(), p["state"].as_str()),
         (Some("bob"), Some("online"))
@@ -230,7 +217,7 @@ fn presence_reaches_friends_coalesced_and_hides_from_strangers() {
         "presence_set",
         json!({ "state": "away", "status": "lunch" }),
     );
-    let p = next_push(&mut alice, "presence");
+    let p = alice.next_push_of("presence");
     assert_eq!(
         (p["state"].as_str(), p["status"].as_str()),
         (Some("away"), Some("lunch"))
@@ -249,7 +236,7 @@ fn presence_reaches_friends_coalesced_and_hides_from_strangers() {
 
     // Bob's only device leaves: offline (status kept).
     drop(bob);
-    let p = next_push(&mut alice, "presence");
+    let p = alice.next_push_of("presence");
     assert_eq!(p["state"], "offline");
 
     // A flapping connection: ten reconnects in quick succession cost alice at most a few

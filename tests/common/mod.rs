@@ -289,6 +289,19 @@ impl Client {
         got
     }
 
+    /// The next push of `kind`, skipping others (acking skipped messages).
+    pub fn next_push_of(&mut self, kind: &str) -> Value {
+        loop {
+            let p = self.push();
+            if p["push"] == "msg" {
+                self.ack(&p);
+            }
+            if p["push"] == kind {
+                return p;
+            }
+        }
+    }
+
     pub fn push(&mut self) -> Value {
         self.push_within(TIMEOUT)
             .expect("a push within the timeout")
