@@ -40,6 +40,9 @@ pub struct ServeArgs {
     /// Requests per connection per second before `rate_limited` (10x that closes it).
     #[arg(long, value_name = "N")]
     pub rate_limit: Option<u32>,
+    /// Let anyone pull anyone's presence (default: only friends and oneself).
+    #[arg(long)]
+    pub presence_public: bool,
     /// Largest group, in members (default 10000).
     #[arg(long, value_name = "N")]
     pub group_members_max: Option<usize>,
@@ -72,6 +75,7 @@ struct FileConfig {
     rate_limit: Option<u32>,
     group_members_max: Option<usize>,
     edit_window_s: Option<u64>,
+    presence_public: Option<bool>,
     token_ttl_s: Option<u64>,
     argon2_memory_kib: Option<u32>,
     argon2_passes: Option<u32>,
@@ -92,6 +96,7 @@ pub struct Config {
     pub rate_limit: u32,
     pub group_members_max: usize,
     pub edit_window_s: u64,
+    pub presence_public: bool,
     pub token_ttl_s: u64,
     pub argon2_memory_kib: u32,
     pub argon2_passes: u32,
@@ -154,6 +159,7 @@ impl Config {
                 .edit_window_s
                 .or(file.edit_window_s)
                 .unwrap_or(hermod_shards::limits::EDIT_WINDOW_MS / 1000),
+            presence_public: args.presence_public || file.presence_public.unwrap_or(false),
             body_bytes_max: file
                 .body_bytes_max
                 .unwrap_or(hermod_shards::limits::BODY_BYTES_MAX),

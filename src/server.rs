@@ -63,6 +63,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         engine_cfg.requests_per_sec_max = cfg.rate_limit;
         engine_cfg.token_ttl_s = cfg.token_ttl_s;
         engine_cfg.group_members_max = cfg.group_members_max;
+        engine_cfg.presence_public = cfg.presence_public;
         engine_cfg.edit_window_ms = cfg.edit_window_s.saturating_mul(1000);
         engine_cfg.hash_cost = HashCost {
             memory_kib: cfg.argon2_memory_kib,

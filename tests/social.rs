@@ -364,3 +364,16 @@ fn profiles_are_versioned_and_friends_learn_by_version() {
         (Some("Alice A."), Some("new bio"))
     );
 }
+
+#[test]
+fn presence_of_strangers_when_configured_public() {
+    let server = Server::start(&["--presence-public"]);
+    let (mut alice, _) = server.user("alice", "pc");
+    let (_bob, _) = server.user("bob", "pc");
+    let seen = alice.ok("presence", json!({ "users": ["bob", "carol"] }));
+    assert_eq!(seen["users"][0]["state"], "online");
+    assert_eq!(
+        seen["users"][1]["state"], "offline",
+        "unknown users read as offline"
+    );
+}

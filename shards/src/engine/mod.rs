@@ -69,6 +69,8 @@ pub struct Config {
     /// Requests per connection per second; beyond: `rate_limited`; ten times beyond: close 1008.
     pub requests_per_sec_max: u32,
     pub token_ttl_s: u64,
+    /// Anyone may see anyone's presence (otherwise only oneself and friends).
+    pub presence_public: bool,
     /// Largest group; `group_full` beyond it.
     pub group_members_max: usize,
     /// A sender may recall or edit a message this long after sending it (admins recall any
@@ -91,6 +93,7 @@ impl Config {
             body_bytes_max: limits::BODY_BYTES_MAX,
             requests_per_sec_max: limits::REQUESTS_PER_SEC_MAX,
             token_ttl_s: 30 * 24 * 3600,
+            presence_public: false,
             group_members_max: limits::GROUP_MEMBERS_MAX,
             edit_window_ms: limits::EDIT_WINDOW_MS,
             hash_cost: HashCost::default(),

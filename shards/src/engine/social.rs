@@ -566,8 +566,8 @@ impl<S: Storage> Shard<S> {
         }
     }
 
-    /// On the users' home shard: presence for those that `requester` may see (themselves, or
-    /// a friend of theirs).
+    /// On the users' home shard: presence for those that `requester` may see (themselves, a
+    /// friend of theirs, or anyone with `presence_public`).
     pub(super) fn presence_query(
         &mut self,
         gather: GatherRef,
@@ -577,6 +577,7 @@ impl<S: Storage> Shard<S> {
         let mut states = Vec::with_capacity(users.len());
         for (i, user) in users {
             let visible = user == requester
+                || self.cfg.presence_public
                 || self
                     .friend_record(user, requester)
                     .ok()
