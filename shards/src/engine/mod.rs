@@ -205,6 +205,11 @@ impl<S: Storage> Shard<S> {
         self.stats
     }
 
+    /// Conversations whose state this shard holds in memory (as their owner).
+    pub fn loaded_conversations(&self) -> usize {
+        self.owned.convs.len()
+    }
+
     pub fn connections(&self) -> usize {
         self.sessions.conns.len()
     }
@@ -442,6 +447,7 @@ mod fuzz {
     use rand::{Rng, SeedableRng};
 
     use super::*;
+    use crate::auth::HashCost;
     use crate::storage::MemStorage;
 
     const SEEDS: &[&str] = &[
@@ -529,5 +535,76 @@ mod fuzz {
             );
             shard.handle_disconnect(round, conn);
         }
+    }
+
+    /// Runs the engine's jobs and commits until nothing is pending; returns frames sent.
+    fn pump(shard: &mut Shard<MemStorage>, store: &MemStorage, now: u64) -> Vec<String> {
+        let mut sent = Vec::new();
+        loop {
+            let mut progressed = false;
+            while let Some(out) = shard.poll_output() {
+                progressed = true;
+                match out {
+                    Output::Send { frame, .. } => sent.push(frame),
+                    Output::Job { id, job } => {
+                        let result = job.run(HashCost {
+                            memory_kib: 8,
+                            passes: 1,
+                        });
+                        shard.handle_job_done(now, id, result);
+                    }
+                    _ => {}
+                }
+            }
+            if let Some(commit) = shard.poll_commit() {
+                progressed = true;
+                store.apply(&commit.ops);
+                shard.handle_commit_done(now, commit.id, Ok(()));
+            }
+            if !progressed {
+                return sent;
+            }
+        }
+    }
+
+    #[test]
+    fn requests_naming_made_up_conversations_leave_no_state_behind() {
+        let store = MemStorage::default();
+        let mut cfg = Config::new(ShardId(0), 1, [1; 32]);
+        cfg.hash_cost = HashCost {
+            memory_kib: 8,
+            passes: 1,
+        };
+        let mut shard = Shard::new(cfg, store.clone());
+        let conn = ConnId(1);
+        shard.handle_connect(0, conn);
+        let register = r#"{"op":"register","rid":1,"username":"alice","password":"password123"}"#;
+        let login =
+            r#"{"op":"login","rid":2,"username":"alice","password":"password123","device":"pc"}"#;
+        shard.handle_frame(0, conn, register);
+        pump(&mut shard, &store, 0);
+        shard.handle_frame(0, conn, login);
+        let sent = pump(&mut shard, &store, 0);
+        assert!(sent.iter().any(|f| f.contains("token")), "{sent:?}");
+        let me = crate::ids::UserId::from_username("alice").0;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        for rid in 10..1_010u64 {
+            let other: u64 = rng.gen();
+            let (a, b) = (me.min(other), me.max(other));
+            let frame = match rid % 4 {
+                0 => format!(r#"{{"op":"send","rid":{rid},"conv":"d.{a:x}.{b:x}","body":1}}"#),
+                1 => format!(r#"{{"op":"history","rid":{rid},"conv":"d.{a:x}.{b:x}"}}"#),
+                2 => format!(r#"{{"op":"group_info","rid":{rid},"conv":"g.{other:x}"}}"#),
+                _ => format!(r#"{{"op":"recall","rid":{rid},"conv":"g.{other:x}","seq":1}}"#),
+            };
+            shard.handle_frame(rid, conn, &frame);
+            let sent = pump(&mut shard, &store, rid);
+            assert_eq!(sent.len(), 1, "{frame}: {sent:?}");
+            assert!(
+                sent[0].contains("no_such_conversation"),
+                "{frame}: {sent:?}"
+            );
+        }
+        assert_eq!(shard.loaded_conversations(), 0);
     }
 }

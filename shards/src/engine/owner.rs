@@ -289,6 +289,7 @@ impl<S: Storage> Shard<S> {
             );
         }
         if let Err(code) = state.may_send(conv, sender) {
+            self.forget_if_absent(conv);
             return self.error_to(reply, code, send_refusal(code));
         }
         if let Some(waiters) = state.pending.get_mut(&id) {
@@ -362,6 +363,23 @@ impl<S: Storage> Shard<S> {
             .as_mut()
             .expect("a group has its group state")
             .fanout(shards)
+    }
+
+    /// Drops the loaded state of a conversation that does not exist and has nothing under
+    /// way, so requests naming made-up ids cost no memory. (What the state holds then is
+    /// exactly what loading it again from storage would give.)
+    fn forget_if_absent(&mut self, conv: ConvId) {
+        let absent = self.owned.convs.get(&conv).is_some_and(|s| {
+            !s.exists
+                && s.last_seq == 0
+                && s.opening.is_none()
+                && s.group.is_none()
+                && s.pending.is_empty()
+                && s.blocks == ConvBlocks::default()
+        });
+        if absent {
+            self.owned.convs.remove(&conv);
+        }
     }
 
     /// Marks `seq` durable. Commits complete in order, so seqs do too.
@@ -570,6 +588,7 @@ impl<S: Storage> Shard<S> {
         bytes_max: usize,
     ) {
         let page = self.read_page(user, conv, after, before, limit, bytes_max);
+        self.forget_if_absent(conv);
         self.mail(gather.shard, Mail::RangeDone { gather, page });
     }
 
@@ -670,6 +689,7 @@ impl<S: Storage> Shard<S> {
                 },
             };
             seqs.push((index, summary));
+            self.forget_if_absent(conv);
         }
         self.mail(gather.shard, Mail::LastSeqsDone { gather, seqs });
     }
@@ -732,6 +752,7 @@ impl<S: Storage> Shard<S> {
             } else {
                 ErrorCode::NoSuchConversation
             };
+            self.forget_if_absent(conv);
             return self.error_to(reply, code, "no such conversation for you");
         }
         match op {
