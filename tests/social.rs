@@ -286,6 +286,19 @@ fn devices_list_and_remote_logout() {
         .collect();
     names.sort();
     assert_eq!(names, [("pc".to_owned(), true), ("phone".to_owned(), true)]);
+    // Per-device presence: one device away, the user still online.
+    phone.ok("presence_set", json!({ "state": "away" }));
+    let list = pc.ok("devices", json!({}));
+    let phone_entry = list["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["device"] == "phone")
+        .cloned()
+        .unwrap();
+    assert_eq!(phone_entry["state"], "away");
+    let me = pc.ok("presence", json!({ "users": ["alice"] }));
+    assert_eq!(me["users"][0]["state"], "online");
 
     assert_eq!(
         pc.err("device_logout", json!({ "device": "tablet" })),

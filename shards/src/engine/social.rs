@@ -695,23 +695,31 @@ impl<S: Storage> Shard<S> {
         let rows = self
             .storage
             .scan(&prefix, &keys::prefix_end(&prefix), 1_000, false)?;
-        let online: Vec<String> = self
+        // Connected devices with whether each said it is away.
+        let online: Vec<(String, bool)> = self
             .sessions
             .online
             .get(&user)
             .into_iter()
             .flatten()
             .filter_map(|c| self.sessions.conns.get(c))
-            .filter_map(|c| c.session.as_ref().map(|s| s.device.clone()))
+            .filter_map(|c| c.session.as_ref().map(|s| (s.device.clone(), c.away)))
             .collect();
         let mut list = Vec::with_capacity(rows.len());
         for (k, v) in rows {
             let rec = DeviceRecord::decode(&k, &v)?;
             let name = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
             let last_seen = self.sessions.last_seen.get(&(user, name.clone())).copied();
+            let here = online.iter().filter(|(d, _)| *d == name);
+            let state = match here.map(|(_, away)| *away).min() {
+                Some(false) => "online",
+                Some(true) => "away",
+                None => "offline",
+            };
             list.push(json!({
                 "device": name,
-                "online": online.contains(&name),
+                "online": state != "offline",
+                "state": state,
                 "created": rec.created_ms,
                 "last_seen": last_seen,
             }));
