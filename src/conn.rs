@@ -200,6 +200,10 @@ async fn serve_http(ctx: &Ctx, mut stream: TcpStream) -> std::io::Result<()> {
             stream.write_all(&response).await?;
             stream.close().await
         }
+        Route::Status(page) => {
+            stream.write_all(&http::status(page, &ctx.board)).await?;
+            stream.close().await
+        }
         Route::Upgrade { response, head_len } => {
             stream.set_read_timeout(None)?;
             stream.write_all(&response).await?;

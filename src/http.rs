@@ -1,5 +1,6 @@
 //! The HTTP/1.1 in front of the WebSocket: `GET /` serves the web chat page, `GET /ws`
-//! upgrades, anything else gets 404 (405 for other methods). Requests are parsed with
+//! upgrades, `GET /metrics`, `/healthz` and `/readyz` report on the server, anything else gets
+//! 404 (405 for other methods). Requests are parsed with
 //! `httparse`; one request per connection (`Connection: close`) except the upgrade.
 
 use base64::engine::general_purpose::STANDARD;
@@ -19,6 +20,31 @@ pub enum Route {
     Respond(Vec<u8>),
     /// Write this `101` response and speak WebSocket; the head used `head_len` bytes.
     Upgrade { response: Vec<u8>, head_len: usize },
+    /// `GET /metrics`, `/healthz`, `/readyz`: answered from the shared metrics board.
+    Status(StatusPage),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StatusPage {
+    Metrics,
+    Health,
+    Ready,
+}
+
+/// The response to a status page, given the board.
+pub fn status(page: StatusPage, board: &crate::metrics::Board) -> Vec<u8> {
+    match page {
+        StatusPage::Metrics => response(
+            200,
+            "OK",
+            "text/plain; version=0.0.4; charset=utf-8",
+            board.render().as_bytes(),
+        ),
+        // The process answers HTTP: it is alive.
+        StatusPage::Health => simple(200, "OK", "ok\n"),
+        StatusPage::Ready if board.ready() => simple(200, "OK", "ready\n"),
+        StatusPage::Ready => simple(503, "Service Unavailable", "not ready\n"),
+    }
 }
 
 /// Parses the request head at the front of `buf`. `None`: incomplete, read more.
@@ -64,6 +90,9 @@ pub fn route(buf: &[u8]) -> Option<Route> {
             "text/html; charset=utf-8",
             INDEX_HTML.as_bytes(),
         ))),
+        "/metrics" => Some(Route::Status(StatusPage::Metrics)),
+        "/healthz" => Some(Route::Status(StatusPage::Health)),
+        "/readyz" => Some(Route::Status(StatusPage::Ready)),
         "/ws" => {
             let upgrade = header("upgrade").is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
             let connection = header("connection").is_some_and(|v| {
@@ -137,6 +166,14 @@ mod tests {
             panic!()
         };
         assert!(r.starts_with(b"HTTP/1.1 404"));
+        for (path, page) in [
+            ("/metrics", StatusPage::Metrics),
+            ("/healthz", StatusPage::Health),
+            ("/readyz?x=1", StatusPage::Ready),
+        ] {
+            let req = format!("GET {path} HTTP/1.1\r\n\r\n");
+            assert_eq!(route(req.as_bytes()), Some(Route::Status(page)));
+        }
         let Some(Route::Respond(r)) = route(b"GET /ws HTTP/1.1\r\n\r\n") else {
             panic!()
         };

@@ -8,6 +8,7 @@
 //! | `mesh` | the shard↔shard channels and the one envelope type they carry |
 //! | `conn` | one client socket: HTTP, WebSocket frames, its bounded outbox, hand-off |
 //! | `http`, `ws` | sans-IO HTTP routing and WebSocket framing |
+//! | `metrics` | per-shard counters published each tick; `/metrics`, `/healthz`, `/readyz` |
 //!
 //! The decisions (what a frame means, who owns what, when to ack) are all in the
 //! `hermod-shards` crate; this crate only moves bytes and time in and out of it.
@@ -16,6 +17,7 @@ mod config;
 mod conn;
 mod http;
 mod mesh;
+mod metrics;
 mod server;
 mod shard;
 mod ws;

@@ -52,6 +52,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
 
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut meshes = crate::mesh::build(cfg.shards as usize);
+    let board = crate::metrics::Board::new(cfg.shards as usize);
     let mut handles = Vec::new();
     for i in (0..cfg.shards as usize).rev() {
         let mesh = meshes.pop().expect("one mesh end per shard");
@@ -75,6 +76,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         let shutdown = shutdown.clone();
         let bound = bound_tx.clone();
         let hash_cost = engine_cfg.hash_cost;
+        let board = board.clone();
         let handle = LocalExecutorBuilder::new(Placement::Fixed(i % cores))
             .name(&format!("hermod-shard-{i}"))
             .io_memory(io_memory)
@@ -90,6 +92,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
                     bound,
                     mesh,
                     shutdown,
+                    board,
                 })
                 .await
             })

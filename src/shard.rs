@@ -30,6 +30,7 @@ use hermod_shards::{ConnId, Output, Shard, ShardId};
 
 use crate::conn::{self, Outbox};
 use crate::mesh::{Ends, Envelope};
+use crate::metrics::{Board, Sample};
 
 /// Blocking-pool threads per shard, and how many of them argon2 may occupy.
 pub const BLOCKING_THREADS: usize = 4;
@@ -63,6 +64,8 @@ pub struct ShardCtx {
     /// from here would save that copy; not done yet.
     pub scratch: RefCell<Vec<u8>>,
     pub frame_bytes_max: usize,
+    /// Server-wide metrics; this shard writes only its own slot.
+    pub board: Arc<Board>,
 }
 
 struct Peer {
@@ -82,6 +85,7 @@ pub struct Params {
     pub bound: std::sync::mpsc::Sender<Result<(), String>>,
     pub mesh: Ends,
     pub shutdown: Arc<AtomicBool>,
+    pub board: Arc<Board>,
 }
 
 /// The shard's main future: runs until shutdown is requested and drained.
@@ -95,6 +99,7 @@ pub async fn run(p: Params) {
         bound,
         mesh,
         shutdown,
+        board,
     } = p;
     // glommio's bind sets SO_REUSEPORT: every shard listens on the same address.
     let listener = match TcpListener::bind(listen) {
@@ -147,6 +152,7 @@ pub async fn run(p: Params) {
         committing: Cell::new(false),
         scratch: RefCell::new(vec![0; 64 * 1024]),
         frame_bytes_max: hermod_shards::limits::FRAME_BYTES_MAX,
+        board,
     });
 
     for (direct, rx) in pumps {
@@ -208,11 +214,14 @@ pub async fn run(p: Params) {
         })
     };
 
+    ctx.board.set_ready(ctx.id.0 as usize);
     while !shutdown.load(Ordering::Relaxed) {
         glommio::timer::sleep(tick).await;
         ctx.engine.borrow_mut().handle_tick(now_ms());
         dispatch(&ctx);
+        ctx.publish_metrics();
     }
+    ctx.board.stopping.store(true, Ordering::Release);
 
     // Drain: stop accepting, let pending writes finish (their acks go out), then close every
     // client with 1001 and give the sockets a moment to flush.
@@ -236,6 +245,17 @@ pub async fn run(p: Params) {
 }
 
 impl ShardCtx {
+    fn publish_metrics(&self) {
+        let engine = self.engine.borrow();
+        let sample = Sample {
+            stats: engine.stats(),
+            connections: engine.connections(),
+            loaded_conversations: engine.loaded_conversations(),
+            mail_backlog: self.backlog.get(),
+        };
+        self.board.publish(self.id.0 as usize, &sample);
+    }
+
     pub fn new_conn_id(&self) -> ConnId {
         let n = self.next_conn.get();
         self.next_conn.set(n + 1);

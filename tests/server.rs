@@ -42,6 +42,80 @@ fn http_routes() {
     );
 }
 
+/// `metrics{shard=...}` summed over shards.
+fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+#[test]
+fn health_readiness_and_metrics() {
+    let mut server = Server::start(&[]);
+    assert!(http_get(server.addr, "/healthz").starts_with("HTTP/1.1 200"));
+    // Shards mark themselves ready once serving; start-up returns just before.
+    let mut ready = String::new();
+    for _ in 0..50 {
+        ready = http_get(server.addr, "/readyz");
+        if ready.starts_with("HTTP/1.1 200") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
+    let page = http_get(server.addr, "/metrics");
+    assert!(page.contains("text/plain; version=0.0.4"), "{page}");
+    for family in [
+        "hermod_connections",
+        "hermod_loaded_conversations",
+        "hermod_mail_backlog",
+        "hermod_frames_in_total",
+        "hermod_messages_appended_total",
+        "hermod_messages_deduplicated_total",
+        "hermod_pushes_total",
+        "hermod_push_retries_total",
+        "hermod_fanout_mails_total",
+        "hermod_presence_pushes_total",
+        "hermod_commits_total",
+        "hermod_commit_ops_total",
+        "hermod_errors_total",
+    ] {
+        assert!(
+            page.contains(&format!("# TYPE {family} ")),
+            "{family} missing"
+        );
+        assert!(
+            page.contains(&format!("{family}{{shard=\"1\"}}")),
+            "{family} per shard"
+        );
+    }
+    assert_eq!(metric(&page, "hermod_messages_appended_total"), 0);
+
+    // Counters move (published every tick, at most 250 ms apart).
+    let (mut alice, _) = server.user("alice", "pc");
+    server.user("bob", "pc");
+    let conv = open(&mut alice, "bob");
+    for i in 0..3 {
+        send(&mut alice, &conv, &format!("m{i}"));
+    }
+    let mut appended = 0;
+    let mut page = String::new();
+    for _ in 0..50 {
+        page = http_get(server.addr, "/metrics");
+        appended = metric(&page, "hermod_messages_appended_total");
+        if appended >= 3 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(appended, 3, "{page}");
+    assert!(metric(&page, "hermod_commits_total") >= 1);
+    assert!(metric(&page, "hermod_connections") >= 1);
+
+    assert!(server.stop().success());
+}
+
 #[test]
 fn register_login_resume_logout() {
     let server = Server::start(&[]);

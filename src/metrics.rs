@@ -1,0 +1,194 @@
+//! Server-wide counters for `GET /metrics` (Prometheus text format), `/healthz` and `/readyz`.
+//!
+//! Each shard owns one slot of atomics and is its only writer: it publishes its engine's
+//! counters there on every tick (at most 250 ms apart), with relaxed stores. Any shard answering
+//! an HTTP request reads every slot. No lock and nothing on the message path: the figures are
+//! at most one tick old.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use hermod_shards::engine::Stats;
+
+/// One value per shard, by name, with its help text and Prometheus type.
+const FAMILIES: &[(&str, &str, &str)] = &[
+    (
+        "hermod_connections",
+        "gauge",
+        "Open client connections (WebSocket phase).",
+    ),
+    (
+        "hermod_loaded_conversations",
+        "gauge",
+        "Conversations whose state the shard holds as owner.",
+    ),
+    (
+        "hermod_mail_backlog",
+        "gauge",
+        "Mails waiting behind a full shard-to-shard channel.",
+    ),
+    (
+        "hermod_frames_in_total",
+        "counter",
+        "Client text frames received.",
+    ),
+    (
+        "hermod_messages_appended_total",
+        "counter",
+        "Timeline entries written (messages, system messages, edits, recalls).",
+    ),
+    (
+        "hermod_messages_deduplicated_total",
+        "counter",
+        "Sends answered from an earlier identical id.",
+    ),
+    (
+        "hermod_pushes_total",
+        "counter",
+        "Message pushes sent to devices.",
+    ),
+    (
+        "hermod_push_retries_total",
+        "counter",
+        "Message pushes sent again for want of an ack.",
+    ),
+    (
+        "hermod_fanout_mails_total",
+        "counter",
+        "Deliver mails sent by owners (one per destination shard per message).",
+    ),
+    (
+        "hermod_presence_pushes_total",
+        "counter",
+        "Presence pushes addressed to friends.",
+    ),
+    ("hermod_commits_total", "counter", "Group commits written."),
+    (
+        "hermod_commit_ops_total",
+        "counter",
+        "Writes in those commits (ops / commits is the mean batch size).",
+    ),
+    ("hermod_errors_total", "counter", "Error replies sent."),
+];
+
+#[derive(Default)]
+struct Slot {
+    ready: AtomicBool,
+    values: [AtomicU64; FAMILIES.len()],
+}
+
+/// Everything `/metrics`, `/healthz` and `/readyz` read.
+pub struct Board {
+    slots: Vec<Slot>,
+    /// Set when a shutdown starts: `/readyz` answers 503 so balancers stop sending.
+    pub stopping: AtomicBool,
+}
+
+/// What a shard publishes each tick.
+pub struct Sample {
+    pub stats: Stats,
+    pub connections: usize,
+    pub loaded_conversations: usize,
+    pub mail_backlog: usize,
+}
+
+impl Board {
+    pub fn new(shards: usize) -> Arc<Board> {
+        Arc::new(Board {
+            slots: (0..shards).map(|_| Slot::default()).collect(),
+            stopping: AtomicBool::new(false),
+        })
+    }
+
+    pub fn set_ready(&self, shard: usize) {
+        self.slots[shard].ready.store(true, Ordering::Release);
+    }
+
+    /// Every shard is serving and no shutdown has begun.
+    pub fn ready(&self) -> bool {
+        !self.stopping.load(Ordering::Acquire)
+            && self.slots.iter().all(|s| s.ready.load(Ordering::Acquire))
+    }
+
+    /// Called by shard `shard` only (single writer per slot).
+    pub fn publish(&self, shard: usize, s: &Sample) {
+        let st = &s.stats;
+        let values = [
+            s.connections as u64,
+            s.loaded_conversations as u64,
+            s.mail_backlog as u64,
+            st.frames_in,
+            st.appended,
+            st.deduplicated,
+            st.pushes,
+            st.push_retries,
+            st.fanout_mails,
+            st.presence_pushes,
+            st.commits,
+            st.commit_ops,
+            st.errors,
+        ];
+        for (slot, v) in self.slots[shard].values.iter().zip(values) {
+            slot.store(v, Ordering::Relaxed);
+        }
+    }
+
+    /// The Prometheus text exposition of every family, one sample per shard.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(FAMILIES.len() * (120 + 40 * self.slots.len()));
+        for (i, (name, kind, help)) in FAMILIES.iter().enumerate() {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} {kind}");
+            for (shard, slot) in self.slots.iter().enumerate() {
+                let v = slot.values[i].load(Ordering::Relaxed);
+                let _ = writeln!(out, "{name}{{shard=\"{shard}\"}} {v}");
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP hermod_ready Whether every shard is serving (1) or not (0)."
+        );
+        let _ = writeln!(out, "# TYPE hermod_ready gauge");
+        let _ = writeln!(out, "hermod_ready {}", u8::from(self.ready()));
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_every_family_per_shard_and_readiness() {
+        let board = Board::new(2);
+        assert!(!board.ready(), "not ready before the shards are");
+        board.set_ready(0);
+        board.set_ready(1);
+        assert!(board.ready());
+        let stats = Stats {
+            appended: 7,
+            ..Stats::default()
+        };
+        board.publish(
+            1,
+            &Sample {
+                stats,
+                connections: 3,
+                loaded_conversations: 1,
+                mail_backlog: 0,
+            },
+        );
+        let text = board.render();
+        assert!(
+            text.contains("hermod_messages_appended_total{shard=\"1\"} 7"),
+            "{text}"
+        );
+        assert!(text.contains("hermod_connections{shard=\"1\"} 3"));
+        assert!(text.contains("hermod_connections{shard=\"0\"} 0"));
+        assert_eq!(text.matches("# TYPE").count(), FAMILIES.len() + 1);
+        board.stopping.store(true, Ordering::Release);
+        assert!(!board.ready());
+        assert!(board.render().contains("hermod_ready 0"));
+    }
+}
