@@ -205,3 +205,33 @@ impl Config {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The shipped config files parse (unknown keys are refused) and pass the checks.
+    #[test]
+    fn shipped_config_files_are_valid() {
+        for (name, text) in [
+            (
+                "docs/hermod.example.toml",
+                include_str!("../docs/hermod.example.toml"),
+            ),
+            ("deploy/hermod.toml", include_str!("../deploy/hermod.toml")),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("hermod.toml");
+            std::fs::write(&path, text).unwrap();
+            #[derive(clap::Parser)]
+            struct Cli {
+                #[command(flatten)]
+                serve: ServeArgs,
+            }
+            let cli =
+                <Cli as clap::Parser>::parse_from(["serve", "--config", path.to_str().unwrap()]);
+            let cfg = Config::resolve(&cli.serve).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+            assert_eq!(cfg.durability, Durability::Fsync, "{name}");
+        }
+    }
+}
