@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use hermod_shards::engine::Stats;
+use hermod_shards::protocol::ErrorCode;
 
 /// One value per shard, by name, with its help text and Prometheus type.
 const FAMILIES: &[(&str, &str, &str)] = &[
@@ -72,10 +73,38 @@ const FAMILIES: &[(&str, &str, &str)] = &[
     ("hermod_errors_total", "counter", "Error replies sent."),
 ];
 
+/// Upper bounds of the commit latency buckets, in microseconds (Prometheus `le`, in seconds).
+const COMMIT_US: [u64; 10] = [
+    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000,
+];
+/// Upper bounds of the commit size buckets, in writes.
+const COMMIT_OPS: [u64; 10] = [1, 4, 16, 64, 256, 1_024, 4_096, 8_192, 16_384, 65_536];
+
+/// A Prometheus histogram with fixed buckets; one writer (its shard), any readers.
+#[derive(Default)]
+struct Hist {
+    /// Per-bucket counts (not cumulative), the last one for +Inf.
+    buckets: [AtomicU64; 11],
+    sum: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Hist {
+    fn observe(&self, bounds: &[u64; 10], v: u64) {
+        let i = bounds.iter().position(|&b| v <= b).unwrap_or(bounds.len());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum.fetch_add(v, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 #[derive(Default)]
 struct Slot {
     ready: AtomicBool,
     values: [AtomicU64; FAMILIES.len()],
+    errors_by_code: [AtomicU64; 32],
+    commit_us: Hist,
+    commit_ops: Hist,
 }
 
 /// Everything `/metrics`, `/healthz` and `/readyz` read.
@@ -129,9 +158,20 @@ impl Board {
             st.commit_ops,
             st.errors,
         ];
-        for (slot, v) in self.slots[shard].values.iter().zip(values) {
-            slot.store(v, Ordering::Relaxed);
+        let slot = &self.slots[shard];
+        for (cell, v) in slot.values.iter().zip(values) {
+            cell.store(v, Ordering::Relaxed);
         }
+        for (cell, v) in slot.errors_by_code.iter().zip(st.errors_by_code) {
+            cell.store(v, Ordering::Relaxed);
+        }
+    }
+
+    /// One group commit of `ops` writes took `micros` (called by its shard only).
+    pub fn observe_commit(&self, shard: usize, ops: usize, micros: u64) {
+        let slot = &self.slots[shard];
+        slot.commit_us.observe(&COMMIT_US, micros);
+        slot.commit_ops.observe(&COMMIT_OPS, ops as u64);
     }
 
     /// The Prometheus text exposition of every family, one sample per shard.
@@ -147,11 +187,80 @@ impl Board {
         }
         let _ = writeln!(
             out,
+            "# HELP hermod_errors_by_code_total Error replies sent, by protocol error code."
+        );
+        let _ = writeln!(out, "# TYPE hermod_errors_by_code_total counter");
+        for (shard, slot) in self.slots.iter().enumerate() {
+            for code in ErrorCode::ALL {
+                let v = slot.errors_by_code[code as usize].load(Ordering::Relaxed);
+                if v > 0 {
+                    let _ = writeln!(
+                        out,
+                        "hermod_errors_by_code_total{{shard=\"{shard}\",code=\"{}\"}} {v}",
+                        code.as_str()
+                    );
+                }
+            }
+        }
+        self.render_hist(
+            &mut out,
+            (
+                "hermod_commit_seconds",
+                "Time to write one group commit (RocksDB batch, incl. sync).",
+            ),
+            &COMMIT_US,
+            1e-6,
+            |s| &s.commit_us,
+        );
+        self.render_hist(
+            &mut out,
+            (
+                "hermod_commit_writes",
+                "Writes per group commit (the batch size).",
+            ),
+            &COMMIT_OPS,
+            1.0,
+            |s| &s.commit_ops,
+        );
+        let _ = writeln!(
+            out,
             "# HELP hermod_ready Whether every shard is serving (1) or not (0)."
         );
         let _ = writeln!(out, "# TYPE hermod_ready gauge");
         let _ = writeln!(out, "hermod_ready {}", u8::from(self.ready()));
         out
+    }
+}
+
+impl Board {
+    fn render_hist(
+        &self,
+        out: &mut String,
+        (name, help): (&str, &str),
+        bounds: &[u64; 10],
+        scale: f64,
+        pick: impl Fn(&Slot) -> &Hist,
+    ) {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} histogram");
+        for (shard, slot) in self.slots.iter().enumerate() {
+            let h = pick(slot);
+            let mut cumulative = 0;
+            for (i, cell) in h.buckets.iter().enumerate() {
+                cumulative += cell.load(Ordering::Relaxed);
+                let le = bounds
+                    .get(i)
+                    .map_or("+Inf".to_owned(), |b| format!("{}", *b as f64 * scale));
+                let _ = writeln!(
+                    out,
+                    "{name}_bucket{{shard=\"{shard}\",le=\"{le}\"}} {cumulative}"
+                );
+            }
+            let sum = h.sum.load(Ordering::Relaxed) as f64 * scale;
+            let _ = writeln!(out, "{name}_sum{{shard=\"{shard}\"}} {sum}");
+            let count = h.count.load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_count{{shard=\"{shard}\"}} {count}");
+        }
     }
 }
 
@@ -186,7 +295,17 @@ mod tests {
         );
         assert!(text.contains("hermod_connections{shard=\"1\"} 3"));
         assert!(text.contains("hermod_connections{shard=\"0\"} 0"));
-        assert_eq!(text.matches("# TYPE").count(), FAMILIES.len() + 1);
+        assert_eq!(text.matches("# TYPE").count(), FAMILIES.len() + 4);
+        board.observe_commit(0, 3, 700);
+        let text = board.render();
+        assert!(
+            text.contains("hermod_commit_seconds_bucket{shard=\"0\",le=\"0.0005\"} 0"),
+            "{text}"
+        );
+        assert!(text.contains("hermod_commit_seconds_bucket{shard=\"0\",le=\"0.001\"} 1"));
+        assert!(text.contains("hermod_commit_seconds_bucket{shard=\"0\",le=\"+Inf\"} 1"));
+        assert!(text.contains("hermod_commit_writes_bucket{shard=\"0\",le=\"4\"} 1"));
+        assert!(text.contains("hermod_commit_writes_count{shard=\"0\"} 1"));
         board.stopping.store(true, Ordering::Release);
         assert!(!board.ready());
         assert!(board.render().contains("hermod_ready 0"));

@@ -359,6 +359,7 @@ fn kick_commit(ctx: &Ctx) {
         let store = ctx.store.clone();
         let durability = ctx.durability;
         let ops = commit.ops;
+        let (writes, started) = (ops.len(), std::time::Instant::now());
         // On the blocking pool in every mode: with `fsync` the write blocks for the sync, and
         // without it, measured with hermod-bench `direct`, writing inline made the reactor wait
         // on each WAL write and gave worse tails (docs/benchmarks.md) than letting the next
@@ -366,6 +367,8 @@ fn kick_commit(ctx: &Ctx) {
         let result = glommio::executor()
             .spawn_blocking(move || store.write(&ops, durability).map_err(|e| e.to_string()))
             .await;
+        let micros = started.elapsed().as_micros() as u64;
+        ctx.board.observe_commit(ctx.id.0 as usize, writes, micros);
         ctx.committing.set(false);
         ctx.engine
             .borrow_mut()

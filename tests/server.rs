@@ -99,17 +99,27 @@ fn health_readiness_and_metrics() {
     for i in 0..3 {
         send(&mut alice, &conv, &format!("m{i}"));
     }
+    assert_eq!(
+        alice.err("send", json!({ "conv": "d.1.2", "body": 1 })),
+        "not_member"
+    );
     let mut appended = 0;
     let mut page = String::new();
     for _ in 0..50 {
         page = http_get(server.addr, "/metrics");
         appended = metric(&page, "hermod_messages_appended_total");
-        if appended >= 3 {
+        if appended >= 3 && page.contains("code=\"not_member\"") {
             break;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(appended, 3, "{page}");
+    assert!(page.contains("code=\"not_member\"} 1"), "{page}");
+    assert!(metric(&page, "hermod_commit_seconds_count") >= 1, "{page}");
+    assert!(
+        metric(&page, "hermod_commit_writes_sum") >= 6,
+        "two keys per message"
+    );
     assert!(metric(&page, "hermod_commits_total") >= 1);
     assert!(metric(&page, "hermod_connections") >= 1);
 

@@ -281,6 +281,41 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Every code, in declaration order (`code as usize` indexes it).
+    pub const ALL: [ErrorCode; 31] = [
+        ErrorCode::BadJson,
+        ErrorCode::BadRequest,
+        ErrorCode::UnknownOp,
+        ErrorCode::BodyTooLarge,
+        ErrorCode::RateLimited,
+        ErrorCode::NotAuthenticated,
+        ErrorCode::AlreadyAuthenticated,
+        ErrorCode::InvalidUsername,
+        ErrorCode::WeakPassword,
+        ErrorCode::UsernameTaken,
+        ErrorCode::BadCredentials,
+        ErrorCode::TooManyAttempts,
+        ErrorCode::BadToken,
+        ErrorCode::TokenExpired,
+        ErrorCode::DeviceRevoked,
+        ErrorCode::NoSuchUser,
+        ErrorCode::NoSuchConversation,
+        ErrorCode::NotMember,
+        ErrorCode::Forbidden,
+        ErrorCode::Muted,
+        ErrorCode::GroupFull,
+        ErrorCode::GroupDisbanded,
+        ErrorCode::AlreadyMember,
+        ErrorCode::OwnerCannotLeave,
+        ErrorCode::NoSuchMessage,
+        ErrorCode::WindowPassed,
+        ErrorCode::Blocked,
+        ErrorCode::NoSuchRequest,
+        ErrorCode::NoSuchDevice,
+        ErrorCode::Overloaded,
+        ErrorCode::Internal,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorCode::BadJson => "bad_json",
@@ -479,6 +514,15 @@ mod tests {
         let typing: serde_json::Value =
             serde_json::from_str(&event_push("typing", "g.1", "a\"b", None)).unwrap();
         assert_eq!(typing["user"], "a\"b");
+    }
+
+    #[test]
+    fn error_codes_index_and_name_uniquely() {
+        let mut names = std::collections::HashSet::new();
+        for (i, code) in ErrorCode::ALL.iter().enumerate() {
+            assert_eq!(*code as usize, i, "ALL is in declaration order");
+            assert!(names.insert(code.as_str()), "{} twice", code.as_str());
+        }
     }
 
     #[test]

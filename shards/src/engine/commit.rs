@@ -304,7 +304,7 @@ impl<S: Storage> Shard<S> {
 
     pub(super) fn internal_error(&mut self, conn: ConnId, rid: Option<u64>, err: &StorageError) {
         tracing::error!(shard = %self.cfg.shard, error = %err, "storage read failed");
-        self.stats.errors += 1;
+        self.count_error(ErrorCode::Internal);
         self.send(
             conn,
             error_frame(rid, ErrorCode::Internal, "storage read failed"),

@@ -160,7 +160,14 @@ pub struct Stats {
     pub commits: u64,
     pub commit_ops: u64,
     pub errors: u64,
+    /// Error replies by code, indexed by `ErrorCode as usize` (see `ErrorCode::ALL`).
+    pub errors_by_code: [u64; 32],
 }
+
+const _: () = assert!(
+    ErrorCode::ALL.len() <= 32,
+    "errors_by_code has a slot per code"
+);
 
 impl<S: Storage> Shard<S> {
     pub fn new(cfg: Config, storage: S) -> Shard<S> {
@@ -421,13 +428,18 @@ impl<S: Storage> Shard<S> {
         }
     }
 
-    fn error_to(&mut self, to: ReplyTo, code: ErrorCode, message: &str) {
+    fn count_error(&mut self, code: ErrorCode) {
         self.stats.errors += 1;
+        self.stats.errors_by_code[code as usize] += 1;
+    }
+
+    fn error_to(&mut self, to: ReplyTo, code: ErrorCode, message: &str) {
+        self.count_error(code);
         self.reply_to(to, error_frame(Some(to.rid), code, message));
     }
 
     fn error(&mut self, conn: ConnId, rid: Option<u64>, code: ErrorCode, message: &str) {
-        self.stats.errors += 1;
+        self.count_error(code);
         self.send(conn, error_frame(rid, code, message));
     }
 
