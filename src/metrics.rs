@@ -12,12 +12,26 @@ use std::sync::Arc;
 use hermod_shards::engine::Stats;
 use hermod_shards::protocol::ErrorCode;
 
+/// How many per-shard families `FAMILIES` lists; `publish` fills exactly this many values, in
+/// the same order (a fixed-size array, so the compiler holds the two in step).
+const FAMILY_COUNT: usize = 15;
+
 /// One value per shard, by name, with its help text and Prometheus type.
-const FAMILIES: &[(&str, &str, &str)] = &[
+const FAMILIES: [(&str, &str, &str); FAMILY_COUNT] = [
     (
         "hermod_connections",
         "gauge",
         "Open client connections (WebSocket phase).",
+    ),
+    (
+        "hermod_users_online",
+        "gauge",
+        "Users homed on the shard with an authenticated connection.",
+    ),
+    (
+        "hermod_pending_writes",
+        "gauge",
+        "Writes waiting for the next group commit.",
     ),
     (
         "hermod_loaded_conversations",
@@ -101,7 +115,7 @@ impl Hist {
 #[derive(Default)]
 struct Slot {
     ready: AtomicBool,
-    values: [AtomicU64; FAMILIES.len()],
+    values: [AtomicU64; FAMILY_COUNT],
     errors_by_code: [AtomicU64; 32],
     commit_us: Hist,
     commit_ops: Hist,
@@ -118,6 +132,8 @@ pub struct Board {
 pub struct Sample {
     pub stats: Stats,
     pub connections: usize,
+    pub users_online: usize,
+    pub pending_writes: usize,
     pub loaded_conversations: usize,
     pub mail_backlog: usize,
 }
@@ -143,8 +159,10 @@ impl Board {
     /// Called by shard `shard` only (single writer per slot).
     pub fn publish(&self, shard: usize, s: &Sample) {
         let st = &s.stats;
-        let values = [
+        let values: [u64; FAMILY_COUNT] = [
             s.connections as u64,
+            s.users_online as u64,
+            s.pending_writes as u64,
             s.loaded_conversations as u64,
             s.mail_backlog as u64,
             st.frames_in,
@@ -284,6 +302,8 @@ mod tests {
             &Sample {
                 stats,
                 connections: 3,
+                users_online: 2,
+                pending_writes: 0,
                 loaded_conversations: 1,
                 mail_backlog: 0,
             },

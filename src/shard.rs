@@ -250,6 +250,8 @@ impl ShardCtx {
         let sample = Sample {
             stats: engine.stats(),
             connections: engine.connections(),
+            users_online: engine.users_online(),
+            pending_writes: engine.pending_ops(),
             loaded_conversations: engine.loaded_conversations(),
             mail_backlog: self.backlog.get(),
         };

@@ -68,6 +68,8 @@ fn health_readiness_and_metrics() {
     assert!(page.contains("text/plain; version=0.0.4"), "{page}");
     for family in [
         "hermod_connections",
+        "hermod_users_online",
+        "hermod_pending_writes",
         "hermod_loaded_conversations",
         "hermod_mail_backlog",
         "hermod_frames_in_total",
@@ -94,7 +96,7 @@ fn health_readiness_and_metrics() {
 
     // Counters move (published every tick, at most 250 ms apart).
     let (mut alice, _) = server.user("alice", "pc");
-    server.user("bob", "pc");
+    let _bob = server.user("bob", "pc");
     let conv = open(&mut alice, "bob");
     for i in 0..3 {
         send(&mut alice, &conv, &format!("m{i}"));
@@ -122,6 +124,7 @@ fn health_readiness_and_metrics() {
     );
     assert!(metric(&page, "hermod_commits_total") >= 1);
     assert!(metric(&page, "hermod_connections") >= 1);
+    assert_eq!(metric(&page, "hermod_users_online"), 2, "alice and bob");
 
     assert!(server.stop().success());
 }

@@ -212,6 +212,11 @@ impl<S: Storage> Shard<S> {
         self.stats
     }
 
+    /// Users homed here with at least one authenticated connection.
+    pub fn users_online(&self) -> usize {
+        self.sessions.online.len()
+    }
+
     /// Conversations whose state this shard holds in memory (as their owner).
     pub fn loaded_conversations(&self) -> usize {
         self.owned.convs.len()
