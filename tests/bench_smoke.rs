@@ -5,7 +5,7 @@ mod common;
 
 use common::Server;
 use hermod_bench::conn::Target;
-use hermod_bench::scenario::{self, DirectParams, EchoParams};
+use hermod_bench::scenario::{self, DirectParams, EchoParams, Timing};
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
@@ -21,10 +21,12 @@ fn direct_scenario_accounts_for_every_message() {
         target: Target::new(&format!("ws://{}/ws", server.addr), Vec::new()).unwrap(),
         users: 6,
         peers: 2,
-        rate: 300.0,
-        duration_s: 1.0,
-        warmup_s: 0.2,
-        drain_s: 10.0,
+        timing: Timing {
+            rate: 300.0,
+            warmup_s: 0.2,
+            duration_s: 1.0,
+            drain_s: 10.0,
+        },
         body_bytes: 32,
         prefix: "smoke".into(),
     };
@@ -46,10 +48,12 @@ fn echo_scenario_answers_every_ping() {
     let params = EchoParams {
         target: Target::new(&format!("ws://{}/ws", server.addr), Vec::new()).unwrap(),
         conns: 3,
-        rate: 300.0,
-        duration_s: 1.0,
-        warmup_s: 0.2,
-        drain_s: 10.0,
+        timing: Timing {
+            rate: 300.0,
+            warmup_s: 0.2,
+            duration_s: 1.0,
+            drain_s: 10.0,
+        },
         prefix: "echo".into(),
     };
     let report = runtime().block_on(scenario::echo(params)).unwrap();
@@ -154,10 +158,12 @@ fn group_scenario_accounts_for_every_delivery() {
         groups: 3,
         members: 12,
         senders: 2,
-        rate: 100.0,
-        duration_s: 1.0,
-        warmup_s: 0.2,
-        drain_s: 10.0,
+        timing: Timing {
+            rate: 100.0,
+            warmup_s: 0.2,
+            duration_s: 1.0,
+            drain_s: 10.0,
+        },
         body_bytes: 16,
         prefix: "bg".into(),
     };

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use hermod_bench::conn::{parse_sources, raise_nofile_limit, Target};
 use hermod_bench::report::{compare, Report};
-use hermod_bench::scenario::{self, DirectParams, EchoParams};
+use hermod_bench::scenario::{self, DirectParams, EchoParams, Timing};
 
 #[derive(Parser)]
 #[command(
@@ -185,10 +185,7 @@ fn run() -> anyhow::Result<ExitCode> {
                 target: target(&common)?,
                 users,
                 peers,
-                rate: common.rate,
-                duration_s: common.duration,
-                warmup_s: common.warmup,
-                drain_s: common.drain,
+                timing: timing(&common),
                 body_bytes,
                 prefix: prefix(&common),
             };
@@ -209,10 +206,7 @@ fn run() -> anyhow::Result<ExitCode> {
                 groups,
                 members,
                 senders,
-                rate: common.rate,
-                duration_s: common.duration,
-                warmup_s: common.warmup,
-                drain_s: common.drain,
+                timing: timing(&common),
                 body_bytes,
                 prefix: prefix(&common),
             };
@@ -292,10 +286,7 @@ fn run() -> anyhow::Result<ExitCode> {
             let params = EchoParams {
                 target: target(&common)?,
                 conns,
-                rate: common.rate,
-                duration_s: common.duration,
-                warmup_s: common.warmup,
-                drain_s: common.drain,
+                timing: timing(&common),
                 prefix: prefix(&common),
             };
             let report = runtime(&common)?.block_on(scenario::echo(params))?;
@@ -327,6 +318,15 @@ fn target(common: &Common) -> anyhow::Result<Target> {
         None => Vec::new(),
     };
     Target::new(&common.url, sources)
+}
+
+fn timing(common: &Common) -> Timing {
+    Timing {
+        rate: common.rate,
+        warmup_s: common.warmup,
+        duration_s: common.duration,
+        drain_s: common.drain,
+    }
 }
 
 fn prefix(common: &Common) -> String {

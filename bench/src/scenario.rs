@@ -100,16 +100,12 @@ fn progress_line(
 #[derive(Clone, Debug, Serialize)]
 pub struct DirectParams {
     pub target: Target,
+    #[serde(flatten)]
+    pub timing: Timing,
     /// Online users, one connection each.
     pub users: usize,
     /// Conversations per user: with the next `peers` users (wrapping).
     pub peers: usize,
-    /// Messages per second, all users together.
-    pub rate: f64,
-    pub duration_s: f64,
-    pub warmup_s: f64,
-    /// Longest wait after the last send for acks and deliveries.
-    pub drain_s: f64,
     /// Padding added to each body, in bytes.
     pub body_bytes: usize,
     pub prefix: String,
@@ -154,10 +150,7 @@ impl DirectConn {
 /// `direct`: users send one-to-one messages to random peers at a fixed total rate.
 pub async fn direct(p: DirectParams) -> anyhow::Result<Report> {
     anyhow::ensure!(p.users >= 2, "direct needs at least 2 users");
-    anyhow::ensure!(
-        p.rate > 0.0 && p.duration_s > 0.0,
-        "rate and duration must be positive"
-    );
+    p.timing.check()?;
     let peers = p.peers.clamp(1, p.users - 1);
     let mut users = crate::provision::users(&p.target, &p.prefix, p.users, 32).await?;
 
@@ -183,23 +176,31 @@ pub async fn direct(p: DirectParams) -> anyhow::Result<Report> {
     }
 
     let conns = users.into_iter().map(|u| u.conn).zip(convs).collect();
-    let timing = Timing {
-        rate: p.rate,
-        warmup_s: p.warmup_s,
-        duration_s: p.duration_s,
-        drain_s: p.drain_s,
-    };
-    drive(conns, timing, p.body_bytes, 1, ("direct", &p)).await
+    drive(conns, p.timing, p.body_bytes, 1, ("direct", &p)).await
 }
 
-/// The load phase shared by `direct` and `group`.
-#[derive(Clone, Copy)]
-struct Timing {
-    /// Sends per second, all sending connections together.
-    rate: f64,
-    warmup_s: f64,
-    duration_s: f64,
-    drain_s: f64,
+/// The open-loop load phase of `direct`, `group` and `echo` (flattened into their reported
+/// parameters).
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Timing {
+    /// Sends (or requests) per second, all sending connections together.
+    pub rate: f64,
+    /// Seconds of load before measuring (excluded from latencies and throughput).
+    pub warmup_s: f64,
+    /// Measured seconds.
+    pub duration_s: f64,
+    /// Longest wait after the last send for acks and deliveries.
+    pub drain_s: f64,
+}
+
+impl Timing {
+    fn check(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.rate > 0.0 && self.duration_s > 0.0,
+            "rate and duration must be positive"
+        );
+        Ok(())
+    }
 }
 
 /// Runs the open-loop phase over `conns` (each with the conversations it sends to; an empty
@@ -363,6 +364,8 @@ struct BenchBody {
 #[derive(Clone, Debug, Serialize)]
 pub struct GroupParams {
     pub target: Target,
+    #[serde(flatten)]
+    pub timing: Timing,
     /// Online users, one connection each; groups draw their members from them.
     pub users: usize,
     pub groups: usize,
@@ -370,11 +373,6 @@ pub struct GroupParams {
     pub members: usize,
     /// Members of each group that send to it (the rest only receive).
     pub senders: usize,
-    /// Messages sent per second, all groups together; deliveries are `members - 1` times more.
-    pub rate: f64,
-    pub duration_s: f64,
-    pub warmup_s: f64,
-    pub drain_s: f64,
     pub body_bytes: usize,
     pub prefix: String,
 }
@@ -387,10 +385,7 @@ pub async fn group(p: GroupParams) -> anyhow::Result<Report> {
         "members must be 2..=users"
     );
     anyhow::ensure!(p.groups >= 1 && p.senders >= 1, "need a group and a sender");
-    anyhow::ensure!(
-        p.rate > 0.0 && p.duration_s > 0.0,
-        "rate and duration must be positive"
-    );
+    p.timing.check()?;
     let senders = p.senders.min(p.members);
     // Users come online only once their groups exist: set-up writes a system message per
     // change, which would otherwise be pushed to connections nobody reads yet.
@@ -441,14 +436,8 @@ pub async fn group(p: GroupParams) -> anyhow::Result<Report> {
     drop(setup);
     let users = crate::provision::log_in(&p.target, &p.prefix, p.users, 32).await?;
     let conns = users.into_iter().map(|u| u.conn).zip(convs).collect();
-    let timing = Timing {
-        rate: p.rate,
-        warmup_s: p.warmup_s,
-        duration_s: p.duration_s,
-        drain_s: p.drain_s,
-    };
     let fanout = (p.members - 1) as u64;
-    drive(conns, timing, p.body_bytes, fanout, ("group", &p)).await
+    drive(conns, p.timing, p.body_bytes, fanout, ("group", &p)).await
 }
 
 /// One user's connection: a writer task follows the send schedule (and sends the acks the
@@ -630,32 +619,28 @@ async fn direct_conn(
 #[derive(Clone, Debug, Serialize)]
 pub struct EchoParams {
     pub target: Target,
+    #[serde(flatten)]
+    pub timing: Timing,
     pub conns: usize,
-    pub rate: f64,
-    pub duration_s: f64,
-    pub warmup_s: f64,
-    pub drain_s: f64,
     pub prefix: String,
 }
 
 /// `echo`: the cheapest round trip Hermod offers (`ping` on an authenticated connection), at a
 /// fixed rate: the ceiling the other scenarios are compared with.
 pub async fn echo(p: EchoParams) -> anyhow::Result<Report> {
-    anyhow::ensure!(
-        p.conns >= 1 && p.rate > 0.0 && p.duration_s > 0.0,
-        "conns, rate and duration must be positive"
-    );
+    anyhow::ensure!(p.conns >= 1, "conns must be positive");
+    p.timing.check()?;
     let users = crate::provision::users(&p.target, &p.prefix, p.conns, 32).await?;
     let start = Instant::now() + Duration::from_millis(500);
-    let warm_end = start + Duration::from_secs_f64(p.warmup_s);
-    let sends_end = warm_end + Duration::from_secs_f64(p.duration_s);
-    let deadline = sends_end + Duration::from_secs_f64(p.drain_s);
+    let warm_end = start + Duration::from_secs_f64(p.timing.warmup_s);
+    let sends_end = warm_end + Duration::from_secs_f64(p.timing.duration_s);
+    let deadline = sends_end + Duration::from_secs_f64(p.timing.drain_s);
     let progress = Arc::new(Progress::default());
     let printer = progress_line(progress.clone(), start, "echo");
     let n = users.len();
     let mut tasks = Vec::new();
     for (i, user) in users.into_iter().enumerate() {
-        let schedule = Schedule::new(start, p.rate, n, i);
+        let schedule = Schedule::new(start, p.timing.rate, n, i);
         let progress = progress.clone();
         tasks.push(tokio::spawn(async move {
             let (mut tx, mut rx) = user.conn.split();
@@ -720,8 +705,8 @@ pub async fn echo(p: EchoParams) -> anyhow::Result<Report> {
         eprintln!();
     }
     let figures = json!({
-        "throughput_per_s": in_window as f64 / p.duration_s,
-        "offered_per_s": p.rate,
+        "throughput_per_s": in_window as f64 / p.timing.duration_s,
+        "offered_per_s": p.timing.rate,
         "latency": Summary::of(&all),
         "sent": sent,
         "answered": answered,

@@ -62,23 +62,16 @@ impl Group {
         meta: &[u8],
     ) -> Result<Group, StorageError> {
         let meta = GroupMeta::decode(&keys::conv_meta(conv), meta)?;
-        // Keys end with the member's id; a key that does not is skipped, not fatal.
-        let members: HashMap<UserId, GroupMember> = scan_records(
+        let members = by_user(scan_records(
             storage,
             &keys::group_member_prefix(conv),
             GROUP_MEMBERS_LIMIT,
-        )?
-        .into_iter()
-        .filter_map(|(k, m)| Some((keys::user_of_group_key(&k)?, m)))
-        .collect();
-        let requests: BTreeMap<UserId, JoinRequest> = scan_records(
+        )?);
+        let requests = by_user(scan_records(
             storage,
             &keys::join_request_prefix(conv),
             GROUP_MEMBERS_LIMIT,
-        )?
-        .into_iter()
-        .filter_map(|(k, r)| Some((keys::user_of_group_key(&k)?, r)))
-        .collect();
+        )?);
         Ok(Group {
             meta,
             members,
@@ -198,6 +191,14 @@ impl Group {
         }
         out
     }
+}
+
+/// Records under a group's per-user keys, by user. A key without a user id at its end is
+/// skipped, not fatal.
+fn by_user<R, C: FromIterator<(UserId, R)>>(rows: Vec<(Vec<u8>, R)>) -> C {
+    rows.into_iter()
+        .filter_map(|(k, r)| Some((keys::user_of_group_key(&k)?, r)))
+        .collect()
 }
 
 /// Which version a change moves.
