@@ -10,6 +10,9 @@ use clap::Args;
 use hermod_shards::engine::Durability;
 use serde::Deserialize;
 
+/// Shortest admin token accepted: a guessable one would hand out every account.
+const ADMIN_TOKEN_BYTES_MIN: usize = 16;
+
 /// Flags of `hermod serve`. Every one overrides the same key of the config file.
 #[derive(Debug, Default, Args)]
 pub struct ServeArgs {
@@ -55,6 +58,15 @@ pub struct ServeArgs {
     /// Argon2id passes (default 2).
     #[arg(long, value_name = "N")]
     pub argon2_passes: Option<u32>,
+    /// Bearer token for the admin API (/admin/…), at least 16 characters; without one the
+    /// admin API is off. Prefer the env var or the file: flags show in `ps`.
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "HERMOD_ADMIN_TOKEN",
+        hide_env_values = true
+    )]
+    pub admin_token: Option<String>,
     /// Log filter (tracing EnvFilter syntax); the HERMOD_LOG env var overrides it.
     #[arg(long, value_name = "FILTER")]
     pub log: Option<String>,
@@ -79,6 +91,7 @@ struct FileConfig {
     token_ttl_s: Option<u64>,
     argon2_memory_kib: Option<u32>,
     argon2_passes: Option<u32>,
+    admin_token: Option<String>,
     log: Option<String>,
 }
 
@@ -100,6 +113,8 @@ pub struct Config {
     pub token_ttl_s: u64,
     pub argon2_memory_kib: u32,
     pub argon2_passes: u32,
+    /// The admin API's bearer token; `None`: the admin API is off.
+    pub admin_token: Option<std::sync::Arc<str>>,
     pub log: String,
 }
 
@@ -169,6 +184,11 @@ impl Config {
                 .or(file.argon2_memory_kib)
                 .unwrap_or(19 * 1024),
             argon2_passes: args.argon2_passes.or(file.argon2_passes).unwrap_or(2),
+            admin_token: args
+                .admin_token
+                .clone()
+                .or(file.admin_token)
+                .map(|t| t.trim().into()),
             log: args
                 .log
                 .clone()
@@ -198,6 +218,13 @@ impl Config {
         }
         if !(2..=GROUP_MEMBERS_LIMIT).contains(&self.group_members_max) {
             bail!("group_members_max must be 2..={GROUP_MEMBERS_LIMIT}");
+        }
+        if self
+            .admin_token
+            .as_ref()
+            .is_some_and(|t| t.len() < ADMIN_TOKEN_BYTES_MIN)
+        {
+            bail!("admin_token must be at least {ADMIN_TOKEN_BYTES_MIN} characters (generate one with `openssl rand -hex 32`)");
         }
         if self.argon2_memory_kib < 8 || self.argon2_passes == 0 {
             bail!("argon2_memory_kib must be >= 8 and argon2_passes >= 1");

@@ -19,10 +19,12 @@ use std::time::Duration;
 
 use futures_lite::{AsyncRead, AsyncWriteExt};
 use glommio::net::TcpStream;
+use hermod_shards::admin::{status_of, AdminOp};
 use hermod_shards::engine::Handoff;
 use hermod_shards::limits::OUTBOX_BYTES_MAX;
 use hermod_shards::protocol::close;
 use hermod_shards::{ConnId, ShardId};
+use subtle::ConstantTimeEq;
 
 use crate::http::{self, Route};
 use crate::mesh::Envelope;
@@ -34,6 +36,9 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// Kept between messages only if small: an idle connection should hold (almost) nothing.
 const KEEP_BUFFER_BYTES: usize = 4 * 1024;
+/// Longest an admin request may run: a bulk creation of `ADMIN_CREATE_MAX` users hashes each
+/// password at full cost, two at a time per shard.
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Frames waiting to be written to one connection, and what the engine decided about it.
 #[derive(Default)]
@@ -47,6 +52,8 @@ struct OutboxInner {
     waker: Option<Waker>,
     close: Option<(u16, &'static str)>,
     handoff: Option<(ShardId, Handoff)>,
+    /// An admin request's one answer: HTTP status and JSON body.
+    admin: Option<(u16, String)>,
 }
 
 impl Outbox {
@@ -88,6 +95,27 @@ impl Outbox {
         let mut inner = self.inner.borrow_mut();
         inner.handoff = Some((to, handoff));
         wake(&mut inner);
+    }
+
+    pub fn admin_reply(&self, status: u16, body: String) {
+        let mut inner = self.inner.borrow_mut();
+        inner.admin = Some((status, body));
+        wake(&mut inner);
+    }
+
+    /// Waits for the admin answer (a pseudo-connection's outbox carries nothing else).
+    async fn admin_answer(&self) -> (u16, String) {
+        futures_lite::future::poll_fn(|cx| {
+            let mut inner = self.inner.borrow_mut();
+            match inner.admin.take() {
+                Some(answer) => Poll::Ready(answer),
+                None => {
+                    inner.waker = Some(cx.waker().clone());
+                    Poll::Pending
+                }
+            }
+        })
+        .await
     }
 
     fn has_work(&self) -> bool {
@@ -204,6 +232,19 @@ async fn serve_http(ctx: &Ctx, mut stream: TcpStream) -> std::io::Result<()> {
             stream.write_all(&http::status(page, &ctx.board)).await?;
             stream.close().await
         }
+        Route::Admin(req) => {
+            let wanted = req.head_len + req.body_len;
+            while inbuf.len() < wanted {
+                match next_event(ctx, &mut stream, &mut inbuf, &idle).await {
+                    Event::Readable => {}
+                    Event::Eof | Event::Work => return Ok(()),
+                    Event::Failed(e) => return Err(e),
+                }
+            }
+            let (status, body) = admin(ctx, &req, &inbuf[req.head_len..wanted]).await;
+            stream.write_all(&http::json(status, &body)).await?;
+            stream.close().await
+        }
         Route::Upgrade { response, head_len } => {
             stream.set_read_timeout(None)?;
             stream.write_all(&response).await?;
@@ -214,6 +255,56 @@ async fn serve_http(ctx: &Ctx, mut stream: TcpStream) -> std::io::Result<()> {
             serve_ws(ctx, conn, stream, inbuf, outbox).await
         }
     }
+}
+
+/// Runs one admin request: authenticate, parse, then stats from the board or the engine's
+/// answer. Returns the HTTP status and JSON body.
+async fn admin(ctx: &Ctx, req: &http::AdminRequest, body: &[u8]) -> (u16, String) {
+    let error = |status: u16, code: &str, message: &str| {
+        let body = serde_json::json!({ "error": { "code": code, "message": message } });
+        (status, body.to_string())
+    };
+    let Some(token) = &ctx.admin_token else {
+        return error(
+            404,
+            "admin_disabled",
+            "the admin API is off: configure admin_token",
+        );
+    };
+    let presented = req.bearer.as_deref().unwrap_or("");
+    // Constant time, so the comparison does not leak how much of a guess was right.
+    if !bool::from(presented.as_bytes().ct_eq(token.as_bytes())) {
+        tracing::debug!(shard = %ctx.id, path = req.path, "admin request with a wrong or missing token");
+        return error(
+            401,
+            "unauthorized",
+            "send the admin token as Authorization: Bearer <token>",
+        );
+    }
+    let body_bytes_max = ctx.engine.borrow().config().body_bytes_max;
+    let op = match AdminOp::parse(&req.method, &req.path, body, body_bytes_max) {
+        Ok(AdminOp::Stats) => return (200, ctx.board.stats_json().to_string()),
+        Ok(op) => op,
+        Err((code, message)) => return error(status_of(Some(code)), code.as_str(), &message),
+    };
+    tracing::info!(shard = %ctx.id, op = %op.summary(), "admin request");
+    let conn = ctx.new_conn_id();
+    let outbox = register(ctx, conn);
+    ctx.engine.borrow_mut().handle_admin(now_ms(), conn, op);
+    dispatch(ctx);
+    let timeout = async {
+        glommio::timer::sleep(ADMIN_TIMEOUT).await;
+        error(
+            504,
+            "timeout",
+            "the request did not finish in time; it may still complete",
+        )
+    };
+    let answer = futures_lite::future::or(outbox.admin_answer(), timeout).await;
+    ctx.conns.borrow_mut().remove(&conn);
+    ctx.engine.borrow_mut().handle_disconnect(now_ms(), conn);
+    dispatch(ctx);
+    answer
 }
 
 /// The WebSocket phase. Ends on close, error, or hand-off; always unregisters the connection.

@@ -1,7 +1,8 @@
 //! The HTTP/1.1 in front of the WebSocket: `GET /` serves the web chat page, `GET /ws`
-//! upgrades, `GET /metrics`, `/healthz` and `/readyz` report on the server, anything else gets
-//! 404 (405 for other methods). Requests are parsed with
-//! `httparse`; one request per connection (`Connection: close`) except the upgrade.
+//! upgrades, `GET /metrics`, `/healthz` and `/readyz` report on the server, `/admin/…` is the
+//! operator's API (`docs/admin.md`), anything else gets 404 (405 for other methods). Requests
+//! are parsed with `httparse`; one request per connection (`Connection: close`) except the
+//! upgrade.
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
@@ -22,6 +23,18 @@ pub enum Route {
     Upgrade { response: Vec<u8>, head_len: usize },
     /// `GET /metrics`, `/healthz`, `/readyz`: answered from the shared metrics board.
     Status(StatusPage),
+    /// `/admin/…`: read `body_len` more bytes after the head, then authenticate and run it.
+    Admin(AdminRequest),
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub struct AdminRequest {
+    pub method: String,
+    pub path: String,
+    /// The token of an `Authorization: Bearer …` header.
+    pub bearer: Option<String>,
+    pub head_len: usize,
+    pub body_len: usize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -76,6 +89,18 @@ pub fn route(buf: &[u8]) -> Option<Route> {
             .and_then(|h| std::str::from_utf8(h.value).ok())
     };
     let path = req.path.unwrap_or("/").split('?').next().unwrap_or("/");
+    if path.starts_with("/admin/") {
+        return Some(admin_route(
+            req.method.unwrap_or("GET"),
+            path,
+            head_len,
+            [
+                header("content-length"),
+                header("transfer-encoding"),
+                header("authorization"),
+            ],
+        ));
+    }
     if req.method != Some("GET") {
         return Some(Route::Respond(simple(
             405,
@@ -120,6 +145,73 @@ pub fn route(buf: &[u8]) -> Option<Route> {
         }
         _ => Some(Route::Respond(simple(404, "Not Found", "not found\n"))),
     }
+}
+
+/// `/admin/…`, given the Content-Length, Transfer-Encoding and Authorization headers.
+fn admin_route(
+    method: &str,
+    path: &str,
+    head_len: usize,
+    [content_length, transfer_encoding, authorization]: [Option<&str>; 3],
+) -> Route {
+    use hermod_shards::limits::ADMIN_BODY_BYTES_MAX;
+    if !matches!(method, "GET" | "POST") {
+        return Route::Respond(simple(405, "Method Not Allowed", "GET or POST\n"));
+    }
+    if transfer_encoding.is_some() {
+        return Route::Respond(simple(
+            411,
+            "Length Required",
+            "send the body with Content-Length\n",
+        ));
+    }
+    let body_len = match content_length.map(|v| v.trim().parse::<usize>()) {
+        None => 0,
+        Some(Ok(n)) if n <= ADMIN_BODY_BYTES_MAX => n,
+        Some(Ok(_)) => {
+            return Route::Respond(simple(
+                413,
+                "Payload Too Large",
+                "admin request bodies are at most 512 KiB\n",
+            ))
+        }
+        Some(Err(_)) => return Route::Respond(simple(400, "Bad Request", "bad Content-Length\n")),
+    };
+    let bearer = authorization
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(|t| t.trim().to_owned());
+    Route::Admin(AdminRequest {
+        method: method.to_owned(),
+        path: path.to_owned(),
+        bearer,
+        head_len,
+        body_len,
+    })
+}
+
+/// A JSON response (the admin API's answers).
+pub fn json(status: u16, body: &str) -> Vec<u8> {
+    let reason = match status {
+        200 => "OK",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        404 => "Not Found",
+        409 => "Conflict",
+        500 => "Internal Server Error",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        _ => "Error",
+    };
+    let mut out = response(status, reason, "application/json", body.as_bytes());
+    if status == 401 {
+        // RFC 6750: say which scheme is expected. Inserted before the blank line.
+        let at = out
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .expect("a response has a head");
+        out.splice(at + 2..at + 2, *b"WWW-Authenticate: Bearer\r\n");
+    }
+    out
 }
 
 pub fn accept_key(key: &str) -> String {
@@ -194,5 +286,38 @@ mod tests {
             panic!()
         };
         assert!(r.starts_with(b"HTTP/1.1 4"));
+    }
+
+    #[test]
+    fn admin_routes() {
+        let req = b"POST /admin/users HTTP/1.1\r\nAuthorization: Bearer s3cret\r\nContent-Length: 5\r\n\r\n{\"a\":";
+        let Some(Route::Admin(a)) = route(req) else {
+            panic!()
+        };
+        assert_eq!(
+            a,
+            AdminRequest {
+                method: "POST".into(),
+                path: "/admin/users".into(),
+                bearer: Some("s3cret".into()),
+                head_len: req.len() - 5,
+                body_len: 5,
+            }
+        );
+        let status = |req: &[u8]| match route(req) {
+            Some(Route::Respond(r)) => String::from_utf8(r).unwrap()[9..12].to_owned(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(status(b"DELETE /admin/users HTTP/1.1\r\n\r\n"), "405");
+        assert_eq!(
+            status(b"POST /admin/users HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n"),
+            "413"
+        );
+        assert_eq!(
+            status(b"POST /admin/users HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"),
+            "411"
+        );
+        let r = String::from_utf8(json(401, "{}")).unwrap();
+        assert!(r.contains("\r\nWWW-Authenticate: Bearer\r\n\r\n{}"), "{r}");
     }
 }

@@ -9,12 +9,13 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use hermod_shards::engine::Stats;
+use hermod_shards::engine::{Histogram, Stats, LATENCY_BOUNDS_MS};
 use hermod_shards::protocol::ErrorCode;
+use hermod_shards::storage::rocks::StoreStats;
 
 /// How many per-shard families `FAMILIES` lists; `publish` fills exactly this many values, in
 /// the same order (a fixed-size array, so the compiler holds the two in step).
-const FAMILY_COUNT: usize = 15;
+const FAMILY_COUNT: usize = 21;
 
 /// One value per shard, by name, with its help text and Prometheus type.
 const FAMILIES: [(&str, &str, &str); FAMILY_COUNT] = [
@@ -27,6 +28,11 @@ const FAMILIES: [(&str, &str, &str); FAMILY_COUNT] = [
         "hermod_users_online",
         "gauge",
         "Users homed on the shard with an authenticated connection.",
+    ),
+    (
+        "hermod_devices_online",
+        "gauge",
+        "Authenticated connections (devices) of users homed on the shard.",
     ),
     (
         "hermod_pending_writes",
@@ -47,6 +53,11 @@ const FAMILIES: [(&str, &str, &str); FAMILY_COUNT] = [
         "hermod_frames_in_total",
         "counter",
         "Client text frames received.",
+    ),
+    (
+        "hermod_frames_out_total",
+        "counter",
+        "Text frames queued to clients (replies and pushes).",
     ),
     (
         "hermod_messages_appended_total",
@@ -85,6 +96,26 @@ const FAMILIES: [(&str, &str, &str); FAMILY_COUNT] = [
         "Writes in those commits (ops / commits is the mean batch size).",
     ),
     ("hermod_errors_total", "counter", "Error replies sent."),
+    (
+        "hermod_store_keys_estimate",
+        "gauge",
+        "RocksDB's estimate of live keys in the shard's column family.",
+    ),
+    (
+        "hermod_store_live_data_bytes",
+        "gauge",
+        "RocksDB's estimate of live data in the shard's column family.",
+    ),
+    (
+        "hermod_store_sst_bytes",
+        "gauge",
+        "Size of the shard's SST files on disk.",
+    ),
+    (
+        "hermod_store_memtable_bytes",
+        "gauge",
+        "Size of the shard's memtables.",
+    ),
 ];
 
 /// Upper bounds of the commit latency buckets, in microseconds (Prometheus `le`, in seconds).
@@ -110,6 +141,15 @@ impl Hist {
         self.sum.fetch_add(v, Ordering::Relaxed);
         self.count.fetch_add(1, Ordering::Relaxed);
     }
+
+    /// Takes over an engine histogram's running totals (published each tick).
+    fn store(&self, h: &Histogram) {
+        for (cell, v) in self.buckets.iter().zip(h.buckets) {
+            cell.store(v, Ordering::Relaxed);
+        }
+        self.sum.store(h.sum, Ordering::Relaxed);
+        self.count.store(h.count, Ordering::Relaxed);
+    }
 }
 
 #[derive(Default)]
@@ -119,6 +159,8 @@ struct Slot {
     errors_by_code: [AtomicU64; 32],
     commit_us: Hist,
     commit_ops: Hist,
+    delivery_ms: Hist,
+    push_ack_ms: Hist,
 }
 
 /// Everything `/metrics`, `/healthz` and `/readyz` read.
@@ -133,9 +175,12 @@ pub struct Sample {
     pub stats: Stats,
     pub connections: usize,
     pub users_online: usize,
+    pub devices_online: usize,
     pub pending_writes: usize,
     pub loaded_conversations: usize,
     pub mail_backlog: usize,
+    /// The column family's figures as last read (about once a second, off the reactor).
+    pub store: StoreStats,
 }
 
 impl Board {
@@ -162,10 +207,12 @@ impl Board {
         let values: [u64; FAMILY_COUNT] = [
             s.connections as u64,
             s.users_online as u64,
+            s.devices_online as u64,
             s.pending_writes as u64,
             s.loaded_conversations as u64,
             s.mail_backlog as u64,
             st.frames_in,
+            st.frames_out,
             st.appended,
             st.deduplicated,
             st.pushes,
@@ -175,6 +222,10 @@ impl Board {
             st.commits,
             st.commit_ops,
             st.errors,
+            s.store.keys_estimate,
+            s.store.live_data_bytes,
+            s.store.sst_bytes,
+            s.store.memtable_bytes,
         ];
         let slot = &self.slots[shard];
         for (cell, v) in slot.values.iter().zip(values) {
@@ -183,6 +234,8 @@ impl Board {
         for (cell, v) in slot.errors_by_code.iter().zip(st.errors_by_code) {
             cell.store(v, Ordering::Relaxed);
         }
+        slot.delivery_ms.store(&st.delivery_ms);
+        slot.push_ack_ms.store(&st.push_ack_ms);
     }
 
     /// One group commit of `ops` writes took `micros` (called by its shard only).
@@ -240,6 +293,26 @@ impl Board {
             1.0,
             |s| &s.commit_ops,
         );
+        self.render_hist(
+            &mut out,
+            (
+                "hermod_delivery_seconds",
+                "From a message's seq assignment to its fan-out reaching a home shard (commit included), per destination shard.",
+            ),
+            &LATENCY_BOUNDS_MS,
+            1e-3,
+            |s| &s.delivery_ms,
+        );
+        self.render_hist(
+            &mut out,
+            (
+                "hermod_push_ack_seconds",
+                "From a push's send to the device's ack (the client's round trip; ms resolution).",
+            ),
+            &LATENCY_BOUNDS_MS,
+            1e-3,
+            |s| &s.push_ack_ms,
+        );
         let _ = writeln!(
             out,
             "# HELP hermod_ready Whether every shard is serving (1) or not (0)."
@@ -251,6 +324,38 @@ impl Board {
 }
 
 impl Board {
+    /// The admin API's `GET /admin/stats`: every per-shard family by short name (without
+    /// `hermod_` and `_total`), per shard and summed, plus errors by code and readiness.
+    pub fn stats_json(&self) -> serde_json::Value {
+        use serde_json::{json, Map, Value};
+        let short = |name: &str| {
+            let name = name.strip_prefix("hermod_").unwrap_or(name);
+            name.strip_suffix("_total").unwrap_or(name).to_owned()
+        };
+        let mut totals = Map::new();
+        let mut shards = Vec::with_capacity(self.slots.len());
+        for (shard, slot) in self.slots.iter().enumerate() {
+            let mut one = Map::new();
+            one.insert("shard".into(), json!(shard));
+            for (i, (name, _, _)) in FAMILIES.iter().enumerate() {
+                let v = slot.values[i].load(Ordering::Relaxed);
+                one.insert(short(name), json!(v));
+                let sum = totals.entry(short(name)).or_insert(json!(0u64));
+                *sum = json!(sum.as_u64().unwrap_or(0) + v);
+            }
+            let mut errors = Map::new();
+            for code in ErrorCode::ALL {
+                let v = slot.errors_by_code[code as usize].load(Ordering::Relaxed);
+                if v > 0 {
+                    errors.insert(code.as_str().into(), json!(v));
+                }
+            }
+            one.insert("errors_by_code".into(), Value::Object(errors));
+            shards.push(Value::Object(one));
+        }
+        json!({ "ok": { "ready": self.ready(), "totals": totals, "shards": shards } })
+    }
+
     fn render_hist(
         &self,
         out: &mut String,
@@ -303,9 +408,14 @@ mod tests {
                 stats,
                 connections: 3,
                 users_online: 2,
+                devices_online: 2,
                 pending_writes: 0,
                 loaded_conversations: 1,
                 mail_backlog: 0,
+                store: StoreStats {
+                    keys_estimate: 11,
+                    ..StoreStats::default()
+                },
             },
         );
         let text = board.render();
@@ -315,7 +425,11 @@ mod tests {
         );
         assert!(text.contains("hermod_connections{shard=\"1\"} 3"));
         assert!(text.contains("hermod_connections{shard=\"0\"} 0"));
-        assert_eq!(text.matches("# TYPE").count(), FAMILIES.len() + 4);
+        assert!(text.contains("hermod_store_keys_estimate{shard=\"1\"} 11"));
+        assert_eq!(text.matches("# TYPE").count(), FAMILIES.len() + 6);
+        let stats = board.stats_json();
+        assert_eq!(stats["ok"]["totals"]["messages_appended"], 7);
+        assert_eq!(stats["ok"]["shards"][1]["connections"], 3);
         board.observe_commit(0, 3, 700);
         let text = board.render();
         assert!(

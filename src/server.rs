@@ -77,6 +77,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         let bound = bound_tx.clone();
         let hash_cost = engine_cfg.hash_cost;
         let board = board.clone();
+        let admin_token = cfg.admin_token.clone();
         let handle = LocalExecutorBuilder::new(Placement::Fixed(i % cores))
             .name(&format!("hermod-shard-{i}"))
             .io_memory(io_memory)
@@ -93,6 +94,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
                     mesh,
                     shutdown,
                     board,
+                    admin_token,
                 })
                 .await
             })

@@ -25,7 +25,7 @@ use glommio::{GlommioError, ResourceType};
 use hermod_shards::auth::HashCost;
 use hermod_shards::engine::Durability;
 use hermod_shards::limits::{COMMIT_OPS_MAX, MAIL_BACKLOG_MAX};
-use hermod_shards::storage::rocks::RocksStorage;
+use hermod_shards::storage::rocks::{RocksStorage, StoreStats};
 use hermod_shards::{ConnId, Output, Shard, ShardId};
 
 use crate::conn::{self, Outbox};
@@ -38,6 +38,8 @@ const HASH_JOBS_MAX: u64 = 2;
 /// Longest a shutdown waits for pending writes, then for sockets to flush.
 const DRAIN_WRITES_MAX: Duration = Duration::from_secs(10);
 const DRAIN_SOCKETS_MAX: Duration = Duration::from_secs(2);
+/// How often RocksDB's figures for `/metrics` are read.
+const STORE_STATS_INTERVAL: Duration = Duration::from_secs(1);
 
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -66,6 +68,11 @@ pub struct ShardCtx {
     pub frame_bytes_max: usize,
     /// Server-wide metrics; this shard writes only its own slot.
     pub board: Arc<Board>,
+    /// RocksDB's figures for this shard's column family, refreshed off the reactor (reading
+    /// them may wait on RocksDB's mutex) about once a second.
+    store_stats: Cell<StoreStats>,
+    /// The operator's bearer token for `/admin/…`; `None` turns the admin API off.
+    pub admin_token: Option<Arc<str>>,
 }
 
 struct Peer {
@@ -86,6 +93,7 @@ pub struct Params {
     pub mesh: Ends,
     pub shutdown: Arc<AtomicBool>,
     pub board: Arc<Board>,
+    pub admin_token: Option<Arc<str>>,
 }
 
 /// The shard's main future: runs until shutdown is requested and drained.
@@ -100,6 +108,7 @@ pub async fn run(p: Params) {
         mesh,
         shutdown,
         board,
+        admin_token,
     } = p;
     // glommio's bind sets SO_REUSEPORT: every shard listens on the same address.
     let listener = match TcpListener::bind(listen) {
@@ -153,6 +162,8 @@ pub async fn run(p: Params) {
         scratch: RefCell::new(vec![0; 64 * 1024]),
         frame_bytes_max: hermod_shards::limits::FRAME_BYTES_MAX,
         board,
+        store_stats: Cell::new(StoreStats::default()),
+        admin_token,
     });
 
     for (direct, rx) in pumps {
@@ -214,6 +225,20 @@ pub async fn run(p: Params) {
         })
     };
 
+    let store_stats = {
+        let ctx = ctx.clone();
+        glommio::spawn_local(async move {
+            loop {
+                let store = ctx.store.clone();
+                let stats = glommio::executor()
+                    .spawn_blocking(move || store.stats())
+                    .await;
+                ctx.store_stats.set(stats);
+                glommio::timer::sleep(STORE_STATS_INTERVAL).await;
+            }
+        })
+    };
+
     ctx.board.set_ready(ctx.id.0 as usize);
     while !shutdown.load(Ordering::Relaxed) {
         glommio::timer::sleep(tick).await;
@@ -221,6 +246,7 @@ pub async fn run(p: Params) {
         dispatch(&ctx);
         ctx.publish_metrics();
     }
+    drop(store_stats);
     ctx.board.stopping.store(true, Ordering::Release);
 
     // Drain: stop accepting, let pending writes finish (their acks go out), then close every
@@ -251,9 +277,11 @@ impl ShardCtx {
             stats: engine.stats(),
             connections: engine.connections(),
             users_online: engine.users_online(),
+            devices_online: engine.devices_online(),
             pending_writes: engine.pending_ops(),
             loaded_conversations: engine.loaded_conversations(),
             mail_backlog: self.backlog.get(),
+            store: self.store_stats.get(),
         };
         self.board.publish(self.id.0 as usize, &sample);
     }
@@ -318,6 +346,11 @@ pub fn dispatch(ctx: &Ctx) {
                 }
             }
             Output::Mail { to, mail } => ctx.send_envelope(to, Envelope::Mail(mail)),
+            Output::AdminReply { conn, status, body } => {
+                if let Some(outbox) = ctx.conns.borrow().get(&conn) {
+                    outbox.admin_reply(status, body);
+                }
+            }
             Output::Handoff { conn, to, handoff } => {
                 if let Some(outbox) = ctx.conns.borrow().get(&conn) {
                     outbox.hand_off(to, handoff);

@@ -69,10 +69,12 @@ fn health_readiness_and_metrics() {
     for family in [
         "hermod_connections",
         "hermod_users_online",
+        "hermod_devices_online",
         "hermod_pending_writes",
         "hermod_loaded_conversations",
         "hermod_mail_backlog",
         "hermod_frames_in_total",
+        "hermod_frames_out_total",
         "hermod_messages_appended_total",
         "hermod_messages_deduplicated_total",
         "hermod_pushes_total",
@@ -82,6 +84,10 @@ fn health_readiness_and_metrics() {
         "hermod_commits_total",
         "hermod_commit_ops_total",
         "hermod_errors_total",
+        "hermod_store_keys_estimate",
+        "hermod_store_live_data_bytes",
+        "hermod_store_sst_bytes",
+        "hermod_store_memtable_bytes",
     ] {
         assert!(
             page.contains(&format!("# TYPE {family} ")),
@@ -96,10 +102,12 @@ fn health_readiness_and_metrics() {
 
     // Counters move (published every tick, at most 250 ms apart).
     let (mut alice, _) = server.user("alice", "pc");
-    let _bob = server.user("bob", "pc");
+    let (mut bob, _) = server.user("bob", "pc");
     let conv = open(&mut alice, "bob");
     for i in 0..3 {
         send(&mut alice, &conv, &format!("m{i}"));
+        let push = bob.push();
+        bob.ack(&push);
     }
     assert_eq!(
         alice.err("send", json!({ "conv": "d.1.2", "body": 1 })),
@@ -110,7 +118,11 @@ fn health_readiness_and_metrics() {
     for _ in 0..50 {
         page = http_get(server.addr, "/metrics");
         appended = metric(&page, "hermod_messages_appended_total");
-        if appended >= 3 && page.contains("code=\"not_member\"") {
+        if appended >= 3
+            && page.contains("code=\"not_member\"")
+            && metric(&page, "hermod_push_ack_seconds_count") >= 3
+            && metric(&page, "hermod_store_memtable_bytes") > 0
+        {
             break;
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -123,8 +135,26 @@ fn health_readiness_and_metrics() {
         "two keys per message"
     );
     assert!(metric(&page, "hermod_commits_total") >= 1);
+    // Each message reached bob's home once (alice's home too when it differs), was pushed to
+    // bob and acked by him.
+    assert!(
+        metric(&page, "hermod_delivery_seconds_count") >= 3,
+        "{page}"
+    );
+    assert_eq!(metric(&page, "hermod_push_ack_seconds_count"), 3, "{page}");
+    assert!(
+        page.contains("hermod_push_ack_seconds_bucket{shard="),
+        "{page}"
+    );
+    // RocksDB's figures are read about once a second; accounts and messages are in memtables.
+    assert!(metric(&page, "hermod_store_memtable_bytes") > 0, "{page}");
     assert!(metric(&page, "hermod_connections") >= 1);
     assert_eq!(metric(&page, "hermod_users_online"), 2, "alice and bob");
+    assert_eq!(metric(&page, "hermod_devices_online"), 2);
+    assert!(
+        metric(&page, "hermod_frames_out_total") >= 8,
+        "replies and pushes"
+    );
 
     assert!(server.stop().success());
 }

@@ -43,10 +43,18 @@ pub enum ConvId {
     Group(GroupId),
 }
 
+/// The server's own name: the sender of operator notices (admin API). `register` refuses it,
+/// so it never has an account, devices or state on its home shard; its one-to-one
+/// conversations with users carry notices only (users cannot send in them).
+pub const SYSTEM_USERNAME: &str = "hermod";
+
 impl UserId {
     pub fn from_username(normalised: &str) -> UserId {
         UserId(xxh3_64(normalised.as_bytes()))
     }
+
+    /// The id of [`SYSTEM_USERNAME`] (computed at compile time: it is checked on every send).
+    pub const SYSTEM: UserId = UserId(xxhash_rust::const_xxh3::xxh3_64(SYSTEM_USERNAME.as_bytes()));
 
     pub fn slot(self) -> Slot {
         Slot((self.0 % SLOTS as u64) as u16)
@@ -186,6 +194,11 @@ mod tests {
         assert_eq!(ConvId::parse("g.0abc"), None, "leading zero");
         assert!(g.may_have_member(UserId(5)) && !c.may_have_member(UserId(5)));
         assert_eq!(ConvId::parse("d.1"), None);
+    }
+
+    #[test]
+    fn the_system_id_is_its_names_id() {
+        assert_eq!(UserId::SYSTEM, UserId::from_username(SYSTEM_USERNAME));
     }
 
     #[test]

@@ -12,6 +12,7 @@
 //! | [`ids`] | id newtypes (`UserId`, `ConvId`, `ShardId`, `Seq`, `ConnId`) and slot → shard placement |
 //! | [`protocol`] | the client protocol: request, reply, push and error shapes (see `docs/protocol.md`) |
 //! | [`mail`] | every message one shard sends another: one enum, one file |
+//! | [`admin`] | the operator's API: requests parsed from HTTP, answers mapped to statuses |
 //! | [`auth`] | signed device tokens, username/password rules, password hashing jobs |
 //! | [`storage`] | the storage trait, key layout, stored record encodings, RocksDB and in-memory stores |
 //! | [`engine`] | the shard state machine: sessions, accounts, conversation ownership, fan-out, sync |
@@ -20,6 +21,7 @@
 //! construction (it holds `Rc`s) and is only ever touched by its own executor thread.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod auth;
 pub mod engine;
 pub mod ids;

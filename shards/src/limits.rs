@@ -113,6 +113,20 @@ pub const PASSWORD_BYTES_MIN: usize = 8;
 pub const PASSWORD_BYTES_MAX: usize = 256;
 pub const DEVICE_BYTES_MAX: usize = 64;
 
+/// Accounts created by one admin `POST /admin/users`. Each costs a password hash on its home
+/// shard (at most two at a time per shard), so this bounds how long one request holds them.
+pub const ADMIN_CREATE_MAX: usize = 1_000;
+
+/// Largest admin request body, in bytes (a full bulk creation with long passwords fits).
+pub const ADMIN_BODY_BYTES_MAX: usize = 512 * 1024;
+
+/// Admin requests in flight on one shard; beyond it the request gets 503 at once.
+pub const ADMIN_REQUESTS_MAX: usize = 16;
+
+const _: () = assert!(
+    ADMIN_CREATE_MAX * (USERNAME_BYTES_MAX + PASSWORD_BYTES_MAX + 40) < ADMIN_BODY_BYTES_MAX,
+    "a full bulk creation fits in one admin body"
+);
 const _: () = assert!(
     SLOTS as usize >= SHARDS_MAX,
     "every shard needs at least one slot"

@@ -125,6 +125,21 @@ pub enum ConvOp {
         device: String,
     },
     Typing,
+    /// An operator's notice into a group (admin API): a `system` entry with event `notice`,
+    /// written by the server itself (the actor is the system user, not a member).
+    Notice {
+        body: String,
+    },
+}
+
+/// An operator's action on one account, run on its home shard (admin API).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AccountAction {
+    Disable(bool),
+    /// Close one device's connections (every device's when `None`) and revoke its token.
+    Kick {
+        device: Option<String>,
+    },
 }
 
 #[derive(Debug)]
@@ -229,6 +244,25 @@ pub enum Mail {
         seq: Seq,
     },
 
+    // ---- admin → home ----
+    /// Create these accounts (index in the operator's request, username, password), all homed
+    /// on the receiving shard; answered with one `AccountsCreated` once each is durable or
+    /// refused.
+    CreateAccounts {
+        reply: ReplyTo,
+        users: Vec<(usize, String, String)>,
+    },
+    AccountsCreated {
+        conn: ConnId,
+        results: Vec<(usize, Result<(), ErrorCode>)>,
+    },
+    /// An operator's action on `user`, homed on the receiving shard; the reply says what was done.
+    Account {
+        reply: ReplyTo,
+        user: Named,
+        action: AccountAction,
+    },
+
     // ---- owner → home ----
     /// Index `conv` for `user` (durably) and answer with `MemberEnsured`.
     EnsureMember {
@@ -278,6 +312,8 @@ pub enum Mail {
     Deliver {
         conv: ConvId,
         seq: Seq,
+        /// When the owner assigned `seq`: the home shard measures delivery latency from it.
+        ts_ms: u64,
         msg: Arc<str>,
         recipients: Arc<[UserId]>,
         skip: Option<ConnId>,

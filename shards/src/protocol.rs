@@ -278,11 +278,13 @@ pub enum ErrorCode {
     NoSuchDevice,
     Overloaded,
     Internal,
+    /// An operator disabled this account (admin API): no login, no resume.
+    AccountDisabled,
 }
 
 impl ErrorCode {
     /// Every code, in declaration order (`code as usize` indexes it).
-    pub const ALL: [ErrorCode; 31] = [
+    pub const ALL: [ErrorCode; 32] = [
         ErrorCode::BadJson,
         ErrorCode::BadRequest,
         ErrorCode::UnknownOp,
@@ -314,7 +316,13 @@ impl ErrorCode {
         ErrorCode::NoSuchDevice,
         ErrorCode::Overloaded,
         ErrorCode::Internal,
+        ErrorCode::AccountDisabled,
     ];
+
+    /// The code whose string form is `text`.
+    pub fn parse(text: &str) -> Option<ErrorCode> {
+        ErrorCode::ALL.into_iter().find(|c| c.as_str() == text)
+    }
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -349,6 +357,7 @@ impl ErrorCode {
             ErrorCode::NoSuchDevice => "no_such_device",
             ErrorCode::Overloaded => "overloaded",
             ErrorCode::Internal => "internal",
+            ErrorCode::AccountDisabled => "account_disabled",
         }
     }
 }
@@ -369,6 +378,8 @@ pub mod close {
     pub const SLOW_CONSUMER: u16 = 4001;
     /// Another login took this device name, or the device was logged out.
     pub const SESSION_REPLACED: u16 = 4002;
+    /// An operator kicked this device or disabled the account (admin API).
+    pub const KICKED: u16 = 4003;
 }
 
 #[derive(Serialize)]

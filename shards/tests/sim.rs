@@ -221,6 +221,7 @@ impl Sim {
                 self.shards[to].handle_adopt(self.now_ms, new, handoff);
             }
             Output::Job { id, job } => self.jobs.push((s, id, job)),
+            Output::AdminReply { .. } => unreachable!("the simulation sends no admin requests"),
         }
     }
 

@@ -11,7 +11,7 @@ use hermod_tools::plan::{self, si, Inputs};
 #[command(
     name = "hermod-tools",
     version,
-    about = "Operator tools for Hermod: capacity planner, host doctor"
+    about = "Operator tools for Hermod: capacity planner, host doctor, admin client"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -84,6 +84,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Drive a running server's admin API (docs/admin.md). Prints the answer as JSON.
+    Admin {
+        /// The server's HTTP address.
+        #[arg(long, default_value = "http://127.0.0.1:7400")]
+        url: String,
+        /// The admin token (the server's admin_token).
+        #[arg(long, env = "HERMOD_ADMIN_TOKEN", hide_env_values = true)]
+        token: String,
+        #[command(subcommand)]
+        action: AdminAction,
+    },
     /// Check this host against tuning.md: current, recommended, why.
     Doctor {
         /// Connections this host should hold.
@@ -95,6 +106,97 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum AdminAction {
+    /// Server statistics, per shard and in total.
+    Stats,
+    /// Create accounts from a file of `username<TAB>password` lines (`-` for stdin), or
+    /// `--count` accounts named PREFIX1… with one password.
+    CreateUsers {
+        #[arg(long, conflicts_with_all = ["prefix", "count", "password"])]
+        file: Option<PathBuf>,
+        #[arg(long, default_value = "user")]
+        prefix: String,
+        #[arg(long)]
+        count: Option<usize>,
+        #[arg(long)]
+        password: Option<String>,
+    },
+    /// Refuse the account's logins and close its connections (4003).
+    Disable {
+        user: String,
+    },
+    Enable {
+        user: String,
+    },
+    /// Close a device's connections (4003) and revoke its token; every device without --device.
+    Kick {
+        user: String,
+        #[arg(long)]
+        device: Option<String>,
+    },
+    /// A message from the server (`hermod`) to a user, or a `notice` entry in a group.
+    Notice {
+        #[arg(long, conflicts_with = "group")]
+        user: Option<String>,
+        /// A group id (g.<hex>).
+        #[arg(long)]
+        group: Option<String>,
+        /// Sent as the body {"text": TEXT}.
+        #[arg(long, conflicts_with = "body")]
+        text: Option<String>,
+        /// The body as raw JSON.
+        #[arg(long)]
+        body: Option<String>,
+    },
+}
+
+fn admin(url: &str, token: &str, action: AdminAction) -> anyhow::Result<serde_json::Value> {
+    let client = hermod_tools::admin::Client::new(url, token);
+    match action {
+        AdminAction::Stats => client.stats(),
+        AdminAction::CreateUsers {
+            file,
+            prefix,
+            count,
+            password,
+        } => {
+            let users = match (file, count, password) {
+                (Some(path), _, _) => {
+                    let text = if path.as_os_str() == "-" {
+                        std::io::read_to_string(std::io::stdin())?
+                    } else {
+                        std::fs::read_to_string(&path)
+                            .with_context(|| format!("reading {}", path.display()))?
+                    };
+                    hermod_tools::admin::parse_users(&text)?
+                }
+                (None, Some(count), Some(password)) => (1..=count)
+                    .map(|i| (format!("{prefix}{i}"), password.clone()))
+                    .collect(),
+                _ => anyhow::bail!("give --file, or --count and --password"),
+            };
+            client.create_users(&users)
+        }
+        AdminAction::Disable { user } => client.set_disabled(&user, true),
+        AdminAction::Enable { user } => client.set_disabled(&user, false),
+        AdminAction::Kick { user, device } => client.kick(&user, device.as_deref()),
+        AdminAction::Notice {
+            user,
+            group,
+            text,
+            body,
+        } => {
+            let body = match (text, body) {
+                (Some(text), None) => serde_json::json!({ "text": text }),
+                (None, Some(raw)) => serde_json::from_str(&raw).context("--body is not JSON")?,
+                _ => anyhow::bail!("give --text or --body"),
+            };
+            client.notice(user.as_deref(), group.as_deref(), body)
+        }
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -189,6 +291,10 @@ fn main() -> anyhow::Result<()> {
                 None => print!("{text}"),
             }
             eprintln!("provisioned {users} accounts in {}", data.display());
+        }
+        Command::Admin { url, token, action } => {
+            let answer = admin(&url, &token, action)?;
+            println!("{}", serde_json::to_string_pretty(&answer)?);
         }
         Command::Inspect { data, json } => {
             let stats = hermod_tools::inspect::inspect(&data)?;

@@ -30,6 +30,8 @@ pub(super) enum Deferred {
         conv: ConvId,
         id: uuid::Uuid,
         seq: Seq,
+        /// When the owner assigned the seq (the message's `ts`): delivery latency starts here.
+        ts_ms: u64,
         msg: Arc<str>,
         frame_ok: String,
         sender: ReplyTo,
@@ -39,6 +41,7 @@ pub(super) enum Deferred {
     Event {
         conv: ConvId,
         seq: Seq,
+        ts_ms: u64,
         msg: Arc<str>,
         fanout: Fanout,
         reply: Option<(ReplyTo, String)>,
@@ -73,6 +76,12 @@ pub(super) enum Deferred {
     LoggedOut {
         conn: ConnId,
         rid: u64,
+    },
+    /// An account of an operator's bulk creation (`admin.rs`).
+    AccountCreated {
+        batch: u64,
+        index: usize,
+        user: UserId,
     },
 }
 
@@ -215,19 +224,21 @@ impl<S: Storage> Shard<S> {
                 conv,
                 id,
                 seq,
+                ts_ms,
                 msg,
                 frame_ok,
                 sender,
                 fanout,
-            } => self.owner_appended(conv, id, seq, msg, frame_ok, sender, fanout),
+            } => self.owner_appended(conv, id, (seq, ts_ms), msg, frame_ok, sender, fanout),
             Deferred::Event {
                 conv,
                 seq,
+                ts_ms,
                 msg,
                 fanout,
                 reply,
                 unindex,
-            } => self.owner_event_done(conv, seq, msg, fanout, reply, unindex),
+            } => self.owner_event_done(conv, (seq, ts_ms), msg, fanout, reply, unindex),
             Deferred::Mail { to, mail } => self.mail(to, mail),
             Deferred::Ensured { owner, conv, user } => self.mail(
                 owner,
@@ -255,6 +266,10 @@ impl<S: Storage> Shard<S> {
                 self.end_busy(now_ms, conn);
             }
             Deferred::LoggedOut { conn, rid } => self.logged_out(conn, rid),
+            Deferred::AccountCreated { batch, index, user } => {
+                self.sessions.registering.remove(&user);
+                self.account_created(batch, index, Ok(()));
+            }
         }
     }
 
@@ -299,6 +314,10 @@ impl<S: Storage> Shard<S> {
                 },
             ),
             Deferred::Opened { conv } => self.owner_opened(conv, Some(ErrorCode::Internal)),
+            Deferred::AccountCreated { batch, index, user } => {
+                self.sessions.registering.remove(&user);
+                self.account_created(batch, index, Err(ErrorCode::Internal));
+            }
         }
     }
 

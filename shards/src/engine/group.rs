@@ -543,6 +543,7 @@ impl<S: Storage> Shard<S> {
             | ConvOp::Receipts { .. }
             | ConvOp::Recall { .. }
             | ConvOp::Edit { .. }
+            | ConvOp::Notice { .. }
             | ConvOp::Typing => unreachable!("routed elsewhere"),
         }
         Ok(())

@@ -10,6 +10,7 @@
 //! | `owner.rs` | conversations this shard owns: open, append (seq, dedup), fan-out, pages, summaries, recall and edit, read cursors |
 //! | `group.rs` | groups this shard owns: membership, roles, settings, versions, join requests |
 //! | `social.rs` | friends and requests, blocks, presence, devices (on each user's home shard) |
+//! | `admin.rs` | operator requests: bulk accounts, disable, kick, notices (the admin API) |
 //! | `gather.rs` | requests that need several shards' answers: `convs`, `sync`, `history` |
 //! | `commit.rs` | group commit: the open batch, the one in flight, effects deferred until durable |
 //!
@@ -20,6 +21,7 @@
 //! - A connection id in `conns` is open on this shard; the engine never emits output for
 //!   a connection it has forgotten.
 
+mod admin;
 mod commit;
 mod gather;
 mod group;
@@ -126,6 +128,13 @@ pub enum Output {
     },
     /// Run a CPU-heavy job off the reactor and report with `handle_job_done`.
     Job { id: u64, job: Job },
+    /// The one answer to admin request `conn` (see `handle_admin`): an HTTP status and a
+    /// JSON body.
+    AdminReply {
+        conn: ConnId,
+        status: u16,
+        body: String,
+    },
 }
 
 pub struct Shard<S: Storage> {
@@ -139,6 +148,7 @@ pub struct Shard<S: Storage> {
     sessions: session::Sessions,
     owned: owner::Owned,
     gathers: gather::Gathers,
+    admin: admin::Admin,
     commits: commit::Commits,
     jobs: HashMap<u64, session::PendingJob>,
     next_job: u64,
@@ -149,6 +159,8 @@ pub struct Shard<S: Storage> {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Stats {
     pub frames_in: u64,
+    /// Text frames handed to the driver to send (replies and pushes).
+    pub frames_out: u64,
     pub appended: u64,
     pub deduplicated: u64,
     pub pushes: u64,
@@ -162,6 +174,35 @@ pub struct Stats {
     pub errors: u64,
     /// Error replies by code, indexed by `ErrorCode as usize` (see `ErrorCode::ALL`).
     pub errors_by_code: [u64; 32],
+    /// From a seq's assignment by its owner to its `Deliver` mail reaching a home shard
+    /// (commit wait, commit, mail hop), once per destination shard per message.
+    pub delivery_ms: Histogram,
+    /// From a push's (latest) send to the device's ack: the client's round trip.
+    pub push_ack_ms: Histogram,
+}
+
+/// Upper bounds, in ms, of the engine's latency histograms (the last bucket is unbounded).
+pub const LATENCY_BOUNDS_MS: [u64; 10] = [1, 2, 5, 10, 25, 50, 100, 250, 500, 1_000];
+
+/// A fixed-bucket latency histogram in ms, cheap to copy into each tick's metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Histogram {
+    /// Per-bucket counts (not cumulative) for `LATENCY_BOUNDS_MS`, then the overflow bucket.
+    pub buckets: [u64; 11],
+    pub sum: u64,
+    pub count: u64,
+}
+
+impl Histogram {
+    pub fn observe(&mut self, ms: u64) {
+        let i = LATENCY_BOUNDS_MS
+            .iter()
+            .position(|&b| ms <= b)
+            .unwrap_or(LATENCY_BOUNDS_MS.len());
+        self.buckets[i] += 1;
+        self.sum += ms;
+        self.count += 1;
+    }
 }
 
 const _: () = assert!(
@@ -191,6 +232,7 @@ impl<S: Storage> Shard<S> {
             sessions: session::Sessions::default(),
             owned: owner::Owned::default(),
             gathers: gather::Gathers::default(),
+            admin: admin::Admin::default(),
             commits: commit::Commits::default(),
             jobs: HashMap::new(),
             next_job: 1,
@@ -215,6 +257,11 @@ impl<S: Storage> Shard<S> {
     /// Users homed here with at least one authenticated connection.
     pub fn users_online(&self) -> usize {
         self.sessions.online.len()
+    }
+
+    /// Authenticated connections (devices) homed here.
+    pub fn devices_online(&self) -> usize {
+        self.sessions.devices_online
     }
 
     /// Conversations whose state this shard holds in memory (as their owner).
@@ -266,7 +313,11 @@ impl<S: Storage> Shard<S> {
     // ---- outputs ----
 
     pub fn poll_output(&mut self) -> Option<Output> {
-        self.out.pop_front()
+        let out = self.out.pop_front();
+        if let Some(Output::Send { .. }) = out {
+            self.stats.frames_out += 1;
+        }
+        out
     }
 
     /// The next batch to write, if none is in flight and writes are pending.
@@ -387,12 +438,23 @@ impl<S: Storage> Shard<S> {
                 self.owner_member_ensured(now_ms, conv, user, result)
             }
             Mail::Reply { conn, frame } => self.send(conn, frame),
+            Mail::CreateAccounts { reply, users } => self.create_accounts(reply, users),
+            Mail::AccountsCreated { conn, results } => self.admin_accounts_created(conn, results),
+            Mail::Account {
+                reply,
+                user,
+                action,
+            } => self.account_action(reply, user, action),
             Mail::Deliver {
+                ts_ms,
                 msg,
                 recipients,
                 skip,
                 ..
-            } => self.home_deliver(now_ms, &msg, &recipients, skip),
+            } => {
+                self.stats.delivery_ms.observe(now_ms.saturating_sub(ts_ms));
+                self.home_deliver(now_ms, &msg, &recipients, skip)
+            }
             Mail::RangeDone { gather, page } => self.gather_range_done(gather, page),
             Mail::LastSeqsDone { gather, seqs } => self.gather_last_seqs_done(gather, seqs),
         }
@@ -416,6 +478,8 @@ impl<S: Storage> Shard<S> {
     fn send(&mut self, conn: ConnId, frame: String) {
         if self.sessions.conns.contains_key(&conn) {
             self.out.push_back(Output::Send { conn, frame });
+        } else if self.admin.is_request(conn) {
+            self.admin_frame(conn, frame);
         }
     }
 

@@ -85,7 +85,10 @@ impl ConvState {
             (None, Some(members)) => {
                 // The peer's block: member i blocks the other, index by the peer.
                 let peer = usize::from(members[0] == user);
-                if self.blocks.blocked[peer] {
+                if members[peer] == UserId::SYSTEM {
+                    // Operator notices: nobody writes back to the server.
+                    Err(ErrorCode::Forbidden)
+                } else if self.blocks.blocked[peer] {
                     Err(ErrorCode::Blocked)
                 } else {
                     Ok(())
@@ -336,6 +339,7 @@ impl<S: Storage> Shard<S> {
             conv,
             id,
             seq,
+            ts_ms: now_ms,
             msg,
             frame_ok,
             sender: reply,
@@ -368,7 +372,7 @@ impl<S: Storage> Shard<S> {
     /// Drops the loaded state of a conversation that does not exist and has nothing under
     /// way, so requests naming made-up ids cost no memory. (What the state holds then is
     /// exactly what loading it again from storage would give.)
-    fn forget_if_absent(&mut self, conv: ConvId) {
+    pub(super) fn forget_if_absent(&mut self, conv: ConvId) {
         let absent = self.owned.convs.get(&conv).is_some_and(|s| {
             !s.exists
                 && s.last_seq == 0
@@ -402,7 +406,7 @@ impl<S: Storage> Shard<S> {
     fn deliver(
         &mut self,
         conv: ConvId,
-        seq: Seq,
+        (seq, ts_ms): (Seq, u64),
         msg: &Arc<str>,
         fanout: &Fanout,
         sender: Option<ReplyTo>,
@@ -415,6 +419,7 @@ impl<S: Storage> Shard<S> {
                 Mail::Deliver {
                     conv,
                     seq,
+                    ts_ms,
                     msg: msg.clone(),
                     recipients: recipients.clone(),
                     skip,
@@ -429,7 +434,7 @@ impl<S: Storage> Shard<S> {
         &mut self,
         conv: ConvId,
         id: uuid::Uuid,
-        seq: Seq,
+        (seq, ts_ms): (Seq, u64),
         msg: Arc<str>,
         frame_ok: String,
         sender: ReplyTo,
@@ -446,7 +451,7 @@ impl<S: Storage> Shard<S> {
             };
             self.reply_to(waiter, frame);
         }
-        self.deliver(conv, seq, &msg, &fanout, Some(sender));
+        self.deliver(conv, (seq, ts_ms), &msg, &fanout, Some(sender));
     }
 
     /// Assigns the next seq to an event the owner writes itself and queues it for the commit.
@@ -488,6 +493,7 @@ impl<S: Storage> Shard<S> {
         self.defer(Deferred::Event {
             conv,
             seq,
+            ts_ms: now_ms,
             msg,
             fanout,
             reply,
@@ -500,7 +506,7 @@ impl<S: Storage> Shard<S> {
     pub(super) fn owner_event_done(
         &mut self,
         conv: ConvId,
-        seq: Seq,
+        (seq, ts_ms): (Seq, u64),
         msg: Arc<str>,
         fanout: Fanout,
         reply: Option<(ReplyTo, String)>,
@@ -514,7 +520,7 @@ impl<S: Storage> Shard<S> {
         if let Some((to, frame)) = reply {
             self.reply_to(to, frame);
         }
-        self.deliver(conv, seq, &msg, &fanout, None);
+        self.deliver(conv, (seq, ts_ms), &msg, &fanout, None);
         self.unindex(conv, unindex);
     }
 
@@ -739,9 +745,12 @@ impl<S: Storage> Shard<S> {
         actor: Named,
         op: ConvOp,
     ) {
-        if let ConvOp::GroupCreate { .. } = op {
-            return self.group_create(now_ms, reply, conv, actor, op);
-        }
+        let op = match op {
+            ConvOp::GroupCreate { .. } => return self.group_create(now_ms, reply, conv, actor, op),
+            // The server's own entry: its actor is no member.
+            ConvOp::Notice { body } => return self.owner_notice(now_ms, reply, conv, actor, body),
+            op => op,
+        };
         let state = match self.conv_state(conv) {
             Ok(state) => state,
             Err(e) => return self.storage_error_to(reply, &e),

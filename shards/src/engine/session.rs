@@ -16,7 +16,7 @@ use serde_json::json;
 use super::commit::Deferred;
 use super::{Output, Shard};
 use crate::auth::{self, Job, JobResult, TokenClaims};
-use crate::ids::{ConnId, ConvId, GroupId, UserId};
+use crate::ids::{ConnId, ConvId, GroupId, UserId, SYSTEM_USERNAME};
 use crate::limits::{
     AVATAR_URL_BYTES_MAX, BIO_BYTES_MAX, DISPLAY_NAME_BYTES_MAX, FAILED_LOGINS_MAX,
     GROUP_INVITE_MAX, GROUP_NAME_BYTES_MAX, HELD_FRAMES_MAX, PRESENCE_PULL_MAX, STATUS_BYTES_MAX,
@@ -73,6 +73,8 @@ pub(super) struct Sessions {
     pub conns: BTreeMap<ConnId, Conn>,
     /// Online connections per user homed here.
     pub online: HashMap<UserId, Vec<ConnId>>,
+    /// Connections in `online`, all users together.
+    pub devices_online: usize,
     /// Users whose registration is hashing or committing: a second registration is refused.
     pub registering: HashSet<UserId>,
     /// Users homed here whose presence may have changed since the last tick.
@@ -97,6 +99,13 @@ pub(super) enum PendingJob {
         user: UserId,
         name: String,
         device: String,
+    },
+    /// An account of an operator's bulk creation (`admin.rs`).
+    Account {
+        batch: u64,
+        index: usize,
+        user: UserId,
+        name: String,
     },
 }
 
@@ -147,6 +156,7 @@ impl<S: Storage> Shard<S> {
     /// The socket closed (by the peer, an error, or after our own `Close`).
     pub fn handle_disconnect(&mut self, _now_ms: u64, conn: ConnId) {
         self.forget(conn);
+        self.forget_admin(conn);
     }
 
     /// Any sign of life that is not a text frame (a pong, a ping).
@@ -164,7 +174,9 @@ impl<S: Storage> Shard<S> {
                 .last_seen
                 .insert((s.user, s.device.clone()), c.last_in_ms);
             if let Some(list) = self.sessions.online.get_mut(&s.user) {
+                let before = list.len();
                 list.retain(|&other| other != conn);
+                self.sessions.devices_online -= before - list.len();
                 if list.is_empty() {
                     self.sessions.online.remove(&s.user);
                 }
@@ -230,7 +242,7 @@ impl<S: Storage> Shard<S> {
         let op = head.op.as_ref();
         if op == "ack" {
             return match (parse::<p::Ack>(text), session) {
-                (Ok(ack), Some(_)) => self.ack(conn, &ack.pids),
+                (Ok(ack), Some(_)) => self.ack(now_ms, conn, &ack.pids),
                 (Err(e), _) => self.error(conn, None, ErrorCode::BadRequest, &e),
                 (_, None) => self.error(conn, None, ErrorCode::NotAuthenticated, "log in first"),
             };
@@ -341,6 +353,14 @@ impl<S: Storage> Shard<S> {
         if let Err(code) = auth::check_password(&req.password) {
             return self.error(conn, Some(rid), code, "passwords are 8-256 bytes");
         }
+        if name == SYSTEM_USERNAME {
+            return self.error(
+                conn,
+                Some(rid),
+                ErrorCode::UsernameTaken,
+                "that username is reserved for the server",
+            );
+        }
         let user = UserId::from_username(&name);
         if self.hand_off_if_remote(conn, user, &registration_frame(rid, &name, &req.password)) {
             return;
@@ -397,6 +417,12 @@ impl<S: Storage> Shard<S> {
             return;
         }
         match self.get_latest(&keys::user(user)) {
+            Ok(Some(_)) if self.is_disabled(user) => self.error(
+                conn,
+                Some(rid),
+                ErrorCode::AccountDisabled,
+                "this account was disabled by an operator",
+            ),
             Ok(Some(bytes)) => match UserRecord::decode(&keys::user(user), &bytes) {
                 Ok(rec) if rec.name == name => {
                     self.set_busy(conn);
@@ -443,6 +469,14 @@ impl<S: Storage> Shard<S> {
         };
         if device.is_none_or(|d| d.nonce != claims.nonce) {
             return self.login_failed(conn, rid, ErrorCode::DeviceRevoked);
+        }
+        if self.is_disabled(claims.user) {
+            return self.error(
+                conn,
+                Some(rid),
+                ErrorCode::AccountDisabled,
+                "this account was disabled by an operator",
+            );
         }
         let user_key = keys::user(claims.user);
         match self
@@ -578,6 +612,15 @@ impl<S: Storage> Shard<S> {
                 if !self.sessions.conns.contains_key(&conn) {
                     return; // gone while hashing: no device record, no token
                 }
+                if self.is_disabled(user) {
+                    self.error(
+                        conn,
+                        Some(rid),
+                        ErrorCode::AccountDisabled,
+                        "this account was disabled by an operator",
+                    );
+                    return self.end_busy(now_ms, conn);
+                }
                 let nonce: u64 = self.rng.gen();
                 let issued_s = now_ms / 1000;
                 let claims = TokenClaims {
@@ -611,6 +654,21 @@ impl<S: Storage> Shard<S> {
                 self.login_failed(conn, rid, ErrorCode::BadCredentials);
                 self.end_busy(now_ms, conn);
             }
+            (
+                PendingJob::Account {
+                    batch,
+                    index,
+                    user,
+                    name,
+                },
+                result,
+            ) => {
+                let phc = match result {
+                    JobResult::Hashed(phc) => phc,
+                    JobResult::Verified(_) => None,
+                };
+                self.account_hashed(now_ms, (batch, index), (user, name), phc);
+            }
         }
     }
 
@@ -632,6 +690,7 @@ impl<S: Storage> Shard<S> {
             .entry(session.user)
             .or_default()
             .push(conn);
+        self.sessions.devices_online += 1;
         self.sessions.presence_dirty.insert(session.user);
         if let Some(c) = self.sessions.conns.get_mut(&conn) {
             c.session = Some(session);
@@ -1129,6 +1188,8 @@ impl<S: Storage> Shard<S> {
     ) {
         let owner = conv.slot().shard(self.cfg.shards);
         let result = match self.get_latest(&keys::user(user)) {
+            // The server's side of a notice conversation: it lists nothing.
+            _ if user == UserId::SYSTEM => Ok(()),
             Ok(None) => Err(ErrorCode::NoSuchUser),
             Ok(Some(_)) => match self.get_latest(&keys::user_conv(user, conv)) {
                 Ok(Some(_)) => Ok(()),
@@ -1215,12 +1276,16 @@ impl<S: Storage> Shard<S> {
         self.out.push_back(Output::Send { conn, frame });
     }
 
-    fn ack(&mut self, conn: ConnId, pids: &[u64]) {
+    fn ack(&mut self, now_ms: u64, conn: ConnId, pids: &[u64]) {
         let Some(c) = self.sessions.conns.get_mut(&conn) else {
             return;
         };
         for pid in pids.iter().take(UNACKED_PUSHES_MAX) {
-            c.unacked.remove(pid);
+            if let Some(acked) = c.unacked.remove(pid) {
+                self.stats
+                    .push_ack_ms
+                    .observe(now_ms.saturating_sub(acked.sent_ms));
+            }
         }
     }
 

@@ -91,10 +91,21 @@ pub mod keys {
     }
 
     pub fn device(user: UserId, device: &str) -> Vec<u8> {
-        let mut k = head(user.slot().0, b'D', 8 + device.len());
-        k.extend_from_slice(&user.0.to_be_bytes());
+        let mut k = device_prefix(user);
         k.extend_from_slice(device.as_bytes());
         k
+    }
+
+    /// Every device key of `user` starts with this.
+    pub fn device_prefix(user: UserId) -> Vec<u8> {
+        let mut k = head(user.slot().0, b'D', 8);
+        k.extend_from_slice(&user.0.to_be_bytes());
+        k
+    }
+
+    /// The device name at the end of a `device` key.
+    pub fn device_of_key(key: &[u8]) -> Option<String> {
+        String::from_utf8(key.get(3 + 8..)?.to_vec()).ok()
     }
 
     pub fn user_conv(user: UserId, conv: ConvId) -> Vec<u8> {
@@ -172,6 +183,11 @@ pub mod keys {
 
     pub const FRIEND: u8 = b'F';
     pub const BLOCK: u8 = b'B';
+
+    /// Present while an operator has disabled the account (the value is empty).
+    pub fn disabled(user: UserId) -> Vec<u8> {
+        user_prefix(b'X', user)
+    }
 
     pub fn profile(user: UserId) -> Vec<u8> {
         user_prefix(b'P', user)

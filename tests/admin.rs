@@ -1,0 +1,387 @@
+//! The admin API against the real server: authorisation (the admin token only; a user's token
+//! is refused), each action, and the `hermod-tools admin` client.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+
+const ADMIN: &str = "admin-token-for-tests-0123456789";
+
+fn admin_server() -> Server {
+    Server::start(&["--admin-token", ADMIN])
+}
+
+fn admin(server: &Server, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+    http_json(server.addr, method, path, Some(ADMIN), body.as_ref())
+}
+
+fn login(server: &Server, user: &str, device: &str) -> Value {
+    server.client().request(
+        "login",
+        json!({ "username": user, "password": "password123", "device": device }),
+    )
+}
+
+#[test]
+fn only_the_admin_token_opens_the_admin_api() {
+    let off = Server::start(&[]);
+    let (status, body) = http_json(off.addr, "GET", "/admin/stats", Some(ADMIN), None);
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (404, Some("admin_disabled"))
+    );
+
+    let server = admin_server();
+    let (_alice, user_token) = server.user("alice", "pc");
+    for bearer in [
+        None,
+        Some("wrong-token-wrong-token"),
+        Some(user_token.as_str()),
+    ] {
+        let (status, body) = http_json(server.addr, "GET", "/admin/stats", bearer, None);
+        assert_eq!(status, 401, "{bearer:?}: {body}");
+        assert_eq!(body["error"]["code"], "unauthorized");
+        let (status, _) = http_json(
+            server.addr,
+            "POST",
+            "/admin/users/alice/disable",
+            bearer,
+            None,
+        );
+        assert_eq!(status, 401, "a refused token changes nothing");
+    }
+    assert!(login(&server, "alice", "phone").get("ok").is_some());
+
+    let (status, body) = admin(&server, "GET", "/admin/stats", None);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["ok"]["ready"], true);
+    assert_eq!(body["ok"]["shards"].as_array().map(Vec::len), Some(2));
+    assert!(
+        body["ok"]["totals"]["connections"].as_u64().is_some(),
+        "{body}"
+    );
+
+    let (status, body) = admin(&server, "GET", "/admin/nothing", None);
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (404, Some("unknown_op"))
+    );
+    let (status, _) = admin(&server, "GET", "/admin/users", None);
+    assert_eq!(status, 400, "wrong method");
+    let (status, body) = http_json(
+        server.addr,
+        "POST",
+        "/admin/users",
+        Some(ADMIN),
+        Some(&json!("not an object")),
+    );
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("bad_request"))
+    );
+}
+
+#[test]
+fn bulk_creation_makes_accounts_on_their_home_shards() {
+    let server = admin_server();
+    let _taken = server.user("taken1", "pc");
+    let mut users: Vec<Value> = (0..40)
+        .map(|i| json!({ "username": format!("Bulk{i}"), "password": "password123" }))
+        .collect();
+    users.push(json!({ "username": "taken1", "password": "password123" }));
+    users.push(json!({ "username": "hermod", "password": "password123" }));
+    users.push(json!({ "username": "x", "password": "password123" }));
+    users.push(json!({ "username": "weakling", "password": "short" }));
+    let (status, body) = admin(
+        &server,
+        "POST",
+        "/admin/users",
+        Some(json!({ "users": users })),
+    );
+    assert_eq!(status, 200, "{body}");
+    let created = body["ok"]["created"].as_array().unwrap();
+    assert_eq!(created.len(), 40, "{body}");
+    assert!(created.contains(&json!("bulk7")), "names are normalised");
+    let failed: Vec<(String, String)> = body["ok"]["failed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            (
+                f["username"].as_str().unwrap().into(),
+                f["code"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        failed,
+        [
+            ("taken1", "username_taken"),
+            ("hermod", "username_taken"),
+            ("x", "invalid_username"),
+            ("weakling", "weak_password"),
+        ]
+        .map(|(a, b)| (a.to_owned(), b.to_owned()))
+    );
+    for name in ["bulk0", "bulk7", "bulk39"] {
+        let r = login(&server, name, "pc");
+        assert!(r.get("ok").is_some(), "{name}: {r}");
+    }
+    let (status, body) = admin(
+        &server,
+        "POST",
+        "/admin/users",
+        Some(json!({ "users": [{ "username": "bulk3", "password": "password123" }] })),
+    );
+    assert_eq!(status, 200);
+    assert_eq!(body["ok"]["failed"][0]["code"], "username_taken", "{body}");
+}
+
+#[test]
+fn disabled_accounts_lose_their_sockets_and_cannot_log_in() {
+    let server = admin_server();
+    let (mut pc, token) = server.user("alice", "pc");
+    let (mut phone, _) = server.user("alice", "phone");
+    let (mut bob, _) = server.user("bob", "pc");
+    let conv = bob.ok("open", json!({ "user": "alice" }))["conv"].clone();
+
+    let (status, body) = admin(&server, "POST", "/admin/users/Alice/disable", None);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["ok"],
+        json!({ "user": "alice", "disabled": true, "closed": 2 })
+    );
+    assert_eq!(pc.close_code(), Some(4003));
+    assert_eq!(phone.close_code(), Some(4003));
+    assert_eq!(
+        login(&server, "alice", "pc")["error"]["code"],
+        "account_disabled"
+    );
+    let resumed = server.client().request("resume", json!({ "token": token }));
+    assert_eq!(resumed["error"]["code"], "account_disabled");
+
+    // Others are unaffected, and messages to the disabled account are still kept.
+    let sent = bob.ok(
+        "send",
+        json!({ "conv": conv, "body": { "text": "are you there?" } }),
+    );
+    assert_eq!(sent["seq"], 1);
+
+    let (status, body) = admin(&server, "POST", "/admin/users/alice/enable", None);
+    assert_eq!((status, &body["ok"]["disabled"]), (200, &json!(false)));
+    let mut back = server.client();
+    back.ok("resume", json!({ "token": token }));
+    let sync = back.ok("sync", json!({ "convs": [{ "conv": conv, "after": 0 }] }));
+    assert_eq!(
+        sync["convs"][0]["msgs"][0]["body"]["text"],
+        "are you there?"
+    );
+
+    let (status, body) = admin(&server, "POST", "/admin/users/nobody/disable", None);
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (404, Some("no_such_user"))
+    );
+}
+
+#[test]
+fn kick_closes_a_device_and_revokes_its_token() {
+    let server = admin_server();
+    let (mut pc, pc_token) = server.user("alice", "pc");
+    let (mut phone, phone_token) = server.user("alice", "phone");
+
+    let (status, body) = admin(
+        &server,
+        "POST",
+        "/admin/users/alice/kick",
+        Some(json!({ "device": "phone" })),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["ok"]["devices"], json!(["phone"]));
+    assert_eq!(body["ok"]["closed"], 1);
+    assert_eq!(phone.close_code(), Some(4003));
+    let resumed = server
+        .client()
+        .request("resume", json!({ "token": phone_token }));
+    assert_eq!(resumed["error"]["code"], "device_revoked");
+    pc.ok("ping", json!({}));
+
+    let (status, body) = admin(
+        &server,
+        "POST",
+        "/admin/users/alice/kick",
+        Some(json!({ "device": "tablet" })),
+    );
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (404, Some("no_such_device"))
+    );
+
+    // Without a device: every device.
+    let (status, body) = admin(&server, "POST", "/admin/users/alice/kick", None);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["ok"]["devices"], json!(["pc"]));
+    assert_eq!(pc.close_code(), Some(4003));
+    let resumed = server
+        .client()
+        .request("resume", json!({ "token": pc_token }));
+    assert_eq!(resumed["error"]["code"], "device_revoked");
+    // The account itself is fine: a new login works.
+    assert!(login(&server, "alice", "pc").get("ok").is_some());
+}
+
+#[test]
+fn notices_reach_users_online_and_offline_and_groups() {
+    let server = admin_server();
+    let (mut alice, _) = server.user("alice", "pc");
+    let (mut bob, _) = server.user("bob", "pc");
+    drop(server.user("carol", "pc")); // registered, then offline
+
+    let (status, body) = admin(
+        &server,
+        "POST",
+        "/admin/notice",
+        Some(json!({ "user": "alice", "body": { "text": "maintenance at 02:00" } })),
+    );
+    assert_eq!(status, 200, "{body}");
+    let conv = body["ok"]["conv"].as_str().unwrap().to_owned();
+    assert_eq!(body["ok"]["seq"], 1);
+    let push = alice.next_push_of("msg");
+    assert_eq!(push["msg"]["from"], "hermod");
+    assert_eq!(push["msg"]["conv"], conv.as_str());
+    assert_eq!(
+        push["msg"]["body"],
+        json!({ "text": "maintenance at 02:00" })
+    );
+    let convs = alice.ok("convs", json!({}));
+    let entry = convs["convs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["conv"] == conv.as_str())
+        .cloned()
+        .expect("the notice conversation is listed");
+    assert_eq!(
+        (entry["peer"].as_str(), entry["unread"].as_u64()),
+        (Some("hermod"), Some(1))
+    );
+    assert_eq!(
+        alice.err("send", json!({ "conv": conv, "body": "thanks" })),
+        "forbidden",
+        "nobody writes back to the server"
+    );
+
+    // Offline: kept, listed and synced on the next login.
+    let (status, _) = admin(
+        &server,
+        "POST",
+        "/admin/notice",
+        Some(json!({ "user": "carol", "body": "plain string body" })),
+    );
+    assert_eq!(status, 200);
+    let (mut carol, _) = server.user("carol", "phone");
+    let convs = carol.ok("convs", json!({}));
+    let carol_conv = convs["convs"][0]["conv"].clone();
+    assert_eq!(convs["convs"][0]["peer"], "hermod");
+    let sync = carol.ok(
+        "sync",
+        json!({ "convs": [{ "conv": carol_conv, "after": 0 }] }),
+    );
+    assert_eq!(sync["convs"][0]["msgs"][0]["body"], "plain string body");
+
+    // Into a group: a system entry every member receives.
+    let group = alice.ok(
+        "group_create",
+        json!({ "name": "Team", "members": ["bob"] }),
+    );
+    let gconv = group["conv"].as_str().unwrap().to_owned();
+    let (status, body) = admin(
+        &server,
+        "POST",
+        "/admin/notice",
+        Some(json!({ "group": gconv, "body": { "text": "welcome" } })),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["ok"]["conv"], gconv.as_str());
+    loop {
+        let push = bob.next_push_of("msg");
+        if push["msg"]["kind"] == "system" && push["msg"]["body"]["event"] == "notice" {
+            assert_eq!(push["msg"]["from"], "hermod");
+            assert_eq!(push["msg"]["body"]["body"], json!({ "text": "welcome" }));
+            assert_eq!(push["msg"]["seq"], body["ok"]["seq"]);
+            break;
+        }
+    }
+
+    for (target, code) in [
+        (
+            json!({ "group": "g.123", "body": 1 }),
+            "no_such_conversation",
+        ),
+        (json!({ "user": "nobody", "body": 1 }), "no_such_user"),
+        (json!({ "user": "hermod", "body": 1 }), "no_such_user"),
+    ] {
+        let (status, body) = admin(&server, "POST", "/admin/notice", Some(target.clone()));
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (404, Some(code)),
+            "{target}"
+        );
+    }
+    let mut c = server.client();
+    assert_eq!(
+        c.err(
+            "register",
+            json!({ "username": "Hermod", "password": "password123" })
+        ),
+        "username_taken",
+        "the server's name is reserved"
+    );
+}
+
+#[test]
+fn the_tools_client_drives_every_action() {
+    use hermod_tools::admin::Client;
+    let server = admin_server();
+    let client = Client::new(&format!("http://{}", server.addr), ADMIN);
+    let users: Vec<(String, String)> = (0..3)
+        .map(|i| (format!("tool{i}"), "password123".to_owned()))
+        .collect();
+    let created = client.create_users(&users).unwrap();
+    assert_eq!(created["created"], json!(["tool0", "tool1", "tool2"]));
+    let (mut c, _) = server.user("tool1", "pc");
+    let notice = client
+        .notice(Some("tool1"), None, json!({ "text": "hello" }))
+        .unwrap();
+    assert_eq!(notice["seq"], 1);
+    assert_eq!(c.next_push_of("msg")["msg"]["body"]["text"], "hello");
+    assert_eq!(client.kick("tool1", Some("pc")).unwrap()["closed"], 1);
+    assert_eq!(c.close_code(), Some(4003));
+    assert_eq!(
+        client.set_disabled("tool2", true).unwrap()["disabled"],
+        true
+    );
+    assert_eq!(
+        client.set_disabled("tool2", false).unwrap()["disabled"],
+        false
+    );
+    // Counters are published each tick (at most 250 ms apart).
+    let mut stats = Value::Null;
+    for _ in 0..40 {
+        stats = client.stats().unwrap();
+        if stats["totals"]["messages_appended"].as_u64() >= Some(1) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(
+        stats["totals"]["messages_appended"].as_u64() >= Some(1),
+        "{stats}"
+    );
+    let err = client.set_disabled("nobody", true).unwrap_err().to_string();
+    assert!(err.contains("no_such_user") && err.contains("404"), "{err}");
+    let wrong = Client::new(&format!("http://{}", server.addr), "not-the-admin-token");
+    let err = wrong.stats().unwrap_err().to_string();
+    assert!(err.contains("unauthorized"), "{err}");
+}
