@@ -1,0 +1,56 @@
+//! The web client in a real browser: starts the server and runs `tests/browser/chat.mjs`
+//! (playwright-core driving Debian's Chromium, two contexts as two users: register, chat both
+//! ways, reload, lose and regain the network, edit and recall, friends and presence, a group).
+//!
+//! Needs node, `/usr/bin/chromium` and `tests/browser/node_modules`; `scripts/test.sh`
+//! installs them (`scripts/browser-deps.sh`). Without them this test fails and says so.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::Server;
+
+#[test]
+fn web_client_in_chromium() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
+    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    assert!(
+        dir.join("node_modules/playwright-core").is_dir() && Path::new(&chromium).exists(),
+        "browser test dependencies missing: run `bash scripts/browser-deps.sh` \
+         (scripts/test.sh does) to install Chromium and playwright-core"
+    );
+    let server = Server::start(&[]);
+    let shots = std::env::temp_dir().join("hermod-browser-screenshots");
+    std::fs::create_dir_all(&shots).expect("screenshot dir");
+    let out = Command::new("node")
+        .arg(dir.join("chat.mjs"))
+        .arg(format!("http://{}/", server.addr))
+        .arg(&shots)
+        .env("CHROMIUM", &chromium)
+        .output()
+        .expect("run node (is Node.js installed?)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("{stdout}");
+    assert!(
+        out.status.success(),
+        "browser test failed ({}); screenshots in {}\n{stdout}\n{stderr}",
+        out.status,
+        shots.display()
+    );
+    for step in [
+        "chat both ways",
+        "history after reload",
+        "missed messages",
+        "edit and recall",
+        "presence dots",
+        "group",
+    ] {
+        assert!(
+            stdout.contains(step),
+            "step {step:?} did not report:\n{stdout}"
+        );
+    }
+}

@@ -1,0 +1,199 @@
+// End-to-end test of the web client (src/web/index.html) in Debian's Chromium, driven by
+// playwright-core. Run by tests/browser.rs against a real server:
+//
+//   node tests/browser/chat.mjs http://127.0.0.1:PORT SCREENSHOT_DIR
+//
+// Two browser contexts are two users. Bob's page goes through a TCP proxy in this process, so
+// the test can cut his network for real (sockets reset, new connections refused) and restore it.
+// On failure both pages are saved as screenshots in SCREENSHOT_DIR and the exit code is 1.
+
+import assert from "node:assert/strict";
+import net from "node:net";
+import { chromium } from "playwright-core";
+
+const [serverUrl, shotsDir = "."] = process.argv.slice(2);
+if (!serverUrl) {
+  console.error("usage: node chat.mjs http://HOST:PORT [SCREENSHOT_DIR]");
+  process.exit(2);
+}
+const WAIT = 15_000;
+
+/** A TCP proxy to the server whose connections can be cut and refused, and then allowed again. */
+function startProxy(target) {
+  const { hostname, port } = new URL(target);
+  const sockets = new Set();
+  let down = false;
+  const server = net.createServer((client) => {
+    if (down) return client.destroy();
+    const upstream = net.connect(Number(port), hostname);
+    for (const s of [client, upstream]) {
+      sockets.add(s);
+      s.on("close", () => sockets.delete(s));
+      s.on("error", () => {});
+    }
+    client.pipe(upstream).pipe(client);
+    client.on("close", () => upstream.destroy());
+    upstream.on("close", () => client.destroy());
+  });
+  return new Promise((resolve) =>
+    server.listen(0, "127.0.0.1", () =>
+      resolve({
+        url: `http://127.0.0.1:${server.address().port}/`,
+        cut() {
+          down = true;
+          for (const s of sockets) s.resetAndDestroy ? s.resetAndDestroy() : s.destroy();
+        },
+        restore() {
+          down = false;
+        },
+        close: () => server.close(),
+      }),
+    ),
+  );
+}
+
+/** Answers the page's prompt() dialogs with these texts, in order. */
+function answerPrompts(page, answers) {
+  const queue = [...answers];
+  const handler = (dialog) => {
+    const answer = queue.shift();
+    if (queue.length === 0) page.off("dialog", handler);
+    return answer === undefined ? dialog.dismiss() : dialog.accept(answer);
+  };
+  page.on("dialog", handler);
+}
+
+async function register(page, url, name) {
+  await page.goto(url);
+  await page.fill("#username", name);
+  await page.fill("#password", "password123");
+  await page.click("#register");
+  await page.locator("#app").waitFor({ state: "visible", timeout: WAIT });
+  assert.equal(await page.textContent("#who"), "@" + name);
+}
+
+const msg = (page, text) => page.locator("#msgs .msg", { hasText: text });
+const conv = (page, name) => page.locator("#convs li", { has: page.locator(".name", { hasText: name }) });
+
+async function send(page, text) {
+  await page.fill("#text", text);
+  await page.press("#text", "Enter");
+  await msg(page, text).locator(".state", { hasText: /sent|read/ }).waitFor({ timeout: WAIT });
+}
+
+async function run(browser, pages) {
+  const proxy = await startProxy(serverUrl);
+  const alice = await (await browser.newContext()).newPage();
+  const bob = await (await browser.newContext()).newPage();
+  pages.push(["alice", alice], ["bob", bob]);
+  try {
+    await register(alice, serverUrl, "alice");
+    await register(bob, proxy.url, "bob");
+
+    // One-to-one, both ways, with unread badges and read ticks.
+    await alice.fill("#peer", "bob");
+    await alice.press("#peer", "Enter");
+    await alice.locator("#chattitle", { hasText: "bob" }).waitFor({ timeout: WAIT });
+    await send(alice, "hello bob");
+    await conv(bob, "alice").locator(".badge", { hasText: "1" }).waitFor({ timeout: WAIT });
+    await conv(bob, "alice").click();
+    await msg(bob, "hello bob").waitFor({ timeout: WAIT });
+    await msg(alice, "hello bob").locator(".state.read").waitFor({ timeout: WAIT });
+    await send(bob, "hi alice");
+    await msg(alice, "hi alice").waitFor({ timeout: WAIT });
+    console.log("ok: chat both ways, unread badge, read tick");
+
+    // A reload keeps the history (resume with the stored token, then history).
+    await alice.reload();
+    await conv(alice, "bob").click({ timeout: WAIT });
+    await msg(alice, "hello bob").waitFor({ timeout: WAIT });
+    await msg(alice, "hi alice").waitFor({ timeout: WAIT });
+    console.log("ok: history after reload");
+
+    // Bob's network goes down: what alice sends meanwhile, and what bob typed offline, arrive
+    // once it is back — each exactly once.
+    proxy.cut();
+    await bob.locator("#status.offline").waitFor({ timeout: WAIT });
+    for (const t of ["missed one", "missed two", "missed three"]) await send(alice, t);
+    await bob.fill("#text", "written offline");
+    await bob.press("#text", "Enter");
+    await msg(bob, "written offline").locator(".state", { hasText: "sending" }).waitFor({ timeout: WAIT });
+    await bob.waitForTimeout(500);
+    proxy.restore();
+    for (const t of ["missed one", "missed two", "missed three"]) {
+      await msg(bob, t).waitFor({ timeout: 3 * WAIT });
+    }
+    await msg(bob, "written offline").locator(".state", { hasText: /sent|read/ }).waitFor({ timeout: WAIT });
+    await msg(alice, "written offline").waitFor({ timeout: WAIT });
+    assert.equal(await msg(alice, "written offline").count(), 1, "the resent message is not doubled");
+    const texts = await bob.locator("#msgs .msg .text").allTextContents();
+    assert.deepEqual(
+      texts.filter((t) => t.startsWith("missed")),
+      ["missed one", "missed two", "missed three"],
+      "missed messages arrive once, in order",
+    );
+    console.log("ok: missed messages after the connection came back");
+
+    // Edit and recall one's own messages.
+    answerPrompts(alice, ["missed one (fixed)"]);
+    await msg(alice, "missed one").locator("button.edit").click();
+    await msg(bob, "missed one (fixed)").locator(".edited").waitFor({ timeout: WAIT });
+    await msg(alice, "missed two").locator("button.recall").click();
+    await bob.locator("#msgs .msg.recalled", { hasText: "message recalled" }).waitFor({ timeout: WAIT });
+    assert.equal(await msg(bob, "missed two").count(), 0, "a recalled text is gone");
+    console.log("ok: edit and recall");
+
+    // Friends, then presence dots.
+    await bob.click("#befriend");
+    await alice.locator("#requests button", { hasText: "accept" }).click({ timeout: WAIT });
+    await conv(alice, "bob").locator(".dot.online").waitFor({ timeout: WAIT });
+    await conv(bob, "alice").locator(".dot.online").waitFor({ timeout: WAIT });
+    console.log("ok: friends and presence dots");
+
+    // A group with a member added at creation.
+    answerPrompts(alice, ["Team", "bob"]);
+    await alice.click("#newgroup");
+    await alice.locator("#chattitle", { hasText: "Team (group)" }).waitFor({ timeout: WAIT });
+    await send(alice, "hello team");
+    await conv(bob, "Team").click({ timeout: WAIT });
+    await msg(bob, "hello team").waitFor({ timeout: WAIT });
+    await bob.locator("#msgs .sys", { hasText: 'alice created "Team"' }).waitFor({ timeout: WAIT });
+    console.log("ok: group");
+  } finally {
+    proxy.close();
+  }
+}
+
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+  args: [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+  ],
+});
+const pages = [];
+let failed = false;
+try {
+  await run(browser, pages);
+} catch (err) {
+  failed = true;
+  console.error("browser test failed:", err);
+  for (const [name, page] of pages) {
+    const path = `${shotsDir}/browser-${name}.png`;
+    try {
+      await page.screenshot({ path, fullPage: true });
+      console.error("screenshot:", path);
+    } catch (e) {
+      console.error(`no screenshot of ${name}:`, e.message);
+    }
+  }
+} finally {
+  await browser.close();
+}
+process.exit(failed ? 1 : 0);
