@@ -328,11 +328,19 @@ impl<S: Storage> Shard<S> {
         );
         for (index, name, password) in users {
             let user = UserId::from_username(&name);
-            let taken = name == SYSTEM_USERNAME
-                || self.sessions.registering.contains(&user)
-                || !matches!(self.get_latest(&keys::user(user)), Ok(None));
-            if taken {
-                self.account_created(batch, index, Err(ErrorCode::UsernameTaken));
+            let refusal = match self.get_latest(&keys::user(user)) {
+                _ if name == SYSTEM_USERNAME || self.sessions.registering.contains(&user) => {
+                    Some(ErrorCode::UsernameTaken)
+                }
+                Ok(None) => None,
+                Ok(Some(_)) => Some(ErrorCode::UsernameTaken),
+                Err(e) => {
+                    tracing::error!(shard = %self.cfg.shard, error = %e, "storage read failed");
+                    Some(ErrorCode::Internal)
+                }
+            };
+            if let Some(code) = refusal {
+                self.account_created(batch, index, Err(code));
                 continue;
             }
             self.sessions.registering.insert(user);
@@ -516,4 +524,74 @@ impl<S: Storage> Shard<S> {
 fn named(raw: &str) -> Option<Named> {
     let name = auth::normalise_username(raw).ok()?;
     (name != SYSTEM_USERNAME).then(|| (UserId::from_username(&name), name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::Config;
+    use crate::storage::MemStorage;
+
+    fn answers(shard: &mut Shard<MemStorage>) -> Vec<(ConnId, u16, String)> {
+        let mut out = Vec::new();
+        while let Some(o) = shard.poll_output() {
+            if let Output::AdminReply { conn, status, body } = o {
+                out.push((conn, status, body));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn admin_requests_in_flight_are_bounded_and_forgettable() {
+        let mut shard = Shard::new(Config::new(ShardId(0), 1, [1; 32]), MemStorage::default());
+        let create = |i: usize| AdminOp::CreateUsers {
+            users: vec![(format!("user{i}"), "password123".into())],
+        };
+        // Each creation waits for its hash job, which this test never runs.
+        for i in 0..ADMIN_REQUESTS_MAX {
+            shard.handle_admin(0, ConnId(i as u64), create(i));
+        }
+        assert!(answers(&mut shard).is_empty());
+        shard.handle_admin(0, ConnId(999), create(999));
+        let got = answers(&mut shard);
+        assert_eq!(got.len(), 1);
+        assert_eq!((got[0].0, got[0].1), (ConnId(999), 503));
+        assert!(got[0].2.contains("overloaded"), "{}", got[0].2);
+        // A request whose client left frees its slot; nothing is answered for it later.
+        shard.handle_disconnect(0, ConnId(0));
+        shard.handle_admin(0, ConnId(1000), create(1000));
+        assert!(
+            answers(&mut shard).is_empty(),
+            "admitted, waiting for its hash"
+        );
+    }
+
+    #[test]
+    fn invalid_names_are_answered_without_touching_a_shard() {
+        let mut shard = Shard::new(Config::new(ShardId(0), 1, [1; 32]), MemStorage::default());
+        let op = AdminOp::CreateUsers {
+            users: vec![
+                ("-bad".into(), "password123".into()),
+                ("good1".into(), "short".into()),
+            ],
+        };
+        shard.handle_admin(0, ConnId(1), op);
+        let got = answers(&mut shard);
+        assert_eq!(got.len(), 1);
+        let body: Value = serde_json::from_str(&got[0].2).unwrap();
+        assert_eq!(body["ok"]["created"], json!([]));
+        assert_eq!(body["ok"]["failed"][0]["code"], "invalid_username");
+        assert_eq!(body["ok"]["failed"][1]["code"], "weak_password");
+        shard.handle_admin(
+            0,
+            ConnId(2),
+            AdminOp::SetDisabled {
+                user: "hermod".into(),
+                disabled: true,
+            },
+        );
+        let got = answers(&mut shard);
+        assert_eq!(got[0].1, 404, "the server's own name is no account");
+    }
 }
