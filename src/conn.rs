@@ -233,6 +233,11 @@ async fn serve_http(ctx: &Ctx, mut stream: TcpStream) -> std::io::Result<()> {
             stream.close().await
         }
         Route::Admin(req) => {
+            // Refused before the body is read: an unauthenticated client costs no buffer.
+            if let Err((status, body)) = admin_auth(ctx, &req) {
+                stream.write_all(&http::json(status, &body)).await?;
+                return stream.close().await;
+            }
             let wanted = req.head_len + req.body_len;
             while inbuf.len() < wanted {
                 match next_event(ctx, &mut stream, &mut inbuf, &idle).await {
@@ -257,30 +262,39 @@ async fn serve_http(ctx: &Ctx, mut stream: TcpStream) -> std::io::Result<()> {
     }
 }
 
-/// Runs one admin request: authenticate, parse, then stats from the board or the engine's
-/// answer. Returns the HTTP status and JSON body.
-async fn admin(ctx: &Ctx, req: &http::AdminRequest, body: &[u8]) -> (u16, String) {
-    let error = |status: u16, code: &str, message: &str| {
-        let body = serde_json::json!({ "error": { "code": code, "message": message } });
-        (status, body.to_string())
-    };
+/// An admin answer: HTTP status and JSON body.
+type AdminAnswer = (u16, String);
+
+fn admin_error(status: u16, code: &str, message: &str) -> AdminAnswer {
+    let body = serde_json::json!({ "error": { "code": code, "message": message } });
+    (status, body.to_string())
+}
+
+/// The admin API is on and the request carries its token.
+fn admin_auth(ctx: &Ctx, req: &http::AdminRequest) -> Result<(), AdminAnswer> {
     let Some(token) = &ctx.admin_token else {
-        return error(
+        return Err(admin_error(
             404,
             "admin_disabled",
             "the admin API is off: configure admin_token",
-        );
+        ));
     };
     let presented = req.bearer.as_deref().unwrap_or("");
     // Constant time, so the comparison does not leak how much of a guess was right.
     if !bool::from(presented.as_bytes().ct_eq(token.as_bytes())) {
         tracing::debug!(shard = %ctx.id, path = req.path, "admin request with a wrong or missing token");
-        return error(
+        return Err(admin_error(
             401,
             "unauthorized",
             "send the admin token as Authorization: Bearer <token>",
-        );
+        ));
     }
+    Ok(())
+}
+
+/// Runs one authenticated admin request: stats from the board, or the engine's answer.
+async fn admin(ctx: &Ctx, req: &http::AdminRequest, body: &[u8]) -> AdminAnswer {
+    let error = admin_error;
     let body_bytes_max = ctx.engine.borrow().config().body_bytes_max;
     let op = match AdminOp::parse(&req.method, &req.path, body, body_bytes_max) {
         Ok(AdminOp::Stats) => return (200, ctx.board.stats_json().to_string()),

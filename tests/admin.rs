@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::io::{Read, Write};
+
 use common::*;
 use serde_json::{json, Value};
 
@@ -52,6 +54,16 @@ fn only_the_admin_token_opens_the_admin_api() {
         assert_eq!(status, 401, "a refused token changes nothing");
     }
     assert!(login(&server, "alice", "phone").get("ok").is_some());
+
+    // Refused on the head alone: the announced body is never waited for.
+    let mut raw = std::net::TcpStream::connect(server.addr).unwrap();
+    raw.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    raw.write_all(b"POST /admin/users HTTP/1.1\r\nContent-Length: 400000\r\n\r\n")
+        .unwrap();
+    let mut answer = String::new();
+    let _ = raw.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer:?}");
 
     let (status, body) = admin(&server, "GET", "/admin/stats", None);
     assert_eq!(status, 200, "{body}");
