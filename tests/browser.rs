@@ -1,6 +1,7 @@
 //! The web client in a real browser: starts the server and runs `tests/browser/chat.mjs`
 //! (playwright-core driving Debian's Chromium, two contexts as two users: register, chat both
-//! ways, reload, lose and regain the network, edit and recall, friends and presence, a group).
+//! ways, reload, lose and regain the network, edit and recall, friends and presence, a group,
+//! an operator's kick).
 //!
 //! Needs node, `/usr/bin/chromium` and `tests/browser/node_modules`; `scripts/test.sh`
 //! installs them (`scripts/browser-deps.sh`). Without them this test fails and says so.
@@ -21,7 +22,8 @@ fn web_client_in_chromium() {
         "browser test dependencies missing: run `bash scripts/browser-deps.sh` \
          (scripts/test.sh does) to install Chromium and playwright-core"
     );
-    let server = Server::start(&[]);
+    const ADMIN: &str = "browser-test-admin-token-0123";
+    let server = Server::start(&["--admin-token", ADMIN]);
     let shots = std::env::temp_dir().join("hermod-browser-screenshots");
     std::fs::create_dir_all(&shots).expect("screenshot dir");
     let out = Command::new("node")
@@ -29,6 +31,7 @@ fn web_client_in_chromium() {
         .arg(format!("http://{}/", server.addr))
         .arg(&shots)
         .env("CHROMIUM", &chromium)
+        .env("HERMOD_ADMIN_TOKEN", ADMIN)
         .output()
         .expect("run node (is Node.js installed?)");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -47,6 +50,7 @@ fn web_client_in_chromium() {
         "edit and recall",
         "presence dots",
         "group",
+        "kicked by an operator",
     ] {
         assert!(
             stdout.contains(step),

@@ -159,6 +159,20 @@ async function run(browser, pages) {
     await msg(bob, "hello team").waitFor({ timeout: WAIT });
     await bob.locator("#msgs .sys", { hasText: 'alice created "Team"' }).waitFor({ timeout: WAIT });
     console.log("ok: group");
+
+    // An operator kicks bob's device (admin API): his page drops the revoked token and asks
+    // him to log in again, saying why.
+    const token = process.env.HERMOD_ADMIN_TOKEN;
+    assert.ok(token, "HERMOD_ADMIN_TOKEN is set by tests/browser.rs");
+    const kicked = await fetch(new URL("admin/users/bob/kick", serverUrl), {
+      method: "POST",
+      headers: { Authorization: `Bearer ${token}` },
+    });
+    assert.equal(kicked.status, 200, await kicked.text());
+    await bob.locator("#auth").waitFor({ state: "visible", timeout: WAIT });
+    await bob.locator("#error", { hasText: "operator" }).waitFor({ timeout: WAIT });
+    assert.equal(await bob.evaluate(() => localStorage.hermodToken), undefined);
+    console.log("ok: kicked by an operator");
   } finally {
     proxy.close();
   }
