@@ -142,6 +142,24 @@ pub enum AccountAction {
     },
 }
 
+impl Mail {
+    /// Where the request this mail carries is answered, for mails that carry one.
+    pub fn reply(&self) -> Option<ReplyTo> {
+        match self {
+            Mail::Open { reply, .. }
+            | Mail::Append { reply, .. }
+            | Mail::Op { reply, .. }
+            | Mail::FriendAsk { reply, .. }
+            | Mail::FriendAnswer { reply, .. }
+            | Mail::SetBlock { reply, .. }
+            | Mail::ProfileQuery { reply, .. }
+            | Mail::CreateAccounts { reply, .. }
+            | Mail::Account { reply, .. } => Some(*reply),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Debug)]
 pub enum Mail {
     // ---- home → owner ----

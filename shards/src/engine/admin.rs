@@ -82,6 +82,12 @@ impl<S: Storage> Shard<S> {
     /// `Output::AdminReply` for `conn` follows, now or later; `handle_disconnect(conn)` when
     /// the driver is done with it.
     pub fn handle_admin(&mut self, now_ms: u64, conn: ConnId, op: AdminOp) {
+        self.admin_request(now_ms, conn, op);
+        // Steps addressed to this shard itself wait in its local mail: run them now.
+        self.drain_local(now_ms);
+    }
+
+    fn admin_request(&mut self, now_ms: u64, conn: ConnId, op: AdminOp) {
         if self.admin.requests.len() >= ADMIN_REQUESTS_MAX {
             return self.admin_error(
                 conn,
@@ -467,6 +473,16 @@ impl<S: Storage> Shard<S> {
     /// An operator disabled this account (including writes not yet durable).
     pub(super) fn is_disabled(&self, user: UserId) -> bool {
         matches!(self.get_latest(&keys::disabled(user)), Ok(Some(_)))
+    }
+
+    /// Answers a `login` or `resume` of a disabled account.
+    pub(super) fn refuse_disabled(&mut self, conn: ConnId, rid: u64) {
+        self.error(
+            conn,
+            Some(rid),
+            ErrorCode::AccountDisabled,
+            "this account was disabled by an operator",
+        );
     }
 
     // ---- on the group's owner ----

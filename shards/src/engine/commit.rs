@@ -26,6 +26,11 @@ pub(super) enum Deferred {
         rid: u64,
         frame: String,
     },
+    /// A reply to a request that may have come from another shard.
+    ReplyTo {
+        to: ReplyTo,
+        frame: String,
+    },
     Appended {
         conv: ConvId,
         id: uuid::Uuid,
@@ -148,21 +153,10 @@ impl<S: Storage> Shard<S> {
         self.commits.open.deferred.push(effect);
     }
 
-    /// Sends `frame` to the requester once the open batch is durable, wherever it lives.
+    /// Sends `frame` to the requester once the open batch is durable, wherever it lives; if
+    /// the batch fails, the requester gets `internal` instead (every request is answered).
     pub(super) fn reply_when_durable(&mut self, to: ReplyTo, frame: String) {
-        if to.shard == self.cfg.shard {
-            self.defer(Deferred::Reply {
-                conn: to.conn,
-                rid: to.rid,
-                frame,
-            });
-        } else {
-            let mail = Mail::Reply {
-                conn: to.conn,
-                frame,
-            };
-            self.defer(Deferred::Mail { to: to.shard, mail });
-        }
+        self.defer(Deferred::ReplyTo { to, frame });
     }
 
     /// The record under `key` including this shard's own writes not yet durable.
@@ -220,6 +214,7 @@ impl<S: Storage> Shard<S> {
     fn apply_deferred(&mut self, now_ms: u64, effect: Deferred) {
         match effect {
             Deferred::Reply { conn, frame, .. } => self.send(conn, frame),
+            Deferred::ReplyTo { to, frame } => self.reply_to(to, frame),
             Deferred::Appended {
                 conv,
                 id,
@@ -251,11 +246,17 @@ impl<S: Storage> Shard<S> {
             Deferred::Opened { conv } => self.owner_opened(conv, None),
             Deferred::LoggedIn {
                 conn,
+                rid,
                 session,
                 frame,
-                ..
             } => {
-                self.activate(now_ms, conn, session, frame);
+                // Disabled while this login was being written: the connection was not online
+                // yet, so the disable could not close it. Refuse it now (its token never left).
+                if self.is_disabled(session.user) {
+                    self.refuse_disabled(conn, rid);
+                } else {
+                    self.activate(now_ms, conn, session, frame);
+                }
                 self.end_busy(now_ms, conn);
             }
             Deferred::Registered {
@@ -279,6 +280,7 @@ impl<S: Storage> Shard<S> {
             Deferred::Reply { conn, rid, .. } | Deferred::LoggedOut { conn, rid } => {
                 self.error(conn, Some(rid), ErrorCode::Internal, WHY)
             }
+            Deferred::ReplyTo { to, .. } => self.error_to(to, ErrorCode::Internal, WHY),
             Deferred::LoggedIn { conn, rid, .. } => {
                 self.error(conn, Some(rid), ErrorCode::Internal, WHY);
                 self.end_busy(now_ms, conn);
@@ -304,7 +306,12 @@ impl<S: Storage> Shard<S> {
                     missing: Vec::new(),
                 },
             ),
-            Deferred::Mail { .. } => {}
+            // A mail carrying a client's request: the request fails instead of going unanswered.
+            Deferred::Mail { mail, .. } => {
+                if let Some(to) = mail.reply() {
+                    self.error_to(to, ErrorCode::Internal, WHY);
+                }
+            }
             Deferred::Ensured { owner, conv, user } => self.mail(
                 owner,
                 Mail::MemberEnsured {

@@ -417,12 +417,7 @@ impl<S: Storage> Shard<S> {
             return;
         }
         match self.get_latest(&keys::user(user)) {
-            Ok(Some(_)) if self.is_disabled(user) => self.error(
-                conn,
-                Some(rid),
-                ErrorCode::AccountDisabled,
-                "this account was disabled by an operator",
-            ),
+            Ok(Some(_)) if self.is_disabled(user) => self.refuse_disabled(conn, rid),
             Ok(Some(bytes)) => match UserRecord::decode(&keys::user(user), &bytes) {
                 Ok(rec) if rec.name == name => {
                     self.set_busy(conn);
@@ -471,12 +466,7 @@ impl<S: Storage> Shard<S> {
             return self.login_failed(conn, rid, ErrorCode::DeviceRevoked);
         }
         if self.is_disabled(claims.user) {
-            return self.error(
-                conn,
-                Some(rid),
-                ErrorCode::AccountDisabled,
-                "this account was disabled by an operator",
-            );
+            return self.refuse_disabled(conn, rid);
         }
         let user_key = keys::user(claims.user);
         match self
@@ -613,12 +603,7 @@ impl<S: Storage> Shard<S> {
                     return; // gone while hashing: no device record, no token
                 }
                 if self.is_disabled(user) {
-                    self.error(
-                        conn,
-                        Some(rid),
-                        ErrorCode::AccountDisabled,
-                        "this account was disabled by an operator",
-                    );
+                    self.refuse_disabled(conn, rid);
                     return self.end_busy(now_ms, conn);
                 }
                 let nonce: u64 = self.rng.gen();
