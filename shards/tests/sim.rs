@@ -11,12 +11,18 @@
 //! - after everyone reconnects and syncs, every device has seen every seq, without gaps (in a
 //!   group: every seq from the one that added its user);
 //! - groups: membership changes (create, invite, join, kick, leave) race with sends, and no
-//!   device receives a group message assigned while its user was not a member.
+//!   device receives a group message assigned while its user was not a member;
+//! - an operator (admin API) disables and enables accounts, kicks devices and sends notices,
+//!   racing everything else: every admin request is answered exactly once; from a disable's
+//!   answer until the next enable no device of that user is logged in; a token known when a
+//!   kick was sent never resumes after the kick's answer; notices are stored and synced like
+//!   any message.
 //!
 //! On failure the panic message names the seed; `HERMOD_SIM_SEED=<seed>` replays it exactly.
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 
+use hermod_shards::admin::{AdminOp, NoticeTo};
 use hermod_shards::auth::{HashCost, Job};
 use hermod_shards::engine::{Config, Output};
 use hermod_shards::ids::{ConnId, ConvId, ShardId, UserId};
@@ -94,6 +100,28 @@ struct Sim {
     acked: HashMap<uuid::Uuid, (ConvId, u64)>,
     registered: HashSet<usize>,
     commit_failures: u32,
+    /// Operator requests not yet answered, by (shard, pseudo-connection).
+    admin: HashMap<(usize, ConnId), Admin>,
+    admin_answered: u32,
+    /// Users with an operator request in flight (at most one per user, so the outcome of
+    /// each is known from its answer alone).
+    admin_busy: HashSet<usize>,
+    /// Disable answered, no enable sent since: no device of these may be logged in.
+    disabled: HashSet<usize>,
+    /// A disable was sent and no enable answered since: logins may be refused.
+    maybe_disabled: HashSet<usize>,
+    /// Tokens known when a kick of their device was sent, once that kick was answered.
+    revoked: HashSet<String>,
+}
+
+/// An operator request in flight, and what the simulation knew when it was sent.
+#[derive(Debug)]
+enum Admin {
+    Disable(usize),
+    Enable(usize),
+    Kick { user: usize, token: Option<String> },
+    Notice(usize),
+    GroupNotice,
 }
 
 fn username(u: usize) -> String {
@@ -152,6 +180,12 @@ impl Sim {
             acked: HashMap::new(),
             registered: HashSet::new(),
             commit_failures: 0,
+            admin: HashMap::new(),
+            admin_answered: 0,
+            admin_busy: HashSet::new(),
+            disabled: HashSet::new(),
+            maybe_disabled: HashSet::new(),
+            revoked: HashSet::new(),
         }
     }
 
@@ -221,7 +255,9 @@ impl Sim {
                 self.shards[to].handle_adopt(self.now_ms, new, handoff);
             }
             Output::Job { id, job } => self.jobs.push((s, id, job)),
-            Output::AdminReply { .. } => unreachable!("the simulation sends no admin requests"),
+            Output::AdminReply { conn, status, body } => {
+                self.on_admin_reply(s, conn, status, &body)
+            }
         }
     }
 
@@ -281,6 +317,7 @@ impl Sim {
         };
         let ok = &v["ok"];
         let err = v["error"]["code"].as_str();
+        let user = self.devices[d].user;
         match req {
             Req::Register => {
                 // `username_taken` may mean "registration in progress": only success counts.
@@ -293,15 +330,22 @@ impl Sim {
                     self.devices[d].token = Some(ok["token"].as_str().expect("token").to_owned());
                     self.devices[d].authed = true;
                 }
-                Some(code) => {
-                    if code != "internal" {
-                        self.fail(format!("login failed: {text}"))
-                    }
-                }
+                Some("internal") => {}
+                Some("account_disabled") if self.maybe_disabled.contains(&user) => {}
+                Some(_) => self.fail(format!("login failed: {text}")),
             },
             Req::Resume => match err {
-                None => self.devices[d].authed = true,
+                None => {
+                    let token = self.devices[d].token.clone().unwrap_or_default();
+                    if self.revoked.contains(&token) {
+                        self.fail(format!("device {d} resumed with a token kicked before"));
+                    }
+                    self.devices[d].authed = true;
+                }
                 Some("internal") => {}
+                Some("account_disabled") if self.maybe_disabled.contains(&user) => {}
+                // Kicked: log in again.
+                Some("device_revoked") => self.devices[d].token = None,
                 Some(_) => self.fail(format!("resume failed: {text}")),
             },
             Req::Open => {
@@ -494,7 +538,12 @@ impl Sim {
                 }
             }
             _ => {
-                let convs = self.my_convs(d);
+                // Notice conversations are the server's to write in.
+                let convs: Vec<ConvId> = self
+                    .my_convs(d)
+                    .into_iter()
+                    .filter(|c| !c.may_have_member(UserId::SYSTEM) || c.is_group())
+                    .collect();
                 if convs.is_empty() {
                     return;
                 }
@@ -601,6 +650,166 @@ impl Sim {
         );
     }
 
+    // ---- the operator (admin API) ----
+
+    /// One operator request from a random shard, for a user with none in flight.
+    fn operator_step(&mut self) {
+        let user = self.rng.gen_range(0..USERS);
+        if self.admin_busy.contains(&user) {
+            return;
+        }
+        let name = username(user);
+        let (op, what) = match self.rng.gen_range(0..5) {
+            0 => (
+                AdminOp::SetDisabled {
+                    user: name,
+                    disabled: true,
+                },
+                Admin::Disable(user),
+            ),
+            1 => (
+                AdminOp::SetDisabled {
+                    user: name,
+                    disabled: false,
+                },
+                Admin::Enable(user),
+            ),
+            2 => {
+                let d = user * DEVICES_PER_USER + self.rng.gen_range(0..DEVICES_PER_USER);
+                let op = AdminOp::Kick {
+                    user: name,
+                    device: Some(self.devices[d].name.clone()),
+                };
+                let token = self.devices[d].token.clone();
+                (op, Admin::Kick { user, token })
+            }
+            3 => (
+                AdminOp::Notice {
+                    to: NoticeTo::User(name),
+                    body: format!(r#"{{"notice":{}}}"#, self.now_ms),
+                },
+                Admin::Notice(user),
+            ),
+            _ => {
+                let groups: Vec<ConvId> = self
+                    .convs
+                    .iter()
+                    .copied()
+                    .filter(|c| c.is_group())
+                    .collect();
+                let Some(&conv) = groups.get(self.rng.gen_range(0..groups.len().max(1))) else {
+                    return;
+                };
+                let op = AdminOp::Notice {
+                    to: NoticeTo::Group(conv),
+                    body: "1".into(),
+                };
+                (op, Admin::GroupNotice)
+            }
+        };
+        self.admin_request(user, op, what);
+    }
+
+    fn admin_request(&mut self, user: usize, op: AdminOp, what: Admin) {
+        match &what {
+            Admin::Disable(_) => {
+                self.maybe_disabled.insert(user);
+            }
+            Admin::Enable(_) => {
+                self.disabled.remove(&user);
+            }
+            _ => {}
+        }
+        if !matches!(what, Admin::GroupNotice) {
+            self.admin_busy.insert(user);
+        }
+        let s = self.rng.gen_range(0..SHARDS);
+        let conn = ConnId(self.next_conn);
+        self.next_conn += 1;
+        self.admin.insert((s, conn), what);
+        self.shards[s].handle_admin(self.now_ms, conn, op);
+    }
+
+    fn on_admin_reply(&mut self, s: usize, conn: ConnId, status: u16, body: &str) {
+        let Some(what) = self.admin.remove(&(s, conn)) else {
+            self.fail(format!("an admin answer for nothing in flight: {body}"));
+        };
+        self.shards[s].handle_disconnect(self.now_ms, conn);
+        self.admin_answered += 1;
+        let v: Value = serde_json::from_str(body)
+            .unwrap_or_else(|e| self.fail(format!("admin answer is not JSON ({e}): {body}")));
+        let code = v["error"]["code"].as_str();
+        let refused = |expected: &[&str]| code.is_some_and(|c| expected.contains(&c));
+        match (&what, status) {
+            (Admin::Disable(u), 200) => {
+                self.disabled.insert(*u);
+                self.check_disabled();
+            }
+            (Admin::Enable(u), 200) => {
+                self.maybe_disabled.remove(u);
+            }
+            (Admin::Kick { token, .. }, 200) => {
+                self.revoked.extend(token.clone());
+            }
+            (Admin::Notice(_), 200) => {
+                let conv = ConvId::parse(v["ok"]["conv"].as_str().unwrap_or(""))
+                    .unwrap_or_else(|| self.fail(format!("notice answer without conv: {body}")));
+                if !self.convs.contains(&conv) {
+                    self.convs.push(conv);
+                }
+            }
+            (Admin::GroupNotice, 200) => {}
+            // Not registered yet, device never logged in, a failed commit, a disbanded group.
+            (Admin::Disable(_) | Admin::Enable(_) | Admin::Notice(_), _)
+                if refused(&["no_such_user", "internal"]) => {}
+            (Admin::Kick { .. }, _) if refused(&["no_such_user", "no_such_device", "internal"]) => {
+            }
+            (Admin::GroupNotice, _) if refused(&["group_disbanded", "internal"]) => {}
+            _ => self.fail(format!("admin {what:?} answered {status}: {body}")),
+        }
+        match what {
+            Admin::Disable(u)
+            | Admin::Enable(u)
+            | Admin::Kick { user: u, .. }
+            | Admin::Notice(u) => {
+                self.admin_busy.remove(&u);
+            }
+            Admin::GroupNotice => {}
+        }
+    }
+
+    /// No device of a disabled user is logged in.
+    fn check_disabled(&self) {
+        for (d, dev) in self.devices.iter().enumerate() {
+            if dev.authed && self.disabled.contains(&dev.user) {
+                self.fail(format!(
+                    "device {d} is logged in while its user is disabled"
+                ));
+            }
+        }
+    }
+
+    /// Before healing: every account enabled again, every operator request answered.
+    fn enable_everyone(&mut self) {
+        self.settle();
+        for user in 0..USERS {
+            if self.maybe_disabled.contains(&user) {
+                let op = AdminOp::SetDisabled {
+                    user: username(user),
+                    disabled: false,
+                };
+                self.admin_request(user, op, Admin::Enable(user));
+            }
+        }
+        self.settle();
+        if !self.admin.is_empty() || !self.maybe_disabled.is_empty() {
+            self.fail(format!(
+                "operator requests left unanswered: {:?}, still disabled: {:?}",
+                self.admin, self.maybe_disabled
+            ));
+        }
+    }
+
     // ---- the scheduler ----
 
     fn step(&mut self, mode: Mode) {
@@ -656,6 +865,7 @@ impl Sim {
                 let s = self.rng.gen_range(0..SHARDS);
                 self.shards[s].handle_tick(self.now_ms);
             }
+            62 if chaos => self.operator_step(),
             _ => {
                 let d = self.rng.gen_range(0..self.devices.len());
                 match mode {
@@ -665,6 +875,7 @@ impl Sim {
             }
         }
         self.drain();
+        self.check_disabled();
     }
 
     fn quiescent(&self) -> bool {
@@ -751,8 +962,9 @@ fn run(seed: u64, steps: usize) -> Sim {
     for _ in 0..steps {
         sim.step(Mode::Chaos);
     }
-    // Phase 3: heal. Reconnect everyone, retry every unacked send, sync until nothing is missing.
-    sim.settle();
+    // Phase 3: heal. Enable every account, reconnect everyone, retry every unacked send, sync
+    // until nothing is missing.
+    sim.enable_everyone();
     for round in 0..50 {
         for d in 0..sim.devices.len() {
             sim.connect(d);
@@ -836,6 +1048,7 @@ fn simulation_keeps_every_invariant() {
     let mut total_acked = 0;
     let mut group_acked = 0;
     let mut failures = 0;
+    let (mut admin_answered, mut notice_convs, mut revoked) = (0, 0, 0);
     for seed in seeds {
         let sim = run(seed, 6_000);
         assert!(
@@ -845,7 +1058,19 @@ fn simulation_keeps_every_invariant() {
         total_acked += sim.acked.len();
         group_acked += sim.acked.values().filter(|(c, _)| c.is_group()).count();
         failures += sim.commit_failures;
+        admin_answered += sim.admin_answered;
+        notice_convs += sim
+            .convs
+            .iter()
+            .filter(|c| !c.is_group() && c.may_have_member(UserId::SYSTEM))
+            .count();
+        revoked += sim.revoked.len();
     }
+    println!(
+        "{total_acked} sends acked ({group_acked} in groups), {failures} failed commits, \
+         {admin_answered} operator requests, {notice_convs} notice conversations, \
+         {revoked} tokens kicked"
+    );
     if replay {
         return; // the coverage thresholds below are for the full seed set
     }
@@ -860,6 +1085,11 @@ fn simulation_keeps_every_invariant() {
     assert!(
         failures > 0,
         "the simulation should exercise failed commits"
+    );
+    assert!(
+        admin_answered > 100 && notice_convs > 10 && revoked > 5,
+        "the simulation should exercise the operator: {admin_answered} requests, \
+         {notice_convs} notice conversations, {revoked} kicked tokens"
     );
 }
 
