@@ -155,7 +155,25 @@ impl Mail {
             | Mail::ProfileQuery { reply, .. }
             | Mail::CreateAccounts { reply, .. }
             | Mail::Account { reply, .. } => Some(*reply),
-            _ => None,
+            // Parts of gathers (answered by the gather), answers, and effects without a
+            // requester. Listed, not wildcarded: a new mail must say which it is.
+            Mail::Range { .. }
+            | Mail::LastSeqs { .. }
+            | Mail::ProfileBumped { .. }
+            | Mail::PresenceQuery { .. }
+            | Mail::PresenceDone { .. }
+            | Mail::ReadUpTo { .. }
+            | Mail::AccountsCreated { .. }
+            | Mail::EnsureMember { .. }
+            | Mail::MemberEnsured { .. }
+            | Mail::Index { .. }
+            | Mail::Indexed { .. }
+            | Mail::Unindex { .. }
+            | Mail::Ephemeral { .. }
+            | Mail::Reply { .. }
+            | Mail::Deliver { .. }
+            | Mail::RangeDone { .. }
+            | Mail::LastSeqsDone { .. } => None,
         }
     }
 }
