@@ -555,14 +555,18 @@ impl Sim {
         }
     }
 
-    /// A random membership change: create a group (a few per run), invite, join, kick, leave.
-    fn group_step(&mut self, d: usize) {
-        let groups: Vec<ConvId> = self
-            .convs
+    /// Groups created so far.
+    fn groups(&self) -> Vec<ConvId> {
+        self.convs
             .iter()
             .copied()
             .filter(|c| c.is_group())
-            .collect();
+            .collect()
+    }
+
+    /// A random membership change: create a group (a few per run), invite, join, kick, leave.
+    fn group_step(&mut self, d: usize) {
+        let groups = self.groups();
         let other = username(self.rng.gen_range(0..USERS));
         if groups.is_empty() || (groups.len() < 3 && self.rng.gen_ratio(1, 4)) {
             let members: Vec<String> = (0..USERS)
@@ -691,12 +695,7 @@ impl Sim {
                 Admin::Notice(user),
             ),
             _ => {
-                let groups: Vec<ConvId> = self
-                    .convs
-                    .iter()
-                    .copied()
-                    .filter(|c| c.is_group())
-                    .collect();
+                let groups = self.groups();
                 let Some(&conv) = groups.get(self.rng.gen_range(0..groups.len().max(1))) else {
                     return;
                 };
