@@ -17,5 +17,5 @@ if [ ! -x /usr/bin/chromium ]; then
 fi
 if [ ! -d "$_hermod_root/tests/browser/node_modules/playwright-core" ]; then
   echo "hermod: installing playwright-core (npm ci in tests/browser)" >&2
-  (cd "$_hermod_root/tests/browser" && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund --silent)
+  (cd "$_hermod_root/tests/browser" && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund --loglevel=error)
 fi
