@@ -32,7 +32,8 @@ use crate::shard::{dispatch, now_ms, Ctx};
 use crate::ws::{self, Decoder, Message};
 
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Time allowed for the HTTP request head to arrive.
+/// Time allowed for the HTTP request (its head, and an admin request's body) to arrive in
+/// full, however slowly it trickles in.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// Kept between messages only if small: an idle connection should hold (almost) nothing.
 const KEEP_BUFFER_BYTES: usize = 4 * 1024;
@@ -169,6 +170,23 @@ async fn next_event(
     .await
 }
 
+/// `next_event`, or `Eof` once `deadline` has passed: a request that has not arrived in full
+/// by then is dropped.
+async fn next_event_by(
+    ctx: &Ctx,
+    stream: &mut TcpStream,
+    inbuf: &mut Vec<u8>,
+    outbox: &Outbox,
+    deadline: std::time::Instant,
+) -> Event {
+    let left = deadline.saturating_duration_since(std::time::Instant::now());
+    let expired = async {
+        glommio::timer::sleep(left).await;
+        Event::Eof
+    };
+    futures_lite::future::or(next_event(ctx, stream, inbuf, outbox), expired).await
+}
+
 pub fn spawn_accepted(ctx: &Ctx, stream: TcpStream) {
     let ctx = ctx.clone();
     glommio::spawn_local(async move {
@@ -211,8 +229,9 @@ async fn serve_http(ctx: &Ctx, mut stream: TcpStream) -> std::io::Result<()> {
     stream.set_read_timeout(Some(HEAD_TIMEOUT))?;
     let mut inbuf = Vec::new();
     let idle = Outbox::default();
+    let deadline = std::time::Instant::now() + HEAD_TIMEOUT;
     let route = loop {
-        match next_event(ctx, &mut stream, &mut inbuf, &idle).await {
+        match next_event_by(ctx, &mut stream, &mut inbuf, &idle, deadline).await {
             Event::Readable => {
                 tracing::trace!(bytes = inbuf.len(), "http bytes");
                 if let Some(route) = http::route(&inbuf) {
@@ -240,7 +259,7 @@ async fn serve_http(ctx: &Ctx, mut stream: TcpStream) -> std::io::Result<()> {
             }
             let wanted = req.head_len + req.body_len;
             while inbuf.len() < wanted {
-                match next_event(ctx, &mut stream, &mut inbuf, &idle).await {
+                match next_event_by(ctx, &mut stream, &mut inbuf, &idle, deadline).await {
                     Event::Readable => {}
                     Event::Eof | Event::Work => return Ok(()),
                     Event::Failed(e) => return Err(e),

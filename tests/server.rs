@@ -50,6 +50,38 @@ fn metric(text: &str, name: &str) -> u64 {
         .sum()
 }
 
+/// A request head that trickles in (each piece well within the per-read timeout) is dropped
+/// once the whole request is 10 s late, so slow clients cannot hold sockets forever.
+#[test]
+fn a_trickling_request_is_dropped_at_its_deadline() {
+    use std::io::{Read, Write};
+    let server = Server::start(&[]);
+    let mut s = std::net::TcpStream::connect(server.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let started = std::time::Instant::now();
+    s.write_all(b"GET / HTTP/1.1\r\n").unwrap();
+    let closed_after = loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "still open after 20 s"
+        );
+        let mut byte = [0u8; 1];
+        match s.read(&mut byte) {
+            Ok(0) => break started.elapsed(),
+            Ok(_) => panic!("the server answered an incomplete request"),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => break started.elapsed(), // reset
+        }
+        std::thread::sleep(Duration::from_millis(800));
+        let _ = s.write_all(b"X-Slow: 1\r\n");
+    };
+    assert!(
+        (Duration::from_secs(9)..Duration::from_secs(13)).contains(&closed_after),
+        "closed after {closed_after:?}"
+    );
+}
+
 #[test]
 fn health_readiness_and_metrics() {
     let mut server = Server::start(&[]);
