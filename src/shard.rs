@@ -6,8 +6,9 @@
 //! `RefCell` that is never held across an `.await`, so no borrow can conflict.
 //!
 //! Off-reactor work: commits (`RocksStorage::write`, which may fsync) and argon2 run on the
-//! executor's blocking pool. At most `HASH_JOBS_MAX` hashes run at once per shard, so commits
-//! always find a free blocking thread.
+//! executor's blocking pool. At most `HASH_JOBS_MAX` users' hashes and `BULK_HASH_JOBS_MAX`
+//! bulk-creation hashes run at once per shard, so commits always find a free blocking thread
+//! and logins never queue behind an operator's bulk creation.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -32,9 +33,15 @@ use crate::conn::{self, Outbox};
 use crate::mesh::{Ends, Envelope};
 use crate::metrics::{Board, Sample};
 
-/// Blocking-pool threads per shard, and how many of them argon2 may occupy.
+/// Blocking-pool threads per shard, and how many of them argon2 may occupy: for users'
+/// register/login, and apart for the admin API's bulk creation.
 pub const BLOCKING_THREADS: usize = 4;
 const HASH_JOBS_MAX: u64 = 2;
+const BULK_HASH_JOBS_MAX: u64 = 1;
+const _: () = assert!(
+    (HASH_JOBS_MAX + BULK_HASH_JOBS_MAX) < BLOCKING_THREADS as u64,
+    "a commit always finds a blocking thread"
+);
 /// Longest a shutdown waits for pending writes, then for sockets to flush.
 const DRAIN_WRITES_MAX: Duration = Duration::from_secs(10);
 const DRAIN_SOCKETS_MAX: Duration = Duration::from_secs(2);
@@ -54,6 +61,7 @@ pub struct ShardCtx {
     durability: Durability,
     hash_cost: HashCost,
     hash_slots: Rc<Semaphore>,
+    bulk_hash_slots: Rc<Semaphore>,
     pub conns: RefCell<HashMap<ConnId, Rc<Outbox>>>,
     next_conn: Cell<u64>,
     peers: Vec<Option<Peer>>,
@@ -154,6 +162,7 @@ pub async fn run(p: Params) {
         durability,
         hash_cost,
         hash_slots: Rc::new(Semaphore::new(HASH_JOBS_MAX)),
+        bulk_hash_slots: Rc::new(Semaphore::new(BULK_HASH_JOBS_MAX)),
         conns: RefCell::new(HashMap::new()),
         next_conn: Cell::new(1),
         peers,
@@ -356,10 +365,15 @@ pub fn dispatch(ctx: &Ctx) {
                     outbox.hand_off(to, handoff);
                 }
             }
-            Output::Job { id, job } => {
+            Output::Job { id, job, bulk } => {
                 let ctx = ctx.clone();
                 glommio::spawn_local(async move {
-                    let Ok(_permit) = ctx.hash_slots.acquire_permit(1).await else {
+                    let slots = if bulk {
+                        &ctx.bulk_hash_slots
+                    } else {
+                        &ctx.hash_slots
+                    };
+                    let Ok(_permit) = slots.acquire_permit(1).await else {
                         return;
                     };
                     let cost = ctx.hash_cost;

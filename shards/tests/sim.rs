@@ -254,7 +254,7 @@ impl Sim {
                 self.devices[d].conn = Some((to, new));
                 self.shards[to].handle_adopt(self.now_ms, new, handoff);
             }
-            Output::Job { id, job } => self.jobs.push((s, id, job)),
+            Output::Job { id, job, .. } => self.jobs.push((s, id, job)),
             Output::AdminReply { conn, status, body } => {
                 self.on_admin_reply(s, conn, status, &body)
             }

@@ -126,8 +126,9 @@ pub enum Output {
         to: ShardId,
         handoff: Handoff,
     },
-    /// Run a CPU-heavy job off the reactor and report with `handle_job_done`.
-    Job { id: u64, job: Job },
+    /// Run a CPU-heavy job off the reactor and report with `handle_job_done`. `bulk` jobs (an
+    /// operator's account creation) should not delay users' logins: run them apart.
+    Job { id: u64, job: Job, bulk: bool },
     /// The one answer to admin request `conn` (see `handle_admin`): an HTTP status and a
     /// JSON body.
     AdminReply {
@@ -515,8 +516,9 @@ impl<S: Storage> Shard<S> {
     fn job(&mut self, job: Job, pending: session::PendingJob) {
         let id = self.next_job;
         self.next_job += 1;
+        let bulk = matches!(pending, session::PendingJob::Account { .. });
         self.jobs.insert(id, pending);
-        self.out.push_back(Output::Job { id, job });
+        self.out.push_back(Output::Job { id, job, bulk });
     }
 }
 
@@ -627,7 +629,7 @@ mod fuzz {
                 progressed = true;
                 match out {
                     Output::Send { frame, .. } => sent.push(frame),
-                    Output::Job { id, job } => {
+                    Output::Job { id, job, .. } => {
                         let result = job.run(HashCost {
                             memory_kib: 8,
                             passes: 1,
