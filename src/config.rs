@@ -58,6 +58,10 @@ pub struct ServeArgs {
     /// Argon2id passes (default 2).
     #[arg(long, value_name = "N")]
     pub argon2_passes: Option<u32>,
+    /// Serve the admin API (/admin/…) and the status pages on this address instead of the
+    /// client port, e.g. 127.0.0.1:7401 (an operators' network). Port 0 picks one.
+    #[arg(long, value_name = "ADDR")]
+    pub admin_listen: Option<SocketAddr>,
     /// Bearer token for the admin API (/admin/…), at least 16 characters; without one the
     /// admin API is off. Prefer the env var or the file: flags show in `ps`.
     #[arg(
@@ -91,6 +95,7 @@ struct FileConfig {
     token_ttl_s: Option<u64>,
     argon2_memory_kib: Option<u32>,
     argon2_passes: Option<u32>,
+    admin_listen: Option<SocketAddr>,
     admin_token: Option<String>,
     log: Option<String>,
 }
@@ -113,6 +118,8 @@ pub struct Config {
     pub token_ttl_s: u64,
     pub argon2_memory_kib: u32,
     pub argon2_passes: u32,
+    /// Where `/admin/…` is served instead of `listen`, if set.
+    pub admin_listen: Option<SocketAddr>,
     /// The admin API's bearer token; `None`: the admin API is off.
     pub admin_token: Option<std::sync::Arc<str>>,
     pub log: String,
@@ -184,6 +191,7 @@ impl Config {
                 .or(file.argon2_memory_kib)
                 .unwrap_or(19 * 1024),
             argon2_passes: args.argon2_passes.or(file.argon2_passes).unwrap_or(2),
+            admin_listen: args.admin_listen.or(file.admin_listen),
             admin_token: args
                 .admin_token
                 .clone()

@@ -187,10 +187,39 @@ async fn next_event_by(
     futures_lite::future::or(next_event(ctx, stream, inbuf, outbox), expired).await
 }
 
-pub fn spawn_accepted(ctx: &Ctx, stream: TcpStream) {
+/// What a listener serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Surface {
+    /// Everything: no separate admin address is configured.
+    All,
+    /// Clients (page, WebSocket) and status pages; `/admin/…` lives on the admin address.
+    Public,
+    /// The admin address: `/admin/…` and the status pages only.
+    Admin,
+}
+
+impl Surface {
+    /// The answer to a route this surface does not serve, if it does not.
+    fn refuse(self, route: &Route) -> Option<Vec<u8>> {
+        let (code, message) = match (self, route) {
+            (Surface::Public, Route::Admin(_)) => (
+                "admin_elsewhere",
+                "the admin API is served on the admin address (admin_listen)",
+            ),
+            (Surface::Admin, Route::Respond(_) | Route::Upgrade { .. }) => (
+                "unknown_op",
+                "the admin address serves /admin/ and the status pages only",
+            ),
+            _ => return None,
+        };
+        Some(http::json(404, &admin_error(404, code, message).1))
+    }
+}
+
+pub fn spawn_accepted(ctx: &Ctx, stream: TcpStream, surface: Surface) {
     let ctx = ctx.clone();
     glommio::spawn_local(async move {
-        if let Err(e) = serve_http(&ctx, stream).await {
+        if let Err(e) = serve_http(&ctx, stream, surface).await {
             tracing::debug!(shard = %ctx.id, error = %e, "connection ended with an error");
         }
     })
@@ -223,7 +252,7 @@ fn register(ctx: &Ctx, conn: ConnId) -> Rc<Outbox> {
     outbox
 }
 
-async fn serve_http(ctx: &Ctx, mut stream: TcpStream) -> std::io::Result<()> {
+async fn serve_http(ctx: &Ctx, mut stream: TcpStream, surface: Surface) -> std::io::Result<()> {
     stream.set_nodelay(true)?;
     stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
     stream.set_read_timeout(Some(HEAD_TIMEOUT))?;
@@ -242,6 +271,10 @@ async fn serve_http(ctx: &Ctx, mut stream: TcpStream) -> std::io::Result<()> {
             Event::Failed(e) => return Err(e),
         }
     };
+    if let Some(refusal) = surface.refuse(&route) {
+        stream.write_all(&refusal).await?;
+        return stream.close().await;
+    }
     match route {
         Route::Respond(response) => {
             stream.write_all(&response).await?;

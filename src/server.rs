@@ -42,6 +42,8 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     let db = rocks::open(&datadir::db_path(&cfg.data), cfg.shards)?;
 
     let (placeholder, addr) = reserve(cfg.listen)?;
+    let admin = cfg.admin_listen.map(reserve).transpose()?;
+    let admin_addr = admin.as_ref().map(|(_, a)| *a);
     let (bound_tx, bound_rx) = std::sync::mpsc::channel();
     let io_memory = io_memory_per_executor(cfg.shards as usize)?;
     let shutdown = Arc::new(AtomicBool::new(false));
@@ -90,6 +92,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
                     durability,
                     hash_cost,
                     listen: addr,
+                    admin_listen: admin_addr,
                     bound,
                     mesh,
                     shutdown,
@@ -109,8 +112,12 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         }
     }
     drop(placeholder);
+    drop(admin);
+    let admin_note = admin_addr
+        .map(|a| format!(", admin on http://{a}"))
+        .unwrap_or_default();
     println!(
-        "hermod listening on http://{addr} (shards {}, durability {:?}, data {})",
+        "hermod listening on http://{addr} (shards {}, durability {:?}, data {}{admin_note})",
         cfg.shards,
         cfg.durability,
         cfg.data.display()

@@ -29,7 +29,7 @@ use hermod_shards::limits::{COMMIT_OPS_MAX, MAIL_BACKLOG_MAX};
 use hermod_shards::storage::rocks::{RocksStorage, StoreStats};
 use hermod_shards::{ConnId, Output, Shard, ShardId};
 
-use crate::conn::{self, Outbox};
+use crate::conn::{self, Outbox, Surface};
 use crate::mesh::{Ends, Envelope};
 use crate::metrics::{Board, Sample};
 
@@ -96,6 +96,8 @@ pub struct Params {
     pub durability: Durability,
     pub hash_cost: HashCost,
     pub listen: std::net::SocketAddr,
+    /// Where `/admin/…` (and the status pages) are served instead of `listen`, if set.
+    pub admin_listen: Option<std::net::SocketAddr>,
     /// Told once the listener is bound (or failed to bind), so start-up can report it.
     pub bound: std::sync::mpsc::Sender<Result<(), String>>,
     pub mesh: Ends,
@@ -112,25 +114,35 @@ pub async fn run(p: Params) {
         durability,
         hash_cost,
         listen,
+        admin_listen,
         bound,
         mesh,
         shutdown,
         board,
         admin_token,
     } = p;
-    // glommio's bind sets SO_REUSEPORT: every shard listens on the same address.
-    let listener = match TcpListener::bind(listen) {
-        Ok(listener) => {
+    // glommio's bind sets SO_REUSEPORT: every shard listens on the same address(es).
+    let bind = |addr| {
+        TcpListener::bind(addr).map_err(|e| format!("shard {}: binding {addr}: {e}", engine.id().0))
+    };
+    let listeners = bind(listen).and_then(|public| {
+        let admin = admin_listen.map(bind).transpose()?;
+        Ok((public, admin))
+    });
+    let (listener, admin_listener) = match listeners {
+        Ok(listeners) => {
             let _ = bound.send(Ok(()));
-            listener
+            listeners
         }
         Err(e) => {
-            let _ = bound.send(Err(format!(
-                "shard {}: binding {listen}: {e}",
-                engine.id().0
-            )));
+            let _ = bound.send(Err(e));
             return;
         }
+    };
+    let public_surface = if admin_listener.is_some() {
+        Surface::Public
+    } else {
+        Surface::All
     };
     let id = engine.id();
     let tick = Duration::from_millis(engine.tick_ms());
@@ -215,24 +227,8 @@ pub async fn run(p: Params) {
         .detach();
     }
 
-    let acceptor = {
-        let ctx = ctx.clone();
-        glommio::spawn_local(async move {
-            loop {
-                match listener.accept().await {
-                    Ok(stream) => {
-                        tracing::trace!(shard = %ctx.id, "accepted");
-                        conn::spawn_accepted(&ctx, stream)
-                    }
-                    Err(e) => {
-                        tracing::warn!(shard = %ctx.id, error = %e, "accept failed");
-                        // Out of fds or memory: back off instead of spinning.
-                        glommio::timer::sleep(Duration::from_millis(50)).await;
-                    }
-                }
-            }
-        })
-    };
+    let acceptor = accept(&ctx, listener, public_surface);
+    let admin_acceptor = admin_listener.map(|l| accept(&ctx, l, Surface::Admin));
 
     let store_stats = {
         let ctx = ctx.clone();
@@ -261,6 +257,7 @@ pub async fn run(p: Params) {
     // Drain: stop accepting, let pending writes finish (their acks go out), then close every
     // client with 1001 and give the sockets a moment to flush.
     drop(acceptor);
+    drop(admin_acceptor);
     let started = std::time::Instant::now();
     while !ctx.engine.borrow().is_write_idle() && started.elapsed() < DRAIN_WRITES_MAX {
         glommio::timer::sleep(Duration::from_millis(5)).await;
@@ -277,6 +274,27 @@ pub async fn run(p: Params) {
         }
     }
     tracing::info!(shard = %ctx.id, "shard stopped");
+}
+
+/// The accept loop of one listener; its connections serve `surface`. Dropping the task stops
+/// accepting (the drain at shutdown).
+fn accept(ctx: &Ctx, listener: TcpListener, surface: Surface) -> glommio::Task<()> {
+    let ctx = ctx.clone();
+    glommio::spawn_local(async move {
+        loop {
+            match listener.accept().await {
+                Ok(stream) => {
+                    tracing::trace!(shard = %ctx.id, ?surface, "accepted");
+                    conn::spawn_accepted(&ctx, stream, surface)
+                }
+                Err(e) => {
+                    tracing::warn!(shard = %ctx.id, error = %e, "accept failed");
+                    // Out of fds or memory: back off instead of spinning.
+                    glommio::timer::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    })
 }
 
 impl ShardCtx {

@@ -95,6 +95,33 @@ fn only_the_admin_token_opens_the_admin_api() {
 }
 
 #[test]
+fn a_separate_admin_address_takes_the_admin_api_off_the_client_port() {
+    let server = Server::start(&["--admin-token", ADMIN, "--admin-listen", "127.0.0.1:0"]);
+    let admin_addr = server
+        .admin_addr
+        .expect("the admin address is printed at start");
+    assert_ne!(admin_addr, server.addr);
+    let (status, body) = http_json(server.addr, "GET", "/admin/stats", Some(ADMIN), None);
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (404, Some("admin_elsewhere"))
+    );
+    let (status, body) = http_json(admin_addr, "GET", "/admin/stats", Some(ADMIN), None);
+    assert_eq!(status, 200, "{body}");
+    let (status, _) = http_json(admin_addr, "GET", "/admin/stats", None, None);
+    assert_eq!(status, 401, "the token is still required there");
+    assert!(http_get(admin_addr, "/metrics").starts_with("HTTP/1.1 200"));
+    assert!(
+        http_get(admin_addr, "/").starts_with("HTTP/1.1 404"),
+        "no web page there"
+    );
+    assert!(http_get(server.addr, "/readyz").starts_with("HTTP/1.1 "));
+    assert!(http_get(server.addr, "/").starts_with("HTTP/1.1 200"));
+    let (mut alice, _) = server.user("alice", "pc");
+    alice.ok("ping", json!({}));
+}
+
+#[test]
 fn bulk_creation_makes_accounts_on_their_home_shards() {
     let server = admin_server();
     let _taken = server.user("taken1", "pc");

@@ -18,6 +18,8 @@ pub const TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Server {
     child: Option<Child>,
     pub addr: SocketAddr,
+    /// The admin address, when started with `--admin-listen`.
+    pub admin_addr: Option<SocketAddr>,
     pub data: PathBuf,
     args: Vec<String>,
 }
@@ -69,6 +71,11 @@ impl Server {
             .and_then(|rest| rest.split_whitespace().next())
             .and_then(|a| a.parse().ok())
             .unwrap_or_else(|| panic!("unexpected first line from hermod: {line:?}"));
+        let admin_addr = line
+            .split("admin on http://")
+            .nth(1)
+            .and_then(|rest| rest.split(&[')', ' '][..]).next())
+            .and_then(|a| a.parse().ok());
         // Keep draining stdout so the server never blocks on a full pipe.
         std::thread::spawn(move || {
             let mut sink = String::new();
@@ -77,6 +84,7 @@ impl Server {
         Server {
             child: Some(child),
             addr,
+            admin_addr,
             data: data.to_path_buf(),
             args,
         }
