@@ -148,6 +148,16 @@ async function run(browser, pages) {
     await alice.locator("#requests button", { hasText: "accept" }).click({ timeout: WAIT });
     await conv(alice, "bob").locator(".dot.online").waitFor({ timeout: WAIT });
     await conv(bob, "alice").locator(".dot.online").waitFor({ timeout: WAIT });
+    // Alice's tab goes to the background: bob sees her away, then back online.
+    const setHidden = (hidden) =>
+      alice.evaluate((h) => {
+        Object.defineProperty(document, "hidden", { value: h, configurable: true });
+        document.dispatchEvent(new Event("visibilitychange"));
+      }, hidden);
+    await setHidden(true);
+    await conv(bob, "alice").locator(".dot.away").waitFor({ timeout: WAIT });
+    await setHidden(false);
+    await conv(bob, "alice").locator(".dot.online").waitFor({ timeout: WAIT });
     console.log("ok: friends and presence dots");
 
     // A group with a member added at creation.
