@@ -222,6 +222,8 @@ fn disabled_accounts_lose_their_sockets_and_cannot_log_in() {
         (status, body["error"]["code"].as_str()),
         (404, Some("no_such_user"))
     );
+    let (status, _) = admin(&server, "GET", "/admin/users/nobody", None);
+    assert_eq!(status, 404);
 }
 
 #[test]
@@ -229,6 +231,21 @@ fn kick_closes_a_device_and_revokes_its_token() {
     let server = admin_server();
     let (mut pc, pc_token) = server.user("alice", "pc");
     let (mut phone, phone_token) = server.user("alice", "phone");
+    let (status, body) = admin(&server, "GET", "/admin/users/Alice", None);
+    assert_eq!(status, 200, "{body}");
+    let devices: Vec<(&str, bool)> = body["ok"]["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            (
+                d["device"].as_str().unwrap(),
+                d["online"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(devices, [("pc", true), ("phone", true)], "{body}");
+    assert_eq!(body["ok"]["disabled"], false);
 
     let (status, body) = admin(
         &server,
@@ -400,6 +417,11 @@ fn the_tools_client_drives_every_action() {
     assert_eq!(
         client.set_disabled("tool2", true).unwrap()["disabled"],
         true
+    );
+    let tool2 = client.user("tool2").unwrap();
+    assert_eq!(
+        (tool2["user"].as_str(), &tool2["disabled"]),
+        (Some("tool2"), &json!(true))
     );
     assert_eq!(
         client.set_disabled("tool2", false).unwrap()["disabled"],

@@ -20,6 +20,8 @@ pub enum AdminOp {
     Stats,
     /// `POST /admin/users`: create these accounts (username as given, password).
     CreateUsers { users: Vec<(String, String)> },
+    /// `GET /admin/users/{name}`: the account, whether it is disabled, its devices.
+    ViewUser { user: String },
     /// `POST /admin/users/{name}/disable` and `…/enable`.
     SetDisabled { user: String, disabled: bool },
     /// `POST /admin/users/{name}/kick`: close one device's connections (or every device's when
@@ -46,6 +48,7 @@ impl AdminOp {
     pub fn summary(&self) -> String {
         match self {
             AdminOp::Stats => "stats".into(),
+            AdminOp::ViewUser { user } => format!("view {user}"),
             AdminOp::CreateUsers { users } => format!("create {} users", users.len()),
             AdminOp::SetDisabled { user, disabled } => {
                 format!("{} {user}", if *disabled { "disable" } else { "enable" })
@@ -70,6 +73,9 @@ impl AdminOp {
         let parts: Vec<&str> = rest.split('/').collect();
         match (method, parts.as_slice()) {
             ("GET", ["stats"]) => Ok(AdminOp::Stats),
+            ("GET", ["users", user]) => Ok(AdminOp::ViewUser {
+                user: user.to_string(),
+            }),
             ("POST", ["users"]) => {
                 #[derive(Deserialize)]
                 struct Create {
@@ -154,7 +160,11 @@ impl AdminOp {
             }
             (
                 _,
-                ["stats"] | ["users"] | ["users", _, "disable" | "enable" | "kick"] | ["notice"],
+                ["stats"]
+                | ["users"]
+                | ["users", _]
+                | ["users", _, "disable" | "enable" | "kick"]
+                | ["notice"],
             ) => Err((
                 ErrorCode::BadRequest,
                 format!("{method} is not allowed on {path}"),
@@ -214,6 +224,10 @@ mod tests {
     #[test]
     fn every_operation_parses() {
         assert_eq!(parse("GET", "/admin/stats", ""), Ok(AdminOp::Stats));
+        assert_eq!(
+            parse("GET", "/admin/users/bob", ""),
+            Ok(AdminOp::ViewUser { user: "bob".into() })
+        );
         assert_eq!(
             parse(
                 "POST",

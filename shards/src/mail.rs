@@ -135,6 +135,8 @@ pub enum ConvOp {
 /// An operator's action on one account, run on its home shard (admin API).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum AccountAction {
+    /// Read the account: created, disabled, devices (as `devices` lists them).
+    View,
     Disable(bool),
     /// Close one device's connections (every device's when `None`) and revoke its token.
     Kick {

@@ -50,6 +50,11 @@ impl Client {
         Ok(json!({ "created": created, "failed": failed }))
     }
 
+    /// `GET /admin/users/{user}`: created, disabled, devices.
+    pub fn user(&self, user: &str) -> anyhow::Result<Value> {
+        self.call("GET", &format!("users/{user}"), None)
+    }
+
     pub fn set_disabled(&self, user: &str, disabled: bool) -> anyhow::Result<Value> {
         let action = if disabled { "disable" } else { "enable" };
         self.call("POST", &format!("users/{user}/{action}"), None)

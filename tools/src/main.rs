@@ -124,6 +124,10 @@ enum AdminAction {
         #[arg(long)]
         password: Option<String>,
     },
+    /// An account: when it was created, whether it is disabled, its devices (online or not).
+    User {
+        user: String,
+    },
     /// Refuse the account's logins and close its connections (4003).
     Disable {
         user: String,
@@ -180,6 +184,7 @@ fn admin(url: &str, token: &str, action: AdminAction) -> anyhow::Result<serde_js
             };
             client.create_users(&users)
         }
+        AdminAction::User { user } => client.user(&user),
         AdminAction::Disable { user } => client.set_disabled(&user, true),
         AdminAction::Enable { user } => client.set_disabled(&user, false),
         AdminAction::Kick { user, device } => client.kick(&user, device.as_deref()),

@@ -107,6 +107,9 @@ impl<S: Storage> Shard<S> {
                 "stats are answered by the server, not a shard",
             ),
             AdminOp::CreateUsers { users } => self.admin_create(conn, reply, users),
+            AdminOp::ViewUser { user } => {
+                self.admin_account(conn, reply, &user, AccountAction::View)
+            }
             AdminOp::SetDisabled { user, disabled } => {
                 self.admin_account(conn, reply, &user, AccountAction::Disable(disabled))
             }
@@ -406,15 +409,27 @@ impl<S: Storage> Shard<S> {
         self.mail(b.reply.shard, mail);
     }
 
-    /// Disable, enable or kick an account homed here.
+    /// View, disable, enable or kick an account homed here.
     pub(super) fn account_action(&mut self, reply: ReplyTo, user: Named, action: AccountAction) {
         let (id, name) = user;
-        match self.get_latest(&keys::user(id)) {
-            Ok(Some(_)) => {}
+        let account = match self.latest::<UserRecord>(&keys::user(id)) {
+            Ok(Some(account)) => account,
             Ok(None) => return self.error_to(reply, ErrorCode::NoSuchUser, "no such user"),
             Err(e) => return self.storage_error_to(reply, &e),
-        }
+        };
         let (conns, answer) = match action {
+            AccountAction::View => {
+                let answer = match self.devices_json(id) {
+                    Ok(devices) => json!({
+                        "user": name,
+                        "created": account.created_ms,
+                        "disabled": self.is_disabled(id),
+                        "devices": devices,
+                    }),
+                    Err(e) => return self.storage_error_to(reply, &e),
+                };
+                return self.reply_to(reply, ok_frame(reply.rid, &answer));
+            }
             AccountAction::Disable(true) => {
                 self.put(keys::disabled(id), Vec::new());
                 let conns = self.sessions.online.get(&id).cloned().unwrap_or_default();

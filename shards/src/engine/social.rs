@@ -18,7 +18,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use serde_json::json;
+use serde_json::{json, Value};
 
 use super::commit::Deferred;
 use super::gather::Kind;
@@ -691,7 +691,14 @@ impl<S: Storage> Shard<S> {
         rid: u64,
         user: UserId,
     ) -> Result<(), StorageError> {
-        let prefix = keys::device(user, "");
+        let list = self.devices_json(user)?;
+        self.send(conn, ok_frame(rid, &json!({ "devices": list })));
+        Ok(())
+    }
+
+    /// A user's devices as `devices` lists them (also the admin API's account view).
+    pub(super) fn devices_json(&self, user: UserId) -> Result<Vec<Value>, StorageError> {
+        let prefix = keys::device_prefix(user);
         let rows = self
             .storage
             .scan(&prefix, &keys::prefix_end(&prefix), 1_000, false)?;
@@ -724,8 +731,7 @@ impl<S: Storage> Shard<S> {
                 "last_seen": last_seen,
             }));
         }
-        self.send(conn, ok_frame(rid, &json!({ "devices": list })));
-        Ok(())
+        Ok(list)
     }
 
     /// `device_logout`: revokes another device's token and closes its connections.
