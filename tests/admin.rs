@@ -328,6 +328,24 @@ fn notices_reach_users_online_and_offline_and_groups() {
         "nobody writes back to the server"
     );
 
+    // With an id, a retried notice answers with the original: one message, one push.
+    let retried =
+        json!({ "user": "alice", "id": "0190b2a4-8c6e-7d3e-9b1a-2f4c6d8e0a1b", "body": "once" });
+    let (_, first) = admin(&server, "POST", "/admin/notice", Some(retried.clone()));
+    let (_, again) = admin(&server, "POST", "/admin/notice", Some(retried));
+    assert_eq!(first["ok"]["seq"], 2, "{first}");
+    assert_eq!(
+        again["ok"]["seq"], 2,
+        "the retry is the same notice: {again}"
+    );
+    assert_eq!(alice.next_push_of("msg")["msg"]["seq"], 2);
+    assert!(
+        alice
+            .push_within(std::time::Duration::from_millis(300))
+            .is_none(),
+        "no second push"
+    );
+
     // Offline: kept, listed and synced on the next login.
     let (status, _) = admin(
         &server,
@@ -408,7 +426,7 @@ fn the_tools_client_drives_every_action() {
     assert_eq!(created["created"], json!(["tool0", "tool1", "tool2"]));
     let (mut c, _) = server.user("tool1", "pc");
     let notice = client
-        .notice(Some("tool1"), None, json!({ "text": "hello" }))
+        .notice(Some("tool1"), None, None, json!({ "text": "hello" }))
         .unwrap();
     assert_eq!(notice["seq"], 1);
     assert_eq!(c.next_push_of("msg")["msg"]["body"]["text"], "hello");

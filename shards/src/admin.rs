@@ -36,7 +36,12 @@ pub enum AdminOp {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum NoticeTo {
-    User(String),
+    /// `id`, when the operator gives one, makes a retry of the same notice answer with the
+    /// original (the message path's dedup); without it every request is a new notice.
+    User {
+        name: String,
+        id: Option<uuid::Uuid>,
+    },
     Group(ConvId),
 }
 
@@ -132,6 +137,7 @@ impl AdminOp {
                 struct Notice<'a> {
                     user: Option<String>,
                     group: Option<String>,
+                    id: Option<uuid::Uuid>,
                     #[serde(borrow)]
                     body: &'a RawValue,
                 }
@@ -146,7 +152,10 @@ impl AdminOp {
                     ));
                 }
                 let to = match (req.user, req.group) {
-                    (Some(user), None) => NoticeTo::User(user),
+                    (Some(name), None) => NoticeTo::User { name, id: req.id },
+                    (None, Some(_)) if req.id.is_some() => {
+                        return Err(bad("`id` applies to notices to a user".into()))
+                    }
                     (None, Some(group)) => match ConvId::parse(&group) {
                         Some(conv) if conv.is_group() => NoticeTo::Group(conv),
                         _ => return Err(bad(format!("{group:?} is not a group id (g.<hex>)"))),
@@ -273,7 +282,10 @@ mod tests {
                 r#"{"user":"bob","body":{"text":"hi"}}"#
             ),
             Ok(AdminOp::Notice {
-                to: NoticeTo::User("bob".into()),
+                to: NoticeTo::User {
+                    name: "bob".into(),
+                    id: None
+                },
                 body: r#"{"text":"hi"}"#.into()
             })
         );
@@ -309,6 +321,22 @@ mod tests {
                 "POST",
                 "/admin/notice",
                 r#"{"user":"a","group":"g.1","body":1}"#
+            ),
+            ErrorCode::BadRequest
+        );
+        assert_eq!(
+            code(
+                "POST",
+                "/admin/notice",
+                r#"{"group":"g.1","id":"0190b2a4-8c6e-7d3e-9b1a-2f4c6d8e0a1b","body":1}"#
+            ),
+            ErrorCode::BadRequest
+        );
+        assert_eq!(
+            code(
+                "POST",
+                "/admin/notice",
+                r#"{"user":"a","id":"nope","body":1}"#
             ),
             ErrorCode::BadRequest
         );

@@ -689,7 +689,7 @@ impl Sim {
             }
             3 => (
                 AdminOp::Notice {
-                    to: NoticeTo::User(name),
+                    to: NoticeTo::User { name, id: None },
                     body: format!(r#"{{"notice":{}}}"#, self.now_ms),
                 },
                 Admin::Notice(user),

@@ -65,14 +65,19 @@ impl Client {
         self.call("POST", &format!("users/{user}/kick"), body)
     }
 
-    /// A notice to `user` or into `group` (exactly one of them).
+    /// A notice to `user` or into `group` (exactly one of them). `id` (user notices) makes a
+    /// retry answer with the original instead of sending a second notice.
     pub fn notice(
         &self,
         user: Option<&str>,
         group: Option<&str>,
+        id: Option<&str>,
         body: Value,
     ) -> anyhow::Result<Value> {
         let mut req = json!({ "body": body });
+        if let Some(id) = id {
+            req["id"] = json!(id);
+        }
         match (user, group) {
             (Some(u), None) => req["user"] = json!(u),
             (None, Some(g)) => req["group"] = json!(g),

@@ -154,6 +154,9 @@ enum AdminAction {
         /// The body as raw JSON.
         #[arg(long)]
         body: Option<String>,
+        /// A UUID for this notice (user notices): a retry with the same id is not sent twice.
+        #[arg(long)]
+        id: Option<String>,
     },
 }
 
@@ -193,13 +196,14 @@ fn admin(url: &str, token: &str, action: AdminAction) -> anyhow::Result<serde_js
             group,
             text,
             body,
+            id,
         } => {
             let body = match (text, body) {
                 (Some(text), None) => serde_json::json!({ "text": text }),
                 (None, Some(raw)) => serde_json::from_str(&raw).context("--body is not JSON")?,
                 _ => anyhow::bail!("give --text or --body"),
             };
-            client.notice(user.as_deref(), group.as_deref(), body)
+            client.notice(user.as_deref(), group.as_deref(), id.as_deref(), body)
         }
     }
 }

@@ -133,14 +133,14 @@ impl<S: Storage> Shard<S> {
                 self.mail(conv.slot().shard(self.cfg.shards), mail);
             }
             AdminOp::Notice {
-                to: NoticeTo::User(name),
+                to: NoticeTo::User { name, id },
                 body,
             } => {
                 let Some((user, name)) = named(&name) else {
                     return self.admin_error(conn, ErrorCode::NoSuchUser, "no such user");
                 };
                 let conv = ConvId::direct(UserId::SYSTEM, user);
-                let id = uuid_v7(now_ms);
+                let id = id.unwrap_or_else(|| uuid_v7(now_ms));
                 self.admin
                     .requests
                     .insert(conn, Request::Opening { conv, body, id });
