@@ -50,6 +50,7 @@ fn web_client_in_chromium() {
         "edit and recall",
         "presence dots",
         "group",
+        "members and removal",
         "kicked by an operator",
     ] {
         assert!(

@@ -170,6 +170,18 @@ async function run(browser, pages) {
     await bob.locator("#msgs .sys", { hasText: 'alice created "Team"' }).waitFor({ timeout: WAIT });
     console.log("ok: group");
 
+    // The owner sees the members and removes bob; bob's sends there are refused from then on.
+    await alice.click("#showmembers");
+    await alice.locator('#members .member[data-user="alice"]', { hasText: "owner" }).waitFor({ timeout: WAIT });
+    const bobEntry = alice.locator('#members .member[data-user="bob"]', { hasText: "member" });
+    await bobEntry.locator("button.remove").click({ timeout: WAIT });
+    await bob.locator("#msgs .sys", { hasText: "alice removed bob" }).waitFor({ timeout: WAIT });
+    await alice.locator('#members .member[data-user="bob"]').waitFor({ state: "detached", timeout: WAIT });
+    await bob.fill("#text", "after removal");
+    await bob.press("#text", "Enter");
+    await msg(bob, "after removal").locator(".state", { hasText: "failed: not_member" }).waitFor({ timeout: WAIT });
+    console.log("ok: members and removal");
+
     // An operator kicks bob's device (admin API): his page drops the revoked token and asks
     // him to log in again, saying why.
     const token = process.env.HERMOD_ADMIN_TOKEN;
