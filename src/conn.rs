@@ -18,6 +18,7 @@ use std::task::{Poll, Waker};
 use std::time::Duration;
 
 use futures_lite::{AsyncRead, AsyncWriteExt};
+use glommio::channels::local_channel;
 use glommio::net::TcpStream;
 use hermod_shards::admin::{status_of, AdminOp};
 use hermod_shards::engine::Handoff;
@@ -53,8 +54,6 @@ struct OutboxInner {
     waker: Option<Waker>,
     close: Option<(u16, &'static str)>,
     handoff: Option<(ShardId, Handoff)>,
-    /// An admin request's one answer: HTTP status and JSON body.
-    admin: Option<(u16, String)>,
 }
 
 impl Outbox {
@@ -96,27 +95,6 @@ impl Outbox {
         let mut inner = self.inner.borrow_mut();
         inner.handoff = Some((to, handoff));
         wake(&mut inner);
-    }
-
-    pub fn admin_reply(&self, status: u16, body: String) {
-        let mut inner = self.inner.borrow_mut();
-        inner.admin = Some((status, body));
-        wake(&mut inner);
-    }
-
-    /// Waits for the admin answer (a pseudo-connection's outbox carries nothing else).
-    async fn admin_answer(&self) -> (u16, String) {
-        futures_lite::future::poll_fn(|cx| {
-            let mut inner = self.inner.borrow_mut();
-            match inner.admin.take() {
-                Some(answer) => Poll::Ready(answer),
-                None => {
-                    inner.waker = Some(cx.waker().clone());
-                    Poll::Pending
-                }
-            }
-        })
-        .await
     }
 
     fn has_work(&self) -> bool {
@@ -354,10 +332,19 @@ async fn admin(ctx: &Ctx, req: &http::AdminRequest, body: &[u8]) -> AdminAnswer 
         Err((code, message)) => return error(status_of(Some(code)), code.as_str(), &message),
     };
     tracing::info!(shard = %ctx.id, op = %op.summary(), "admin request");
+    // The answer arrives through `dispatch` (Output::AdminReply) on a one-slot channel: an
+    // admin request needs no outbox, so connections carry no field for it.
     let conn = ctx.new_conn_id();
-    let outbox = register(ctx, conn);
+    let (answer_tx, answer_rx) = local_channel::new_bounded(1);
+    ctx.admin_waiters.borrow_mut().insert(conn, answer_tx);
     ctx.engine.borrow_mut().handle_admin(now_ms(), conn, op);
     dispatch(ctx);
+    let answered = async {
+        answer_rx
+            .recv()
+            .await
+            .unwrap_or_else(|| error(500, "internal", "the request was dropped unanswered"))
+    };
     let timeout = async {
         glommio::timer::sleep(ADMIN_TIMEOUT).await;
         error(
@@ -366,8 +353,8 @@ async fn admin(ctx: &Ctx, req: &http::AdminRequest, body: &[u8]) -> AdminAnswer 
             "the request did not finish in time; it may still complete",
         )
     };
-    let answer = futures_lite::future::or(outbox.admin_answer(), timeout).await;
-    ctx.conns.borrow_mut().remove(&conn);
+    let answer = futures_lite::future::or(answered, timeout).await;
+    ctx.admin_waiters.borrow_mut().remove(&conn);
     ctx.engine.borrow_mut().handle_disconnect(now_ms(), conn);
     dispatch(ctx);
     answer

@@ -81,6 +81,8 @@ pub struct ShardCtx {
     store_stats: Cell<StoreStats>,
     /// The operator's bearer token for `/admin/…`; `None` turns the admin API off.
     pub admin_token: Option<Arc<str>>,
+    /// Admin requests in flight on this shard: where each one's answer goes.
+    pub admin_waiters: RefCell<HashMap<ConnId, LocalSender<(u16, String)>>>,
 }
 
 struct Peer {
@@ -185,6 +187,7 @@ pub async fn run(p: Params) {
         board,
         store_stats: Cell::new(StoreStats::default()),
         admin_token,
+        admin_waiters: RefCell::new(HashMap::new()),
     });
 
     for (direct, rx) in pumps {
@@ -374,8 +377,9 @@ pub fn dispatch(ctx: &Ctx) {
             }
             Output::Mail { to, mail } => ctx.send_envelope(to, Envelope::Mail(mail)),
             Output::AdminReply { conn, status, body } => {
-                if let Some(outbox) = ctx.conns.borrow().get(&conn) {
-                    outbox.admin_reply(status, body);
+                if let Some(waiter) = ctx.admin_waiters.borrow_mut().remove(&conn) {
+                    // One slot, one answer per request: cannot be full.
+                    let _ = waiter.try_send((status, body));
                 }
             }
             Output::Handoff { conn, to, handoff } => {
