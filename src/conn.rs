@@ -162,13 +162,7 @@ async fn next_event_by(
         glommio::timer::sleep(left).await;
         Event::Eof
     };
-    // Boxed: a connection's task is as large as its largest await, for its whole life, and
-    // the timer would otherwise grow every idle WebSocket connection.
-    Box::pin(futures_lite::future::or(
-        next_event(ctx, stream, inbuf, outbox),
-        expired,
-    ))
-    .await
+    futures_lite::future::or(next_event(ctx, stream, inbuf, outbox), expired).await
 }
 
 /// What a listener serves.
@@ -302,8 +296,7 @@ async fn serve_http(
                     Event::Failed(e) => return Err(e),
                 }
             }
-            // Boxed for the same reason as `next_event_by`'s timer: rare, and large.
-            let (status, body) = Box::pin(admin(ctx, &req, &inbuf[req.head_len..wanted])).await;
+            let (status, body) = admin(ctx, &req, &inbuf[req.head_len..wanted]).await;
             stream.write_all(&http::json(status, &body)).await?;
             stream.close().await.map(|()| None)
         }
