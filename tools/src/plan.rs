@@ -49,6 +49,8 @@ impl Default for Inputs {
             wire_bytes_per_push: 350.0,
             per_core_msgs: 20_000.0,
             headroom: 0.5,
+            // hermod-bench idle measured 2.8 KB per authenticated connection (docs/benchmarks.md);
+            // the planner keeps a margin for busier connections' buffers.
             bytes_per_conn: 3_300.0,
             cores_per_host: 32.0,
             mem_gib_per_host: 128.0,
