@@ -1,5 +1,6 @@
 //! One client socket on its shard: the HTTP request, the WebSocket upgrade, then frames in
-//! and out until close or hand-off.
+//! and out until close or hand-off. Also the admin API's HTTP side: authentication (bearer
+//! token, constant time) and the wait for the engine's answer.
 //!
 //! One task per connection does both directions: it waits for either readable bytes or work
 //! in its [`Outbox`], so no lock or split stream is needed. Bytes read go to the shard's
@@ -39,7 +40,7 @@ const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// Kept between messages only if small: an idle connection should hold (almost) nothing.
 const KEEP_BUFFER_BYTES: usize = 4 * 1024;
 /// Longest an admin request may run: a bulk creation of `ADMIN_CREATE_MAX` users hashes each
-/// password at full cost, two at a time per shard.
+/// password at full cost, one at a time per shard.
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Frames waiting to be written to one connection, and what the engine decided about it.
@@ -220,7 +221,7 @@ pub fn spawn_accepted(ctx: &Ctx, stream: TcpStream, surface: Surface) {
 
 pub fn spawn_adopted(ctx: &Ctx, stream: TcpStream, buffered: Vec<u8>, handoff: Handoff) {
     let ctx = ctx.clone();
-    let fut = async move {
+    glommio::spawn_local(async move {
         if let Err(e) = stream.set_write_timeout(Some(WRITE_TIMEOUT)) {
             tracing::debug!(shard = %ctx.id, error = %e, "adopted socket unusable");
             return;
@@ -234,8 +235,8 @@ pub fn spawn_adopted(ctx: &Ctx, stream: TcpStream, buffered: Vec<u8>, handoff: H
         if let Err(e) = serve_ws(&ctx, conn, stream, buffered, outbox).await {
             tracing::debug!(shard = %ctx.id, error = %e, "connection ended with an error");
         }
-    };
-    glommio::spawn_local(fut).detach();
+    })
+    .detach();
 }
 
 fn register(ctx: &Ctx, conn: ConnId) -> Rc<Outbox> {
