@@ -339,9 +339,10 @@ impl Board {
             one.insert("shard".into(), json!(shard));
             for (i, (name, _, _)) in FAMILIES.iter().enumerate() {
                 let v = slot.values[i].load(Ordering::Relaxed);
-                one.insert(short(name), json!(v));
-                let sum = totals.entry(short(name)).or_insert(json!(0u64));
+                let name = short(name);
+                let sum = totals.entry(name.clone()).or_insert(json!(0u64));
                 *sum = json!(sum.as_u64().unwrap_or(0) + v);
+                one.insert(name, json!(v));
             }
             let mut errors = Map::new();
             for code in ErrorCode::ALL {

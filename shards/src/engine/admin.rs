@@ -31,7 +31,7 @@ use crate::ids::{ConnId, ConvId, ShardId, UserId, SYSTEM_USERNAME};
 use crate::limits::ADMIN_REQUESTS_MAX;
 use crate::mail::{AccountAction, ConvOp, Mail, Named, ReplyTo};
 use crate::protocol::{close, ok_frame, ErrorCode};
-use crate::storage::{keys, kind, scan_records, DeviceRecord, Storage, UserRecord};
+use crate::storage::{keys, kind, Storage, UserRecord};
 
 /// The device name the server's own entries carry.
 const ADMIN_DEVICE: &str = "admin";
@@ -433,10 +433,8 @@ impl<S: Storage> Shard<S> {
             AccountAction::Disable(true) => {
                 self.put(keys::disabled(id), Vec::new());
                 let conns = self.sessions.online.get(&id).cloned().unwrap_or_default();
-                (
-                    conns.clone(),
-                    json!({ "user": name, "disabled": true, "closed": conns.len() }),
-                )
+                let answer = json!({ "user": name, "disabled": true, "closed": conns.len() });
+                (conns, answer)
             }
             AccountAction::Disable(false) => {
                 self.delete(keys::disabled(id));
@@ -448,16 +446,10 @@ impl<S: Storage> Shard<S> {
             AccountAction::Kick { device } => {
                 let devices = match device {
                     Some(device) => vec![device],
-                    None => {
-                        let prefix = keys::device_prefix(id);
-                        match scan_records::<DeviceRecord>(&self.storage, &prefix, usize::MAX) {
-                            Ok(rows) => rows
-                                .iter()
-                                .filter_map(|(k, _)| keys::device_of_key(k))
-                                .collect(),
-                            Err(e) => return self.storage_error_to(reply, &e),
-                        }
-                    }
+                    None => match self.device_records(id) {
+                        Ok(rows) => rows.into_iter().map(|(name, _)| name).collect(),
+                        Err(e) => return self.storage_error_to(reply, &e),
+                    },
                 };
                 let mut conns = Vec::new();
                 let mut known = Vec::new();

@@ -696,12 +696,21 @@ impl<S: Storage> Shard<S> {
         Ok(())
     }
 
+    /// A user's durable device records, by device name (at most 1,000).
+    pub(super) fn device_records(
+        &self,
+        user: UserId,
+    ) -> Result<Vec<(String, DeviceRecord)>, StorageError> {
+        let prefix = keys::device_prefix(user);
+        Ok(scan_records::<DeviceRecord>(&self.storage, &prefix, 1_000)?
+            .into_iter()
+            .filter_map(|(k, rec)| Some((keys::device_of_key(&k)?, rec)))
+            .collect())
+    }
+
     /// A user's devices as `devices` lists them (also the admin API's account view).
     pub(super) fn devices_json(&self, user: UserId) -> Result<Vec<Value>, StorageError> {
-        let prefix = keys::device_prefix(user);
-        let rows = self
-            .storage
-            .scan(&prefix, &keys::prefix_end(&prefix), 1_000, false)?;
+        let rows = self.device_records(user)?;
         // Connected devices with whether each said it is away.
         let online: Vec<(String, bool)> = self
             .sessions
@@ -713,9 +722,7 @@ impl<S: Storage> Shard<S> {
             .filter_map(|c| c.session.as_ref().map(|s| (s.device.clone(), c.away)))
             .collect();
         let mut list = Vec::with_capacity(rows.len());
-        for (k, v) in rows {
-            let rec = DeviceRecord::decode(&k, &v)?;
-            let name = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+        for (name, rec) in rows {
             let last_seen = self.sessions.last_seen.get(&(user, name.clone())).copied();
             let here = online.iter().filter(|(d, _)| *d == name);
             let state = match here.map(|(_, away)| *away).min() {
