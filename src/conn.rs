@@ -30,10 +30,17 @@ use subtle::ConstantTimeEq;
 
 use crate::http::{self, Route};
 use crate::mesh::Envelope;
+use crate::metrics::Refusal;
 use crate::shard::{dispatch, now_ms, Ctx};
 use crate::ws::{self, Decoder, Message};
 
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// After the server's close frame: how long the peer's remaining bytes are read and discarded
+/// (until its close frame and EOF). Closing a socket with unread bytes makes the kernel send a
+/// reset, which can destroy the close frame before the client reads it; the linger makes the
+/// close observable. Bounded in time and bytes, so a peer that keeps sending cannot hold it.
+const CLOSE_LINGER: Duration = Duration::from_secs(1);
+const CLOSE_LINGER_BYTES_MAX: usize = 16 * 1024 * 1024;
 /// Time allowed for the HTTP request (its head, and an admin request's body) to arrive in
 /// full, however slowly it trickles in.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
@@ -53,7 +60,7 @@ pub struct Outbox {
 struct OutboxInner {
     bytes: Vec<u8>,
     waker: Option<Waker>,
-    close: Option<(u16, &'static str)>,
+    close: Option<Close>,
     handoff: Option<(ShardId, Handoff)>,
 }
 
@@ -65,7 +72,11 @@ impl Outbox {
             return true;
         }
         if inner.bytes.len() + text.len() > OUTBOX_BYTES_MAX {
-            inner.close = Some((close::SLOW_CONSUMER, "outbox full"));
+            inner.close = Some(Close {
+                code: close::SLOW_CONSUMER,
+                reason: "outbox full",
+                by_peer: false,
+            });
             inner.bytes.clear();
             wake(&mut inner);
             return false;
@@ -88,7 +99,22 @@ impl Outbox {
 
     pub fn close(&self, code: u16, reason: &'static str) {
         let mut inner = self.inner.borrow_mut();
-        inner.close.get_or_insert((code, reason));
+        inner.close.get_or_insert(Close {
+            code,
+            reason,
+            by_peer: false,
+        });
+        wake(&mut inner);
+    }
+
+    /// Answers the client's close frame with its own code.
+    fn close_echo(&self, code: u16) {
+        let mut inner = self.inner.borrow_mut();
+        inner.close.get_or_insert(Close {
+            code,
+            reason: "",
+            by_peer: true,
+        });
         wake(&mut inner);
     }
 
@@ -110,6 +136,15 @@ impl Outbox {
     }
 }
 
+/// A close frame to send, and who started the close.
+#[derive(Clone, Copy)]
+struct Close {
+    code: u16,
+    reason: &'static str,
+    /// The client sent its close frame first; this one answers it.
+    by_peer: bool,
+}
+
 fn wake(inner: &mut OutboxInner) {
     if let Some(waker) = inner.waker.take() {
         waker.wake();
@@ -120,6 +155,8 @@ enum Event {
     Readable,
     Work,
     Eof,
+    /// The deadline of `next_event_by` passed first.
+    Expired,
     Failed(std::io::Error),
 }
 
@@ -149,8 +186,8 @@ async fn next_event(
     .await
 }
 
-/// `next_event`, or `Eof` once `deadline` has passed: a request that has not arrived in full
-/// by then is dropped.
+/// `next_event`, or `Expired` once `deadline` has passed: a request that has not arrived in
+/// full by then is dropped.
 async fn next_event_by(
     ctx: &Ctx,
     stream: &mut TcpStream,
@@ -161,7 +198,7 @@ async fn next_event_by(
     let left = deadline.saturating_duration_since(std::time::Instant::now());
     let expired = async {
         glommio::timer::sleep(left).await;
-        Event::Eof
+        Event::Expired
     };
     futures_lite::future::or(next_event(ctx, stream, inbuf, outbox), expired).await
 }
@@ -258,6 +295,7 @@ async fn serve_http(
     let mut inbuf = Vec::new();
     let idle = Outbox::default();
     let deadline = std::time::Instant::now() + HEAD_TIMEOUT;
+    let shard = ctx.id.0 as usize;
     let route = loop {
         match next_event_by(ctx, &mut stream, &mut inbuf, &idle, deadline).await {
             Event::Readable => {
@@ -266,16 +304,24 @@ async fn serve_http(
                     break route;
                 }
             }
+            Event::Expired => {
+                ctx.board.count_refusal(shard, Refusal::HttpHeadTimeout);
+                return Ok(None);
+            }
             Event::Eof | Event::Work => return Ok(None),
             Event::Failed(e) => return Err(e),
         }
     };
     if let Some(refusal) = surface.refuse(&route) {
+        ctx.board.count_refusal(shard, Refusal::HttpNotFound);
         stream.write_all(&refusal).await?;
         return stream.close().await.map(|()| None);
     }
     match route {
         Route::Respond(response) => {
+            if let Some(refusal) = http::response_status(&response).and_then(Refusal::of_status) {
+                ctx.board.count_refusal(shard, refusal);
+            }
             stream.write_all(&response).await?;
             stream.close().await.map(|()| None)
         }
@@ -293,7 +339,7 @@ async fn serve_http(
             while inbuf.len() < wanted {
                 match next_event_by(ctx, &mut stream, &mut inbuf, &idle, deadline).await {
                     Event::Readable => {}
-                    Event::Eof | Event::Work => return Ok(None),
+                    Event::Eof | Event::Work | Event::Expired => return Ok(None),
                     Event::Failed(e) => return Err(e),
                 }
             }
@@ -390,16 +436,46 @@ async fn serve_ws(
     ctx.conns.borrow_mut().remove(&conn);
     ctx.engine.borrow_mut().handle_disconnect(now_ms(), conn);
     dispatch(ctx);
-    result
+    match result? {
+        Some(stream) => linger(ctx, stream).await,
+        None => Ok(()),
+    }
 }
 
+/// The end of a close the server sent: no more writes (FIN after the close frame), then the
+/// peer's remaining bytes are read and discarded until it closes too, for at most
+/// `CLOSE_LINGER` and `CLOSE_LINGER_BYTES_MAX`. Only then is the socket closed, so the kernel
+/// does not answer unread bytes with a reset that could destroy the close frame in flight.
+async fn linger(ctx: &Ctx, mut stream: TcpStream) -> std::io::Result<()> {
+    // An error here means the peer is gone already: nothing left to protect.
+    if stream.shutdown(std::net::Shutdown::Write).await.is_ok() {
+        let deadline = std::time::Instant::now() + CLOSE_LINGER;
+        let mut discarded = 0;
+        let mut sink = Vec::new();
+        let idle = Outbox::default();
+        while discarded < CLOSE_LINGER_BYTES_MAX {
+            match next_event_by(ctx, &mut stream, &mut sink, &idle, deadline).await {
+                Event::Readable => {
+                    discarded += sink.len();
+                    sink.clear();
+                }
+                Event::Eof | Event::Work | Event::Expired | Event::Failed(_) => break,
+            }
+        }
+    }
+    stream.close().await
+}
+
+/// Serves frames until the connection ends: `Some(stream)` once the server's close frame is
+/// written (the caller lingers, then closes), `None` when the peer went away or the socket
+/// moved to another shard.
 async fn ws_loop(
     ctx: &Ctx,
     conn: ConnId,
     mut stream: TcpStream,
     mut inbuf: Vec<u8>,
     outbox: &Outbox,
-) -> std::io::Result<()> {
+) -> std::io::Result<Option<TcpStream>> {
     let mut decoder = Decoder::default();
     let mut out = Vec::new();
     loop {
@@ -410,29 +486,29 @@ async fn ws_loop(
                 glommio::timer::sleep(Duration::from_millis(1)).await;
             }
             match decoder.decode(&mut inbuf[used..], ctx.frame_bytes_max) {
-                Ok(Some((message, n))) => {
+                Ok((message, n)) => {
                     used += n;
                     match message {
-                        Message::Text(text) => {
+                        Some(Message::Text(text)) => {
                             ctx.engine.borrow_mut().handle_frame(now_ms(), conn, &text);
                             dispatch(ctx);
                         }
-                        Message::Ping(payload) => {
+                        Some(Message::Ping(payload)) => {
                             outbox.push_pong(&payload);
                             ctx.engine.borrow_mut().handle_activity(now_ms(), conn);
                         }
-                        Message::Pong => ctx.engine.borrow_mut().handle_activity(now_ms(), conn),
-                        Message::Binary => {
-                            outbox.close(close::UNSUPPORTED_DATA, "text frames only");
+                        Some(Message::Pong) => {
+                            ctx.engine.borrow_mut().handle_activity(now_ms(), conn)
+                        }
+                        Some(Message::Close(code)) => {
+                            // The client closed first: echo its code (RFC 6455 §5.5.1).
+                            ctx.board.count_peer_close(ctx.id.0 as usize);
+                            outbox.close_echo(code.unwrap_or(close::NORMAL));
                             break;
                         }
-                        Message::Close(_) => {
-                            outbox.close(close::NORMAL, "bye");
-                            break;
-                        }
+                        None => break,
                     }
                 }
-                Ok(None) => break,
                 Err(e) => {
                     outbox.close(e.code, e.reason);
                     break;
@@ -457,21 +533,31 @@ async fn ws_loop(
                 out = Vec::new();
             }
         }
-        if let Some((code, reason)) = close {
+        if let Some(Close {
+            code,
+            reason,
+            by_peer,
+        }) = close
+        {
+            if !by_peer {
+                ctx.board.count_close(ctx.id.0 as usize, code, reason);
+            }
             let mut frame = Vec::new();
             ws::encode_close(&mut frame, code, reason);
             stream.write_all(&frame).await?;
-            return stream.close().await;
+            return Ok(Some(stream));
         }
         if let Some((to, handoff)) = handoff {
-            return hand_off(ctx, stream, inbuf, to, handoff);
+            // A fragmented message in progress travels too, as a frame before the raw bytes.
+            let buffered = decoder.suspend(inbuf);
+            return hand_off(ctx, stream, buffered, to, handoff).map(|()| None);
         }
         if bytes {
             continue; // more may have queued while writing
         }
         match next_event(ctx, &mut stream, &mut inbuf, outbox).await {
             Event::Readable | Event::Work => {}
-            Event::Eof => return Ok(()),
+            Event::Eof | Event::Expired => return Ok(None),
             Event::Failed(e) => return Err(e),
         }
     }

@@ -8,8 +8,11 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 use sha1::{Digest, Sha1};
 
-/// Largest request head accepted; beyond it: 431 and close.
+/// Largest request head accepted (request line, headers, the blank line); beyond it: 431 and
+/// close, whether the head is still incomplete or arrived whole in one read.
 pub const HEAD_BYTES_MAX: usize = 8 * 1024;
+/// Most header lines in a request head; more: 431 and close.
+pub const HEADERS_MAX: usize = 32;
 
 const INDEX_HTML: &str = include_str!("web/index.html");
 const WS_GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
@@ -62,18 +65,19 @@ pub fn status(page: StatusPage, board: &crate::metrics::Board) -> Vec<u8> {
 
 /// Parses the request head at the front of `buf`. `None`: incomplete, read more.
 pub fn route(buf: &[u8]) -> Option<Route> {
-    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let too_large = || {
+        Some(Route::Respond(simple(
+            431,
+            "Request Header Fields Too Large",
+            "request head over 8 KiB or 32 header lines\n",
+        )))
+    };
+    let mut headers = [httparse::EMPTY_HEADER; HEADERS_MAX];
     let mut req = httparse::Request::new(&mut headers);
     let head_len = match req.parse(buf) {
-        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Complete(n)) if n <= HEAD_BYTES_MAX => n,
         Ok(httparse::Status::Partial) if buf.len() < HEAD_BYTES_MAX => return None,
-        Ok(httparse::Status::Partial) => {
-            return Some(Route::Respond(simple(
-                431,
-                "Request Header Fields Too Large",
-                "request head too large\n",
-            )))
-        }
+        Ok(_) | Err(httparse::Error::TooManyHeaders) => return too_large(),
         Err(_) => {
             return Some(Route::Respond(simple(
                 400,
@@ -235,9 +239,22 @@ fn response(status: u16, reason: &str, content_type: &str, body: &[u8]) -> Vec<u
     out
 }
 
+/// The status of a response this module wrote (`Respond`), for counting refusals.
+pub fn response_status(response: &[u8]) -> Option<u16> {
+    std::str::from_utf8(response.get(9..12)?).ok()?.parse().ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn status_of(route: &Option<Route>) -> Option<u16> {
+        match route {
+            Some(Route::Respond(r)) => response_status(r),
+            Some(Route::Status(_)) => Some(200),
+            _ => None,
+        }
+    }
 
     #[test]
     fn rfc_6455_accept_key_example() {
@@ -286,6 +303,24 @@ mod tests {
             panic!()
         };
         assert!(r.starts_with(b"HTTP/1.1 4"));
+        // A complete head over the limit, arriving in one read, is refused too.
+        let big = format!(
+            "GET / HTTP/1.1\r\nX: {}\r\n\r\n",
+            "a".repeat(HEAD_BYTES_MAX)
+        );
+        assert_eq!(status_of(&route(big.as_bytes())), Some(431));
+        let fits = format!(
+            "GET / HTTP/1.1\r\nX: {}\r\n\r\n",
+            "a".repeat(HEAD_BYTES_MAX - 23)
+        );
+        assert_eq!(fits.len(), HEAD_BYTES_MAX);
+        assert_eq!(status_of(&route(fits.as_bytes())), Some(200));
+        let lines = |n: usize| format!("GET / HTTP/1.1\r\n{}\r\n", "X: y\r\n".repeat(n));
+        assert_eq!(status_of(&route(lines(HEADERS_MAX).as_bytes())), Some(200));
+        assert_eq!(
+            status_of(&route(lines(HEADERS_MAX + 1).as_bytes())),
+            Some(431)
+        );
     }
 
     #[test]

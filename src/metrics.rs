@@ -125,6 +125,118 @@ const COMMIT_US: [u64; 10] = [
 /// Upper bounds of the commit size buckets, in writes.
 const COMMIT_OPS: [u64; 10] = [1, 4, 16, 64, 256, 1_024, 4_096, 8_192, 16_384, 65_536];
 
+/// Close codes the server sends, as `/metrics` lists them (`code="other"` for any else).
+const CLOSE_CODES: [u16; 12] = [
+    1000, 1001, 1002, 1003, 1007, 1008, 1009, 1011, 4000, 4001, 4002, 4003,
+];
+
+/// Why a client was refused or cut off: the `reason` label of `hermod_refusals_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// 1008: ten times the request rate in one second.
+    RequestFlood,
+    /// 1008: the failed-login limit.
+    FailedLogins,
+    /// 1008: too many frames held during authentication.
+    AuthBacklog,
+    /// 4001: too many unacked pushes.
+    UnackedPushes,
+    /// 4001: too many bytes queued to the socket.
+    OutboxFull,
+    /// 4000: nothing received within the heartbeat timeout.
+    Heartbeat,
+    /// 1009: a message over the frame limit.
+    MessageTooBig,
+    /// 1003: a binary message.
+    Binary,
+    /// 1007: text (or a close reason) that is not UTF-8.
+    BadUtf8,
+    /// 1002: any other framing violation.
+    WsProtocol,
+    /// HTTP 4xx answered to a request (bad request, unknown path, method, length, size).
+    HttpBadRequest,
+    HttpNotFound,
+    HttpMethod,
+    HttpBodyLength,
+    /// 431: a request head over 8 KiB or 32 header lines.
+    HttpHeadTooLarge,
+    /// The request head did not arrive in full within its deadline.
+    HttpHeadTimeout,
+}
+
+impl Refusal {
+    const ALL: [Refusal; 16] = [
+        Refusal::RequestFlood,
+        Refusal::FailedLogins,
+        Refusal::AuthBacklog,
+        Refusal::UnackedPushes,
+        Refusal::OutboxFull,
+        Refusal::Heartbeat,
+        Refusal::MessageTooBig,
+        Refusal::Binary,
+        Refusal::BadUtf8,
+        Refusal::WsProtocol,
+        Refusal::HttpBadRequest,
+        Refusal::HttpNotFound,
+        Refusal::HttpMethod,
+        Refusal::HttpBodyLength,
+        Refusal::HttpHeadTooLarge,
+        Refusal::HttpHeadTimeout,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Refusal::RequestFlood => "request_flood",
+            Refusal::FailedLogins => "failed_logins",
+            Refusal::AuthBacklog => "auth_backlog",
+            Refusal::UnackedPushes => "unacked_pushes",
+            Refusal::OutboxFull => "outbox_full",
+            Refusal::Heartbeat => "heartbeat",
+            Refusal::MessageTooBig => "message_too_big",
+            Refusal::Binary => "binary",
+            Refusal::BadUtf8 => "bad_utf8",
+            Refusal::WsProtocol => "ws_protocol",
+            Refusal::HttpBadRequest => "http_bad_request",
+            Refusal::HttpNotFound => "http_not_found",
+            Refusal::HttpMethod => "http_method",
+            Refusal::HttpBodyLength => "http_body_length",
+            Refusal::HttpHeadTooLarge => "http_head_too_large",
+            Refusal::HttpHeadTimeout => "http_head_timeout",
+        }
+    }
+
+    /// The refusal a server-sent close stands for; `None` for closes that refuse nothing
+    /// (normal, shutdown, replaced session, operator's kick).
+    pub fn of_close(code: u16, reason: &str) -> Option<Refusal> {
+        use hermod_shards::protocol::close;
+        Some(match code {
+            close::POLICY_VIOLATION if reason == "request flood" => Refusal::RequestFlood,
+            close::POLICY_VIOLATION if reason == "too many failed logins" => Refusal::FailedLogins,
+            close::POLICY_VIOLATION => Refusal::AuthBacklog,
+            close::SLOW_CONSUMER if reason == "outbox full" => Refusal::OutboxFull,
+            close::SLOW_CONSUMER => Refusal::UnackedPushes,
+            close::HEARTBEAT_TIMEOUT => Refusal::Heartbeat,
+            close::MESSAGE_TOO_BIG => Refusal::MessageTooBig,
+            close::UNSUPPORTED_DATA => Refusal::Binary,
+            close::INVALID_PAYLOAD => Refusal::BadUtf8,
+            close::PROTOCOL_ERROR => Refusal::WsProtocol,
+            _ => return None,
+        })
+    }
+
+    /// The refusal an HTTP response status stands for, if it is one.
+    pub fn of_status(status: u16) -> Option<Refusal> {
+        Some(match status {
+            400 => Refusal::HttpBadRequest,
+            404 => Refusal::HttpNotFound,
+            405 => Refusal::HttpMethod,
+            411 | 413 => Refusal::HttpBodyLength,
+            431 => Refusal::HttpHeadTooLarge,
+            _ => return None,
+        })
+    }
+}
+
 /// A Prometheus histogram with fixed buckets; one writer (its shard), any readers.
 #[derive(Default)]
 struct Hist {
@@ -161,6 +273,11 @@ struct Slot {
     commit_ops: Hist,
     delivery_ms: Hist,
     push_ack_ms: Hist,
+    /// Close frames the server sent, by `CLOSE_CODES` index (the last one: any other code).
+    closes: [AtomicU64; CLOSE_CODES.len() + 1],
+    /// Close frames clients sent first (answered with their own code).
+    peer_closes: AtomicU64,
+    refusals: [AtomicU64; Refusal::ALL.len()],
 }
 
 /// Everything `/metrics`, `/healthz` and `/readyz` read.
@@ -245,6 +362,30 @@ impl Board {
         slot.commit_ops.observe(&COMMIT_OPS, ops as u64);
     }
 
+    /// Shard `shard` sent a close frame (called by that shard only).
+    pub fn count_close(&self, shard: usize, code: u16, reason: &str) {
+        let slot = &self.slots[shard];
+        let i = CLOSE_CODES
+            .iter()
+            .position(|&c| c == code)
+            .unwrap_or(CLOSE_CODES.len());
+        slot.closes[i].fetch_add(1, Ordering::Relaxed);
+        if let Some(refusal) = Refusal::of_close(code, reason) {
+            self.count_refusal(shard, refusal);
+        }
+    }
+
+    /// A client of shard `shard` started a close.
+    pub fn count_peer_close(&self, shard: usize) {
+        self.slots[shard]
+            .peer_closes
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn count_refusal(&self, shard: usize, refusal: Refusal) {
+        self.slots[shard].refusals[refusal as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
     /// The Prometheus text exposition of every family, one sample per shard.
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(FAMILIES.len() * (120 + 40 * self.slots.len()));
@@ -273,6 +414,7 @@ impl Board {
                 }
             }
         }
+        self.render_closes(&mut out);
         self.render_hist(
             &mut out,
             (
@@ -357,6 +499,53 @@ impl Board {
         json!({ "ok": { "ready": self.ready(), "totals": totals, "shards": shards } })
     }
 
+    /// Closes by code, closes started by clients, refusals by reason: every label value
+    /// listed for every shard (zeros included), so a dashboard's series exist before the
+    /// first event.
+    fn render_closes(&self, out: &mut String) {
+        let _ = writeln!(
+            out,
+            "# HELP hermod_closes_total WebSocket close frames sent by the server, by close code."
+        );
+        let _ = writeln!(out, "# TYPE hermod_closes_total counter");
+        for (shard, slot) in self.slots.iter().enumerate() {
+            for (i, cell) in slot.closes.iter().enumerate() {
+                let code = CLOSE_CODES
+                    .get(i)
+                    .map_or("other".to_owned(), |c| c.to_string());
+                let v = cell.load(Ordering::Relaxed);
+                let _ = writeln!(
+                    out,
+                    "hermod_closes_total{{shard=\"{shard}\",code=\"{code}\"}} {v}"
+                );
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP hermod_peer_closes_total WebSocket closes started by the client (answered with its code)."
+        );
+        let _ = writeln!(out, "# TYPE hermod_peer_closes_total counter");
+        for (shard, slot) in self.slots.iter().enumerate() {
+            let v = slot.peer_closes.load(Ordering::Relaxed);
+            let _ = writeln!(out, "hermod_peer_closes_total{{shard=\"{shard}\"}} {v}");
+        }
+        let _ = writeln!(
+            out,
+            "# HELP hermod_refusals_total Clients refused or cut off, by reason (HTTP refusals, policy and protocol closes)."
+        );
+        let _ = writeln!(out, "# TYPE hermod_refusals_total counter");
+        for (shard, slot) in self.slots.iter().enumerate() {
+            for refusal in Refusal::ALL {
+                let v = slot.refusals[refusal as usize].load(Ordering::Relaxed);
+                let _ = writeln!(
+                    out,
+                    "hermod_refusals_total{{shard=\"{shard}\",reason=\"{}\"}} {v}",
+                    refusal.name()
+                );
+            }
+        }
+    }
+
     fn render_hist(
         &self,
         out: &mut String,
@@ -393,6 +582,13 @@ mod tests {
     use super::*;
 
     #[test]
+    fn every_refusal_is_listed_once_in_order() {
+        for (i, r) in Refusal::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i);
+        }
+    }
+
+    #[test]
     fn renders_every_family_per_shard_and_readiness() {
         let board = Board::new(2);
         assert!(!board.ready(), "not ready before the shards are");
@@ -427,7 +623,26 @@ mod tests {
         assert!(text.contains("hermod_connections{shard=\"1\"} 3"));
         assert!(text.contains("hermod_connections{shard=\"0\"} 0"));
         assert!(text.contains("hermod_store_keys_estimate{shard=\"1\"} 11"));
-        assert_eq!(text.matches("# TYPE").count(), FAMILIES.len() + 6);
+        assert_eq!(text.matches("# TYPE").count(), FAMILIES.len() + 9);
+        board.count_close(1, 1008, "request flood");
+        board.count_close(1, 4001, "outbox full");
+        board.count_close(1, 1001, "server shutting down");
+        board.count_close(1, 4444, "whatever");
+        board.count_peer_close(0);
+        board.count_refusal(0, Refusal::HttpHeadTooLarge);
+        let text = board.render();
+        for line in [
+            "hermod_closes_total{shard=\"1\",code=\"1008\"} 1",
+            "hermod_closes_total{shard=\"1\",code=\"1001\"} 1",
+            "hermod_closes_total{shard=\"1\",code=\"other\"} 1",
+            "hermod_closes_total{shard=\"0\",code=\"1009\"} 0",
+            "hermod_peer_closes_total{shard=\"0\"} 1",
+            "hermod_refusals_total{shard=\"1\",reason=\"request_flood\"} 1",
+            "hermod_refusals_total{shard=\"1\",reason=\"outbox_full\"} 1",
+            "hermod_refusals_total{shard=\"0\",reason=\"http_head_too_large\"} 1",
+        ] {
+            assert!(text.contains(line), "{line} in {text}");
+        }
         let stats = board.stats_json();
         assert_eq!(stats["ok"]["totals"]["messages_appended"], 7);
         assert_eq!(stats["ok"]["shards"][1]["connections"], 3);

@@ -7,19 +7,29 @@
 //! per-connection buffers. The decoder works on the caller's buffer; the encoder appends to
 //! the caller's output.
 //!
-//! Limits: a message (after reassembly) is at most `max_message_bytes`; larger → 1009. Client
-//! frames must be masked (1002), text must be UTF-8 (1007), control frames ≤ 125 bytes and
-//! unfragmented (1002).
+//! What a client frame earns (RFC 6455 §5, §7.4; the case list in `tests/conformance.rs`):
+//! - a message (after reassembly) over `max_message_bytes` → 1009, judged from the frame
+//!   header, so a huge frame costs nothing to refuse;
+//! - a binary message → 1003 at its first frame (Hermod speaks JSON text only);
+//! - text that is not UTF-8 → 1007, as soon as the bytes received so far cannot start valid
+//!   UTF-8 (fragments are checked as they arrive, not only once complete);
+//! - unmasked frames, reserved bits, unknown opcodes, a continuation with no message, a new
+//!   message inside a fragmented one, control frames fragmented or over 125 bytes → 1002;
+//! - a close frame with a one-byte payload or a code that may not be sent (§7.4.1–2) → 1002;
+//!   a close reason that is not UTF-8 → 1007.
+//!
+//! Fragments are consumed from the caller's buffer as they arrive (the decoder keeps the
+//! message so far), so a fragmented message may span any number of socket reads.
 
 use hermod_shards::protocol::close;
 
 /// What one complete client message or control frame was.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Message {
     Text(String),
-    Binary,
     Ping(Vec<u8>),
     Pong,
+    /// A close frame with its (valid) code, if it had one.
     Close(Option<u16>),
 }
 
@@ -35,77 +45,113 @@ fn fail<T>(code: u16, reason: &'static str) -> Result<T, WsError> {
     Err(WsError { code, reason })
 }
 
-const OP_CONT: u8 = 0x0;
-const OP_TEXT: u8 = 0x1;
-const OP_BINARY: u8 = 0x2;
-const OP_CLOSE: u8 = 0x8;
-const OP_PING: u8 = 0x9;
-const OP_PONG: u8 = 0xA;
+pub const OP_CONT: u8 = 0x0;
+pub const OP_TEXT: u8 = 0x1;
+pub const OP_BINARY: u8 = 0x2;
+pub const OP_CLOSE: u8 = 0x8;
+pub const OP_PING: u8 = 0x9;
+pub const OP_PONG: u8 = 0xA;
+
+/// Largest control frame payload (§5.5).
+const CONTROL_BYTES_MAX: usize = 125;
+
+/// Whether a client may send this close code (§7.4.1, §7.4.2 and IANA's registry): 1004–1006
+/// and 1015 are reserved for local use, 1016–2999 unassigned, 3000–4999 for libraries and
+/// applications.
+pub fn close_code_valid(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
+}
 
 /// Reassembly state of one connection. Empty (no allocation) between messages.
 #[derive(Debug, Default)]
 pub struct Decoder {
-    /// Opcode and payload of a fragmented message in progress.
-    partial: Option<(u8, Vec<u8>)>,
+    partial: Option<Partial>,
+}
+
+/// A fragmented text message in progress.
+#[derive(Debug)]
+struct Partial {
+    payload: Vec<u8>,
+    /// `payload[..utf8_valid]` is known to be valid UTF-8 and ends on a character boundary.
+    utf8_valid: usize,
+}
+
+impl Partial {
+    /// Checks the bytes added since the last check; an incomplete character at the end is
+    /// fine (the next fragment may finish it), an impossible sequence is not.
+    fn check_utf8(&mut self) -> Result<(), WsError> {
+        match std::str::from_utf8(&self.payload[self.utf8_valid..]) {
+            Ok(_) => self.utf8_valid = self.payload.len(),
+            Err(e) if e.error_len().is_none() => self.utf8_valid += e.valid_up_to(),
+            Err(_) => return fail(close::INVALID_PAYLOAD, "text is not UTF-8"),
+        }
+        Ok(())
+    }
 }
 
 impl Decoder {
-    /// Decodes the next message from the front of `buf`. Returns the message and how many
-    /// bytes it used, or `None` if `buf` holds no complete frame yet. Unmasks in place.
+    /// Decodes from the front of `buf`: returns the next complete message, if there is one,
+    /// and how many bytes of `buf` were consumed. Bytes are consumed even without a message
+    /// (the fragments of a message still in progress, now held by the decoder), so the caller
+    /// must always drop the consumed bytes. Unmasks in place.
     pub fn decode(
         &mut self,
         buf: &mut [u8],
         max_message_bytes: usize,
-    ) -> Result<Option<(Message, usize)>, WsError> {
+    ) -> Result<(Option<Message>, usize), WsError> {
         let mut used = 0;
         loop {
-            let Some((fin, opcode, payload)) = next_frame(&mut buf[used..], max_message_bytes)?
-            else {
-                return Ok(None);
+            // A fragment may add only what is left of the message's allowance.
+            let held = self.partial.as_ref().map_or(0, |p| p.payload.len());
+            let Some(frame) = next_frame(&mut buf[used..], max_message_bytes - held)? else {
+                return Ok((None, used));
             };
-            let (start, len, frame_len) = payload;
-            let start = used + start;
-            used += frame_len;
-            let data = &buf[start..start + len];
-            match opcode {
+            let data = &buf[used + frame.start..used + frame.start + frame.len];
+            used += frame.total;
+            match frame.opcode {
                 OP_CLOSE | OP_PING | OP_PONG => {
-                    if !fin || len > 125 {
-                        return fail(
-                            close::PROTOCOL_ERROR,
-                            "control frame fragmented or too long",
-                        );
-                    }
-                    let msg = match opcode {
+                    // `next_frame` checked: final, at most 125 bytes.
+                    let msg = match frame.opcode {
                         OP_PING => Message::Ping(data.to_vec()),
                         OP_PONG => Message::Pong,
-                        _ => match data.len() {
-                            0 => Message::Close(None),
-                            1 => return fail(close::PROTOCOL_ERROR, "close payload of one byte"),
-                            _ => Message::Close(Some(u16::from_be_bytes([data[0], data[1]]))),
-                        },
+                        _ => Message::Close(close_payload(data)?),
                     };
-                    return Ok(Some((msg, used)));
+                    return Ok((Some(msg), used));
                 }
                 OP_TEXT | OP_BINARY => {
                     if self.partial.is_some() {
                         return fail(close::PROTOCOL_ERROR, "new message inside a fragmented one");
                     }
-                    if fin {
-                        return Ok(Some((finish(opcode, data.to_vec())?, used)));
+                    if frame.opcode == OP_BINARY {
+                        return fail(close::UNSUPPORTED_DATA, "text frames only");
                     }
-                    self.partial = Some((opcode, data.to_vec()));
+                    if frame.fin {
+                        return match std::str::from_utf8(data) {
+                            Ok(text) => Ok((Some(Message::Text(text.to_owned())), used)),
+                            Err(_) => fail(close::INVALID_PAYLOAD, "text is not UTF-8"),
+                        };
+                    }
+                    let mut partial = Partial {
+                        payload: data.to_vec(),
+                        utf8_valid: 0,
+                    };
+                    partial.check_utf8()?;
+                    self.partial = Some(partial);
                 }
                 OP_CONT => {
-                    let Some((_, acc)) = self.partial.as_mut() else {
+                    let Some(partial) = self.partial.as_mut() else {
                         return fail(close::PROTOCOL_ERROR, "continuation without a message");
                     };
-                    if acc.len() + len > max_message_bytes {
-                        return fail(close::MESSAGE_TOO_BIG, "message too big");
-                    }
-                    acc.extend_from_slice(data);
-                    if fin {
-                        let (op, acc) = self.partial.take().expect("checked above");
-                        return Ok(Some((finish(op, acc)?, used)));
+                    partial.payload.extend_from_slice(data);
+                    partial.check_utf8()?;
+                    if frame.fin {
+                        let partial = self.partial.take().expect("checked above");
+                        if partial.utf8_valid != partial.payload.len() {
+                            return fail(close::INVALID_PAYLOAD, "text is not UTF-8");
+                        }
+                        let text = String::from_utf8(partial.payload)
+                            .expect("every byte was checked as it arrived");
+                        return Ok((Some(Message::Text(text)), used));
                     }
                 }
                 _ => return fail(close::PROTOCOL_ERROR, "unknown opcode"),
@@ -113,24 +159,54 @@ impl Decoder {
             // A non-final fragment was absorbed: keep going while whole frames remain.
         }
     }
-}
 
-fn finish(opcode: u8, payload: Vec<u8>) -> Result<Message, WsError> {
-    if opcode == OP_BINARY {
-        return Ok(Message::Binary);
+    /// Gives up the decoder for `rest`, the connection's undecoded bytes, when the socket
+    /// moves to another shard: a fragmented message in progress is re-encoded in front of
+    /// them as the non-final frame it arrived as (masked with zeros), so the new shard's
+    /// decoder picks it up where this one stopped.
+    pub fn suspend(self, rest: Vec<u8>) -> Vec<u8> {
+        let Some(partial) = self.partial else {
+            return rest;
+        };
+        let mut out = Vec::with_capacity(partial.payload.len() + 14 + rest.len());
+        encode_masked(&mut out, false, OP_TEXT, &partial.payload, [0; 4]);
+        out.extend_from_slice(&rest);
+        out
     }
-    String::from_utf8(payload)
-        .map(Message::Text)
-        .or_else(|_| fail(close::INVALID_PAYLOAD, "text is not UTF-8"))
 }
 
-/// Parses one frame header at the front of `buf`; if the whole frame is present, unmasks it
-/// and returns (fin, opcode, (payload start, payload len, frame len)).
-#[allow(clippy::type_complexity)]
-fn next_frame(
-    buf: &mut [u8],
-    max: usize,
-) -> Result<Option<(bool, u8, (usize, usize, usize))>, WsError> {
+/// A close frame's payload: nothing, or a code a client may send and a UTF-8 reason.
+fn close_payload(data: &[u8]) -> Result<Option<u16>, WsError> {
+    match data {
+        [] => Ok(None),
+        [_] => fail(close::PROTOCOL_ERROR, "close payload of one byte"),
+        [hi, lo, reason @ ..] => {
+            let code = u16::from_be_bytes([*hi, *lo]);
+            if !close_code_valid(code) {
+                return fail(close::PROTOCOL_ERROR, "invalid close code");
+            }
+            if std::str::from_utf8(reason).is_err() {
+                return fail(close::INVALID_PAYLOAD, "close reason is not UTF-8");
+            }
+            Ok(Some(code))
+        }
+    }
+}
+
+/// One complete frame at the front of a buffer, unmasked in place.
+struct Frame {
+    fin: bool,
+    opcode: u8,
+    /// Payload offset and length within the buffer given to `next_frame`.
+    start: usize,
+    len: usize,
+    /// Header and payload.
+    total: usize,
+}
+
+/// Parses one frame header at the front of `buf`; if the whole frame is present, unmasks it.
+/// A payload over `max` bytes is refused from the header alone.
+fn next_frame(buf: &mut [u8], max: usize) -> Result<Option<Frame>, WsError> {
     if buf.len() < 2 {
         return Ok(None);
     }
@@ -157,8 +233,16 @@ fn next_frame(
         }
         n => (n as u64, 2),
     };
-    // Checked before waiting for the payload, so a huge frame costs nothing to refuse.
-    if len > max as u64 {
+    let opcode = b0 & 0x0f;
+    if opcode & 0x8 != 0 {
+        // Control frames interleave with a fragmented message and do not count against it.
+        if b0 & 0x80 == 0 || len > CONTROL_BYTES_MAX as u64 {
+            return fail(
+                close::PROTOCOL_ERROR,
+                "control frame fragmented or too long",
+            );
+        }
+    } else if len > max as u64 {
         return fail(close::MESSAGE_TOO_BIG, "message too big");
     }
     let len = len as usize;
@@ -170,7 +254,13 @@ fn next_frame(
     for (i, byte) in buf[at..at + len].iter_mut().enumerate() {
         *byte ^= mask[i & 3];
     }
-    Ok(Some((b0 & 0x80 != 0, b0 & 0x0f, (at, len, at + len))))
+    Ok(Some(Frame {
+        fin: b0 & 0x80 != 0,
+        opcode,
+        start: at,
+        len,
+        total: at + len,
+    }))
 }
 
 fn encode(out: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
@@ -187,6 +277,22 @@ fn encode(out: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
         }
     }
     out.extend_from_slice(payload);
+}
+
+/// A client's frame: masked with `mask`, final or not. The server never sends one; it is here
+/// for `suspend`, the conformance tests and the fuzz harnesses.
+pub fn encode_masked(out: &mut Vec<u8>, fin: bool, opcode: u8, payload: &[u8], mask: [u8; 4]) {
+    let at = out.len();
+    encode(out, opcode, payload);
+    if !fin {
+        out[at] &= 0x7f;
+    }
+    out[at + 1] |= 0x80;
+    let header_end = out.len() - payload.len();
+    out.splice(header_end..header_end, mask);
+    for (i, byte) in out[header_end + 4..].iter_mut().enumerate() {
+        *byte ^= mask[i & 3];
+    }
 }
 
 pub fn encode_text(out: &mut Vec<u8>, text: &str) {
@@ -212,110 +318,157 @@ pub fn encode_close(out: &mut Vec<u8>, code: u16, reason: &str) {
 mod tests {
     use super::*;
 
-    fn client_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
-        let mut out = vec![(if fin { 0x80 } else { 0 }) | opcode];
-        let mask = [1u8, 2, 3, 4];
-        match payload.len() {
-            n if n < 126 => out.push(0x80 | n as u8),
-            n if n <= 65535 => {
-                out.push(0x80 | 126);
-                out.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                out.push(0x80 | 127);
-                out.extend_from_slice(&(n as u64).to_be_bytes());
-            }
-        }
-        out.extend_from_slice(&mask);
-        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i & 3]));
+    fn frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        encode_masked(&mut out, fin, opcode, payload, [1, 2, 3, 4]);
         out
     }
 
-    #[test]
-    fn text_in_pieces_and_fragments() {
+    /// Decodes `buf` delivered in `reads` the way the connection loop does (append, decode
+    /// until nothing more, drop what was consumed): the messages, then the error if any.
+    fn run(reads: &[&[u8]], max: usize) -> (Vec<Message>, Option<u16>) {
         let mut d = Decoder::default();
-        let mut buf = client_frame(false, OP_TEXT, b"hel");
-        buf.extend(client_frame(true, OP_PING, b"p"));
-        buf.extend(client_frame(true, OP_CONT, b"lo"));
-        let total = buf.len();
-        assert_eq!(
-            d.decode(&mut buf[..3], 100).unwrap(),
-            None,
-            "incomplete header"
-        );
-        let (msg, used) = d.decode(&mut buf, 100).unwrap().unwrap();
-        assert_eq!(
-            msg,
+        let mut inbuf = Vec::new();
+        let mut msgs = Vec::new();
+        for read in reads {
+            inbuf.extend_from_slice(read);
+            let mut used = 0;
+            loop {
+                match d.decode(&mut inbuf[used..], max) {
+                    Ok((msg, n)) => {
+                        used += n;
+                        match msg {
+                            Some(m) => msgs.push(m),
+                            None => break,
+                        }
+                    }
+                    Err(e) => return (msgs, Some(e.code)),
+                }
+            }
+            inbuf.drain(..used);
+        }
+        (msgs, None)
+    }
+
+    #[test]
+    fn fragments_across_reads_at_every_split() {
+        let mut buf = frame(false, OP_TEXT, "hé".as_bytes());
+        buf.extend(frame(true, OP_PING, b"p"));
+        buf.extend(frame(false, OP_CONT, "l€".as_bytes()));
+        buf.extend(frame(true, OP_CONT, b"o"));
+        buf.extend(frame(true, OP_TEXT, b"next"));
+        let want = vec![
             Message::Ping(b"p".to_vec()),
-            "control frames interleave with fragments"
-        );
-        let (msg, used2) = d.decode(&mut buf[used..], 100).unwrap().unwrap();
-        assert_eq!(msg, Message::Text("hello".into()));
-        assert_eq!(used + used2, total);
+            Message::Text("hél€o".into()),
+            Message::Text("next".into()),
+        ];
+        for a in 0..=buf.len() {
+            for b in a..=buf.len() {
+                let got = run(&[&buf[..a], &buf[a..b], &buf[b..]], 100);
+                assert_eq!(got, (want.clone(), None), "split at {a}, {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_full_size_message_in_two_fragments_in_one_read() {
+        let max = 64 * 1024;
+        let half = vec![b'a'; max / 2];
+        let mut buf = frame(false, OP_TEXT, &half);
+        buf.extend(frame(true, OP_CONT, &half));
+        let (msgs, err) = run(&[&buf], max);
+        assert_eq!(err, None);
+        assert!(matches!(&msgs[..], [Message::Text(t)] if t.len() == max));
+        // One byte more is refused from the second fragment's header.
+        let mut over = frame(false, OP_TEXT, &half);
+        over.extend(frame(true, OP_CONT, &[b'a'; 64 * 1024 / 2 + 1][..]));
+        assert_eq!(run(&[&over[..over.len() - 100]], max).1, Some(1009));
     }
 
     #[test]
     fn violations_get_their_close_codes() {
-        let mut unmasked = client_frame(true, OP_TEXT, b"x");
+        let code = |buf: &[u8]| run(&[buf], 100).1;
+        let mut unmasked = frame(true, OP_TEXT, b"x");
         unmasked[1] &= 0x7f;
-        assert_eq!(
-            Decoder::default()
-                .decode(&mut unmasked, 100)
-                .unwrap_err()
-                .code,
-            close::PROTOCOL_ERROR
-        );
-        // A huge length is refused from the header alone.
+        assert_eq!(code(&unmasked), Some(1002));
         let mut huge = vec![0x81, 0x80 | 127];
         huge.extend_from_slice(&(1u64 << 40).to_be_bytes());
-        assert_eq!(
-            Decoder::default().decode(&mut huge, 100).unwrap_err().code,
-            close::MESSAGE_TOO_BIG
-        );
-        let mut bad_utf8 = client_frame(true, OP_TEXT, &[0xff, 0xfe]);
-        assert_eq!(
-            Decoder::default()
-                .decode(&mut bad_utf8, 100)
-                .unwrap_err()
-                .code,
-            close::INVALID_PAYLOAD
-        );
-        let mut cont = client_frame(true, OP_CONT, b"x");
-        assert_eq!(
-            Decoder::default().decode(&mut cont, 100).unwrap_err().code,
-            close::PROTOCOL_ERROR
-        );
-        let mut big_ping = client_frame(true, OP_PING, &[0; 126]);
-        assert_eq!(
-            Decoder::default()
-                .decode(&mut big_ping, 1000)
-                .unwrap_err()
-                .code,
-            close::PROTOCOL_ERROR
-        );
-        let mut frag_over = client_frame(false, OP_TEXT, &[b'a'; 60]);
-        frag_over.extend(client_frame(true, OP_CONT, &[b'a'; 60]));
-        assert_eq!(
-            Decoder::default()
-                .decode(&mut frag_over, 100)
-                .unwrap_err()
-                .code,
-            close::MESSAGE_TOO_BIG
-        );
+        assert_eq!(code(&huge), Some(1009), "refused from the header alone");
+        assert_eq!(code(&frame(true, OP_TEXT, &[0xff, 0xfe])), Some(1007));
+        assert_eq!(code(&frame(true, OP_CONT, b"x")), Some(1002));
+        assert_eq!(code(&frame(true, OP_PING, &[0; 126])), Some(1002));
+        assert_eq!(code(&frame(false, OP_PING, b"")), Some(1002));
+        assert_eq!(code(&frame(true, 0x3, b"")), Some(1002), "reserved opcode");
+        assert_eq!(code(&frame(true, 0xB, b"")), Some(1002), "reserved control");
+        let mut rsv = frame(true, OP_TEXT, b"x");
+        rsv[0] |= 0x40;
+        assert_eq!(code(&rsv), Some(1002));
+        let mut frag_over = frame(false, OP_TEXT, &[b'a'; 60]);
+        frag_over.extend(frame(true, OP_CONT, &[b'a'; 60]));
+        assert_eq!(code(&frag_over), Some(1009));
+        let mut nested = frame(false, OP_TEXT, b"a");
+        nested.extend(frame(true, OP_TEXT, b"b"));
+        assert_eq!(code(&nested), Some(1002));
     }
 
     #[test]
-    fn binary_and_close() {
-        let mut buf = client_frame(true, OP_BINARY, &[1, 2, 3]);
+    fn binary_is_refused_at_its_first_fragment() {
+        assert_eq!(run(&[&frame(true, OP_BINARY, &[1])], 100).1, Some(1003));
+        assert_eq!(run(&[&frame(false, OP_BINARY, &[1])], 100).1, Some(1003));
+    }
+
+    #[test]
+    fn invalid_utf8_fails_fast_even_split_inside_a_character() {
+        // "€" is E2 82 AC: split across fragments it is fine.
+        let mut ok = frame(false, OP_TEXT, &[b'a', 0xE2]);
+        ok.extend(frame(false, OP_CONT, &[0x82]));
+        ok.extend(frame(true, OP_CONT, &[0xAC]));
+        assert_eq!(run(&[&ok], 100), (vec![Message::Text("a€".into())], None));
+        // An impossible byte fails at its fragment, before the message ends.
+        let bad = frame(false, OP_TEXT, &[b'a', 0xC0, 0x80]);
+        assert_eq!(run(&[&bad], 100).1, Some(1007));
+        let mut split = frame(false, OP_TEXT, &[0xE2]);
+        split.extend(frame(false, OP_CONT, &[0x28]));
+        assert_eq!(run(&[&split], 100).1, Some(1007));
+        // A character left unfinished by the final fragment.
+        let mut unfinished = frame(false, OP_TEXT, b"a");
+        unfinished.extend(frame(true, OP_CONT, &[0xE2, 0x82]));
+        assert_eq!(run(&[&unfinished], 100).1, Some(1007));
+    }
+
+    #[test]
+    fn close_frames_are_validated() {
+        let close = |payload: &[u8]| run(&[&frame(true, OP_CLOSE, payload)], 100);
+        assert_eq!(close(b""), (vec![Message::Close(None)], None));
+        assert_eq!(close(&[3]).1, Some(1002), "one-byte payload");
+        for ok in [1000u16, 1001, 1003, 1007, 1011, 1014, 3000, 4999] {
+            let mut p = ok.to_be_bytes().to_vec();
+            p.extend_from_slice("ciao ✓".as_bytes());
+            assert_eq!(close(&p), (vec![Message::Close(Some(ok))], None), "{ok}");
+        }
+        for bad in [
+            0u16, 999, 1004, 1005, 1006, 1015, 1016, 2000, 2999, 5000, 65535,
+        ] {
+            assert_eq!(close(&bad.to_be_bytes()).1, Some(1002), "{bad}");
+        }
+        let mut bad_reason = 1000u16.to_be_bytes().to_vec();
+        bad_reason.extend_from_slice(&[0xce, 0xba, 0xe1, 0xbd, 0xb9, 0xcf, 0x83, 0xce, 0xbc, 0xff]);
+        assert_eq!(close(&bad_reason).1, Some(1007));
+    }
+
+    #[test]
+    fn suspend_carries_a_fragment_in_progress() {
+        let mut buf = frame(false, OP_TEXT, &[b'x', 0xE2]);
+        let mut d = Decoder::default();
+        let (msg, used) = d.decode(&mut buf, 100).unwrap();
+        assert_eq!((msg, used), (None, buf.len()), "the fragment is consumed");
+        let rest = frame(true, OP_CONT, &[0x82, 0xAC]);
+        let moved = d.suspend(rest);
         assert_eq!(
-            Decoder::default().decode(&mut buf, 100).unwrap().unwrap().0,
-            Message::Binary
+            run(&[&moved], 100),
+            (vec![Message::Text("x€".into())], None)
         );
-        let mut buf = client_frame(true, OP_CLOSE, &1000u16.to_be_bytes());
-        assert_eq!(
-            Decoder::default().decode(&mut buf, 100).unwrap().unwrap().0,
-            Message::Close(Some(1000))
-        );
+        assert_eq!(Decoder::default().suspend(b"raw".to_vec()), b"raw");
     }
 
     #[test]
@@ -330,44 +483,6 @@ mod tests {
             };
             assert_eq!(out.len(), header + n);
             assert_eq!(out[0], 0x81);
-        }
-    }
-}
-
-#[cfg(test)]
-mod fuzz {
-    //! Seeded random inputs through the decoder (a stable-toolchain stand-in for cargo-fuzz,
-    //! which needs nightly): it must never panic, never claim more bytes than it was given,
-    //! and a violation must carry a close code from RFC 6455's set.
-    use super::*;
-    use rand::{Rng, SeedableRng};
-
-    #[test]
-    fn random_bytes_never_panic() {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
-        for _ in 0..20_000 {
-            let len = rng.gen_range(0..300);
-            let mut buf: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
-            // Bias towards plausible headers so the deeper paths run too.
-            if rng.gen_bool(0.7) && buf.len() >= 2 {
-                buf[0] = [0x81, 0x01, 0x80, 0x82, 0x88, 0x89, 0x8a, 0x00][rng.gen_range(0..8)];
-                buf[1] |= 0x80;
-            }
-            let mut decoder = Decoder::default();
-            let mut at = 0;
-            loop {
-                match decoder.decode(&mut buf[at..], 200) {
-                    Ok(Some((_, used))) => {
-                        assert!(used > 0 && at + used <= len);
-                        at += used;
-                    }
-                    Ok(None) => break,
-                    Err(e) => {
-                        assert!([1002, 1007, 1009].contains(&e.code), "{e}");
-                        break;
-                    }
-                }
-            }
         }
     }
 }
