@@ -233,8 +233,23 @@ fn membership_changes_and_what_removed_members_see() {
         carol.err("send", json!({ "conv": conv, "body": 1 })),
         "not_member"
     );
+    // She still reads up to and including her removal, and nothing after it.
     let page = sync_all(&mut carol, &conv);
-    assert_eq!(page["ok"]["convs"][0]["error"], "not_member");
+    let msgs = &page["ok"]["convs"][0]["msgs"];
+    assert_eq!(
+        events(msgs).last().map(String::as_str),
+        Some("system:removed"),
+        "{page}"
+    );
+    assert_eq!(page["ok"]["convs"][0]["more"], false);
+    let removed_seq = msgs.as_array().unwrap().last().unwrap()["seq"]
+        .as_u64()
+        .unwrap();
+    let past = carol.request(
+        "sync",
+        json!({ "convs": [{ "conv": conv, "after": removed_seq }] }),
+    );
+    assert_eq!(past["ok"]["convs"][0]["error"], "not_member", "{past}");
     // Her conversation list drops the group (the clean-up follows the removal).
     let mut listed = true;
     for _ in 0..50 {
@@ -547,18 +562,15 @@ fn read_receipts_and_typing() {
     let seq = send(&mut alice, &group, "count me")["seq"]
         .as_u64()
         .unwrap();
+    // The sender has read their own message; bob's read counts as soon as he has its reply.
+    let receipts = alice.ok("receipts", json!({ "conv": group, "seq": seq }));
+    assert_eq!(
+        (receipts["read"].as_u64(), receipts["members"].as_u64()),
+        (Some(1), Some(3))
+    );
     bob.ok("read", json!({ "conv": group, "seq": seq }));
-    let mut read = 0;
-    for _ in 0..50 {
-        read = alice.ok("receipts", json!({ "conv": group, "seq": seq }))["read"]
-            .as_u64()
-            .unwrap();
-        if read == 1 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert_eq!(read, 1);
+    let receipts = alice.ok("receipts", json!({ "conv": group, "seq": seq }));
+    assert_eq!(receipts["read"], 2, "read-after-write: {receipts}");
     std::thread::sleep(Duration::from_millis(1_100));
     bob.ok("typing", json!({ "conv": group }));
     assert_eq!(carol.next_push_of("typing")["conv"], json!(group));
@@ -675,4 +687,102 @@ fn a_slow_member_is_shed_without_hurting_the_group() {
         }
     }
     assert_eq!(after, N + 1, "the creation event and every message");
+}
+
+/// Read-after-write across shards: once two members have their `read` replies, `receipts`
+/// counts both, every time (200 trials, members homed on both shards).
+#[test]
+fn receipts_see_every_answered_read() {
+    let server = Server::start(&[]);
+    let (mut alice, _) = server.user("alice", "pc");
+    let (mut bob, _) = server.user("bob", "pc");
+    let (mut carol, _) = server.user("carol", "pc");
+    let group = create(&mut alice, "R", &["bob", "carol"], json!({}))["conv"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for trial in 0..200 {
+        let seq = send(&mut alice, &group, "r")["seq"].as_u64().unwrap();
+        bob.ok("read", json!({ "conv": group, "seq": seq }));
+        carol.ok("read", json!({ "conv": group, "seq": seq }));
+        let r = alice.ok("receipts", json!({ "conv": group, "seq": seq }));
+        assert_eq!(r["read"], 3, "trial {trial}: {r}");
+    }
+}
+
+/// A member removed while offline still learns of it: sync (from where the device was) and
+/// history reach the removal entry, nothing after it; reads are capped there; writes and
+/// reads past it are `not_member`.
+#[test]
+fn a_member_removed_while_offline_gets_the_removal_entry() {
+    let server = Server::start(&[]);
+    let (mut alice, _) = server.user("alice", "pc");
+    let (mut carol, carol_token) = server.user("carol", "pc");
+    let conv = create(&mut alice, "G", &["carol"], json!({}))["conv"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let first = next_msg(&mut carol)["seq"].as_u64().unwrap();
+    drop(carol);
+    send(&mut alice, &conv, "while away");
+    let removed = alice.ok("group_kick", json!({ "conv": conv, "user": "carol" }));
+    let removed_seq = removed["seq"].as_u64().unwrap();
+    send(&mut alice, &conv, "after the removal");
+
+    let mut carol = server.client();
+    carol.ok("resume", json!({ "token": carol_token }));
+    let page = carol.ok(
+        "sync",
+        json!({ "convs": [{ "conv": conv, "after": first }] }),
+    );
+    let msgs = &page["convs"][0]["msgs"];
+    assert_eq!(events(msgs), ["msg:while away", "system:removed"], "{page}");
+    assert_eq!(msgs[1]["seq"].as_u64(), Some(removed_seq));
+    assert_eq!(page["convs"][0]["more"], false);
+    let past = carol.ok(
+        "sync",
+        json!({ "convs": [{ "conv": conv, "after": removed_seq }] }),
+    );
+    assert_eq!(past["convs"][0]["error"], "not_member");
+    let history = carol.ok("history", json!({ "conv": conv }));
+    assert_eq!(
+        events(&history["msgs"]),
+        ["system:created", "msg:while away", "system:removed"]
+    );
+    assert_eq!(
+        carol.err("send", json!({ "conv": conv, "body": 1 })),
+        "not_member"
+    );
+    // A read past the removal stops at it (while her list still holds the group), or is
+    // refused once the list dropped it.
+    let r = carol.request("read", json!({ "conv": conv, "seq": 1_000 }));
+    match r["ok"]["read_seq"].as_u64() {
+        Some(seq) => assert_eq!(seq, removed_seq, "{r}"),
+        None => assert_eq!(r["error"]["code"], "no_such_conversation", "{r}"),
+    }
+}
+
+/// `group_invite` that adds nobody still answers every documented field (`seq` null).
+#[test]
+fn an_invite_that_adds_nobody_answers_every_field() {
+    let server = Server::start(&[]);
+    let (mut alice, _) = server.user("alice", "pc");
+    server.user("bob", "pc");
+    let created = create(&mut alice, "G", &["bob"], json!({}));
+    let conv = created["conv"].as_str().unwrap();
+    let ok = alice.ok(
+        "group_invite",
+        json!({ "conv": conv, "users": ["bob", "alice"] }),
+    );
+    assert_eq!(
+        ok,
+        json!({ "conv": conv, "seq": null, "version": created["version"], "added": [], "missing": [], "failed": [] })
+    );
+    let ok = alice.ok("group_invite", json!({ "conv": conv, "users": ["nobody"] }));
+    assert_eq!(
+        (&ok["seq"], &ok["added"], &ok["missing"], &ok["failed"]),
+        (&json!(null), &json!([]), &json!(["nobody"]), &json!([])),
+        "{ok}"
+    );
+    assert!(ok["version"].is_u64(), "{ok}");
 }

@@ -841,3 +841,111 @@ fn frames_pipelined_behind_login_survive_the_hand_off() {
         assert!(r.get("ok").is_some(), "{r}");
     }
 }
+
+/// `read` past the last seq stops at it, so later messages count as unread again; a
+/// sender's own messages are never unread for them (sending moves their cursor).
+#[test]
+fn read_cursors_stop_at_the_last_message_and_sending_marks_read() {
+    let server = Server::start(&[]);
+    let (mut alice, _) = server.user("alice", "pc");
+    let (mut bob, _) = server.user("bob", "pc");
+    let conv = open(&mut alice, "bob");
+    for i in 0..3 {
+        send(&mut alice, &conv, &format!("m{i}"));
+    }
+    let r = bob.ok("read", json!({ "conv": conv, "seq": 1_000_000 }));
+    assert_eq!(r["read_seq"], 3, "capped at the last seq");
+    send(&mut alice, &conv, "later");
+    let list = bob.ok("convs", json!({}));
+    assert_eq!(
+        (
+            list["convs"][0]["read_seq"].as_u64(),
+            list["convs"][0]["unread"].as_u64()
+        ),
+        (Some(3), Some(1)),
+        "{list}"
+    );
+    // Alice wrote all four: none is unread for her, on any device.
+    let (mut alice2, _) = server.user("alice", "phone");
+    for c in [&mut alice, &mut alice2] {
+        let list = c.ok("convs", json!({}));
+        assert_eq!(
+            (
+                list["convs"][0]["read_seq"].as_u64(),
+                list["convs"][0]["unread"].as_u64()
+            ),
+            (Some(4), Some(0)),
+            "{list}"
+        );
+    }
+    // Bob replies: his cursor moves to his message, which alice sees as peer_read_seq.
+    let reply = send(&mut bob, &conv, "reply")["seq"].as_u64().unwrap();
+    let list = alice.ok("convs", json!({}));
+    assert_eq!(
+        list["convs"][0]["peer_read_seq"].as_u64(),
+        Some(reply),
+        "{list}"
+    );
+    assert_eq!(list["convs"][0]["unread"], 1);
+    // A read behind the cursor answers the cursor.
+    assert_eq!(
+        bob.ok("read", json!({ "conv": conv, "seq": 1 }))["read_seq"],
+        reply
+    );
+}
+
+/// Bodies nested deeper than 32 levels are refused (their recipients' parsers may recurse).
+#[test]
+fn deeply_nested_bodies_are_refused() {
+    let server = Server::start(&[]);
+    let (mut alice, _) = server.user("alice", "pc");
+    server.user("bob", "pc");
+    let conv = open(&mut alice, "bob");
+    let nested = |n: usize| -> Value {
+        serde_json::from_str(&format!("{}{}", "[".repeat(n), "]".repeat(n))).unwrap()
+    };
+    alice.ok("send", json!({ "conv": conv, "body": nested(32) }));
+    assert_eq!(
+        alice.err("send", json!({ "conv": conv, "body": nested(33) })),
+        "bad_request"
+    );
+    // Deeper than serde_json's own recursion limit: still a clean refusal.
+    let deep = format!(
+        r#"{{"op":"send","rid":9,"conv":"{conv}","body":{}{}}}"#,
+        "[".repeat(5000),
+        "]".repeat(5000)
+    );
+    alice.ws.send(Message::text(deep)).unwrap();
+    let reply = alice.next_frame().unwrap();
+    assert_eq!(reply["rid"], 9, "{reply}");
+    assert_eq!(reply["error"]["code"], "bad_request", "{reply}");
+}
+
+/// The HTTP head limits hold however the head arrives: over 8 KiB in one write, or more than
+/// 32 header lines, get 431.
+#[test]
+fn http_head_limits_hold_in_one_read() {
+    use std::io::{Read, Write};
+    let server = Server::start(&[]);
+    let ask = |head: String| -> String {
+        let mut s = std::net::TcpStream::connect(server.addr).unwrap();
+        s.write_all(head.as_bytes()).unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    };
+    let big = format!("GET / HTTP/1.1\r\nX-Big: {}\r\n\r\n", "a".repeat(9_000));
+    assert!(ask(big).starts_with("HTTP/1.1 431"));
+    let many = format!("GET / HTTP/1.1\r\n{}\r\n", "X-A: b\r\n".repeat(33));
+    assert!(ask(many).starts_with("HTTP/1.1 431"));
+    let fine = format!("GET /healthz HTTP/1.1\r\n{}\r\n", "X-A: b\r\n".repeat(31));
+    assert!(ask(fine).starts_with("HTTP/1.1 200"));
+    // Counted, on whichever shards accepted the two refused connections.
+    let metrics = http_get(server.addr, "/metrics");
+    let refused: u64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("hermod_refusals_total") && l.contains("http_head_too_large"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert_eq!(refused, 2, "{metrics}");
+}

@@ -145,12 +145,7 @@ impl AdminOp {
                     .map_err(|_| (ErrorCode::BadJson, "the body is not UTF-8".to_owned()))?;
                 let req: Notice = serde_json::from_str(text).map_err(json_refusal)?;
                 let raw = req.body.get();
-                if raw.len() > body_bytes_max {
-                    return Err((
-                        ErrorCode::BodyTooLarge,
-                        format!("a notice body is at most {body_bytes_max} bytes"),
-                    ));
-                }
+                crate::protocol::check_body(raw, body_bytes_max)?;
                 let to = match (req.user, req.group) {
                     (Some(name), None) => NoticeTo::User { name, id: req.id },
                     (None, Some(_)) if req.id.is_some() => {

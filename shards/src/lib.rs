@@ -16,6 +16,7 @@
 //! | [`auth`] | signed device tokens, username/password rules, password hashing jobs |
 //! | [`storage`] | the storage trait, key layout, stored record encodings, RocksDB and in-memory stores |
 //! | [`engine`] | the shard state machine: sessions, accounts, conversation ownership, fan-out, sync |
+//! | [`fuzzing`] | the fuzz harness of request handling (run by `fuzz/` and by seeded tests) |
 //!
 //! State ownership: a `Shard` value is the whole state of one core. It is `!Send` by
 //! construction (it holds `Rc`s) and is only ever touched by its own executor thread.
@@ -24,6 +25,7 @@
 pub mod admin;
 pub mod auth;
 pub mod engine;
+pub mod fuzzing;
 pub mod ids;
 pub mod limits;
 pub mod mail;

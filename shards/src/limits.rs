@@ -37,6 +37,10 @@ pub const PAGE_BYTES_MAX: usize = 512 * 1024;
 /// Conversations named in one `sync` request.
 pub const SYNC_CONVS_MAX: usize = 32;
 
+/// Deepest nesting of arrays and objects in a message body; deeper: `bad_request`. Bodies are
+/// forwarded verbatim, and a client whose JSON parser recurses must not be crashable by a peer.
+pub const BODY_DEPTH_MAX: usize = 32;
+
 /// Upper bound of one message's client JSON beyond its body (ids, names, numbers).
 pub const MESSAGE_OVERHEAD_BYTES_MAX: usize = 512;
 

@@ -47,6 +47,9 @@ pub struct ConvSummary {
     pub member: bool,
     /// One-to-one: the peer's read cursor (for "read" ticks).
     pub peer_read: Option<Seq>,
+    /// The owner's copy of the member's own cursor: moved by `read` and by their own sends
+    /// (a sender has read up to their message), so it may be ahead of the home's.
+    pub own_read: Seq,
 }
 
 /// A user named in a request, resolved by the requester's shard: id and normalised name.
@@ -156,6 +159,7 @@ impl Mail {
             | Mail::SetBlock { reply, .. }
             | Mail::ProfileQuery { reply, .. }
             | Mail::CreateAccounts { reply, .. }
+            | Mail::ReadUpTo { reply, .. }
             | Mail::Account { reply, .. } => Some(*reply),
             // Parts of gathers (answered by the gather), answers, and effects without a
             // requester. Listed, not wildcarded: a new mail must say which it is.
@@ -164,7 +168,7 @@ impl Mail {
             | Mail::ProfileBumped { .. }
             | Mail::PresenceQuery { .. }
             | Mail::PresenceDone { .. }
-            | Mail::ReadUpTo { .. }
+            | Mail::ReadCapped { .. }
             | Mail::AccountsCreated { .. }
             | Mail::EnsureMember { .. }
             | Mail::MemberEnsured { .. }
@@ -274,12 +278,27 @@ pub enum Mail {
         gather: GatherRef,
         states: Vec<(usize, Option<PresenceInfo>)>,
     },
-    /// `user` read `conv` up to `seq` (already durable on the home shard).
+    /// `user` read `conv` up to `seq`. The owner caps it at what the user may have seen (the
+    /// durable last seq; a former member's removal entry), records its copy (receipts,
+    /// `peer_read_seq`), and answers with `ReadCapped` for the home shard to store.
     ReadUpTo {
+        reply: ReplyTo,
         conv: ConvId,
         user: UserId,
         user_name: String,
         seq: Seq,
+    },
+
+    // ---- owner → home ----
+    /// The answer to `ReadUpTo`: the cursor as the owner holds it (never beyond what exists).
+    ReadCapped {
+        reply: ReplyTo,
+        conv: ConvId,
+        user: UserId,
+        seq: Seq,
+        /// The conversation's durable last seq: a stored cursor beyond it can only be one
+        /// written before `read` was capped, and is replaced.
+        last: Seq,
     },
 
     // ---- admin → home ----

@@ -400,6 +400,55 @@ struct ErrBody<'a> {
     message: &'a str,
 }
 
+/// Checks a message body (raw JSON, already known to be valid) against the limits: at most
+/// `bytes_max` bytes (`body_too_large`) and `BODY_DEPTH_MAX` levels of arrays and objects
+/// (`bad_request`). Bodies are forwarded byte for byte, so the depth bound protects clients
+/// whose JSON parser recurses, not the server (it never parses a body).
+pub fn check_body(raw: &str, bytes_max: usize) -> Result<(), (ErrorCode, String)> {
+    if raw.len() > bytes_max {
+        return Err((
+            ErrorCode::BodyTooLarge,
+            format!("body is over {bytes_max} bytes"),
+        ));
+    }
+    if json_depth(raw) > crate::limits::BODY_DEPTH_MAX {
+        return Err((
+            ErrorCode::BadRequest,
+            format!(
+                "body is nested deeper than {} levels",
+                crate::limits::BODY_DEPTH_MAX
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The deepest nesting of arrays and objects in valid JSON text (a scalar: 0).
+pub fn json_depth(json: &str) -> usize {
+    let (mut depth, mut deepest, mut in_string, mut escaped) = (0usize, 0usize, false, false);
+    for &b in json.as_bytes() {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
+}
+
 pub fn ok_frame<T: Serialize>(rid: u64, value: &T) -> String {
     serde_json::to_string(&OkReply { rid, ok: value }).expect("reply types serialise infallibly")
 }
@@ -482,6 +531,29 @@ pub fn message_push(pid: u64, message_json: &str) -> String {
     out.push_str(message_json);
     out.push('}');
     out
+}
+
+#[cfg(test)]
+mod depth_tests {
+    use super::*;
+
+    #[test]
+    fn depth_counts_containers_not_strings() {
+        assert_eq!(json_depth("1"), 0);
+        assert_eq!(json_depth(r#""[[[{""#), 0);
+        assert_eq!(json_depth(r#"{"a":[1,{"b":"]]\"[["}]}"#), 3);
+        let deep = format!("{}{}", "[".repeat(33), "]".repeat(33));
+        assert_eq!(
+            check_body(&deep, 1 << 20).unwrap_err().0,
+            ErrorCode::BadRequest
+        );
+        let ok = format!("{}{}", "[".repeat(32), "]".repeat(32));
+        assert!(check_body(&ok, 1 << 20).is_ok());
+        assert_eq!(
+            check_body("\"xx\"", 3).unwrap_err().0,
+            ErrorCode::BodyTooLarge
+        );
+    }
 }
 
 #[cfg(test)]

@@ -31,6 +31,13 @@ pub(super) enum Deferred {
         to: ReplyTo,
         frame: String,
     },
+    /// A friend operation's second side: answered once durable; if the write fails, `retry`
+    /// (the `FriendAnswer` that made it) runs again, since the first side is already durable.
+    FriendAnswered {
+        reply: ReplyTo,
+        frame: String,
+        retry: Mail,
+    },
     Appended {
         conv: ConvId,
         id: uuid::Uuid,
@@ -40,6 +47,8 @@ pub(super) enum Deferred {
         msg: Arc<str>,
         frame_ok: String,
         sender: ReplyTo,
+        /// Who sent it (their cursor moves to it).
+        author: UserId,
         fanout: Fanout,
     },
     /// An event the owner wrote itself (system message, recall, edit).
@@ -215,6 +224,7 @@ impl<S: Storage> Shard<S> {
         match effect {
             Deferred::Reply { conn, frame, .. } => self.send(conn, frame),
             Deferred::ReplyTo { to, frame } => self.reply_to(to, frame),
+            Deferred::FriendAnswered { reply, frame, .. } => self.reply_to(reply, frame),
             Deferred::Appended {
                 conv,
                 id,
@@ -223,8 +233,17 @@ impl<S: Storage> Shard<S> {
                 msg,
                 frame_ok,
                 sender,
+                author,
                 fanout,
-            } => self.owner_appended(conv, id, (seq, ts_ms), msg, frame_ok, sender, fanout),
+            } => self.owner_appended(
+                conv,
+                id,
+                (seq, ts_ms),
+                msg,
+                frame_ok,
+                (sender, author),
+                fanout,
+            ),
             Deferred::Event {
                 conv,
                 seq,
@@ -281,6 +300,7 @@ impl<S: Storage> Shard<S> {
                 self.error(conn, Some(rid), ErrorCode::Internal, WHY)
             }
             Deferred::ReplyTo { to, .. } => self.error_to(to, ErrorCode::Internal, WHY),
+            Deferred::FriendAnswered { retry, .. } => self.local_mail.push_back(retry),
             Deferred::LoggedIn { conn, rid, .. } => {
                 self.error(conn, Some(rid), ErrorCode::Internal, WHY);
                 self.end_busy(now_ms, conn);

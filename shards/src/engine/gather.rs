@@ -349,7 +349,11 @@ fn convs_frame(rid: u64, entries: &[(ConvId, UserConv)], last: &[ConvSummary]) -
         }
         first = false;
         let last_seq: Seq = summary.last_seq;
-        let unread = last_seq.saturating_sub(entry.read_seq.max(summary.floor));
+        // The cursor is the home's or the owner's copy, whichever is ahead (sends move only
+        // the owner's), shown as of the same moment as `last_seq`: a `read` answered while
+        // this list was being gathered may already be past the `last_seq` gathered.
+        let read_seq = entry.read_seq.max(summary.own_read).min(last_seq);
+        let unread = last_seq.saturating_sub(read_seq.max(summary.floor));
         total_unread += unread;
         let _ = write!(out, "{{\"conv\":\"{conv}\",");
         match &summary.title {
@@ -367,8 +371,7 @@ fn convs_frame(rid: u64, entries: &[(ConvId, UserConv)], last: &[ConvSummary]) -
         }
         let _ = write!(
             out,
-            ",\"last_seq\":{last_seq},\"read_seq\":{},\"unread\":{unread}}}",
-            entry.read_seq
+            ",\"last_seq\":{last_seq},\"read_seq\":{read_seq},\"unread\":{unread}}}"
         );
     }
     let _ = write!(out, "],\"total_unread\":{total_unread}}}}}");

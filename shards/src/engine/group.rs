@@ -22,8 +22,8 @@ use crate::limits::GROUP_MEMBERS_LIMIT;
 use crate::mail::{ConvOp, Mail, Named, ReplyTo};
 use crate::protocol::{event_push, ok_frame, ErrorCode};
 use crate::storage::{
-    keys, kind, role, scan_records, GroupMember, GroupMeta, JoinRequest, Storage, StorageError,
-    UserConv,
+    keys, kind, role, scan_records, FormerMember, GroupMember, GroupMeta, JoinRequest, Storage,
+    StorageError, UserConv,
 };
 
 pub(super) struct Group {
@@ -94,6 +94,11 @@ impl Group {
             return Err(ErrorCode::Muted);
         }
         Ok(())
+    }
+
+    /// The owner's copy of a member's read cursor.
+    pub(super) fn read_seq(&self, user: UserId) -> Option<Seq> {
+        self.members.get(&user).map(|m| m.read_seq)
     }
 
     /// The highest seq `user` may not read (0: all history), or `None` for a non-member.
@@ -390,7 +395,13 @@ impl<S: Storage> Shard<S> {
                     );
                     self.reply_to(reply, frame);
                 } else if new.is_empty() {
-                    let frame = ok_frame(rid, &json!({ "conv": conv.to_string(), "added": [] }));
+                    // Everyone named is a member already: nothing is written (`seq` null).
+                    let frame = ok_frame(
+                        rid,
+                        &json!({ "conv": conv.to_string(), "seq": null,
+                                 "version": group.meta.members_version,
+                                 "added": [], "missing": [], "failed": [] }),
+                    );
                     self.reply_to(reply, frame);
                 } else {
                     self.start_add(conv, reply, actor, new, AddHow::Invite);
@@ -680,11 +691,11 @@ impl<S: Storage> Shard<S> {
             return self.error_to(reply, code, message);
         }
         if new.is_empty() {
-            // Everyone was missing, failed, or joined meanwhile: nothing to write.
-            let frame = ok_frame(
-                reply.rid,
-                &json!({ "conv": conv.to_string(), "added": [], "missing": missing_names, "failed": failed_names }),
-            );
+            // Everyone was missing, failed, or joined meanwhile: nothing to write (`seq` null).
+            let version = self.group_mut(conv).map_or(0, |g| g.meta.members_version);
+            let answer = json!({ "conv": conv.to_string(), "seq": null, "version": version,
+                                 "added": [], "missing": missing_names, "failed": failed_names });
+            let frame = ok_frame(reply.rid, &answer);
             return self.reply_to(reply, frame);
         }
         let next_seq = self.owned.convs[&conv].last_seq + 1;
@@ -717,6 +728,7 @@ impl<S: Storage> Shard<S> {
         for (user, _) in &new {
             self.put_member(conv, *user);
             self.delete(keys::join_request(conv, *user));
+            self.delete(keys::group_former(conv, *user));
         }
         let mut answer = json!({
             "conv": conv.to_string(),
@@ -789,13 +801,23 @@ impl<S: Storage> Shard<S> {
         user: UserId,
         event: &str,
     ) {
+        let removed_seq = self.owned.convs[&conv].last_seq + 1;
         let group = self.group_mut(conv).expect("caller checked");
+        let floor = group.floor(user);
         let Some(member) = group.members.remove(&user) else {
             return;
         };
         let body = json!({ "event": event, "users": [member.name] });
         self.delete(keys::group_member(conv, user));
-        self.changed(now_ms, reply, conv, actor, body, vec![user], Moves::Members);
+        // The removed member still reads up to the entry that removes them, also if they were
+        // away when it was written (sync, history).
+        let former = FormerMember {
+            floor: floor.unwrap_or(0),
+            removed_seq,
+        };
+        self.put(keys::group_former(conv, user), former.encode());
+        let seq = self.changed(now_ms, reply, conv, actor, body, vec![user], Moves::Members);
+        debug_assert_eq!(seq, removed_seq, "the removal entry takes the next seq");
     }
 
     fn put_member(&mut self, conv: ConvId, user: UserId) {
@@ -819,7 +841,7 @@ impl<S: Storage> Shard<S> {
         body: Value,
         removed: Vec<UserId>,
         moves: Moves,
-    ) {
+    ) -> Seq {
         let conv_text = conv.to_string();
         let build = move |seq: Seq, version: u64| {
             ok_frame(
@@ -836,7 +858,7 @@ impl<S: Storage> Shard<S> {
             removed,
             moves,
             Box::new(build),
-        );
+        )
     }
 
     /// Writes the group's meta record and a system message describing the change; the reply
@@ -926,6 +948,50 @@ impl<S: Storage> Shard<S> {
             missing,
         };
         self.defer(super::commit::Deferred::Mail { to: owner, mail });
+    }
+
+    /// What `user` may read of group `conv` (loaded): the floor, the last readable seq and
+    /// whether they are a member — up to `durable` for a member, up to the entry that removed
+    /// them for a former member.
+    pub(super) fn group_readable(
+        &self,
+        conv: ConvId,
+        user: UserId,
+        durable: Seq,
+    ) -> Result<(Seq, Seq, bool), ErrorCode> {
+        let state = &self.owned.convs[&conv];
+        let group = state.group.as_ref().expect("a group");
+        if let Some(floor) = group.floor(user) {
+            return Ok((floor, durable, true));
+        }
+        let key = keys::group_former(conv, user);
+        match self
+            .get_latest(&key)
+            .and_then(|v| v.map(|b| FormerMember::decode(&key, &b)).transpose())
+        {
+            Ok(Some(f)) => Ok((f.floor, f.removed_seq.min(durable), false)),
+            Ok(None) => Err(ErrorCode::NotMember),
+            Err(_) => Err(ErrorCode::Internal),
+        }
+    }
+
+    /// `read` of a group, on the owner (state loaded): a member's cursor moves (and counts
+    /// for `receipts`); a former member's is only capped at their removal.
+    pub(super) fn group_read_up_to(
+        &mut self,
+        conv: ConvId,
+        user: UserId,
+        seq: Seq,
+        durable: Seq,
+    ) -> Result<Seq, ErrorCode> {
+        let (_, last, _) = self.group_readable(conv, user, durable)?;
+        let seq = seq.min(last);
+        let group = self.group_mut(conv).expect("a group");
+        if let Some(put) = group.read_up_to(conv, user, seq) {
+            self.put(put.0, put.1);
+        }
+        let group = self.group_mut(conv).expect("a group");
+        Ok(group.members.get(&user).map_or(seq, |m| m.read_seq))
     }
 
     pub(super) fn home_unindex(&mut self, conv: ConvId, users: &[UserId]) {

@@ -406,11 +406,19 @@ impl<S: Storage> Shard<S> {
             } => self.presence_query(gather, requester, users),
             Mail::PresenceDone { gather, states } => self.gather_presence_done(gather, states),
             Mail::ReadUpTo {
+                reply,
                 conv,
                 user,
                 user_name,
                 seq,
-            } => self.owner_read_up_to(conv, user, &user_name, seq),
+            } => self.owner_read_up_to(reply, conv, user, &user_name, seq),
+            Mail::ReadCapped {
+                reply,
+                conv,
+                user,
+                seq,
+                last,
+            } => self.home_read_capped(reply, conv, user, (seq, last)),
             Mail::Index {
                 conv,
                 op,

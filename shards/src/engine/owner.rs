@@ -343,6 +343,7 @@ impl<S: Storage> Shard<S> {
             msg,
             frame_ok,
             sender: reply,
+            author: sender,
             fanout,
         });
     }
@@ -437,7 +438,7 @@ impl<S: Storage> Shard<S> {
         (seq, ts_ms): (Seq, u64),
         msg: Arc<str>,
         frame_ok: String,
-        sender: ReplyTo,
+        (sender, author): (ReplyTo, UserId),
         fanout: Fanout,
     ) {
         let state = self.mark_durable(conv, seq);
@@ -452,6 +453,35 @@ impl<S: Storage> Shard<S> {
             self.reply_to(waiter, frame);
         }
         self.deliver(conv, (seq, ts_ms), &msg, &fanout, Some(sender));
+        self.sent_is_read(conv, author, seq);
+    }
+
+    /// A sender has read their conversation up to their own message: their own messages never
+    /// count as unread, and their cursor (the owner's copy, which `convs` and `receipts` read)
+    /// moves to it. Written with the next commit; no `read` push (the peer's device sees the
+    /// message itself, from that sender at that seq). A crash before that commit only leaves
+    /// the cursor where it was.
+    fn sent_is_read(&mut self, conv: ConvId, author: UserId, seq: Seq) {
+        let Some(state) = self.owned.convs.get_mut(&conv) else {
+            return;
+        };
+        if let Some(group) = state.group.as_deref_mut() {
+            if let Some((key, bytes)) = group.read_up_to(conv, author, seq) {
+                self.put(key, bytes);
+            }
+            return;
+        }
+        let (Some(meta), Some(members)) = (&mut state.direct, conv.direct_members()) else {
+            return;
+        };
+        let Some(i) = members.iter().position(|&m| m == author) else {
+            return;
+        };
+        if meta.read[i] < seq {
+            meta.read[i] = seq;
+            let bytes = meta.encode();
+            self.put(keys::conv_meta(conv), bytes);
+        }
     }
 
     /// Assigns the next seq to an event the owner writes itself and queues it for the commit.
@@ -615,13 +645,21 @@ impl<S: Storage> Shard<S> {
         if !conv.may_have_member(user) {
             return Err(ErrorCode::NotMember);
         }
-        // Seqs at or below `floor` are not this member's to read.
-        let floor = match &state.group {
-            None => 0,
-            Some(g) => g.floor(user).ok_or(ErrorCode::NotMember)?,
+        // Seqs at or below `floor` are not this member's to read, nor any past `durable`
+        // (for a former member: the entry that removed them).
+        let (floor, durable) = match &state.group {
+            None => (0, state.durable_seq),
+            Some(_) => {
+                let durable = state.durable_seq;
+                let (floor, last, member) = self.group_readable(conv, user, durable)?;
+                // A former member who has the removal entry is a non-member from then on.
+                if !member && after.is_some_and(|a| a >= last) {
+                    return Err(ErrorCode::NotMember);
+                }
+                (floor, last)
+            }
         };
         let after = after.map(|a| a.max(floor));
-        let durable = state.durable_seq;
         // [lo, hi] inclusive, within what is durable.
         let (lo, hi, more) = match (after, before) {
             (Some(after), _) => {
@@ -700,28 +738,66 @@ impl<S: Storage> Shard<S> {
         self.mail(gather.shard, Mail::LastSeqsDone { gather, seqs });
     }
 
-    /// A member's read cursor moved (already durable on their home shard). One-to-one: kept
-    /// in the meta record and pushed to the peer's devices as a read receipt. Groups: kept on
-    /// the member record for `receipts` counts.
-    pub(super) fn owner_read_up_to(&mut self, conv: ConvId, user: UserId, name: &str, seq: Seq) {
-        let Ok(state) = self.conv_state(conv) else {
-            return;
-        };
-        let seq = seq.min(state.durable_seq);
-        if let Some(group) = &mut state.group {
-            if let Some(put) = group.read_up_to(conv, user, seq) {
-                self.put(put.0, put.1);
+    /// `read`, on the owner: caps the cursor at what `user` may have seen (the durable last
+    /// seq; for a former group member, the entry that removed them), records the owner's copy
+    /// — one-to-one: in the meta record, pushed to the peer's devices as a read receipt;
+    /// groups: on the member record for `receipts` — and answers the home shard with the
+    /// cursor to store. The copy is current before the reply leaves, so a `receipts` or
+    /// `convs` sent after the reply sees it (read-after-write, on any shard).
+    pub(super) fn owner_read_up_to(
+        &mut self,
+        reply: ReplyTo,
+        conv: ConvId,
+        user: UserId,
+        name: &str,
+        seq: Seq,
+    ) {
+        let (cursor, last) = match self.conv_state(conv) {
+            Ok(state) if state.exists && conv.may_have_member(user) => {
+                let durable = state.durable_seq;
+                let seq = seq.min(durable);
+                let cursor = if state.group.is_some() {
+                    self.group_read_up_to(conv, user, seq, durable)
+                } else {
+                    Ok(self.record_own_read(conv, user, name, seq))
+                };
+                (cursor, durable)
             }
-            return;
+            Ok(_) => (Err(ErrorCode::NotMember), 0),
+            Err(e) => return self.storage_error_to(reply, &e),
+        };
+        self.forget_if_absent(conv);
+        match cursor {
+            Ok(seq) => self.mail(
+                reply.shard,
+                Mail::ReadCapped {
+                    reply,
+                    conv,
+                    user,
+                    seq,
+                    last,
+                },
+            ),
+            Err(code) => self.error_to(reply, code, "you are not in this conversation"),
         }
+    }
+
+    /// Moves the owner's copy of `user`'s cursor of one-to-one `conv` to `seq` if that is
+    /// forward (pushing the receipt to the peer), and returns the copy. The state is loaded.
+    fn record_own_read(&mut self, conv: ConvId, user: UserId, name: &str, seq: Seq) -> Seq {
+        let state = self
+            .owned
+            .convs
+            .get_mut(&conv)
+            .expect("loaded by the caller");
         let (Some(meta), Some(members)) = (&mut state.direct, conv.direct_members()) else {
-            return;
+            return seq;
         };
         let Some(i) = members.iter().position(|&m| m == user) else {
-            return;
+            return seq;
         };
         if meta.read[i] >= seq {
-            return;
+            return meta.read[i];
         }
         meta.read[i] = seq;
         let bytes = meta.encode();
@@ -734,6 +810,7 @@ impl<S: Storage> Shard<S> {
             skip_user: None,
         };
         self.mail(peer.slot().shard(self.cfg.shards), mail);
+        seq
     }
 
     /// Requests on one conversation other than `Append`: group ops go to `group.rs`.
@@ -956,12 +1033,16 @@ fn summarise(conv: ConvId, state: &ConvState, user: UserId) -> ConvSummary {
             Some(floor) => summary.floor = floor,
             None => summary.member = false,
         }
+        summary.own_read = group.read_seq(user).unwrap_or(0);
     }
     if let (Some(meta), Some(members)) = (&state.direct, conv.direct_members()) {
-        summary.peer_read = members
-            .iter()
-            .position(|&m| m != user)
-            .map(|peer| meta.read[peer]);
+        for (i, &m) in members.iter().enumerate() {
+            if m == user {
+                summary.own_read = meta.read[i];
+            } else {
+                summary.peer_read = Some(meta.read[i]);
+            }
+        }
     }
     summary
 }

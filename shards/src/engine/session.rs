@@ -16,7 +16,7 @@ use serde_json::json;
 use super::commit::Deferred;
 use super::{Output, Shard};
 use crate::auth::{self, Job, JobResult, TokenClaims};
-use crate::ids::{ConnId, ConvId, GroupId, UserId, SYSTEM_USERNAME};
+use crate::ids::{ConnId, ConvId, GroupId, Seq, UserId, SYSTEM_USERNAME};
 use crate::limits::{
     AVATAR_URL_BYTES_MAX, BIO_BYTES_MAX, DISPLAY_NAME_BYTES_MAX, FAILED_LOGINS_MAX,
     GROUP_INVITE_MAX, GROUP_NAME_BYTES_MAX, HELD_FRAMES_MAX, PRESENCE_PULL_MAX, STATUS_BYTES_MAX,
@@ -1048,17 +1048,14 @@ impl<S: Storage> Shard<S> {
                         seq: req.seq,
                         device,
                     },
-                    (_, Some(body)) if body.get().len() > self.cfg.body_bytes_max => {
-                        return Err((
-                            ErrorCode::BodyTooLarge,
-                            format!("body is over {} bytes", self.cfg.body_bytes_max),
-                        ))
+                    (_, Some(body)) => {
+                        p::check_body(body.get(), self.cfg.body_bytes_max)?;
+                        ConvOp::Edit {
+                            seq: req.seq,
+                            body: body.get().to_owned(),
+                            device,
+                        }
                     }
-                    (_, Some(body)) => ConvOp::Edit {
-                        seq: req.seq,
-                        body: body.get().to_owned(),
-                        device,
-                    },
                     (_, None) => return Err(bad("edit needs a body".into())),
                 };
                 (conv, op)
@@ -1099,13 +1096,8 @@ impl<S: Storage> Shard<S> {
             );
         }
         let body = req.body.get();
-        if body.len() > self.cfg.body_bytes_max {
-            return self.error(
-                conn,
-                Some(rid),
-                ErrorCode::BodyTooLarge,
-                &format!("body is over {} bytes", self.cfg.body_bytes_max),
-            );
+        if let Err((code, message)) = p::check_body(body, self.cfg.body_bytes_max) {
+            return self.error(conn, Some(rid), code, &message);
         }
         let id = req.id.unwrap_or_else(|| super::owner::uuid_v7(now_ms));
         let mail = Mail::Append {
@@ -1124,33 +1116,28 @@ impl<S: Storage> Shard<S> {
         self.mail(conv.slot().shard(self.cfg.shards), mail);
     }
 
+    /// `read`: the owner caps the cursor first (`ReadUpTo`), so a cursor never passes what
+    /// exists and the owner's copy (receipts, the peer's ticks) is current before the reply;
+    /// the home shard then stores it (`home_read_capped`) and answers once durable.
     fn read(&mut self, conn: ConnId, rid: u64, s: &Session, req: p::Read) {
         let Some(conv) = self.parse_conv(conn, rid, &req.conv) else {
             return;
         };
-        let key = keys::user_conv(s.user, conv);
-        match self
-            .get_latest(&key)
-            .and_then(|v| v.map(|b| UserConv::decode(&key, &b)).transpose())
-        {
-            Ok(Some(mut entry)) => {
-                entry.read_seq = entry.read_seq.max(req.seq);
-                let frame = ok_frame(
-                    rid,
-                    &json!({ "conv": conv.to_string(), "read_seq": entry.read_seq }),
-                );
-                let seq = entry.read_seq;
-                self.put(key, entry.encode());
-                self.defer(Deferred::Reply { conn, rid, frame });
-                // The owner keeps cursors for receipts; it hears once the cursor is durable.
+        match self.get_latest(&keys::user_conv(s.user, conv)) {
+            Ok(Some(_)) => {
                 let mail = Mail::ReadUpTo {
+                    reply: ReplyTo {
+                        shard: self.cfg.shard,
+                        conn,
+                        rid,
+                    },
                     conv,
                     user: s.user,
                     user_name: s.name.clone(),
-                    seq,
+                    seq: req.seq,
                 };
                 let owner = conv.slot().shard(self.cfg.shards);
-                self.defer(Deferred::Mail { to: owner, mail });
+                self.mail(owner, mail);
             }
             Ok(None) => self.error(
                 conn,
@@ -1159,6 +1146,48 @@ impl<S: Storage> Shard<S> {
                 "no such conversation",
             ),
             Err(e) => self.internal_error(conn, Some(rid), &e),
+        }
+    }
+
+    /// The owner's answer to `read`: store the cursor (it never moves back) and reply. A
+    /// stored cursor past the conversation's last seq (`last` only grows) is one written
+    /// before reads were capped: it is replaced, so its later messages count as unread again.
+    pub(super) fn home_read_capped(
+        &mut self,
+        reply: ReplyTo,
+        conv: ConvId,
+        user: UserId,
+        (seq, last): (Seq, Seq),
+    ) {
+        let key = keys::user_conv(user, conv);
+        match self
+            .get_latest(&key)
+            .and_then(|v| v.map(|b| UserConv::decode(&key, &b)).transpose())
+        {
+            Ok(Some(mut entry)) => {
+                entry.read_seq = if entry.read_seq > last {
+                    seq
+                } else {
+                    entry.read_seq.max(seq)
+                };
+                let frame = ok_frame(
+                    reply.rid,
+                    &json!({ "conv": conv.to_string(), "read_seq": entry.read_seq }),
+                );
+                self.put(key, entry.encode());
+                self.defer(Deferred::Reply {
+                    conn: reply.conn,
+                    rid: reply.rid,
+                    frame,
+                });
+            }
+            // Removed from the group while the request travelled.
+            Ok(None) => self.error_to(
+                reply,
+                ErrorCode::NotMember,
+                "you are not in this conversation",
+            ),
+            Err(e) => self.storage_error_to(reply, &e),
         }
     }
 

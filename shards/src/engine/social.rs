@@ -265,7 +265,21 @@ impl<S: Storage> Shard<S> {
                     reply.rid,
                     &json!({ "user": to.1, "state": friend::name(mine), "version": version }),
                 );
-                self.reply_when_durable(reply, frame);
+                // The other side is durable already: should this side's write fail, it is
+                // applied again (the same answer) rather than answered `internal`, which would
+                // leave the relation recorded on one side only.
+                let retry = Mail::FriendAnswer {
+                    reply,
+                    from,
+                    to,
+                    op,
+                    result: Ok(theirs),
+                };
+                self.defer(Deferred::FriendAnswered {
+                    reply,
+                    frame,
+                    retry,
+                });
             }
             Err(e) => self.storage_error_to(reply, &e),
         }

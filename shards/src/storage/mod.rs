@@ -155,6 +155,15 @@ pub mod keys {
         k
     }
 
+    /// A former member of a group: what they may still read (up to the entry that removed
+    /// them). Replaced on a later removal, deleted when they are added again.
+    pub fn group_former(conv: ConvId, user: UserId) -> Vec<u8> {
+        let mut k = head(conv.slot().0, b'L', 17 + 8);
+        k.extend_from_slice(&conv.to_bytes());
+        k.extend_from_slice(&user.0.to_be_bytes());
+        k
+    }
+
     /// The user id at the end of a `group_member` or `join_request` key.
     pub fn user_of_group_key(key: &[u8]) -> Option<UserId> {
         let tail: [u8; 8] = key.get(3 + 17..)?.try_into().ok()?;
@@ -356,6 +365,16 @@ pub struct GroupMember {
     pub read_seq: u64,
 }
 record!(GroupMember);
+
+/// What a removed member may still read: seqs in `floor + 1 ..= removed_seq`.
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct FormerMember {
+    /// As [`GroupMember`]'s floor was: the highest seq they could not read.
+    pub floor: u64,
+    /// The seq of the system message that removed them.
+    pub removed_seq: u64,
+}
+record!(FormerMember);
 
 #[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct JoinRequest {
