@@ -18,6 +18,20 @@
 //!   kick was sent never resumes after the kick's answer; notices are stored and synced like
 //!   any message.
 //!
+//! - the whole process crashes (every engine at once, `kill -9`): queued mail, open batches
+//!   and jobs are gone, a commit in flight reached the disk or not, every connection drops;
+//!   engines restart from their stores and every invariant above still holds;
+//! - read cursors: a `read` reply never names a seq past the conversation's last one, and a
+//!   user's cursor never moves back (also across crashes: it is acked once durable);
+//!   `convs` agrees with the cursors, counts no unread beyond the last seq, and a sender's
+//!   own last message is never unread for them; `receipts` counts at most the members, and
+//!   every member once all have read;
+//! - `history` pages are contiguous, ascending, below `before`, and show every acked id at
+//!   its acked seq; an acked edit or recall is applied to its target in storage;
+//! - friends: both sides agree on every relation once settled; blocks: no send requested
+//!   after the blocker saw `block` answered (and before an `unblock`) is ever acked;
+//! - presence: once settled, a friend's presence is visible, anyone else's `hidden`.
+//!
 //! On failure the panic message names the seed; `HERMOD_SIM_SEED=<seed>` replays it exactly.
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
@@ -61,6 +75,43 @@ enum Req {
     /// Invite, join, kick, leave: refusals are expected (roles, races), so only the shape of
     /// the reply is checked.
     GroupChange,
+    Read {
+        conv: ConvId,
+    },
+    History {
+        conv: ConvId,
+        before: Option<u64>,
+    },
+    /// `edit` (else `recall`) of an acked message of this device's user.
+    Amend {
+        conv: ConvId,
+        target: u64,
+        recall: bool,
+    },
+    Receipts {
+        conv: ConvId,
+        /// Checked once settled: the exact count expected, when every member has read.
+        exact: Option<u64>,
+    },
+    /// Requested at this step.
+    Convs {
+        at: u64,
+    },
+    /// Friend requests, answers, removals: refusals expected; the relations are checked
+    /// once settled.
+    Friend {
+        other: usize,
+    },
+    Block {
+        peer: usize,
+        on: bool,
+        /// The pair's unblock count when sent: an unblock sent since makes the answer stale.
+        gen: u64,
+    },
+    PresenceSet,
+    /// A pull whose answer is checked at the end (`Sim::check_social`).
+    FriendsPull,
+    PresencePull,
 }
 
 struct Device {
@@ -81,6 +132,8 @@ struct Device {
     unacked_sends: Vec<(ConvId, uuid::Uuid)>,
     to_ack: Vec<u64>,
     syncing: bool,
+    /// The step each in-flight send was requested at (for the block check).
+    send_step: HashMap<uuid::Uuid, u64>,
 }
 
 struct Sim {
@@ -112,6 +165,44 @@ struct Sim {
     maybe_disabled: HashSet<usize>,
     /// Tokens known when a kick of their device was sent, once that kick was answered.
     revoked: HashSet<String>,
+    cfgs: Vec<Config>,
+    /// Steps taken: the order of events as the devices see them.
+    clock: u64,
+    crashes: u32,
+    /// Users whose registration may have been stored without its answer (a crash).
+    maybe_registered: HashSet<usize>,
+    /// The highest `read` reply per (user, conversation).
+    /// (seq, the step it was answered at): a `convs` requested before that step may not
+    /// show it yet.
+    cursors: HashMap<(usize, ConvId), (u64, u64)>,
+    /// The last seq each user sent per conversation, while no write failure or crash could
+    /// have lost the cursor move a send makes (cleared on either).
+    own_sent: HashMap<(usize, ConvId), (u64, u64)>,
+    /// (blocker, blocked) → the step the blocker saw `block` answered; removed when an
+    /// `unblock` is sent.
+    blocks: HashMap<(usize, usize), u64>,
+    /// (blocker, blocked) → unblocks sent.
+    unblocks: HashMap<(usize, usize), u64>,
+    /// Who sent each acked message.
+    sent_by: HashMap<(ConvId, u64), usize>,
+    /// Acked edits and recalls: (conversation, target, recalled).
+    amended: Vec<(ConvId, u64, bool)>,
+    /// Final pulls, by user: the `friends` list and a `presence` answer.
+    friends_seen: HashMap<usize, Value>,
+    presence_seen: HashMap<usize, Value>,
+    /// Pairs with a friend request unanswered when the process crashed: its two sides are
+    /// written one after the other on the two users' home shards, and nothing repairs a
+    /// relation recorded on one side only (a known gap, to close with the cross-process
+    /// retries of multi-step protocols).
+    friend_torn: HashSet<(usize, usize)>,
+    /// (requester, other) → friend requests sent and not answered (also those whose
+    /// connection dropped: the server goes on with them).
+    friend_unanswered: HashMap<(usize, usize), u32>,
+    /// Coverage counters.
+    reads_answered: u32,
+    histories_checked: u32,
+    /// The final checks run: nothing is in flight between requests.
+    settled: bool,
 }
 
 /// An operator request in flight, and what the simulation knew when it was sent.
@@ -132,6 +223,7 @@ impl Sim {
     fn new(seed: u64) -> Sim {
         let mut stores = Vec::new();
         let mut shards = Vec::new();
+        let mut cfgs = Vec::new();
         for s in 0..SHARDS {
             let mut cfg = Config::new(ShardId(s as u16), SHARDS as u16, [7; 32]);
             cfg.hash_cost = HashCost {
@@ -143,6 +235,7 @@ impl Sim {
             cfg.heartbeat_timeout_ms = 30_000;
             cfg.seed = seed ^ s as u64;
             let store = MemStorage::default();
+            cfgs.push(cfg.clone());
             shards.push(Shard::new(cfg, store.clone()));
             stores.push(store);
         }
@@ -162,6 +255,7 @@ impl Sim {
                 unacked_sends: Vec::new(),
                 to_ack: Vec::new(),
                 syncing: false,
+                send_step: HashMap::new(),
             })
             .collect();
         Sim {
@@ -186,6 +280,23 @@ impl Sim {
             disabled: HashSet::new(),
             maybe_disabled: HashSet::new(),
             revoked: HashSet::new(),
+            cfgs,
+            clock: 0,
+            crashes: 0,
+            maybe_registered: HashSet::new(),
+            cursors: HashMap::new(),
+            own_sent: HashMap::new(),
+            blocks: HashMap::new(),
+            unblocks: HashMap::new(),
+            sent_by: HashMap::new(),
+            amended: Vec::new(),
+            friends_seen: HashMap::new(),
+            presence_seen: HashMap::new(),
+            friend_torn: HashSet::new(),
+            friend_unanswered: HashMap::new(),
+            reads_answered: 0,
+            histories_checked: 0,
+            settled: false,
         }
     }
 
@@ -309,6 +420,9 @@ impl Sim {
             dev.to_ack.push(pid);
             return;
         }
+        if v.get("push").is_some() {
+            return; // ephemeral pushes (friend, presence, read receipts): state is pulled
+        }
         let Some(rid) = v["rid"].as_u64() else {
             self.fail(format!("reply without rid: {text}"))
         };
@@ -320,9 +434,12 @@ impl Sim {
         let user = self.devices[d].user;
         match req {
             Req::Register => {
-                // `username_taken` may mean "registration in progress": only success counts.
+                // `username_taken` may mean "registration in progress": only success counts —
+                // unless a crash may have stored a registration whose answer was lost.
                 if err.is_none() {
                     self.registered.insert(self.devices[d].user);
+                } else if err == Some("username_taken") && self.maybe_registered.contains(&user) {
+                    self.registered.insert(user);
                 }
             }
             Req::Login => match err {
@@ -332,6 +449,10 @@ impl Sim {
                 }
                 Some("internal") => {}
                 Some("account_disabled") if self.maybe_disabled.contains(&user) => {}
+                // A registration that may not have survived a crash: register again.
+                Some("bad_credentials") if self.maybe_registered.contains(&user) => {
+                    self.registered.remove(&user);
+                }
                 Some(_) => self.fail(format!("login failed: {text}")),
             },
             Req::Resume => match err {
@@ -368,11 +489,35 @@ impl Sim {
                         }
                     }
                     self.acked.insert(id, (conv, seq));
+                    let requested = self.devices[d].send_step.remove(&id).unwrap_or(0);
+                    if let Some(peer) = self.peer_of(conv, user) {
+                        if self
+                            .blocks
+                            .get(&(peer, user))
+                            .is_some_and(|&at| at < requested)
+                        {
+                            self.fail(format!(
+                                "{conv}#{seq}: a send requested after {} saw its block of {} answered was acked",
+                                username(peer),
+                                username(user)
+                            ));
+                        }
+                    }
+                    let clock = self.clock;
+                    let own = self.own_sent.entry((user, conv)).or_insert((0, 0));
+                    if seq > own.0 {
+                        *own = (seq, clock);
+                    }
+                    self.sent_by.insert((conv, seq), user);
                     let dev = &mut self.devices[d];
                     dev.unacked_sends.retain(|(_, i)| *i != id);
                     dev.seen.entry(conv).or_default().insert(seq);
                 }
                 Some("internal") => {} // a failed commit: retried later with the same id
+                // Blocked by the peer: refused, not lost.
+                Some("blocked") if !conv.is_group() => {
+                    self.devices[d].unacked_sends.retain(|(_, i)| *i != id);
+                }
                 // Removed from the group (or never in it): the send is refused, not lost.
                 Some("not_member" | "no_such_conversation") if conv.is_group() => {
                     self.devices[d].unacked_sends.retain(|(_, i)| *i != id);
@@ -392,6 +537,78 @@ impl Sim {
                     self.fail(format!("neither ok nor error: {text}"));
                 }
             }
+            Req::Read { conv } => self.on_read(user, conv, ok, err, text),
+            Req::History { conv, before } => self.on_history(conv, before, ok, err, text),
+            Req::Amend {
+                conv,
+                target,
+                recall,
+            } => match err {
+                None => {
+                    if ok["target"] != json!(target) {
+                        self.fail(format!("amend of {target} answered {text}"));
+                    }
+                    self.amended.push((conv, target, recall));
+                }
+                // Races with other amends, the window, blocks, membership, failed writes.
+                Some(
+                    "no_such_message"
+                    | "window_passed"
+                    | "blocked"
+                    | "internal"
+                    | "not_member"
+                    | "muted"
+                    | "group_disbanded"
+                    | "no_such_conversation",
+                ) => {}
+                Some(code) => self.fail(format!("amend refused with {code}: {text}")),
+            },
+            Req::Receipts { conv, exact } => {
+                if err.is_none() {
+                    let (read, members) = (ok["read"].as_u64(), ok["members"].as_u64());
+                    if read.zip(members).is_none_or(|(r, m)| r > m) {
+                        self.fail(format!("receipts of {conv}: {text}"));
+                    }
+                    if exact.is_some_and(|e| members != Some(e) || read != Some(e)) {
+                        self.fail(format!(
+                            "receipts of {conv} once all {exact:?} members read: {text}"
+                        ));
+                    }
+                } else if exact.is_some() {
+                    self.fail(format!("receipts of {conv} refused once settled: {text}"));
+                }
+            }
+            Req::Convs { at } => self.on_convs(user, at, ok, err, text),
+            Req::Friend { other } => {
+                if let Some(n) = self.friend_unanswered.get_mut(&(user, other)) {
+                    *n = n.saturating_sub(1);
+                }
+                if ok.is_null() && err.is_none() {
+                    self.fail(format!("neither ok nor error: {text}"));
+                }
+            }
+            Req::PresenceSet => {
+                if ok.is_null() && err.is_none() {
+                    self.fail(format!("neither ok nor error: {text}"));
+                }
+            }
+            Req::Block { peer, on, gen } => {
+                let current = self.unblocks.get(&(user, peer)).copied().unwrap_or(0);
+                if err.is_none() && on && gen == current && !self.blocks.contains_key(&(user, peer))
+                {
+                    self.blocks.insert((user, peer), self.clock);
+                }
+            }
+            Req::FriendsPull => {
+                if err.is_none() {
+                    self.friends_seen.insert(user, ok.clone());
+                }
+            }
+            Req::PresencePull => {
+                if err.is_none() {
+                    self.presence_seen.insert(user, ok.clone());
+                }
+            }
             Req::Sync => {
                 self.devices[d].syncing = false;
                 let Some(list) = ok["convs"].as_array() else {
@@ -409,6 +626,129 @@ impl Sim {
                     self.sync(d); // as a client does: keep paging until caught up
                 }
             }
+        }
+    }
+
+    /// The other member of a one-to-one conversation, as a user index.
+    fn peer_of(&self, conv: ConvId, user: usize) -> Option<usize> {
+        let me = UserId::from_username(&username(user));
+        let members = conv.direct_members()?;
+        let peer = members.into_iter().find(|&m| m != me)?;
+        (0..USERS).find(|&u| UserId::from_username(&username(u)) == peer)
+    }
+
+    fn on_read(&mut self, user: usize, conv: ConvId, ok: &Value, err: Option<&str>, text: &str) {
+        match err {
+            None => {
+                let seq = ok["read_seq"].as_u64().expect("read_seq");
+                let last = self.last_seq(conv);
+                if seq > last {
+                    self.fail(format!(
+                        "{}'s cursor of {conv} at {seq}, past the last seq {last}",
+                        username(user)
+                    ));
+                }
+                let clock = self.clock;
+                let cursor = self.cursors.entry((user, conv)).or_insert((0, 0));
+                // A group's cursor starts again at 0 when its member is removed and re-added.
+                if seq < cursor.0 && !conv.is_group() {
+                    let was = cursor.0;
+                    self.fail(format!(
+                        "{}'s cursor of {conv} moved back from {was} to {seq}",
+                        username(user)
+                    ));
+                }
+                if seq > cursor.0 || conv.is_group() {
+                    *cursor = (seq, clock);
+                }
+                self.reads_answered += 1;
+            }
+            Some("internal" | "no_such_conversation" | "not_member") => {}
+            Some(code) => self.fail(format!("read refused with {code}: {text}")),
+        }
+    }
+
+    fn on_history(
+        &mut self,
+        conv: ConvId,
+        before: Option<u64>,
+        ok: &Value,
+        err: Option<&str>,
+        text: &str,
+    ) {
+        if err.is_some() {
+            return; // not a member (any more), a failed read
+        }
+        let msgs = ok["msgs"].as_array().expect("msgs");
+        let mut prev = None;
+        for m in msgs {
+            let seq = m["seq"].as_u64().expect("seq");
+            if before.is_some_and(|b| seq >= b) || prev.is_some_and(|p| seq != p + 1) {
+                self.fail(format!("history of {conv} before {before:?}: {text}"));
+            }
+            prev = Some(seq);
+            let id = uuid::Uuid::parse_str(m["id"].as_str().expect("id")).expect("uuid");
+            if let Some(&(c, s)) = self.acked.get(&id) {
+                if (c, s) != (conv, seq) {
+                    self.fail(format!(
+                        "history shows acked {id} ({c}#{s}) as {conv}#{seq}"
+                    ));
+                }
+            }
+        }
+        self.histories_checked += 1;
+    }
+
+    /// Checks a `convs` answer against what the user was told before requesting it.
+    fn on_convs(&mut self, user: usize, at: u64, ok: &Value, err: Option<&str>, text: &str) {
+        if err.is_some() {
+            return;
+        }
+        let mut total = 0;
+        for c in ok["convs"].as_array().expect("convs") {
+            let conv = ConvId::parse(c["conv"].as_str().expect("conv")).expect("conv id");
+            let (last, read, unread) = (
+                c["last_seq"].as_u64().expect("last_seq"),
+                c["read_seq"].as_u64().expect("read_seq"),
+                c["unread"].as_u64().expect("unread"),
+            );
+            total += unread;
+            // Group cursors restart when a member is re-added: compare within one membership.
+            let uid = UserId::from_username(&username(user));
+            let joined = self.member_record(conv, uid).map_or(0, |m| m.joined_seq);
+            let cursor = self
+                .cursors
+                .get(&(user, conv))
+                .filter(|&&(_, when)| when < at && !conv.is_group())
+                .map_or(0, |c| c.0);
+            // (While membership changes are in flight, a re-added member's old sends are not
+            // comparable: groups are checked once settled.)
+            let own = self
+                .own_sent
+                .get(&(user, conv))
+                .filter(|&&(o, when)| {
+                    when < at && o >= joined && (!conv.is_group() || self.settled)
+                })
+                .map_or(0, |o| o.0);
+            // `read_seq` is shown as of the gathered `last_seq`, which a concurrent read may pass.
+            if read > last || read < cursor.min(last) || unread > last - read {
+                self.fail(format!(
+                    "{}'s convs entry {c} (cursor replied: {cursor}, stored last seq {}, crashes {})",
+                    username(user),
+                    self.last_seq(conv),
+                    self.crashes
+                ));
+            }
+            if own > read && own <= last {
+                // (own ≤ last: the list was gathered after the send was acked.)
+                self.fail(format!(
+                    "{}'s own message {conv}#{own} counts as unread: {c}",
+                    username(user)
+                ));
+            }
+        }
+        if ok["total_unread"] != json!(total) {
+            self.fail(format!("total_unread is not the sum: {text}"));
         }
     }
 
@@ -537,6 +877,7 @@ impl Sim {
                     self.send(d, conv, id);
                 }
             }
+            48..=57 => self.other_step(d),
             _ => {
                 // Notice conversations are the server's to write in.
                 let convs: Vec<ConvId> = self
@@ -553,6 +894,146 @@ impl Sim {
                 self.send(d, conv, id);
             }
         }
+    }
+
+    /// Reads, history, edits and recalls, receipts, friends, blocks, presence.
+    fn other_step(&mut self, d: usize) {
+        let user = self.devices[d].user;
+        let convs = self.my_convs(d);
+        let conv = (!convs.is_empty()).then(|| convs[self.rng.gen_range(0..convs.len())]);
+        let other = (user + self.rng.gen_range(1..USERS)) % USERS;
+        match (self.rng.gen_range(0..10), conv) {
+            (0 | 1, Some(conv)) => {
+                // Sometimes past the end: the cursor must stop at the last seq.
+                let seq = self.rng.gen_range(0..self.last_seq(conv) + 3);
+                self.request(
+                    d,
+                    Req::Read { conv },
+                    json!({ "op": "read", "conv": conv.to_string(), "seq": seq }),
+                );
+            }
+            (2, Some(conv)) => {
+                let before = self
+                    .rng
+                    .gen_bool(0.5)
+                    .then(|| self.rng.gen_range(1..self.last_seq(conv) + 2));
+                let mut frame = json!({ "op": "history", "conv": conv.to_string(), "limit": self.rng.gen_range(0..8) });
+                if let Some(b) = before {
+                    frame["before"] = json!(b);
+                }
+                self.request(d, Req::History { conv, before }, frame);
+            }
+            (3, Some(conv)) => {
+                // One of this user's acked messages in it.
+                let mut mine: Vec<u64> = self
+                    .sent_by
+                    .iter()
+                    .filter(|((c, _), u)| *c == conv && **u == user)
+                    .map(|((_, s), _)| *s)
+                    .collect();
+                mine.sort_unstable();
+                if let Some(&target) = mine.get(self.rng.gen_range(0..mine.len().max(1))) {
+                    let recall = self.rng.gen_bool(0.5);
+                    let mut frame = json!({ "op": if recall { "recall" } else { "edit" }, "conv": conv.to_string(), "seq": target });
+                    if !recall {
+                        frame["body"] = json!({ "edited": target });
+                    }
+                    self.request(
+                        d,
+                        Req::Amend {
+                            conv,
+                            target,
+                            recall,
+                        },
+                        frame,
+                    );
+                }
+            }
+            (4, Some(conv)) if conv.is_group() => {
+                let seq = self.rng.gen_range(1..self.last_seq(conv) + 2);
+                self.request(
+                    d,
+                    Req::Receipts { conv, exact: None },
+                    json!({ "op": "receipts", "conv": conv.to_string(), "seq": seq }),
+                );
+            }
+            (5, _) => {
+                let op = [
+                    "friend_request",
+                    "friend_accept",
+                    "friend_decline",
+                    "friend_cancel",
+                    "friend_remove",
+                ][self.rng.gen_range(0..5)];
+                *self.friend_unanswered.entry((user, other)).or_insert(0) += 1;
+                self.request(
+                    d,
+                    Req::Friend { other },
+                    json!({ "op": op, "user": username(other) }),
+                );
+            }
+            (6, _) => {
+                // Blocks are rarer than unblocks, so most pairs can talk most of the time.
+                let on = self.rng.gen_ratio(1, 3);
+                if !on {
+                    self.blocks.remove(&(user, other));
+                    *self.unblocks.entry((user, other)).or_insert(0) += 1;
+                }
+                let gen = self.unblocks.get(&(user, other)).copied().unwrap_or(0);
+                let op = if on { "block" } else { "unblock" };
+                self.request(
+                    d,
+                    Req::Block {
+                        peer: other,
+                        on,
+                        gen,
+                    },
+                    json!({ "op": op, "user": username(other) }),
+                );
+            }
+            (7, _) => {
+                let state = if self.rng.gen_bool(0.5) {
+                    "away"
+                } else {
+                    "online"
+                };
+                self.request(d, Req::PresenceSet, json!({ "op": "presence_set", "state": state, "status": format!("s{}", self.clock % 7) }));
+            }
+            _ => self.request(d, Req::Convs { at: self.clock }, json!({ "op": "convs" })),
+        }
+    }
+
+    /// The whole process dies (`kill -9`): every engine restarts from its store. A commit in
+    /// flight reached the disk or not; open batches, queued mail, jobs and connections are
+    /// gone; operator requests in flight are never answered.
+    fn crash(&mut self) {
+        self.crashes += 1;
+        for s in 0..SHARDS {
+            if let Some(commit) = self.commits[s].take() {
+                if self.rng.gen_bool(0.5) {
+                    self.stores[s].apply(&commit.ops);
+                }
+            }
+            self.shards[s] = Shard::new(self.cfgs[s].clone(), self.stores[s].clone());
+        }
+        self.mail.clear();
+        self.jobs.clear();
+        self.owner_of.clear();
+        for ((a, b), n) in self.friend_unanswered.drain() {
+            if n > 0 {
+                self.friend_torn.insert((a.min(b), a.max(b)));
+            }
+        }
+        for d in 0..self.devices.len() {
+            self.disconnected(d);
+            self.devices[d].send_step.clear();
+        }
+        self.admin.clear();
+        self.admin_busy.clear();
+        // A registration whose answer was lost may be stored; a cursor move of a send may
+        // have been in an open batch.
+        self.maybe_registered.extend(0..USERS);
+        self.own_sent.clear();
     }
 
     /// Groups created so far.
@@ -646,6 +1127,7 @@ impl Sim {
     }
 
     fn send(&mut self, d: usize, conv: ConvId, id: uuid::Uuid) {
+        self.devices[d].send_step.insert(id, self.clock);
         let body = json!({ "text": format!("m{}", id.as_u128() % 1000) });
         self.request(
             d,
@@ -813,7 +1295,11 @@ impl Sim {
 
     fn step(&mut self, mode: Mode) {
         let chaos = mode == Mode::Chaos;
+        self.clock += 1;
         self.now_ms += self.rng.gen_range(0..50);
+        if chaos && self.rng.gen_ratio(1, 1500) {
+            self.crash();
+        }
         match self.rng.gen_range(0..100) {
             0..=34 => {
                 let mut keys: Vec<_> = self
@@ -838,6 +1324,8 @@ impl Sim {
                 if let Some(commit) = self.commits[s].take() {
                     if chaos && self.rng.gen_ratio(1, 40) {
                         self.commit_failures += 1;
+                        // The send's cursor move may have ridden this commit.
+                        self.own_sent.clear();
                         self.shards[s].handle_commit_done(
                             self.now_ms,
                             commit.id,
@@ -936,6 +1424,160 @@ impl Sim {
         }
     }
 
+    /// Current members of a group, from the owner's store.
+    fn members(&self, conv: ConvId) -> Vec<usize> {
+        (0..USERS)
+            .filter(|&u| {
+                self.member_record(conv, UserId::from_username(&username(u)))
+                    .is_some()
+            })
+            .collect()
+    }
+
+    /// Once healed and settled: every user writes once more (no failures can now undo the
+    /// cursor move), then cursors and unread counts, receipts, friends, presence and amends
+    /// are checked against what the devices were told.
+    fn final_checks(&mut self) {
+        self.settled = true;
+        let first_device = |u: usize| u * DEVICES_PER_USER;
+        for u in 0..USERS {
+            let d = first_device(u);
+            for conv in self.my_convs(d) {
+                if conv.may_have_member(UserId::SYSTEM) && !conv.is_group() {
+                    continue; // a notice conversation: the server's to write in
+                }
+                let id = uuid::Uuid::from_u128(self.rng.gen());
+                self.devices[d].unacked_sends.push((conv, id));
+                self.send(d, conv, id);
+            }
+        }
+        self.settle();
+        for d in 0..self.devices.len() {
+            self.request(d, Req::Convs { at: self.clock }, json!({ "op": "convs" }));
+        }
+        let everyone: Vec<String> = (0..USERS).map(username).collect();
+        for u in 0..USERS {
+            let d = first_device(u);
+            self.request(d, Req::FriendsPull, json!({ "op": "friends" }));
+            self.request(
+                d,
+                Req::PresencePull,
+                json!({ "op": "presence", "users": everyone }),
+            );
+        }
+        self.settle();
+        // Receipts: once every member has read to the end, all are counted.
+        for conv in self.groups() {
+            let members = self.members(conv);
+            let last = self.last_seq(conv);
+            for &u in &members {
+                self.request(
+                    first_device(u),
+                    Req::Read { conv },
+                    json!({ "op": "read", "conv": conv.to_string(), "seq": last }),
+                );
+            }
+            self.settle();
+            if let Some(&u) = members.first() {
+                let exact = Some(members.len() as u64);
+                self.request(
+                    first_device(u),
+                    Req::Receipts { conv, exact },
+                    json!({ "op": "receipts", "conv": conv.to_string(), "seq": last }),
+                );
+                self.settle();
+            }
+        }
+        self.check_social();
+        self.check_amends();
+    }
+
+    /// Both sides of every relation agree; presence is visible to friends only.
+    fn check_social(&self) {
+        let state = |a: usize, b: usize| -> String {
+            self.friends_seen
+                .get(&a)
+                .and_then(|v| v["friends"].as_array())
+                .into_iter()
+                .flatten()
+                .find(|f| f["user"] == json!(username(b)))
+                .map_or("none".into(), |f| {
+                    f["state"].as_str().unwrap_or("?").to_owned()
+                })
+        };
+        if self.friends_seen.len() != USERS || self.presence_seen.len() != USERS {
+            self.fail(format!(
+                "final pulls unanswered: {} friends, {} presence",
+                self.friends_seen.len(),
+                self.presence_seen.len()
+            ));
+        }
+        for a in 0..USERS {
+            for b in (0..USERS).filter(|&b| b != a) {
+                let (ab, ba) = (state(a, b), state(b, a));
+                if self.friend_torn.contains(&(a.min(b), a.max(b))) {
+                    continue;
+                }
+                let agree = matches!(
+                    (ab.as_str(), ba.as_str()),
+                    ("friends", "friends")
+                        | ("requested", "incoming")
+                        | ("incoming", "requested")
+                        | ("none", "none")
+                );
+                if !agree {
+                    self.fail(format!(
+                        "{} sees {} as {ab}, {} sees {} as {ba}",
+                        username(a),
+                        username(b),
+                        username(b),
+                        username(a)
+                    ));
+                }
+                let seen = self.presence_seen[&a]["users"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|p| p["user"] == json!(username(b)))
+                    .map(|p| p["state"].as_str().unwrap_or("?").to_owned());
+                let want_visible = ab == "friends";
+                let visible = matches!(seen.as_deref(), Some("online" | "away"));
+                if visible != want_visible || (!visible && seen.as_deref() != Some("hidden")) {
+                    self.fail(format!(
+                        "{} sees {}'s presence as {seen:?} (relation {ab})",
+                        username(a),
+                        username(b)
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Every acked edit or recall is applied to its target in storage.
+    fn check_amends(&self) {
+        use hermod_shards::storage::flags;
+        for &(conv, target, recall) in &self.amended {
+            let owner = conv.slot().shard(SHARDS as u16).0 as usize;
+            let key = keys::message(conv, target);
+            let rec = self.stores[owner]
+                .get(&key)
+                .unwrap()
+                .map(|v| MessageRecord::decode(&key, &v).unwrap())
+                .unwrap_or_else(|| self.fail(format!("amended {conv}#{target} is not stored")));
+            let ok = if recall {
+                rec.flags & flags::RECALLED != 0 && rec.body == "null"
+            } else {
+                rec.flags & (flags::EDITED | flags::RECALLED) != 0
+            };
+            if !ok {
+                self.fail(format!(
+                    "acked {} of {conv}#{target} not applied: {rec:?}",
+                    if recall { "recall" } else { "edit" }
+                ));
+            }
+        }
+    }
+
     fn last_seq(&self, conv: ConvId) -> u64 {
         let owner = conv.slot().shard(SHARDS as u16).0 as usize;
         let rows = self.stores[owner]
@@ -1017,6 +1659,7 @@ fn run(seed: u64, steps: usize) -> Sim {
             sim.fail(format!("devices never caught up: {}", why.join("; ")));
         }
     }
+    sim.final_checks();
     sim.check_storage();
     sim.check_group_deliveries();
     for d in 0..sim.devices.len() {
@@ -1042,12 +1685,13 @@ fn simulation_keeps_every_invariant() {
     let replay = std::env::var("HERMOD_SIM_SEED").is_ok();
     let seeds: Vec<u64> = match std::env::var("HERMOD_SIM_SEED") {
         Ok(s) => vec![s.parse().expect("HERMOD_SIM_SEED is a u64")],
-        Err(_) => (1..=24).collect(),
+        Err(_) => (1..=100).collect(),
     };
     let mut total_acked = 0;
     let mut group_acked = 0;
     let mut failures = 0;
     let (mut admin_answered, mut notice_convs, mut revoked) = (0, 0, 0);
+    let (mut crashes, mut reads, mut histories, mut amends, mut blocks) = (0, 0, 0, 0, 0);
     for seed in seeds {
         let sim = run(seed, 6_000);
         assert!(
@@ -1064,11 +1708,17 @@ fn simulation_keeps_every_invariant() {
             .filter(|c| !c.is_group() && c.may_have_member(UserId::SYSTEM))
             .count();
         revoked += sim.revoked.len();
+        crashes += sim.crashes;
+        reads += sim.reads_answered;
+        histories += sim.histories_checked;
+        amends += sim.amended.len();
+        blocks += sim.blocks.len();
     }
     println!(
         "{total_acked} sends acked ({group_acked} in groups), {failures} failed commits, \
          {admin_answered} operator requests, {notice_convs} notice conversations, \
-         {revoked} tokens kicked"
+         {revoked} tokens kicked, {crashes} crashes, {reads} reads, {histories} history \
+         pages, {amends} edits and recalls, {blocks} blocks standing"
     );
     if replay {
         return; // the coverage thresholds below are for the full seed set
@@ -1084,6 +1734,11 @@ fn simulation_keeps_every_invariant() {
     assert!(
         failures > 0,
         "the simulation should exercise failed commits"
+    );
+    assert!(
+        crashes >= 24 && reads > 500 && histories > 200 && amends > 50 && blocks > 5,
+        "the simulation should exercise crashes ({crashes}), reads ({reads}), history \
+         ({histories}), edits and recalls ({amends}), blocks ({blocks})"
     );
     assert!(
         admin_answered > 100 && notice_convs > 10 && revoked > 5,
