@@ -202,3 +202,47 @@ fn presence_scenario_sees_every_login() {
     assert_eq!(f["friend_pairs_missed"], 0, "{f}");
     assert_eq!(f["presence_pushes_per_login"], 2.0, "{f}");
 }
+
+fn crash_run(durability: &str, cycles: usize) -> serde_json::Value {
+    let data = tempfile::Builder::new()
+        .prefix("hermod-crash-")
+        .tempdir()
+        .unwrap();
+    let params = hermod_bench::crash::CrashParams {
+        hermod: env!("CARGO_BIN_EXE_hermod").into(),
+        data: data.path().join("d"),
+        durability: durability.into(),
+        shards: 2,
+        cycles,
+        senders: 3,
+        window: 32,
+        kill_after_ms: (100, 300),
+        seed: 7,
+        prefix: "crash".into(),
+    };
+    runtime()
+        .block_on(hermod_bench::crash::crash(params))
+        .unwrap()
+        .figures
+}
+
+/// `crash` kills the server mid-load and checks every ack from storage: nothing lost under
+/// `wal`, and under `memory` (no WAL) the same instrument reports the loss.
+#[test]
+fn crash_scenario_finds_no_loss_in_wal_and_loss_in_memory() {
+    let wal = crash_run("wal", 4);
+    let c = &wal["correctness"];
+    for key in ["lost", "duplicated", "reordered", "unknown"] {
+        assert_eq!(c[key], 0, "{key}: {wal}");
+    }
+    assert!(wal["acked_before_last_kill"].as_u64().unwrap() > 0, "{wal}");
+    assert_eq!(
+        wal["stored"], wal["acked_ids"],
+        "every id ends up stored once: {wal}"
+    );
+    let memory = crash_run("memory", 2);
+    assert!(
+        memory["correctness"]["lost"].as_u64().unwrap() > 0,
+        "acked messages vanish without a WAL, and the check must see it: {memory}"
+    );
+}

@@ -18,8 +18,10 @@
 //! | [`report`] | the versioned JSON report and `compare` |
 //! | [`scenario`] | `direct`, `group`, `echo`, `idle`, `connect`, `sync` |
 //! | [`presence`] | `presence`: a login storm seen by online friends |
+//! | [`crash`] | `crash`: kill -9 under pipelined load, restart, resend, check every ack held |
 
 pub mod conn;
+pub mod crash;
 pub mod presence;
 pub mod provision;
 pub mod report;

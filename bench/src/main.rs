@@ -148,6 +148,40 @@ enum Command {
         #[arg(long, default_value_t = 64)]
         body_bytes: usize,
     },
+    /// Acked means durable: runs `hermod serve` itself, loads it with pipelined sends, kill -9s
+    /// it at random moments over N cycles, resends unacked ids, then checks from `sync` that
+    /// every acked id is stored once at its acked seq with contiguous seqs.
+    Crash {
+        /// The server binary (default: `hermod` beside this program).
+        #[arg(long)]
+        hermod: Option<PathBuf>,
+        /// A fresh data dir for the run (default: a new temporary one, removed afterwards).
+        #[arg(long)]
+        data: Option<PathBuf>,
+        #[arg(long, default_value = "wal")]
+        durability: String,
+        #[arg(long, default_value_t = 2)]
+        shards: usize,
+        #[arg(long, default_value_t = 20)]
+        cycles: usize,
+        /// Sending connections, one conversation each (each may send 2000 requests/s).
+        #[arg(long, default_value_t = 8)]
+        senders: usize,
+        /// Sends in flight per connection.
+        #[arg(long, default_value_t = 64)]
+        window: usize,
+        /// The kill comes uniformly between these many ms after the load starts.
+        #[arg(long, default_value_t = 50)]
+        kill_min_ms: u64,
+        #[arg(long, default_value_t = 500)]
+        kill_max_ms: u64,
+        /// Seed of the kill times (default: random, printed in the report).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Write the JSON report here.
+        #[arg(long, value_name = "FILE")]
+        report: Option<PathBuf>,
+    },
     /// Print the figures of two reports side by side with their change.
     Compare { a: PathBuf, b: PathBuf },
 }
@@ -174,6 +208,47 @@ fn run() -> anyhow::Result<ExitCode> {
             };
             print!("{}", compare(&read(&a)?, &read(&b)?));
             return Ok(ExitCode::SUCCESS);
+        }
+        Command::Crash {
+            hermod,
+            data,
+            durability,
+            shards,
+            cycles,
+            senders,
+            window,
+            kill_min_ms,
+            kill_max_ms,
+            seed,
+            report,
+        } => {
+            let hermod = match hermod {
+                Some(path) => path,
+                None => std::env::current_exe()?.with_file_name("hermod"),
+            };
+            let temp = data.is_none().then(|| {
+                std::env::temp_dir().join(format!("hermod-crash-{:x}", rand::random::<u64>()))
+            });
+            let params = hermod_bench::crash::CrashParams {
+                hermod,
+                data: data.or(temp.clone()).expect("one of the two"),
+                durability,
+                shards,
+                cycles,
+                senders,
+                window,
+                kill_after_ms: (kill_min_ms, kill_max_ms),
+                seed: seed.unwrap_or_else(rand::random),
+                prefix: format!("c{:x}", rand::random::<u32>()),
+            };
+            let result = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(hermod_bench::crash::crash(params));
+            if let Some(temp) = temp {
+                let _ = std::fs::remove_dir_all(temp);
+            }
+            return finish(&result?, report.as_ref());
         }
         Command::Direct {
             common,
@@ -293,8 +368,13 @@ fn run() -> anyhow::Result<ExitCode> {
             (common, report)
         }
     };
+    finish(&report, common.report.as_ref())
+}
+
+/// Prints the figures, writes the report, and fails the run on any correctness violation.
+fn finish(report: &Report, path: Option<&PathBuf>) -> anyhow::Result<ExitCode> {
     println!("{}", serde_json::to_string_pretty(&report.figures)?);
-    if let Some(path) = &common.report {
+    if let Some(path) = path {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
     }
     let correct = report.figures.get("correctness").is_none_or(|c| {
