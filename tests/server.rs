@@ -44,10 +44,7 @@ fn http_routes() {
 
 /// `metrics{shard=...}` summed over shards.
 fn metric(text: &str, name: &str) -> u64 {
-    text.lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum()
+    common::metric_sum(text, name, "")
 }
 
 /// A request head that trickles in (each piece well within the per-read timeout) is dropped
@@ -942,10 +939,6 @@ fn http_head_limits_hold_in_one_read() {
     assert!(ask(fine).starts_with("HTTP/1.1 200"));
     // Counted, on whichever shards accepted the two refused connections.
     let metrics = http_get(server.addr, "/metrics");
-    let refused: u64 = metrics
-        .lines()
-        .filter(|l| l.starts_with("hermod_refusals_total") && l.contains("http_head_too_large"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum();
+    let refused = common::metric_sum(&metrics, "hermod_refusals_total", "http_head_too_large");
     assert_eq!(refused, 2, "{metrics}");
 }

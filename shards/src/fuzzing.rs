@@ -200,6 +200,26 @@ pub const SEEDS: &[&str] = &[
     r#"{"op":"ping","rid":1}"#,
 ];
 
+/// A seed with a few bytes replaced, removed or inserted (JSON punctuation and digits
+/// favoured): `edits` picks how many.
+pub fn mutate(rng: &mut impl rand::Rng, seed: &str, edits: std::ops::Range<usize>) -> String {
+    let mut b = seed.as_bytes().to_vec();
+    for _ in 0..rng.gen_range(edits) {
+        if b.is_empty() {
+            break;
+        }
+        let i = rng.gen_range(0..b.len());
+        match rng.gen_range(0..3) {
+            0 => b[i] = rng.gen_range(0x20..0x7f),
+            1 => {
+                b.remove(i);
+            }
+            _ => b.insert(i, b"{}[]\":,0123456789-"[rng.gen_range(0..18)]),
+        }
+    }
+    String::from_utf8_lossy(&b).into_owned()
+}
+
 #[cfg(test)]
 mod tests {
     use rand::{Rng, SeedableRng};
@@ -242,20 +262,7 @@ mod tests {
                     let end = frame[at..].find([',', '}']).map_or(frame.len(), |e| at + e);
                     frame.replace_range(at..end, swaps[rng.gen_range(0..swaps.len())]);
                 }
-                1 => {
-                    let mut b = frame.into_bytes();
-                    for _ in 0..rng.gen_range(1..4) {
-                        let i = rng.gen_range(0..b.len());
-                        match rng.gen_range(0..3) {
-                            0 => b[i] = rng.gen_range(0x20..0x7f),
-                            1 => {
-                                b.remove(i);
-                            }
-                            _ => b.insert(i, b"{}[]\":,0123456789-"[rng.gen_range(0..18)]),
-                        }
-                    }
-                    frame = String::from_utf8_lossy(&b).into_owned();
-                }
+                1 => frame = mutate(&mut rng, &frame, 1..4),
                 _ => {}
             }
             request(&mut h, frame.as_bytes());

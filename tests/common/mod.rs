@@ -403,3 +403,12 @@ pub fn http_json(
         .unwrap_or(Value::Null);
     (status, json)
 }
+
+/// The sum over shards of a `/metrics` family's samples whose labels contain `label`
+/// (`""`: all of them), e.g. `metric_sum(page, "hermod_closes_total", "code=\"1002\"")`.
+pub fn metric_sum(page: &str, name: &str, label: &str) -> u64 {
+    page.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}

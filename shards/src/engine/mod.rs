@@ -566,24 +566,6 @@ mod fuzz {
         r#"{"op":"device_logout","rid":1,"device":"phone"}"#,
     ];
 
-    fn mutate(rng: &mut impl Rng, s: &str) -> String {
-        let mut b = s.as_bytes().to_vec();
-        for _ in 0..rng.gen_range(0..4) {
-            if b.is_empty() {
-                break;
-            }
-            let i = rng.gen_range(0..b.len());
-            match rng.gen_range(0..3) {
-                0 => b[i] = rng.gen_range(0x20..0x7f),
-                1 => {
-                    b.remove(i);
-                }
-                _ => b.insert(i, b"{}[]\":,0123456789-"[rng.gen_range(0..18)]),
-            }
-        }
-        String::from_utf8_lossy(&b).into_owned()
-    }
-
     #[test]
     fn random_frames_are_answered_or_closed_never_panic() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
@@ -594,7 +576,7 @@ mod fuzz {
             let conn = ConnId(conn_id);
             shard.handle_connect(round, conn);
             let seed = SEEDS[rng.gen_range(0..SEEDS.len())];
-            let frame = mutate(&mut rng, seed);
+            let frame = crate::fuzzing::mutate(&mut rng, seed, 0..4);
             shard.handle_frame(round, conn, &frame);
             let mut replies = 0;
             let mut closed = false;
