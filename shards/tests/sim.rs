@@ -69,6 +69,8 @@ enum Req {
     Send {
         conv: ConvId,
         id: uuid::Uuid,
+        /// The step this request was made at (for the block check: a retry is a new request).
+        at: u64,
     },
     Sync,
     CreateGroup,
@@ -132,8 +134,6 @@ struct Device {
     unacked_sends: Vec<(ConvId, uuid::Uuid)>,
     to_ack: Vec<u64>,
     syncing: bool,
-    /// The step each in-flight send was requested at (for the block check).
-    send_step: HashMap<uuid::Uuid, u64>,
 }
 
 struct Sim {
@@ -255,7 +255,6 @@ impl Sim {
                 unacked_sends: Vec::new(),
                 to_ack: Vec::new(),
                 syncing: false,
-                send_step: HashMap::new(),
             })
             .collect();
         Sim {
@@ -477,7 +476,7 @@ impl Sim {
                     }
                 }
             }
-            Req::Send { conv, id } => match err {
+            Req::Send { conv, id, at } => match err {
                 None => {
                     let seq = ok["seq"].as_u64().expect("seq");
                     if ok["id"] != json!(id.to_string()) {
@@ -489,7 +488,7 @@ impl Sim {
                         }
                     }
                     self.acked.insert(id, (conv, seq));
-                    let requested = self.devices[d].send_step.remove(&id).unwrap_or(0);
+                    let requested = at;
                     if let Some(peer) = self.peer_of(conv, user) {
                         if self
                             .blocks
@@ -1026,7 +1025,6 @@ impl Sim {
         }
         for d in 0..self.devices.len() {
             self.disconnected(d);
-            self.devices[d].send_step.clear();
         }
         self.admin.clear();
         self.admin_busy.clear();
@@ -1127,11 +1125,14 @@ impl Sim {
     }
 
     fn send(&mut self, d: usize, conv: ConvId, id: uuid::Uuid) {
-        self.devices[d].send_step.insert(id, self.clock);
         let body = json!({ "text": format!("m{}", id.as_u128() % 1000) });
         self.request(
             d,
-            Req::Send { conv, id },
+            Req::Send {
+                conv,
+                id,
+                at: self.clock,
+            },
             json!({ "op": "send", "conv": conv.to_string(), "id": id.to_string(), "body": body }),
         );
     }

@@ -154,6 +154,9 @@ pub struct Shard<S: Storage> {
     jobs: HashMap<u64, session::PendingJob>,
     next_job: u64,
     stats: Stats,
+    /// Friend requests this shard's users sent whose second side is not yet written, and
+    /// those the other user declined meanwhile: see `social::friend_answer`.
+    friend_races: social::FriendRaces,
 }
 
 /// Counters for metrics and tests.
@@ -231,6 +234,7 @@ impl<S: Storage> Shard<S> {
             out: VecDeque::new(),
             local_mail: VecDeque::new(),
             sessions: session::Sessions::default(),
+            friend_races: social::FriendRaces::default(),
             owned: owner::Owned::default(),
             gathers: gather::Gathers::default(),
             admin: admin::Admin::default(),

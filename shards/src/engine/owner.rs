@@ -308,6 +308,8 @@ impl<S: Storage> Shard<S> {
         {
             Ok(Some(seen)) => {
                 self.stats.deduplicated += 1;
+                // Again (idempotent): a crash may have lost the cursor move of the original.
+                self.sent_is_read(conv, sender, seen.seq);
                 return self.reply_to(reply, ack_frame(reply.rid, &id, seen.seq, seen.ts_ms));
             }
             Ok(None) => {}

@@ -15,7 +15,7 @@
 //! dirty; the tick pushes the state to friends' online devices if it differs from what was
 //! pushed last — so a flapping connection costs its friends at most one push per tick.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use serde_json::{json, Value};
@@ -32,6 +32,23 @@ use crate::storage::{
     friend, keys, scan_records, BlockRecord, ConvBlocks, DeviceRecord, FriendRecord, ProfileRecord,
     SocialMeta, Storage, StorageError,
 };
+
+/// Two friend operations on one pair can cross, each deciding the other user's side first:
+/// - both ask at once: each side first records the other's request (`incoming`), then its own
+///   answer arrives — both asked, so both become friends;
+/// - B declines A's request before A's side has recorded it (`requested`): the decline finds
+///   nothing to undo on A's side, and A's request, still on its way back, must not record it
+///   afterwards. The requester's home counts its requests in flight; a decline arriving while
+///   one is marks it, and that request then records nothing.
+/// In memory only: a crash between the two sides can still leave a relation on one side (the
+/// cross-process retries of issue 13 close that).
+#[derive(Default)]
+pub(super) struct FriendRaces {
+    /// (requester, other) → requests sent, second side not yet written.
+    pending: HashMap<(UserId, UserId), u32>,
+    /// (requester, decliner): declined while a request was pending.
+    declined: HashSet<(UserId, UserId)>,
+}
 
 impl<S: Storage> Shard<S> {
     // ---- friends ----
@@ -154,6 +171,9 @@ impl<S: Storage> Shard<S> {
                 ));
             }
         }
+        if let FriendOp::Request { .. } = op {
+            *self.friend_races.pending.entry((from.0, to.0)).or_insert(0) += 1;
+        }
         let home = self.home_of(to.0);
         self.mail(
             home,
@@ -224,7 +244,16 @@ impl<S: Storage> Shard<S> {
             }
             FriendOp::Accept if theirs == friend::OUT => friend::FRIENDS,
             FriendOp::Accept => return Err(Some(ErrorCode::NoSuchRequest)),
-            FriendOp::Decline | FriendOp::Cancel | FriendOp::Remove if theirs == 0 => return Ok(0),
+            FriendOp::Decline | FriendOp::Cancel | FriendOp::Remove if theirs == 0 => {
+                // A decline of a request whose second side (here) is still on its way.
+                let key = (to.0, from.0);
+                if matches!(op, FriendOp::Decline)
+                    && self.friend_races.pending.get(&key).is_some_and(|&n| n > 0)
+                {
+                    self.friend_races.declined.insert(key);
+                }
+                return Ok(0);
+            }
             FriendOp::Decline | FriendOp::Cancel | FriendOp::Remove => 0,
         };
         self.set_friend(now_ms, to.0, from, new, "")
@@ -242,6 +271,17 @@ impl<S: Storage> Shard<S> {
         op: FriendOp,
         result: Result<u8, ErrorCode>,
     ) {
+        let mut declined = false;
+        if let FriendOp::Request { .. } = op {
+            let key = (from.0, to.0);
+            if let Some(n) = self.friend_races.pending.get_mut(&key) {
+                *n -= 1;
+                if *n == 0 {
+                    self.friend_races.pending.remove(&key);
+                }
+            }
+            declined = self.friend_races.declined.remove(&key);
+        }
         let theirs = match result {
             Ok(state) => state,
             Err(code) => {
@@ -254,8 +294,17 @@ impl<S: Storage> Shard<S> {
                 return self.error_to(reply, code, message);
             }
         };
+        // What this side holds now: the other user may have asked meanwhile (see FriendRaces).
+        let mine_now = match self.friend_record(from.0, to.0) {
+            Ok(record) => record.map_or(0, |r| r.state),
+            Err(e) => return self.storage_error_to(reply, &e),
+        };
         let (mine, message) = match (&op, theirs) {
             (_, friend::FRIENDS) => (friend::FRIENDS, ""),
+            (FriendOp::Request { .. }, friend::IN) if declined => (0, ""),
+            (FriendOp::Request { .. }, friend::IN) if mine_now == friend::IN => {
+                (friend::FRIENDS, "")
+            }
             (FriendOp::Request { message }, friend::IN) => (friend::OUT, message.as_str()),
             _ => (0, ""),
         };
@@ -268,12 +317,18 @@ impl<S: Storage> Shard<S> {
                 // The other side is durable already: should this side's write fail, it is
                 // applied again (the same answer) rather than answered `internal`, which would
                 // leave the relation recorded on one side only.
+                // The retry carries this decision (not the original answer), so it writes the
+                // same state even though the race bookkeeping above is spent.
+                let decided = match mine {
+                    friend::OUT => friend::IN,
+                    state => state,
+                };
                 let retry = Mail::FriendAnswer {
                     reply,
                     from,
                     to,
                     op,
-                    result: Ok(theirs),
+                    result: Ok(decided),
                 };
                 self.defer(Deferred::FriendAnswered {
                     reply,
