@@ -683,6 +683,11 @@ fn websocket_cases_through_the_server() {
             }
         }
     }
+    eprintln!(
+        "conformance: {} cases, {runs} runs, {} failed",
+        cases().len(),
+        failures.len()
+    );
     assert!(
         failures.is_empty(),
         "{} of {runs} case runs failed:\n{}",

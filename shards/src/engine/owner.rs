@@ -559,9 +559,21 @@ impl<S: Storage> Shard<S> {
     /// Drops `conv` from the conversation lists of `users`, one mail per home shard, except
     /// for users who are (again) members or being added.
     pub(super) fn unindex(&mut self, conv: ConvId, mut users: Vec<UserId>) {
-        if let Some(group) = self.owned.convs.get(&conv).and_then(|s| s.group.as_ref()) {
-            users.retain(|u| !group.keeps_index(*u));
+        if users.is_empty() {
+            return;
         }
+        // The group's state may have been dropped (a failed commit): reload it, so a member
+        // (again) never loses their index to a clean-up. If it cannot be read, a stale index
+        // is the lesser harm (lists drop entries whose user is no member).
+        match self.conv_state(conv) {
+            Ok(state) => {
+                if let Some(group) = &state.group {
+                    users.retain(|u| !group.keeps_index(*u));
+                }
+            }
+            Err(_) => return,
+        }
+        self.forget_if_absent(conv);
         for (to, users) in by_shard(users.into_iter(), self.cfg.shards).iter() {
             let mail = Mail::Unindex {
                 conv,

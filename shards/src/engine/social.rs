@@ -34,8 +34,8 @@ use crate::storage::{
 };
 
 /// Two friend operations on one pair can cross, each deciding the other user's side first:
-/// - both ask at once: each side first records the other's request (`incoming`), then its own
-///   answer arrives — both asked, so both become friends;
+/// - both ask at once: each side first records the other's request (`incoming`), or already
+///   the friendship, then its own answer arrives — both asked, so both are friends;
 /// - B declines A's request before A's side has recorded it (`requested`): the decline finds
 ///   nothing to undo on A's side, and A's request, still on its way back, must not record it
 ///   afterwards. The requester's home counts its requests in flight; a decline arriving while
@@ -302,7 +302,10 @@ impl<S: Storage> Shard<S> {
         let (mine, message) = match (&op, theirs) {
             (_, friend::FRIENDS) => (friend::FRIENDS, ""),
             (FriendOp::Request { .. }, friend::IN) if declined => (0, ""),
-            (FriendOp::Request { .. }, friend::IN) if mine_now == friend::IN => {
+            // They asked meanwhile, or their request already made us friends: never downgrade.
+            (FriendOp::Request { .. }, friend::IN)
+                if mine_now == friend::IN || mine_now == friend::FRIENDS =>
+            {
                 (friend::FRIENDS, "")
             }
             (FriendOp::Request { message }, friend::IN) => (friend::OUT, message.as_str()),
