@@ -96,6 +96,23 @@ impl Group {
         Ok(())
     }
 
+    /// Moves a member's cursor forward in memory only; whether it moved.
+    pub(super) fn advance_read(&mut self, user: UserId, seq: Seq) -> bool {
+        match self.members.get_mut(&user) {
+            Some(member) if member.read_seq < seq => {
+                member.read_seq = seq;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// A member's record as it is now, to write.
+    pub(super) fn member_record(&self, conv: ConvId, user: UserId) -> Option<(Vec<u8>, Vec<u8>)> {
+        let member = self.members.get(&user)?;
+        Some((keys::group_member(conv, user), member.encode()))
+    }
+
     /// The owner's copy of a member's read cursor.
     pub(super) fn read_seq(&self, user: UserId) -> Option<Seq> {
         self.members.get(&user).map(|m| m.read_seq)

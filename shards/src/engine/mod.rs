@@ -306,6 +306,7 @@ impl<S: Storage> Shard<S> {
     /// Periodic work: heartbeats and push retries. Call every `tick_ms()` or so.
     pub fn handle_tick(&mut self, now_ms: u64) {
         self.tick_sessions(now_ms);
+        self.flush_cursors();
         self.drain_local(now_ms);
     }
 

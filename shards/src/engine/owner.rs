@@ -11,7 +11,7 @@
 //! moment: a member removed before a message was assigned never receives it, one removed after
 //! receives it (it was theirs to see).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use serde_json::json;
@@ -35,6 +35,9 @@ pub(super) type Fanout = Arc<[(ShardId, Arc<[UserId]>)]>;
 #[derive(Default)]
 pub(super) struct Owned {
     pub(super) convs: HashMap<ConvId, ConvState>,
+    /// Senders' cursors moved by their own sends since the last tick, written once per tick
+    /// (a busy conversation costs one write per tick, not one per message).
+    pub(super) cursors_dirty: HashSet<(ConvId, UserId)>,
     /// Numbers pending group additions (`Index` → `Indexed`).
     pub(super) next_op: u64,
 }
@@ -460,29 +463,49 @@ impl<S: Storage> Shard<S> {
 
     /// A sender has read their conversation up to their own message: their own messages never
     /// count as unread, and their cursor (the owner's copy, which `convs` and `receipts` read)
-    /// moves to it. Written with the next commit; no `read` push (the peer's device sees the
-    /// message itself, from that sender at that seq). A crash before that commit only leaves
-    /// the cursor where it was.
+    /// moves to it at once. It is written with the next tick's writes (`flush_cursors`): a crash
+    /// before then leaves the stored cursor where it was, and a retry of the send moves it
+    /// again. No `read` push: the peer's device sees the message itself.
     fn sent_is_read(&mut self, conv: ConvId, author: UserId, seq: Seq) {
         let Some(state) = self.owned.convs.get_mut(&conv) else {
             return;
         };
-        if let Some(group) = state.group.as_deref_mut() {
-            if let Some((key, bytes)) = group.read_up_to(conv, author, seq) {
+        let moved = match (
+            state.group.as_deref_mut(),
+            &mut state.direct,
+            conv.direct_members(),
+        ) {
+            (Some(group), _, _) => group.advance_read(author, seq),
+            (None, Some(meta), Some(members)) => match members.iter().position(|&m| m == author) {
+                Some(i) if meta.read[i] < seq => {
+                    meta.read[i] = seq;
+                    true
+                }
+                _ => false,
+            },
+            _ => false,
+        };
+        if moved {
+            self.owned.cursors_dirty.insert((conv, author));
+        }
+    }
+
+    /// Writes the cursors moved by sends since the last tick (the records of conversations
+    /// still loaded; a dropped state was reloaded from storage, which a write would not
+    /// improve).
+    pub(super) fn flush_cursors(&mut self) {
+        for (conv, user) in std::mem::take(&mut self.owned.cursors_dirty) {
+            let Some(state) = self.owned.convs.get(&conv) else {
+                continue;
+            };
+            let put = match (&state.group, &state.direct) {
+                (Some(group), _) => group.member_record(conv, user),
+                (None, Some(meta)) => Some((keys::conv_meta(conv), meta.encode())),
+                _ => None,
+            };
+            if let Some((key, bytes)) = put {
                 self.put(key, bytes);
             }
-            return;
-        }
-        let (Some(meta), Some(members)) = (&mut state.direct, conv.direct_members()) else {
-            return;
-        };
-        let Some(i) = members.iter().position(|&m| m == author) else {
-            return;
-        };
-        if meta.read[i] < seq {
-            meta.read[i] = seq;
-            let bytes = meta.encode();
-            self.put(keys::conv_meta(conv), bytes);
         }
     }
 
