@@ -771,3 +771,52 @@ fn closes_are_observable_while_the_client_keeps_sending() {
     );
     assert_eq!(flood, 20, "each flood counted once");
 }
+
+/// A fragmented message may straddle the socket's move to its user's home shard: `login`
+/// and the first fragment of the next request go out in one write, the rest after the
+/// hand-off (the first fragment travels with the socket as unread bytes; one the decoder had
+/// already absorbed would travel re-encoded, `Decoder::suspend`). Eight users on 2 shards, so
+/// some connections move and some do not; every one must answer the fragmented request.
+#[test]
+fn a_fragmented_message_survives_the_hand_off() {
+    let server = Server::start(&[]);
+    for i in 0..8 {
+        let name = format!("frag{i}");
+        let mut s = connect(&server);
+        let register =
+            format!(r#"{{"op":"register","rid":1,"username":"{name}","password":"password123"}}"#);
+        s.write_all(&text(register).bytes()).unwrap();
+        let (op, reply) = read_frame(&mut s).unwrap().unwrap();
+        assert_eq!(op, OP_TEXT);
+        assert!(String::from_utf8_lossy(&reply).contains("\"ok\""), "{name}");
+        // A fresh connection: the login moves it to the home shard, if that is another one.
+        let mut s = connect(&server);
+        let login = format!(
+            r#"{{"op":"login","rid":2,"username":"{name}","password":"password123","device":"pc"}}"#
+        );
+        let mut parts = fragments(&ping_req(3), 3);
+        let mut first = text(login).bytes();
+        first.extend(parts.remove(0).bytes());
+        s.write_all(&first).unwrap();
+        // The login runs (argon2 on the home shard) while the message is incomplete.
+        std::thread::sleep(Duration::from_millis(100));
+        for part in parts {
+            s.write_all(&part.bytes()).unwrap();
+        }
+        let mut rids = Vec::new();
+        while rids.len() < 2 {
+            match read_frame(&mut s) {
+                Ok(Some((OP_TEXT, payload))) => {
+                    let v: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+                    assert!(v.get("ok").is_some(), "{name}: {v}");
+                    rids.push(v["rid"].as_u64().unwrap());
+                }
+                Ok(Some((op, _))) => panic!("{name}: unexpected opcode {op}"),
+                Ok(None) => panic!("{name}: closed after {rids:?}"),
+                Err(e) => panic!("{name}: {e} after {rids:?}"),
+            }
+        }
+        rids.sort_unstable();
+        assert_eq!(rids, [2, 3], "{name}");
+    }
+}
