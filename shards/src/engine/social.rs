@@ -40,8 +40,10 @@ use crate::storage::{
 ///   nothing to undo on A's side, and A's request, still on its way back, must not record it
 ///   afterwards. The requester's home counts its requests in flight; a decline arriving while
 ///   one is marks it, and that request then records nothing.
+///
 /// In memory only: a crash between the two sides can still leave a relation on one side (the
-/// cross-process retries of issue 13 close that).
+/// cross-process retries of issue 13 close that), and other crossings (a decline racing a new
+/// request) can still disagree: see docs/protocol.md, Friends.
 #[derive(Default)]
 pub(super) struct FriendRaces {
     /// (requester, other) → requests sent, second side not yet written.
