@@ -137,21 +137,6 @@ impl Group {
         f
     }
 
-    /// Moves `user`'s read cursor forward; the record to write if it moved.
-    pub(super) fn read_up_to(
-        &mut self,
-        conv: ConvId,
-        user: UserId,
-        seq: Seq,
-    ) -> Option<(Vec<u8>, Vec<u8>)> {
-        let member = self.members.get_mut(&user)?;
-        if member.read_seq >= seq {
-            return None;
-        }
-        member.read_seq = seq;
-        Some((keys::group_member(conv, user), member.encode()))
-    }
-
     /// Whether `user`'s conversation-list entry must stay: a member, or being added. Clean-ups
     /// (`Unindex`) skip such users, so a removal racing with a re-join never strands a member
     /// without the entry (mail to a home shard is FIFO, so the check at send time suffices).
@@ -990,25 +975,6 @@ impl<S: Storage> Shard<S> {
             Ok(None) => Err(ErrorCode::NotMember),
             Err(_) => Err(ErrorCode::Internal),
         }
-    }
-
-    /// `read` of a group, on the owner (state loaded): a member's cursor moves (and counts
-    /// for `receipts`); a former member's is only capped at their removal.
-    pub(super) fn group_read_up_to(
-        &mut self,
-        conv: ConvId,
-        user: UserId,
-        seq: Seq,
-        durable: Seq,
-    ) -> Result<Seq, ErrorCode> {
-        let (_, last, _) = self.group_readable(conv, user, durable)?;
-        let seq = seq.min(last);
-        let group = self.group_mut(conv).expect("a group");
-        if let Some(put) = group.read_up_to(conv, user, seq) {
-            self.put(put.0, put.1);
-        }
-        let group = self.group_mut(conv).expect("a group");
-        Ok(group.members.get(&user).map_or(seq, |m| m.read_seq))
     }
 
     pub(super) fn home_unindex(&mut self, conv: ConvId, users: &[UserId]) {

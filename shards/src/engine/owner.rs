@@ -78,6 +78,47 @@ impl ConvState {
         }
     }
 
+    /// The owner's copy of `user`'s read cursor: in the meta record one-to-one, on the member
+    /// record in a group (`None` for a non-member).
+    fn own_read(&self, conv: ConvId, user: UserId) -> Option<Seq> {
+        match (&self.group, &self.direct, conv.direct_members()) {
+            (Some(group), _, _) => group.read_seq(user),
+            (None, Some(meta), Some(members)) => {
+                let i = members.iter().position(|&m| m == user)?;
+                Some(meta.read[i])
+            }
+            _ => None,
+        }
+    }
+
+    /// Moves the owner's copy of `user`'s cursor forward to `seq`, in memory; whether it moved.
+    fn advance_read(&mut self, conv: ConvId, user: UserId, seq: Seq) -> bool {
+        match (
+            self.group.as_deref_mut(),
+            &mut self.direct,
+            conv.direct_members(),
+        ) {
+            (Some(group), _, _) => group.advance_read(user, seq),
+            (None, Some(meta), Some(members)) => match members.iter().position(|&m| m == user) {
+                Some(i) if meta.read[i] < seq => {
+                    meta.read[i] = seq;
+                    true
+                }
+                _ => false,
+            },
+            _ => false,
+        }
+    }
+
+    /// The record that holds `user`'s cursor, as it is now, to write.
+    fn read_record(&self, conv: ConvId, user: UserId) -> Option<(Vec<u8>, Vec<u8>)> {
+        match (&self.group, &self.direct) {
+            (Some(group), _) => group.member_record(conv, user),
+            (None, Some(meta)) => Some((keys::conv_meta(conv), meta.encode())),
+            _ => None,
+        }
+    }
+
     /// The sender `user` may append now, or why not.
     fn may_send(&self, conv: ConvId, user: UserId) -> Result<(), ErrorCode> {
         if !self.exists {
@@ -467,24 +508,11 @@ impl<S: Storage> Shard<S> {
     /// before then leaves the stored cursor where it was, and a retry of the send moves it
     /// again. No `read` push: the peer's device sees the message itself.
     fn sent_is_read(&mut self, conv: ConvId, author: UserId, seq: Seq) {
-        let Some(state) = self.owned.convs.get_mut(&conv) else {
-            return;
-        };
-        let moved = match (
-            state.group.as_deref_mut(),
-            &mut state.direct,
-            conv.direct_members(),
-        ) {
-            (Some(group), _, _) => group.advance_read(author, seq),
-            (None, Some(meta), Some(members)) => match members.iter().position(|&m| m == author) {
-                Some(i) if meta.read[i] < seq => {
-                    meta.read[i] = seq;
-                    true
-                }
-                _ => false,
-            },
-            _ => false,
-        };
+        let moved = self
+            .owned
+            .convs
+            .get_mut(&conv)
+            .is_some_and(|state| state.advance_read(conv, author, seq));
         if moved {
             self.owned.cursors_dirty.insert((conv, author));
         }
@@ -495,15 +523,12 @@ impl<S: Storage> Shard<S> {
     /// improve).
     pub(super) fn flush_cursors(&mut self) {
         for (conv, user) in std::mem::take(&mut self.owned.cursors_dirty) {
-            let Some(state) = self.owned.convs.get(&conv) else {
-                continue;
-            };
-            let put = match (&state.group, &state.direct) {
-                (Some(group), _) => group.member_record(conv, user),
-                (None, Some(meta)) => Some((keys::conv_meta(conv), meta.encode())),
-                _ => None,
-            };
-            if let Some((key, bytes)) = put {
+            let record = self
+                .owned
+                .convs
+                .get(&conv)
+                .and_then(|s| s.read_record(conv, user));
+            if let Some((key, bytes)) = record {
                 self.put(key, bytes);
             }
         }
@@ -789,64 +814,65 @@ impl<S: Storage> Shard<S> {
         name: &str,
         seq: Seq,
     ) {
-        let (cursor, last) = match self.conv_state(conv) {
+        let (cap, last) = match self.conv_state(conv) {
             Ok(state) if state.exists && conv.may_have_member(user) => {
                 let durable = state.durable_seq;
-                let seq = seq.min(durable);
-                let cursor = if state.group.is_some() {
-                    self.group_read_up_to(conv, user, seq, durable)
+                let cap = if state.group.is_some() {
+                    self.group_readable(conv, user, durable)
+                        .map(|(_, last, _)| last)
                 } else {
-                    Ok(self.record_own_read(conv, user, name, seq))
+                    Ok(durable)
                 };
-                (cursor, durable)
+                (cap, durable)
             }
             Ok(_) => (Err(ErrorCode::NotMember), 0),
             Err(e) => return self.storage_error_to(reply, &e),
         };
+        let seq = match cap {
+            Ok(cap) => self.move_own_read(conv, user, name, seq.min(cap)),
+            Err(code) => {
+                self.forget_if_absent(conv);
+                return self.error_to(reply, code, "you are not in this conversation");
+            }
+        };
         self.forget_if_absent(conv);
-        match cursor {
-            Ok(seq) => self.mail(
-                reply.shard,
-                Mail::ReadCapped {
-                    reply,
-                    conv,
-                    user,
-                    seq,
-                    last,
-                },
-            ),
-            Err(code) => self.error_to(reply, code, "you are not in this conversation"),
-        }
+        let mail = Mail::ReadCapped {
+            reply,
+            conv,
+            user,
+            seq,
+            last,
+        };
+        self.mail(reply.shard, mail);
     }
 
-    /// Moves the owner's copy of `user`'s cursor of one-to-one `conv` to `seq` if that is
-    /// forward (pushing the receipt to the peer), and returns the copy. The state is loaded.
-    fn record_own_read(&mut self, conv: ConvId, user: UserId, name: &str, seq: Seq) -> Seq {
+    /// Moves the owner's copy of `user`'s cursor to `seq` if that is forward — written now,
+    /// and in a one-to-one conversation pushed to the peer as a read receipt — and returns the
+    /// cursor (`seq` itself for a former member, who has no copy). The state is loaded.
+    fn move_own_read(&mut self, conv: ConvId, user: UserId, name: &str, seq: Seq) -> Seq {
         let state = self
             .owned
             .convs
             .get_mut(&conv)
             .expect("loaded by the caller");
-        let (Some(meta), Some(members)) = (&mut state.direct, conv.direct_members()) else {
-            return seq;
-        };
-        let Some(i) = members.iter().position(|&m| m == user) else {
-            return seq;
-        };
-        if meta.read[i] >= seq {
-            return meta.read[i];
+        if !state.advance_read(conv, user, seq) {
+            return state.own_read(conv, user).unwrap_or(seq);
         }
-        meta.read[i] = seq;
-        let bytes = meta.encode();
-        self.put(keys::conv_meta(conv), bytes);
-        let peer = members[1 - i];
-        let frame: Arc<str> = event_push("read", &conv.to_string(), name, Some(seq)).into();
-        let mail = Mail::Ephemeral {
-            frame,
-            recipients: Arc::from([peer]),
-            skip_user: None,
-        };
-        self.mail(peer.slot().shard(self.cfg.shards), mail);
+        if let Some((key, bytes)) = state.read_record(conv, user) {
+            self.put(key, bytes);
+        }
+        let peer = conv
+            .direct_members()
+            .and_then(|m| m.into_iter().find(|&p| p != user));
+        if let Some(peer) = peer {
+            let frame: Arc<str> = event_push("read", &conv.to_string(), name, Some(seq)).into();
+            let mail = Mail::Ephemeral {
+                frame,
+                recipients: Arc::from([peer]),
+                skip_user: None,
+            };
+            self.mail(peer.slot().shard(self.cfg.shards), mail);
+        }
         seq
     }
 
@@ -1070,16 +1096,13 @@ fn summarise(conv: ConvId, state: &ConvState, user: UserId) -> ConvSummary {
             Some(floor) => summary.floor = floor,
             None => summary.member = false,
         }
-        summary.own_read = group.read_seq(user).unwrap_or(0);
     }
-    if let (Some(meta), Some(members)) = (&state.direct, conv.direct_members()) {
-        for (i, &m) in members.iter().enumerate() {
-            if m == user {
-                summary.own_read = meta.read[i];
-            } else {
-                summary.peer_read = Some(meta.read[i]);
-            }
-        }
+    summary.own_read = state.own_read(conv, user).unwrap_or(0);
+    if let Some(peer) = conv
+        .direct_members()
+        .and_then(|m| m.into_iter().find(|&p| p != user))
+    {
+        summary.peer_read = state.own_read(conv, peer);
     }
     summary
 }
