@@ -74,7 +74,7 @@ impl Outbox {
         if inner.bytes.len() + text.len() > OUTBOX_BYTES_MAX {
             inner.close = Some(Close {
                 code: close::SLOW_CONSUMER,
-                reason: "outbox full",
+                reason: close::reason::OUTBOX_FULL,
                 by_peer: false,
             });
             inner.bytes.clear();

@@ -208,12 +208,12 @@ impl Refusal {
     /// The refusal a server-sent close stands for; `None` for closes that refuse nothing
     /// (normal, shutdown, replaced session, operator's kick).
     pub fn of_close(code: u16, reason: &str) -> Option<Refusal> {
-        use hermod_shards::protocol::close;
+        use hermod_shards::protocol::close::{self, reason as why};
         Some(match code {
-            close::POLICY_VIOLATION if reason == "request flood" => Refusal::RequestFlood,
-            close::POLICY_VIOLATION if reason == "too many failed logins" => Refusal::FailedLogins,
+            close::POLICY_VIOLATION if reason == why::REQUEST_FLOOD => Refusal::RequestFlood,
+            close::POLICY_VIOLATION if reason == why::FAILED_LOGINS => Refusal::FailedLogins,
             close::POLICY_VIOLATION => Refusal::AuthBacklog,
-            close::SLOW_CONSUMER if reason == "outbox full" => Refusal::OutboxFull,
+            close::SLOW_CONSUMER if reason == why::OUTBOX_FULL => Refusal::OutboxFull,
             close::SLOW_CONSUMER => Refusal::UnackedPushes,
             close::HEARTBEAT_TIMEOUT => Refusal::Heartbeat,
             close::MESSAGE_TOO_BIG => Refusal::MessageTooBig,
@@ -580,6 +580,7 @@ impl Board {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hermod_shards::protocol::close;
 
     #[test]
     fn every_refusal_is_listed_once_in_order() {
@@ -624,8 +625,8 @@ mod tests {
         assert!(text.contains("hermod_connections{shard=\"0\"} 0"));
         assert!(text.contains("hermod_store_keys_estimate{shard=\"1\"} 11"));
         assert_eq!(text.matches("# TYPE").count(), FAMILIES.len() + 9);
-        board.count_close(1, 1008, "request flood");
-        board.count_close(1, 4001, "outbox full");
+        board.count_close(1, 1008, close::reason::REQUEST_FLOOD);
+        board.count_close(1, 4001, close::reason::OUTBOX_FULL);
         board.count_close(1, 1001, "server shutting down");
         board.count_close(1, 4444, "whatever");
         board.count_peer_close(0);

@@ -380,6 +380,15 @@ pub mod close {
     pub const SESSION_REPLACED: u16 = 4002;
     /// An operator kicked this device or disabled the account (admin API).
     pub const KICKED: u16 = 4003;
+
+    /// Reason texts of closes that share a code, so `/metrics` can tell them apart by reason.
+    pub mod reason {
+        pub const REQUEST_FLOOD: &str = "request flood";
+        pub const FAILED_LOGINS: &str = "too many failed logins";
+        pub const AUTH_BACKLOG: &str = "too many frames during authentication";
+        pub const OUTBOX_FULL: &str = "outbox full";
+        pub const UNACKED_PUSHES: &str = "too many unacknowledged pushes";
+    }
 }
 
 #[derive(Serialize)]

@@ -212,15 +212,11 @@ impl<S: Storage> Shard<S> {
         }
         c.window_requests += 1;
         if c.window_requests > self.cfg.requests_per_sec_max.saturating_mul(10) {
-            return self.close(conn, close::POLICY_VIOLATION, "request flood");
+            return self.close(conn, close::POLICY_VIOLATION, close::reason::REQUEST_FLOOD);
         }
         if c.busy {
             if c.held.len() >= HELD_FRAMES_MAX {
-                return self.close(
-                    conn,
-                    close::POLICY_VIOLATION,
-                    "too many frames during authentication",
-                );
+                return self.close(conn, close::POLICY_VIOLATION, close::reason::AUTH_BACKLOG);
             }
             c.held.push_back(text.to_owned());
             return;
@@ -499,7 +495,7 @@ impl<S: Storage> Shard<S> {
                 ErrorCode::TooManyAttempts,
                 "too many failed attempts on this connection",
             );
-            self.close(conn, close::POLICY_VIOLATION, "too many failed logins");
+            self.close(conn, close::POLICY_VIOLATION, close::reason::FAILED_LOGINS);
             return false;
         }
         true
@@ -545,7 +541,7 @@ impl<S: Storage> Shard<S> {
         };
         c.failed_logins += 1;
         if c.failed_logins >= FAILED_LOGINS_MAX {
-            self.close(conn, close::POLICY_VIOLATION, "too many failed logins");
+            self.close(conn, close::POLICY_VIOLATION, close::reason::FAILED_LOGINS);
         }
     }
 
@@ -1274,7 +1270,7 @@ impl<S: Storage> Shard<S> {
         };
         if c.unacked.len() >= UNACKED_PUSHES_MAX {
             // The device is not keeping up. Everything is stored: it will sync on reconnect.
-            return self.close(conn, close::SLOW_CONSUMER, "too many unacknowledged pushes");
+            return self.close(conn, close::SLOW_CONSUMER, close::reason::UNACKED_PUSHES);
         }
         self.sessions.next_pid += 1;
         let pid = self.sessions.next_pid;
