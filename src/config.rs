@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use hermod_shards::engine::Durability;
+use hermod_shards::storage::Durability;
 use serde::Deserialize;
 
 /// Shortest admin token accepted: a guessable one would hand out every account.

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use hermod_shards::engine::{Histogram, Stats, LATENCY_BOUNDS_MS};
 use hermod_shards::protocol::ErrorCode;
-use hermod_shards::storage::rocks::StoreStats;
+use hermod_store::StoreStats;
 
 /// How many per-shard families `FAMILIES` lists; `publish` fills exactly this many values, in
 /// the same order (a fixed-size array, so the compiler holds the two in step).

@@ -24,10 +24,10 @@ use glommio::net::{TcpListener, TcpStream};
 use glommio::sync::Semaphore;
 use glommio::{GlommioError, ResourceType};
 use hermod_shards::auth::HashCost;
-use hermod_shards::engine::Durability;
 use hermod_shards::limits::{COMMIT_OPS_MAX, MAIL_BACKLOG_MAX};
-use hermod_shards::storage::rocks::{RocksStorage, StoreStats};
+use hermod_shards::storage::Durability;
 use hermod_shards::{ConnId, Output, Shard, ShardId};
+use hermod_store::{RocksStorage, StoreStats};
 
 use crate::conn::{self, Outbox, Surface};
 use crate::mesh::{Ends, Envelope};

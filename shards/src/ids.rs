@@ -1,4 +1,4 @@
-//! Identifier newtypes and placement (id → slot → shard).
+//! Identifier newtypes and placement (id → slot → shard, through [`Placement`]).
 //!
 //! Ids are hashes, so placement needs no lookup: any shard can compute the home shard of a
 //! user from the username alone and the owner shard of a conversation from its id.
@@ -61,9 +61,45 @@ impl UserId {
     }
 }
 
-impl Slot {
-    pub fn shard(self, shards: u16) -> ShardId {
-        ShardId(self.0 % shards)
+/// Where every slot lives: the one function from an id to the shard that holds it. Every
+/// call site asks this value — nothing else computes a shard from a slot — so when placement
+/// grows a node (several hosts) or a slot table (handover), it changes here only.
+///
+/// Today: slot `s` lives on shard `s % shards` of this process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Placement {
+    shards: u16,
+}
+
+impl Placement {
+    /// `shards` must be at least 1.
+    pub fn new(shards: u16) -> Placement {
+        assert!(shards > 0, "a placement needs at least one shard");
+        Placement { shards }
+    }
+
+    /// How many shards slots are spread over.
+    pub fn shards(self) -> u16 {
+        self.shards
+    }
+
+    pub fn shard_of(self, slot: Slot) -> ShardId {
+        ShardId(slot.0 % self.shards)
+    }
+
+    /// The user's home shard: account, devices, conversation index, connections.
+    pub fn home(self, user: UserId) -> ShardId {
+        self.shard_of(user.slot())
+    }
+
+    /// The conversation's owner shard: its messages, membership and single writer.
+    pub fn owner(self, conv: ConvId) -> ShardId {
+        self.shard_of(conv.slot())
+    }
+
+    /// Every shard, in order.
+    pub fn all(self) -> impl Iterator<Item = ShardId> {
+        (0..self.shards).map(ShardId)
     }
 }
 
@@ -207,7 +243,11 @@ mod tests {
         assert_eq!(u, UserId::from_username("alice"));
         assert!(u.slot().0 < SLOTS);
         for shards in 1..8 {
-            assert!(u.slot().shard(shards).0 < shards);
+            let p = Placement::new(shards);
+            assert!(p.home(u).0 < shards);
+            assert_eq!(p.home(u), p.shard_of(u.slot()));
         }
+        let c = ConvId::direct(u, UserId(7));
+        assert_eq!(Placement::new(3).owner(c), ShardId(c.slot().0 % 3));
     }
 }

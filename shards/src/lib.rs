@@ -14,7 +14,7 @@
 //! | [`mail`] | every message one shard sends another: one enum, one file |
 //! | [`admin`] | the operator's API: requests parsed from HTTP, answers mapped to statuses |
 //! | [`auth`] | signed device tokens, username/password rules, password hashing jobs |
-//! | [`storage`] | the storage trait, key layout, stored record encodings, RocksDB and in-memory stores |
+//! | [`storage`] | the storage trait and its contract, key layout, stored record encodings, the in-memory store (RocksDB's lives in crate `hermod-store`) |
 //! | [`engine`] | the shard state machine: sessions, accounts, conversation ownership, fan-out, sync |
 //! | [`fuzzing`] | the fuzz harness of request handling (run by `fuzz/` and by seeded tests) |
 //!
@@ -32,5 +32,6 @@ pub mod mail;
 pub mod protocol;
 pub mod storage;
 
-pub use engine::{Config, Durability, Output, Shard};
+pub use engine::{Config, Output, Shard};
 pub use ids::{ConnId, ConvId, Seq, ShardId, UserId};
+pub use storage::Durability;

@@ -39,7 +39,7 @@ use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use hermod_shards::admin::{AdminOp, NoticeTo};
 use hermod_shards::auth::{HashCost, Job};
 use hermod_shards::engine::{Config, Output};
-use hermod_shards::ids::{ConnId, ConvId, ShardId, UserId};
+use hermod_shards::ids::{ConnId, ConvId, Placement, ShardId, UserId};
 use hermod_shards::mail::Mail;
 use hermod_shards::storage::{
     keys, kind, FriendRecord, GroupMember, MemStorage, MessageRecord, Storage,
@@ -50,6 +50,10 @@ use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
 const SHARDS: usize = 3;
+
+fn placement() -> Placement {
+    Placement::new(SHARDS as u16)
+}
 const USERS: usize = 6;
 const DEVICES_PER_USER: usize = 2;
 
@@ -790,7 +794,7 @@ impl Sim {
     }
 
     fn member_record(&self, conv: ConvId, user: UserId) -> Option<GroupMember> {
-        let owner = conv.slot().shard(SHARDS as u16).0 as usize;
+        let owner = placement().owner(conv).0 as usize;
         let key = keys::group_member(conv, user);
         let bytes = self.stores[owner].get(&key).unwrap()?;
         Some(GroupMember::decode(&key, &bytes).unwrap())
@@ -1070,7 +1074,7 @@ impl Sim {
             UserId::from_username(&username(a)),
             UserId::from_username(&username(b)),
         );
-        let home = ua.slot().shard(SHARDS as u16).0 as usize;
+        let home = placement().home(ua).0 as usize;
         let key = keys::user_pair(keys::FRIEND, ua, ub);
         self.stores[home]
             .get(&key)
@@ -1116,7 +1120,7 @@ impl Sim {
     /// membership at each seq is rebuilt from the group's system messages in storage.
     fn check_group_deliveries(&self) {
         for &conv in self.convs.iter().filter(|c| c.is_group()) {
-            let owner = conv.slot().shard(SHARDS as u16).0 as usize;
+            let owner = placement().owner(conv).0 as usize;
             let rows = self.stores[owner]
                 .scan(
                     &keys::message(conv, 0),
@@ -1430,7 +1434,7 @@ impl Sim {
 
     fn check_storage(&self) {
         for &conv in &self.convs {
-            let owner = conv.slot().shard(SHARDS as u16).0 as usize;
+            let owner = placement().owner(conv).0 as usize;
             let rows = self.stores[owner]
                 .scan(
                     &keys::message(conv, 0),
@@ -1458,7 +1462,7 @@ impl Sim {
             }
         }
         for (id, (conv, seq)) in &self.acked {
-            let owner = conv.slot().shard(SHARDS as u16).0 as usize;
+            let owner = placement().owner(*conv).0 as usize;
             let got = self.stores[owner].get(&keys::message(*conv, *seq)).unwrap();
             let rec = got.map(|v| MessageRecord::decode(b"", &v).unwrap());
             if rec.as_ref().map(|r| uuid::Uuid::from_bytes(r.id)) != Some(*id) {
@@ -1603,7 +1607,7 @@ impl Sim {
     fn check_amends(&self) {
         use hermod_shards::storage::flags;
         for &(conv, target, recall) in &self.amended {
-            let owner = conv.slot().shard(SHARDS as u16).0 as usize;
+            let owner = placement().owner(conv).0 as usize;
             let key = keys::message(conv, target);
             let rec = self.stores[owner]
                 .get(&key)
@@ -1625,7 +1629,7 @@ impl Sim {
     }
 
     fn last_seq(&self, conv: ConvId) -> u64 {
-        let owner = conv.slot().shard(SHARDS as u16).0 as usize;
+        let owner = placement().owner(conv).0 as usize;
         let rows = self.stores[owner]
             .scan(
                 &keys::message(conv, 0),

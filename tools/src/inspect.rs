@@ -42,9 +42,8 @@ fn tally_for<'a>(stats: &'a mut ShardStats, key: &[u8]) -> &'a mut Tally {
 
 pub fn inspect(data: &Path) -> anyhow::Result<Vec<ShardStats>> {
     let mut stats: Vec<ShardStats> = Vec::new();
-    let shards = hermod_shards::storage::rocks::visit_all(
-        &hermod_shards::storage::datadir::db_path(data),
-        |shard, k, v| {
+    let shards =
+        hermod_store::rocks::visit_all(&hermod_store::datadir::db_path(data), |shard, k, v| {
             while stats.len() <= shard as usize {
                 let shard = stats.len() as u16;
                 stats.push(ShardStats {
@@ -55,8 +54,7 @@ pub fn inspect(data: &Path) -> anyhow::Result<Vec<ShardStats>> {
             let t = tally_for(&mut stats[shard as usize], k);
             t.count += 1;
             t.bytes += (k.len() + v.len()) as u64;
-        },
-    )?;
+        })?;
     while stats.len() < shards as usize {
         let shard = stats.len() as u16;
         stats.push(ShardStats {

@@ -11,11 +11,11 @@ use std::path::Path;
 
 use anyhow::Context;
 use hermod_shards::auth::{self, HashCost, Job, JobResult, TokenClaims, TokenKey};
-use hermod_shards::engine::Durability;
-use hermod_shards::ids::UserId;
-use hermod_shards::storage::datadir;
-use hermod_shards::storage::rocks::{self, RocksStorage};
+use hermod_shards::ids::{Placement, UserId};
+use hermod_shards::storage::Durability;
 use hermod_shards::storage::{keys, DeviceRecord, UserRecord, WriteOp};
+use hermod_store::datadir;
+use hermod_store::rocks::{self, RocksStorage};
 use rand::Rng;
 
 pub struct Request<'a> {
@@ -45,6 +45,7 @@ pub fn provision(r: &Request) -> anyhow::Result<Vec<(String, String)>> {
     let now_s = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_secs();
+    let placement = Placement::new(r.shards);
     let mut per_shard: Vec<Vec<WriteOp>> = vec![Vec::new(); r.shards as usize];
     let mut out = Vec::with_capacity(r.users);
     let mut rng = rand::thread_rng();
@@ -53,7 +54,7 @@ pub fn provision(r: &Request) -> anyhow::Result<Vec<(String, String)>> {
             .map_err(|_| anyhow::anyhow!("{}-{i} is not a valid username", r.prefix))?;
         let user = UserId::from_username(&name);
         let nonce: u64 = rng.gen();
-        let ops = &mut per_shard[user.slot().shard(r.shards).0 as usize];
+        let ops = &mut per_shard[placement.home(user).0 as usize];
         let record = UserRecord {
             name: name.clone(),
             phc: phc.clone(),
@@ -111,7 +112,7 @@ mod tests {
                 .as_secs();
             let claims = key.verify(token, now).unwrap();
             assert_eq!(claims.user, UserId::from_username(name));
-            let home = RocksStorage::new(db.clone(), claims.user.slot().shard(2).0);
+            let home = RocksStorage::new(db.clone(), Placement::new(2).home(claims.user).0);
             let k = keys::device(claims.user, "bench");
             let device =
                 DeviceRecord::decode(&k, &home.get(&k).unwrap().expect("device record")).unwrap();

@@ -130,7 +130,7 @@ impl<S: Storage> Shard<S> {
                     actor_name: SYSTEM_USERNAME.into(),
                     op: ConvOp::Notice { body },
                 };
-                self.mail(conv.slot().shard(self.cfg.shards), mail);
+                self.mail(self.cfg.placement.owner(conv), mail);
             }
             AdminOp::Notice {
                 to: NoticeTo::User { name, id },
@@ -150,7 +150,7 @@ impl<S: Storage> Shard<S> {
                     requester: UserId::SYSTEM,
                     names: [(UserId::SYSTEM, SYSTEM_USERNAME.into()), (user, name)],
                 };
-                self.mail(conv.slot().shard(self.cfg.shards), mail);
+                self.mail(self.cfg.placement.owner(conv), mail);
             }
         }
     }
@@ -239,7 +239,7 @@ impl<S: Storage> Shard<S> {
                     id,
                     body,
                 };
-                self.mail(conv.slot().shard(self.cfg.shards), mail);
+                self.mail(self.cfg.placement.owner(conv), mail);
             }
             Request::Opening { .. } | Request::Waiting { .. } => {
                 if let (Request::Waiting { conv: Some(conv) }, Some(ok)) = (

@@ -80,7 +80,7 @@ impl<S: Storage> Shard<S> {
         let mut by_owner: BTreeMap<ShardId, Vec<(usize, ConvId)>> = BTreeMap::new();
         for (i, (conv, _)) in entries.iter().enumerate() {
             by_owner
-                .entry(conv.slot().shard(self.cfg.shards))
+                .entry(self.cfg.placement.owner(*conv))
                 .or_default()
                 .push((i, *conv));
         }
@@ -155,7 +155,7 @@ impl<S: Storage> Shard<S> {
                 limit,
                 bytes_max: PAGE_BYTES_MAX / n,
             };
-            self.mail(conv.slot().shard(self.cfg.shards), mail);
+            self.mail(self.cfg.placement.owner(conv), mail);
         }
     }
 
@@ -188,7 +188,7 @@ impl<S: Storage> Shard<S> {
             limit,
             bytes_max: PAGE_BYTES_MAX,
         };
-        self.mail(conv.slot().shard(self.cfg.shards), mail);
+        self.mail(self.cfg.placement.owner(conv), mail);
     }
 
     pub(super) fn gather_range_done(&mut self, gather: GatherRef, page: Page) {

@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 
 use super::owner::{by_shard, Event, Fanout};
 use super::Shard;
-use crate::ids::{ConvId, Seq, ShardId, UserId};
+use crate::ids::{ConvId, Placement, Seq, ShardId, UserId};
 use crate::limits::GROUP_MEMBERS_LIMIT;
 use crate::mail::{ConvOp, Mail, Named, ReplyTo};
 use crate::protocol::{event_push, ok_frame, ErrorCode};
@@ -128,11 +128,11 @@ impl Group {
         })
     }
 
-    pub(super) fn fanout(&mut self, shards: u16) -> Fanout {
+    pub(super) fn fanout(&mut self, placement: Placement) -> Fanout {
         if let Some(f) = &self.fanout {
             return f.clone();
         }
-        let f = by_shard(self.members.keys().copied(), shards);
+        let f = by_shard(self.members.keys().copied(), placement);
         self.fanout = Some(f.clone());
         f
     }
@@ -574,13 +574,13 @@ impl<S: Storage> Shard<S> {
     ) {
         self.owned.next_op += 1;
         let op = self.owned.next_op;
-        let shards = self.cfg.shards;
+        let placement = self.cfg.placement;
         let group = self.group_mut(conv).expect("caller checked");
         let title = group.meta.name.clone();
         let mut by_home: BTreeMap<ShardId, Vec<UserId>> = BTreeMap::new();
         for (user, _) in &users {
             by_home
-                .entry(user.slot().shard(shards))
+                .entry(placement.home(*user))
                 .or_default()
                 .push(*user);
         }
@@ -779,7 +779,7 @@ impl<S: Storage> Shard<S> {
             self.put(k, v);
         }
         let conv_text = conv.to_string();
-        for (to, recipients) in by_shard(admins.into_iter(), self.cfg.shards).iter() {
+        for (to, recipients) in by_shard(admins.into_iter(), self.cfg.placement).iter() {
             for (_, name) in &users {
                 let frame: Arc<str> = event_push("group_request", &conv_text, name, None).into();
                 let mail = Mail::Ephemeral {
@@ -918,7 +918,7 @@ impl<S: Storage> Shard<S> {
 
     /// Index group `conv` for each listed user that exists; answer once durable.
     pub(super) fn home_index(&mut self, conv: ConvId, op: u64, users: Vec<UserId>, title: String) {
-        let owner = conv.slot().shard(self.cfg.shards);
+        let owner = self.cfg.placement.owner(conv);
         let (mut ok, mut missing) = (Vec::new(), Vec::new());
         for user in users {
             match self.get_latest(&keys::user(user)) {

@@ -35,31 +35,21 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 
 use crate::auth::{HashCost, Job, JobResult, TokenKey, SECRET_BYTES};
-use crate::ids::{ConnId, ShardId, UserId};
+use crate::ids::{ConnId, Placement, ShardId, UserId};
 use crate::limits;
 use crate::mail::{Mail, ReplyTo};
 use crate::protocol::{error_frame, ErrorCode};
+pub use crate::storage::Durability;
 use crate::storage::{Commit, Storage};
 
 pub use session::Handoff;
-
-/// When an ack may be sent, relative to the write of the message.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Durability {
-    /// After the WAL is fsynced: survives power loss.
-    Fsync,
-    /// After the WAL write reached the OS: survives a process crash. The default.
-    Wal,
-    /// No WAL: benchmarks only; a crash loses recent writes.
-    Memory,
-}
 
 /// A shard's configuration. `Config::new` gives the defaults.
 #[derive(Clone, Debug)]
 pub struct Config {
     pub shard: ShardId,
-    pub shards: u16,
+    /// Where every user and conversation lives (this shard is one of its shards).
+    pub placement: Placement,
     pub secret: [u8; SECRET_BYTES],
     /// A connection silent for this long is closed (4000) and its pushes stop.
     pub heartbeat_timeout_ms: u64,
@@ -87,7 +77,7 @@ impl Config {
     pub fn new(shard: ShardId, shards: u16, secret: [u8; SECRET_BYTES]) -> Config {
         Config {
             shard,
-            shards,
+            placement: Placement::new(shards),
             secret,
             heartbeat_timeout_ms: 60_000,
             heartbeat_interval_ms: 20_000,
@@ -216,8 +206,11 @@ const _: () = assert!(
 
 impl<S: Storage> Shard<S> {
     pub fn new(cfg: Config, storage: S) -> Shard<S> {
-        assert!(cfg.shard.0 < cfg.shards, "shard id out of range");
-        assert!((cfg.shards as usize) <= limits::SHARDS_MAX);
+        assert!(
+            cfg.shard.0 < cfg.placement.shards(),
+            "shard id out of range"
+        );
+        assert!((cfg.placement.shards() as usize) <= limits::SHARDS_MAX);
         assert!(
             cfg.heartbeat_interval_ms < cfg.heartbeat_timeout_ms,
             "ping before timing out"
@@ -284,7 +277,7 @@ impl<S: Storage> Shard<S> {
     }
 
     pub fn home_of(&self, user: UserId) -> ShardId {
-        user.slot().shard(self.cfg.shards)
+        self.cfg.placement.home(user)
     }
 
     // ---- inputs ----

@@ -19,7 +19,7 @@ use serde_json::json;
 use super::commit::Deferred;
 use super::group::Group;
 use super::Shard;
-use crate::ids::{ConvId, Seq, ShardId, UserId};
+use crate::ids::{ConvId, Placement, Seq, ShardId, UserId};
 use crate::limits::PAGE_MAX;
 use crate::mail::{ConvOp, ConvSummary, GatherRef, Mail, Named, Page, ReplyTo};
 use crate::protocol::{event_push, ok_frame, ErrorCode};
@@ -224,7 +224,7 @@ impl<S: Storage> Shard<S> {
         names: [(UserId, String); 2],
     ) {
         let _ = now_ms;
-        let shards = self.cfg.shards;
+        let placement = self.cfg.placement;
         let state = match self.conv_state(conv) {
             Ok(state) => state,
             Err(e) => return self.storage_error_to(reply, &e),
@@ -251,7 +251,7 @@ impl<S: Storage> Shard<S> {
                 peer,
                 peer_name,
             };
-            self.mail(user.slot().shard(shards), mail);
+            self.mail(placement.home(*user), mail);
         }
     }
 
@@ -397,7 +397,7 @@ impl<S: Storage> Shard<S> {
     /// Where a message assigned now goes: both members of a one-to-one conversation, every
     /// member of a group (cached until the membership changes).
     pub(super) fn fanout(&mut self, conv: ConvId) -> Fanout {
-        let shards = self.cfg.shards;
+        let placement = self.cfg.placement;
         let state = self
             .owned
             .convs
@@ -406,14 +406,14 @@ impl<S: Storage> Shard<S> {
         if let Some(members) = conv.direct_members() {
             return state
                 .direct_fanout
-                .get_or_insert_with(|| by_shard(members.into_iter(), shards))
+                .get_or_insert_with(|| by_shard(members.into_iter(), placement))
                 .clone();
         }
         state
             .group
             .as_mut()
             .expect("a group has its group state")
-            .fanout(shards)
+            .fanout(placement)
     }
 
     /// Drops the loaded state of a conversation that does not exist and has nothing under
@@ -539,12 +539,12 @@ impl<S: Storage> Shard<S> {
     pub(super) fn append_event(&mut self, now_ms: u64, conv: ConvId, event: Event) -> Seq {
         let mut fanout = self.fanout(conv);
         if !event.also.is_empty() {
-            let shards = self.cfg.shards;
+            let placement = self.cfg.placement;
             let extra = fanout
                 .iter()
                 .flat_map(|(_, users)| users.iter().copied())
                 .chain(event.also.iter().copied());
-            fanout = by_shard(extra, shards);
+            fanout = by_shard(extra, placement);
         }
         let state = self
             .owned
@@ -622,7 +622,7 @@ impl<S: Storage> Shard<S> {
             Err(_) => return,
         }
         self.forget_if_absent(conv);
-        for (to, users) in by_shard(users.into_iter(), self.cfg.shards).iter() {
+        for (to, users) in by_shard(users.into_iter(), self.cfg.placement).iter() {
             let mail = Mail::Unindex {
                 conv,
                 users: users.to_vec(),
@@ -871,7 +871,7 @@ impl<S: Storage> Shard<S> {
                 recipients: Arc::from([peer]),
                 skip_user: None,
             };
-            self.mail(peer.slot().shard(self.cfg.shards), mail);
+            self.mail(self.cfg.placement.home(peer), mail);
         }
         seq
     }
@@ -1065,14 +1065,15 @@ pub(super) fn send_refusal(code: ErrorCode) -> &'static str {
 }
 
 /// Users grouped by home shard, each user once.
-pub(super) fn by_shard(users: impl Iterator<Item = UserId>, shards: u16) -> Fanout {
-    let mut groups: Vec<(ShardId, Vec<UserId>)> = Vec::with_capacity(shards.min(8) as usize);
+pub(super) fn by_shard(users: impl Iterator<Item = UserId>, placement: Placement) -> Fanout {
+    let mut groups: Vec<(ShardId, Vec<UserId>)> =
+        Vec::with_capacity(placement.shards().min(8) as usize);
     let mut seen = std::collections::HashSet::new();
     for user in users {
         if !seen.insert(user) {
             continue;
         }
-        let home = user.slot().shard(shards);
+        let home = placement.home(user);
         match groups.iter_mut().find(|(s, _)| *s == home) {
             Some((_, list)) => list.push(user),
             None => groups.push((home, vec![user])),

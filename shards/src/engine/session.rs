@@ -747,7 +747,7 @@ impl<S: Storage> Shard<S> {
         };
         let names = [(s.user, s.name.clone()), (peer, peer_name)];
         self.mail(
-            conv.slot().shard(self.cfg.shards),
+            self.cfg.placement.owner(conv),
             Mail::Open {
                 reply,
                 conv,
@@ -1075,7 +1075,7 @@ impl<S: Storage> Shard<S> {
             actor_name: s.name.clone(),
             op,
         };
-        self.mail(conv.slot().shard(self.cfg.shards), mail);
+        self.mail(self.cfg.placement.owner(conv), mail);
         Ok(())
     }
 
@@ -1109,7 +1109,7 @@ impl<S: Storage> Shard<S> {
             id,
             body: body.to_owned(),
         };
-        self.mail(conv.slot().shard(self.cfg.shards), mail);
+        self.mail(self.cfg.placement.owner(conv), mail);
     }
 
     /// `read`: the owner caps the cursor first (`ReadUpTo`), so a cursor never passes what
@@ -1132,7 +1132,7 @@ impl<S: Storage> Shard<S> {
                     user_name: s.name.clone(),
                     seq: req.seq,
                 };
-                let owner = conv.slot().shard(self.cfg.shards);
+                let owner = self.cfg.placement.owner(conv);
                 self.mail(owner, mail);
             }
             Ok(None) => self.error(
@@ -1196,7 +1196,7 @@ impl<S: Storage> Shard<S> {
         peer: UserId,
         peer_name: String,
     ) {
-        let owner = conv.slot().shard(self.cfg.shards);
+        let owner = self.cfg.placement.owner(conv);
         let result = match self.get_latest(&keys::user(user)) {
             // The server's side of a notice conversation: it lists nothing.
             _ if user == UserId::SYSTEM => Ok(()),

@@ -419,7 +419,7 @@ impl<S: Storage> Shard<S> {
             blocker,
             blocked,
         };
-        let owner = conv.slot().shard(self.cfg.shards);
+        let owner = self.cfg.placement.owner(conv);
         self.defer(Deferred::Mail { to: owner, mail });
         Ok(())
     }
@@ -561,7 +561,7 @@ impl<S: Storage> Shard<S> {
         push_json_str(&mut frame, &status);
         frame.push('}');
         let frame: Arc<str> = frame.into();
-        for (home, recipients) in by_shard(to.iter().copied(), self.cfg.shards).iter() {
+        for (home, recipients) in by_shard(to.iter().copied(), self.cfg.placement).iter() {
             self.stats.presence_pushes += recipients.len() as u64;
             let mail = Mail::Ephemeral {
                 frame: frame.clone(),
@@ -694,7 +694,7 @@ impl<S: Storage> Shard<S> {
         let version = profile.version;
         self.put(keys::profile(user), profile.encode());
         let friends = self.friends_of(user)?;
-        for (home, friends) in by_shard(friends.into_iter(), self.cfg.shards).iter() {
+        for (home, friends) in by_shard(friends.into_iter(), self.cfg.placement).iter() {
             let mail = Mail::ProfileBumped {
                 user,
                 version,

@@ -25,9 +25,6 @@
 //!
 //! Values are rkyv archives: no schema parsing on read, validated before use.
 
-pub mod datadir;
-pub mod rocks;
-
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::rc::Rc;
@@ -36,8 +33,9 @@ use crate::ids::{ConvId, Seq, UserId};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
-    #[error("rocksdb: {0}")]
-    Rocks(#[from] rocksdb::Error),
+    /// The store underneath failed (RocksDB in the server: see the `hermod-store` crate).
+    #[error("store: {0}")]
+    Backend(Box<dyn std::error::Error + Send + Sync>),
     #[error("corrupt record under key {key:02x?}: {reason}")]
     Corrupt { key: Vec<u8>, reason: String },
     #[error("storage is closed")]
@@ -64,6 +62,18 @@ pub trait Storage {
 pub enum WriteOp {
     Put(Vec<u8>, Vec<u8>),
     Delete(Vec<u8>),
+}
+
+/// When an ack may be sent, relative to the write of the message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// After the WAL is fsynced: survives power loss.
+    Fsync,
+    /// After the WAL write reached the OS: survives a process crash. The default.
+    Wal,
+    /// No WAL: benchmarks only; a crash loses recent writes.
+    Memory,
 }
 
 /// One atomic group commit.
@@ -577,6 +587,36 @@ impl Storage for MemStorage {
     }
 }
 
+pub mod contract {
+    //! The contract every [`Storage`] keeps: half-open bounds, limits, descending scans. The
+    //! in-memory store's tests and the RocksDB store's (crate `hermod-store`) both run it, so
+    //! the simulation's store and the server's cannot drift apart. Panics on a breach.
+    use super::*;
+
+    /// The contract every store keeps: half-open bounds, limits, descending scans. Used by the
+    /// tests of each implementation.
+    pub fn check_scans(store: &dyn Storage, write: &dyn Fn(&[WriteOp])) {
+        let c = ConvId::direct(UserId(1), UserId(2));
+        let ops: Vec<_> = (1..=5)
+            .map(|i| WriteOp::Put(keys::message(c, i), vec![i as u8]))
+            .collect();
+        write(&ops);
+        let values = |start: u64, end: u64, limit: usize, reverse: bool| -> Vec<u8> {
+            let rows = store.scan(
+                &keys::message(c, start),
+                &keys::message(c, end),
+                limit,
+                reverse,
+            );
+            rows.unwrap().iter().map(|(_, v)| v[0]).collect()
+        };
+        assert_eq!(values(2, 5, 10, false), vec![2, 3, 4]);
+        assert_eq!(values(1, 5, 10, true), vec![4, 3, 2, 1]);
+        assert_eq!(values(1, 5, 2, true), vec![4, 3]);
+        assert_eq!(values(0, 3, 1, false), vec![1]);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -607,32 +647,9 @@ mod tests {
         assert!(keys::message(c, 1).starts_with(&c.slot().0.to_be_bytes()));
     }
 
-    /// The contract every store keeps: half-open bounds, limits, descending scans. Used by the
-    /// tests of each implementation.
-    pub(crate) fn check_scans(store: &dyn Storage, write: &dyn Fn(&[WriteOp])) {
-        let c = ConvId::direct(UserId(1), UserId(2));
-        let ops: Vec<_> = (1..=5)
-            .map(|i| WriteOp::Put(keys::message(c, i), vec![i as u8]))
-            .collect();
-        write(&ops);
-        let values = |start: u64, end: u64, limit: usize, reverse: bool| -> Vec<u8> {
-            let rows = store.scan(
-                &keys::message(c, start),
-                &keys::message(c, end),
-                limit,
-                reverse,
-            );
-            rows.unwrap().iter().map(|(_, v)| v[0]).collect()
-        };
-        assert_eq!(values(2, 5, 10, false), vec![2, 3, 4]);
-        assert_eq!(values(1, 5, 10, true), vec![4, 3, 2, 1]);
-        assert_eq!(values(1, 5, 2, true), vec![4, 3]);
-        assert_eq!(values(0, 3, 1, false), vec![1]);
-    }
-
     #[test]
     fn mem_scan_bounds_and_reverse() {
         let s = MemStorage::default();
-        check_scans(&s, &|ops| s.apply(ops));
+        contract::check_scans(&s, &|ops| s.apply(ops));
     }
 }

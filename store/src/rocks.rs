@@ -11,8 +11,12 @@ use rocksdb::{
     ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB,
 };
 
-use super::{Rows, Storage, StorageError, WriteOp};
-use crate::engine::Durability;
+use hermod_shards::storage::{Durability, Rows, Storage, StorageError, WriteOp};
+
+/// RocksDB's errors reach the engine as [`StorageError::Backend`].
+fn backend(e: rocksdb::Error) -> StorageError {
+    StorageError::Backend(Box::new(e))
+}
 
 const SHARDS_KEY: &[u8] = b"hermod/shards";
 
@@ -194,7 +198,7 @@ impl RocksStorage {
             Durability::Wal => wo.set_sync(false),
             Durability::Memory => wo.disable_wal(true),
         }
-        self.db.write_opt(batch, &wo)?;
+        self.db.write_opt(batch, &wo).map_err(backend)?;
         Ok(())
     }
 
@@ -221,14 +225,14 @@ impl RocksStorage {
     }
 
     pub fn flush(&self) -> Result<(), StorageError> {
-        self.db.flush_cf(self.handle()?)?;
+        self.db.flush_cf(self.handle()?).map_err(backend)?;
         Ok(())
     }
 }
 
 impl Storage for RocksStorage {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
-        Ok(self.db.get_cf(self.handle()?, key)?)
+        self.db.get_cf(self.handle()?, key).map_err(backend)
     }
 
     fn scan(
@@ -246,7 +250,7 @@ impl Storage for RocksStorage {
         };
         let mut out = Vec::new();
         for item in self.db.iterator_cf(cf, mode) {
-            let (k, v) = item?;
+            let (k, v) = item.map_err(backend)?;
             let k: &[u8] = &k;
             if reverse {
                 if k >= end {
@@ -270,15 +274,15 @@ impl Storage for RocksStorage {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ids::{ConvId, UserId};
-    use crate::storage::keys;
+    use hermod_shards::ids::{ConvId, UserId};
+    use hermod_shards::storage::{contract, keys};
 
     #[test]
     fn write_scan_and_refuse_changed_shard_count() {
         let dir = tempdir();
         let db = open(&dir, 2).unwrap();
         let s = RocksStorage::new(db.clone(), 1);
-        crate::storage::tests::check_scans(&s, &|ops| s.write(ops, Durability::Wal).unwrap());
+        contract::check_scans(&s, &|ops| s.write(ops, Durability::Wal).unwrap());
         let c = ConvId::direct(UserId(1), UserId(2));
         assert!(
             RocksStorage::new(db.clone(), 0)

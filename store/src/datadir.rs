@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use rand::RngCore;
 
-use crate::auth::SECRET_BYTES;
+use hermod_shards::auth::SECRET_BYTES;
 
 pub fn db_path(data: &Path) -> PathBuf {
     data.join("db")
