@@ -22,8 +22,8 @@ use std::collections::{BTreeMap, HashMap};
 use serde_json::{json, Value};
 
 use super::commit::Deferred;
+use super::ops::PendingJob;
 use super::owner::{uuid_v7, Event};
-use super::session::PendingJob;
 use super::{Output, Shard};
 use crate::admin::{status_of, AdminOp, NoticeTo};
 use crate::auth::{self, Job};

@@ -25,6 +25,7 @@ mod admin;
 mod commit;
 mod gather;
 mod group;
+mod ops;
 mod owner;
 mod session;
 mod social;
@@ -141,7 +142,7 @@ pub struct Shard<S: Storage> {
     gathers: gather::Gathers,
     admin: admin::Admin,
     commits: commit::Commits,
-    jobs: HashMap<u64, session::PendingJob>,
+    jobs: HashMap<u64, ops::PendingJob>,
     next_job: u64,
     stats: Stats,
     /// Friend requests this shard's users sent whose second side is not yet written, and
@@ -519,10 +520,10 @@ impl<S: Storage> Shard<S> {
         self.send(conn, error_frame(rid, code, message));
     }
 
-    fn job(&mut self, job: Job, pending: session::PendingJob) {
+    fn job(&mut self, job: Job, pending: ops::PendingJob) {
         let id = self.next_job;
         self.next_job += 1;
-        let bulk = matches!(pending, session::PendingJob::Account { .. });
+        let bulk = matches!(pending, ops::PendingJob::Account { .. });
         self.jobs.insert(id, pending);
         self.out.push_back(Output::Job { id, job, bulk });
     }

@@ -1,0 +1,289 @@
+//! The member's side of conversations: `open`, `send`, `read`, and the ops on one
+//! conversation that its owner runs (`recall`, `edit`, `receipts`, `typing`); plus the home
+//! side of the two-step ones (`open` indexes the conversation on each member's home shard
+//! first; `read` is capped by the owner, then stored here).
+
+use serde_json::json;
+
+use super::super::commit::Deferred;
+use super::super::session::Session;
+use super::super::Shard;
+use super::{bad, conv_arg, Outcome};
+use crate::auth;
+use crate::ids::{ConnId, ConvId, Seq, UserId};
+use crate::limits::TYPING_INTERVAL_MS;
+use crate::mail::{ConvOp, Mail, ReplyTo};
+use crate::protocol::{self as p, ok_frame, ErrorCode};
+use crate::storage::{keys, Storage, UserConv};
+
+impl<S: Storage> Shard<S> {
+    /// A conversation id from a request, or `None` after answering `bad_request`.
+    pub(in crate::engine) fn parse_conv(
+        &mut self,
+        conn: ConnId,
+        rid: u64,
+        text: &str,
+    ) -> Option<ConvId> {
+        let conv = ConvId::parse(text);
+        if conv.is_none() {
+            self.error(
+                conn,
+                Some(rid),
+                ErrorCode::BadRequest,
+                "conv is not a conversation id",
+            );
+        }
+        conv
+    }
+
+    pub(in crate::engine) fn open(&mut self, conn: ConnId, rid: u64, s: &Session, req: p::Open) {
+        let peer_name = match auth::normalise_username(&req.user) {
+            Ok(name) => name,
+            Err(_) => return self.error(conn, Some(rid), ErrorCode::NoSuchUser, "no such user"),
+        };
+        if peer_name == s.name {
+            return self.error(
+                conn,
+                Some(rid),
+                ErrorCode::BadRequest,
+                "a conversation needs another user",
+            );
+        }
+        let peer = UserId::from_username(&peer_name);
+        let conv = ConvId::direct(s.user, peer);
+        let reply = ReplyTo {
+            shard: self.cfg.shard,
+            conn,
+            rid,
+        };
+        let names = [(s.user, s.name.clone()), (peer, peer_name)];
+        self.mail(
+            self.cfg.placement.owner(conv),
+            Mail::Open {
+                reply,
+                conv,
+                requester: s.user,
+                names,
+            },
+        );
+    }
+
+    pub(in crate::engine) fn send_message(
+        &mut self,
+        now_ms: u64,
+        conn: ConnId,
+        rid: u64,
+        s: &Session,
+        req: p::Send,
+    ) {
+        let Some(conv) = self.parse_conv(conn, rid, &req.conv) else {
+            return;
+        };
+        if !conv.may_have_member(s.user) {
+            return self.error(
+                conn,
+                Some(rid),
+                ErrorCode::NotMember,
+                "you are not in this conversation",
+            );
+        }
+        let body = req.body.get();
+        if let Err((code, message)) = p::check_body(body, self.cfg.body_bytes_max) {
+            return self.error(conn, Some(rid), code, &message);
+        }
+        let id = req
+            .id
+            .unwrap_or_else(|| crate::engine::owner::uuid_v7(now_ms));
+        let mail = Mail::Append {
+            reply: ReplyTo {
+                shard: self.cfg.shard,
+                conn,
+                rid,
+            },
+            conv,
+            sender: s.user,
+            sender_name: s.name.clone(),
+            device: s.device.clone(),
+            id,
+            body: body.to_owned(),
+        };
+        self.mail(self.cfg.placement.owner(conv), mail);
+    }
+
+    /// `read`: the owner caps the cursor first (`ReadUpTo`), so a cursor never passes what
+    /// exists and the owner's copy (receipts, the peer's ticks) is current before the reply;
+    /// the home shard then stores it (`home_read_capped`) and answers once durable.
+    pub(in crate::engine) fn read(&mut self, conn: ConnId, rid: u64, s: &Session, req: p::Read) {
+        let Some(conv) = self.parse_conv(conn, rid, &req.conv) else {
+            return;
+        };
+        match self.get_latest(&keys::user_conv(s.user, conv)) {
+            Ok(Some(_)) => {
+                let mail = Mail::ReadUpTo {
+                    reply: ReplyTo {
+                        shard: self.cfg.shard,
+                        conn,
+                        rid,
+                    },
+                    conv,
+                    user: s.user,
+                    user_name: s.name.clone(),
+                    seq: req.seq,
+                };
+                let owner = self.cfg.placement.owner(conv);
+                self.mail(owner, mail);
+            }
+            Ok(None) => self.error(
+                conn,
+                Some(rid),
+                ErrorCode::NoSuchConversation,
+                "no such conversation",
+            ),
+            Err(e) => self.internal_error(conn, Some(rid), &e),
+        }
+    }
+
+    /// The owner's answer to `read`: store the cursor (it never moves back) and reply. A
+    /// stored cursor past the conversation's last seq (`last` only grows) is one written
+    /// before reads were capped: it is replaced, so its later messages count as unread again.
+    pub(in crate::engine) fn home_read_capped(
+        &mut self,
+        reply: ReplyTo,
+        conv: ConvId,
+        user: UserId,
+        (seq, last): (Seq, Seq),
+    ) {
+        let key = keys::user_conv(user, conv);
+        match self
+            .get_latest(&key)
+            .and_then(|v| v.map(|b| UserConv::decode(&key, &b)).transpose())
+        {
+            Ok(Some(mut entry)) => {
+                entry.read_seq = if entry.read_seq > last {
+                    seq
+                } else {
+                    entry.read_seq.max(seq)
+                };
+                let frame = ok_frame(
+                    reply.rid,
+                    &json!({ "conv": conv.to_string(), "read_seq": entry.read_seq }),
+                );
+                self.put(key, entry.encode());
+                self.defer(Deferred::Reply {
+                    conn: reply.conn,
+                    rid: reply.rid,
+                    frame,
+                });
+            }
+            // Removed from the group while the request travelled.
+            Ok(None) => self.error_to(
+                reply,
+                ErrorCode::NotMember,
+                "you are not in this conversation",
+            ),
+            Err(e) => self.storage_error_to(reply, &e),
+        }
+    }
+
+    /// On a member's home shard: index a new conversation for `user` before the owner lets
+    /// anyone send to it, so a conversation list never misses a conversation with messages.
+    pub(in crate::engine) fn home_ensure_member(
+        &mut self,
+        conv: ConvId,
+        user: UserId,
+        peer: UserId,
+        peer_name: String,
+    ) {
+        let owner = self.cfg.placement.owner(conv);
+        let result = match self.get_latest(&keys::user(user)) {
+            // The server's side of a notice conversation: it lists nothing.
+            _ if user == UserId::SYSTEM => Ok(()),
+            Ok(None) => Err(ErrorCode::NoSuchUser),
+            Ok(Some(_)) => match self.get_latest(&keys::user_conv(user, conv)) {
+                Ok(Some(_)) => Ok(()),
+                Ok(None) => {
+                    let entry = UserConv {
+                        peer: peer.0,
+                        peer_name,
+                        read_seq: 0,
+                    };
+                    self.put(keys::user_conv(user, conv), entry.encode());
+                    return self.defer(Deferred::Ensured { owner, conv, user });
+                }
+                Err(_) => Err(ErrorCode::Internal),
+            },
+            Err(_) => Err(ErrorCode::Internal),
+        };
+        self.mail(owner, Mail::MemberEnsured { conv, user, result });
+    }
+
+    pub(in crate::engine) fn recall(
+        &mut self,
+        conn: ConnId,
+        rid: u64,
+        s: &Session,
+        req: p::Amend,
+    ) -> Outcome {
+        let conv = conv_arg(&req.conv)?;
+        let op = ConvOp::Recall {
+            seq: req.seq,
+            device: s.device.clone(),
+        };
+        self.mail_owner(conn, rid, s, conv, op)
+    }
+
+    pub(in crate::engine) fn edit(
+        &mut self,
+        conn: ConnId,
+        rid: u64,
+        s: &Session,
+        req: p::Amend,
+    ) -> Outcome {
+        let conv = conv_arg(&req.conv)?;
+        let Some(body) = req.body else {
+            return Err(bad("edit needs a body".into()));
+        };
+        p::check_body(body.get(), self.cfg.body_bytes_max)?;
+        let op = ConvOp::Edit {
+            seq: req.seq,
+            body: body.get().to_owned(),
+            device: s.device.clone(),
+        };
+        self.mail_owner(conn, rid, s, conv, op)
+    }
+
+    pub(in crate::engine) fn receipts(
+        &mut self,
+        conn: ConnId,
+        rid: u64,
+        s: &Session,
+        req: p::Receipts,
+    ) -> Outcome {
+        let conv = conv_arg(&req.conv)?;
+        self.mail_owner(conn, rid, s, conv, ConvOp::Receipts { seq: req.seq })
+    }
+
+    /// At most one notice per connection per `TYPING_INTERVAL_MS` goes out; the owner fans it
+    /// out to the other members, never stored.
+    pub(in crate::engine) fn typing_notice(
+        &mut self,
+        now_ms: u64,
+        conn: ConnId,
+        rid: u64,
+        s: &Session,
+        req: p::ConvOnly,
+    ) -> Outcome {
+        let c = self.sessions.conns.get_mut(&conn).expect("frame's conn");
+        if c.last_typing_ms
+            .is_some_and(|t| now_ms.saturating_sub(t) < TYPING_INTERVAL_MS)
+        {
+            return Err((
+                ErrorCode::RateLimited,
+                format!("one typing notice per {TYPING_INTERVAL_MS} ms"),
+            ));
+        }
+        c.last_typing_ms = Some(now_ms);
+        let conv = conv_arg(&req.conv)?;
+        self.mail_owner(conn, rid, s, conv, ConvOp::Typing)
+    }
+}

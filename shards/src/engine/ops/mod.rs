@@ -1,0 +1,239 @@
+//! Client requests: the one dispatch from a typed [`Request`] to its handler.
+//!
+//! `session.rs` reads a frame's envelope and refuses what it can without the op's fields
+//! (unknown op, not logged in, rate limits); [`Request::parse`] reads the fields once; then
+//! [`Shard::request`] matches on the request — the only place an op is routed. A handler
+//! checks the request's shape, then runs it here or mails the shard that owns what it touches.
+//!
+//! | file | requests |
+//! | --- | --- |
+//! | `account.rs` | `register`, `login`, `resume`, `logout`, and the password jobs they wait on |
+//! | `conv.rs` | `open`, `send`, `read`, `recall`, `edit`, `receipts`, `typing` |
+//! | `group.rs` | `group_*` |
+//! | `social.rs` | friends, blocks, presence, profiles, devices |
+//!
+//! `convs`, `sync` and `history` go straight to `gather.rs`; `ping` and `ack` are answered here
+//! and in `session.rs`.
+
+mod account;
+mod conv;
+mod group;
+mod social;
+
+use serde_json::json;
+
+pub(in crate::engine) use account::PendingJob;
+
+use super::session::{already_authenticated, Session};
+use super::Shard;
+use crate::auth;
+use crate::ids::{ConnId, ConvId, UserId};
+use crate::limits::GROUP_INVITE_MAX;
+use crate::mail::{ConvOp, FriendOp, Mail, Named, ReplyTo};
+use crate::protocol::{ok_frame, ErrorCode, Request};
+use crate::storage::{Storage, StorageError};
+
+/// What a handler returns: `Err` is answered to the request as an error reply (the handler
+/// answers everything else itself, now or once durable).
+pub(super) type Outcome = Result<(), (ErrorCode, String)>;
+
+impl<S: Storage> Shard<S> {
+    /// Runs one request of `conn` (logged in as `session`, if it is). `text` is the frame, for
+    /// the requests that may move to another shard with the connection.
+    pub(in crate::engine) fn request(
+        &mut self,
+        now_ms: u64,
+        conn: ConnId,
+        rid: u64,
+        session: Option<&Session>,
+        req: Request<'_>,
+        text: &str,
+    ) -> Outcome {
+        let Some(s) = session else {
+            return match req {
+                Request::Ping => self.pong(now_ms, conn, rid),
+                Request::Register(r) => {
+                    self.register(conn, rid, r);
+                    Ok(())
+                }
+                Request::Login(r) => {
+                    self.login(now_ms, conn, rid, r, text);
+                    Ok(())
+                }
+                Request::Resume(r) => {
+                    self.resume(now_ms, conn, rid, r, text);
+                    Ok(())
+                }
+                _ => Err((ErrorCode::NotAuthenticated, "log in first".into())),
+            };
+        };
+        match req {
+            Request::Ping => self.pong(now_ms, conn, rid),
+            Request::Register(_) | Request::Login(_) | Request::Resume(_) => {
+                Err(already_authenticated())
+            }
+            Request::Logout => {
+                self.logout(conn, rid, s);
+                Ok(())
+            }
+            Request::Ack(ack) => {
+                self.ack(now_ms, conn, &ack.pids);
+                Ok(())
+            }
+
+            Request::Open(r) => {
+                self.open(conn, rid, s, r);
+                Ok(())
+            }
+            Request::Send(r) => {
+                self.send_message(now_ms, conn, rid, s, r);
+                Ok(())
+            }
+            Request::Read(r) => {
+                self.read(conn, rid, s, r);
+                Ok(())
+            }
+            Request::Recall(r) => self.recall(conn, rid, s, r),
+            Request::Edit(r) => self.edit(conn, rid, s, r),
+            Request::Receipts(r) => self.receipts(conn, rid, s, r),
+            Request::Typing(r) => self.typing_notice(now_ms, conn, rid, s, r),
+
+            Request::Convs => {
+                self.start_convs(conn, rid, s.user);
+                Ok(())
+            }
+            Request::Sync(r) => {
+                self.start_sync(conn, rid, s.user, r);
+                Ok(())
+            }
+            Request::History(r) => {
+                self.start_history(conn, rid, s.user, r);
+                Ok(())
+            }
+
+            Request::GroupCreate(r) => self.create_group(conn, rid, s, r),
+            Request::GroupInvite(r) => self.group_invite(conn, rid, s, r),
+            Request::GroupJoin(r) => self.group_plain(conn, rid, s, r, ConvOp::Join),
+            Request::GroupLeave(r) => self.group_plain(conn, rid, s, r, ConvOp::Leave),
+            Request::GroupDisband(r) => self.group_plain(conn, rid, s, r, ConvOp::Disband),
+            Request::GroupKick(r) => {
+                self.group_on_member(conn, rid, s, r, |user| ConvOp::Kick { user })
+            }
+            Request::GroupApprove(r) => {
+                self.group_on_member(conn, rid, s, r, |user| ConvOp::Approve { user })
+            }
+            Request::GroupDecline(r) => {
+                self.group_on_member(conn, rid, s, r, |user| ConvOp::Decline { user })
+            }
+            Request::GroupTransfer(r) => {
+                self.group_on_member(conn, rid, s, r, |user| ConvOp::Transfer { user })
+            }
+            Request::GroupRole(r) => self.group_role(conn, rid, s, r),
+            Request::GroupMute(r) => self.group_mute(conn, rid, s, r),
+            Request::GroupUpdate(r) => self.group_update(conn, rid, s, r),
+            Request::GroupInfo(r) => {
+                self.group_query(conn, rid, s, r, |version| ConvOp::Info { version })
+            }
+            Request::GroupMembers(r) => {
+                self.group_query(conn, rid, s, r, |version| ConvOp::Members { version })
+            }
+
+            Request::FriendRequest(r) => self.friend(conn, rid, s, r, None),
+            Request::FriendAccept(r) => self.friend(conn, rid, s, r, Some(FriendOp::Accept)),
+            Request::FriendDecline(r) => self.friend(conn, rid, s, r, Some(FriendOp::Decline)),
+            Request::FriendCancel(r) => self.friend(conn, rid, s, r, Some(FriendOp::Cancel)),
+            Request::FriendRemove(r) => self.friend(conn, rid, s, r, Some(FriendOp::Remove)),
+            Request::Friends(r) => self
+                .friends_list(conn, rid, s.user, r.version)
+                .map_err(storage_failed),
+            Request::Block(r) => self.block(now_ms, conn, rid, s, r, true),
+            Request::Unblock(r) => self.block(now_ms, conn, rid, s, r, false),
+            Request::Blocks => self.blocks_list(conn, rid, s.user).map_err(storage_failed),
+            Request::Presence(r) => self.presence_pull(conn, rid, s, r),
+            Request::PresenceSet(r) => self.presence_change(conn, rid, s, r),
+            Request::Profile(r) => self.profile_get(conn, rid, r),
+            Request::ProfileSet(r) => self.profile_change(conn, rid, s, r),
+            Request::Devices => self.devices_list(conn, rid, s.user).map_err(storage_failed),
+            Request::DeviceLogout(r) => self.device_logout_other(conn, rid, s, r),
+        }
+    }
+
+    /// Mails `op` on `conv` to the conversation's owner shard, which runs it (membership and
+    /// roles live there) and answers the request.
+    fn mail_owner(
+        &mut self,
+        conn: ConnId,
+        rid: u64,
+        s: &Session,
+        conv: ConvId,
+        op: ConvOp,
+    ) -> Outcome {
+        if !conv.may_have_member(s.user) {
+            return Err((
+                ErrorCode::NotMember,
+                "you are not in this conversation".into(),
+            ));
+        }
+        let mail = Mail::Op {
+            reply: ReplyTo {
+                shard: self.cfg.shard,
+                conn,
+                rid,
+            },
+            conv,
+            actor: s.user,
+            actor_name: s.name.clone(),
+            op,
+        };
+        self.mail(self.cfg.placement.owner(conv), mail);
+        Ok(())
+    }
+
+    fn pong(&mut self, now_ms: u64, conn: ConnId, rid: u64) -> Outcome {
+        self.send(conn, ok_frame(rid, &json!({ "time": now_ms })));
+        Ok(())
+    }
+}
+
+fn bad(message: String) -> (ErrorCode, String) {
+    (ErrorCode::BadRequest, message)
+}
+
+fn storage_failed(_: StorageError) -> (ErrorCode, String) {
+    (ErrorCode::Internal, "storage read failed".to_owned())
+}
+
+fn conv_arg(text: &str) -> Result<ConvId, (ErrorCode, String)> {
+    ConvId::parse(text).ok_or_else(|| bad("conv is not a conversation id".into()))
+}
+
+/// Usernames from a request, normalised, with their ids; the first invalid one is an error.
+fn resolve(names: &[String]) -> Result<Vec<Named>, (ErrorCode, String)> {
+    if names.len() > GROUP_INVITE_MAX {
+        return Err(bad(format!("at most {GROUP_INVITE_MAX} users per request")));
+    }
+    names
+        .iter()
+        .map(|n| match auth::normalise_username(n) {
+            Ok(name) => Ok((UserId::from_username(&name), name)),
+            Err(_) => Err((ErrorCode::NoSuchUser, format!("no such user {n:?}"))),
+        })
+        .collect()
+}
+
+fn resolve_one(name: Option<&String>) -> Result<UserId, (ErrorCode, String)> {
+    let name = name.ok_or_else(|| bad("user is required".into()))?;
+    Ok(resolve(std::slice::from_ref(name))?[0].0)
+}
+
+/// Like `resolve`, but a name that cannot be a username stays (with an id nobody has),
+/// so a pull answers for every name it was given.
+fn resolve_lenient(names: &[String]) -> Vec<Named> {
+    names
+        .iter()
+        .map(|n| match auth::normalise_username(n) {
+            Ok(name) => (UserId::from_username(&name), name),
+            Err(_) => (UserId(0), n.clone()),
+        })
+        .collect()
+}

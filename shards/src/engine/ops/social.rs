@@ -1,0 +1,160 @@
+//! Friends, blocks, presence, profiles and devices, from the requester's side: checked for
+//! shape here, run by `engine/social.rs` on the requester's home shard (with one hop to the
+//! other user's home shard or the conversation's owner where needed).
+
+use super::super::session::Session;
+use super::super::Shard;
+use super::{bad, resolve, resolve_lenient, storage_failed, Outcome};
+use crate::ids::ConnId;
+use crate::limits::{
+    AVATAR_URL_BYTES_MAX, BIO_BYTES_MAX, DISPLAY_NAME_BYTES_MAX, PRESENCE_PULL_MAX,
+    STATUS_BYTES_MAX,
+};
+use crate::mail::{FriendOp, Mail, Named, ReplyTo};
+use crate::protocol as p;
+use crate::storage::Storage;
+
+impl<S: Storage> Shard<S> {
+    fn return_address(&self, conn: ConnId, rid: u64) -> ReplyTo {
+        ReplyTo {
+            shard: self.cfg.shard,
+            conn,
+            rid,
+        }
+    }
+
+    /// The `friend_*` ops; `op` is `None` for `friend_request`, whose message is checked here.
+    pub(in crate::engine) fn friend(
+        &mut self,
+        conn: ConnId,
+        rid: u64,
+        s: &Session,
+        req: p::UserArg,
+        op: Option<FriendOp>,
+    ) -> Outcome {
+        let other = resolve(std::slice::from_ref(&req.user))?.remove(0);
+        let op = match op {
+            Some(op) => op,
+            None => {
+                let message = req.message.unwrap_or_default();
+                if message.len() > STATUS_BYTES_MAX {
+                    return Err(bad(format!("message is at most {STATUS_BYTES_MAX} bytes")));
+                }
+                FriendOp::Request { message }
+            }
+        };
+        let me: Named = (s.user, s.name.clone());
+        self.friend_request(self.return_address(conn, rid), me, other, op)
+    }
+
+    /// `block` and `unblock`.
+    pub(in crate::engine) fn block(
+        &mut self,
+        now_ms: u64,
+        conn: ConnId,
+        rid: u64,
+        s: &Session,
+        req: p::UserArg,
+        blocking: bool,
+    ) -> Outcome {
+        let other = resolve(std::slice::from_ref(&req.user))?.remove(0);
+        self.set_block(
+            now_ms,
+            self.return_address(conn, rid),
+            s.user,
+            other,
+            blocking,
+        )
+    }
+
+    pub(in crate::engine) fn presence_pull(
+        &mut self,
+        conn: ConnId,
+        rid: u64,
+        s: &Session,
+        req: p::Users,
+    ) -> Outcome {
+        if req.users.len() > PRESENCE_PULL_MAX {
+            return Err(bad(format!("at most {PRESENCE_PULL_MAX} users")));
+        }
+        let users = resolve_lenient(&req.users);
+        self.start_presence(conn, rid, s.user, users);
+        Ok(())
+    }
+
+    pub(in crate::engine) fn presence_change(
+        &mut self,
+        conn: ConnId,
+        rid: u64,
+        s: &Session,
+        req: p::PresenceSet,
+    ) -> Outcome {
+        let away = match req.state.as_deref() {
+            None => None,
+            Some("online") => Some(false),
+            Some("away") => Some(true),
+            Some(_) => return Err(bad("state is \"online\" or \"away\"".into())),
+        };
+        if req
+            .status
+            .as_ref()
+            .is_some_and(|t| t.len() > STATUS_BYTES_MAX)
+        {
+            return Err(bad(format!("status is at most {STATUS_BYTES_MAX} bytes")));
+        }
+        self.presence_set(conn, rid, s.user, away, req.status)
+            .map_err(storage_failed)
+    }
+
+    /// Asked of the user's home shard, which holds the profile.
+    pub(in crate::engine) fn profile_get(
+        &mut self,
+        conn: ConnId,
+        rid: u64,
+        req: p::ProfileGet,
+    ) -> Outcome {
+        let (user, name) = resolve(std::slice::from_ref(&req.user))?.remove(0);
+        let mail = Mail::ProfileQuery {
+            reply: self.return_address(conn, rid),
+            user,
+            name,
+            version: req.version,
+        };
+        self.mail(self.home_of(user), mail);
+        Ok(())
+    }
+
+    pub(in crate::engine) fn profile_change(
+        &mut self,
+        conn: ConnId,
+        rid: u64,
+        s: &Session,
+        req: p::ProfileSet,
+    ) -> Outcome {
+        for (field, value, max) in [
+            ("display_name", &req.display_name, DISPLAY_NAME_BYTES_MAX),
+            ("avatar_url", &req.avatar_url, AVATAR_URL_BYTES_MAX),
+            ("bio", &req.bio, BIO_BYTES_MAX),
+        ] {
+            if value.as_ref().is_some_and(|v| v.len() > max) {
+                return Err(bad(format!("{field} is at most {max} bytes")));
+            }
+        }
+        self.profile_set(conn, rid, s.user, req)
+            .map_err(storage_failed)
+    }
+
+    /// Another device of the same user; this one uses `logout`.
+    pub(in crate::engine) fn device_logout_other(
+        &mut self,
+        conn: ConnId,
+        rid: u64,
+        s: &Session,
+        req: p::DeviceArg,
+    ) -> Outcome {
+        if req.device == s.device {
+            return Err(bad("use logout for this device".into()));
+        }
+        self.device_logout(conn, rid, s.user, &req.device)
+    }
+}
