@@ -38,7 +38,10 @@ fn the_installed_binary_is_small_and_keeps_its_symbols() {
         .unwrap();
     let sections = String::from_utf8_lossy(&sections.stdout);
     assert!(sections.contains(".symtab"), "symbols kept for perf");
-    assert!(sections.contains(".gnu_debuglink"), "points at its debug file");
+    assert!(
+        sections.contains(".gnu_debuglink"),
+        "points at its debug file"
+    );
     assert!(!sections.contains(".debug_info"), "no debug info inside");
     assert!(std::fs::metadata(debug.join("hermod.debug")).unwrap().len() > size);
 }

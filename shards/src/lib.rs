@@ -11,6 +11,7 @@
 //! | [`limits`] | every size, count and time bound, with the relations between them asserted |
 //! | [`ids`] | id newtypes (`UserId`, `ConvId`, `ShardId`, `Seq`, `ConnId`) and slot → shard placement |
 //! | [`protocol`] | the client protocol: request, reply, push and error shapes (see `docs/protocol.md`) |
+//! | [`model`] | roles, friend states, message kinds and flags: names on the wire, one byte on disk |
 //! | [`mail`] | every message one shard sends another: one enum, one file |
 //! | [`admin`] | the operator's API: requests parsed from HTTP, answers mapped to statuses |
 //! | [`auth`] | signed device tokens, username/password rules, password hashing jobs |
@@ -18,8 +19,10 @@
 //! | [`engine`] | the shard state machine: sessions, accounts, conversation ownership, fan-out, sync |
 //! | [`fuzzing`] | the fuzz harness of request handling (run by `fuzz/` and by seeded tests) |
 //!
-//! State ownership: a `Shard` value is the whole state of one core. It is `!Send` by
-//! construction (it holds `Rc`s) and is only ever touched by its own executor thread.
+//! State ownership: a `Shard` value is the whole state of one core, created on and only ever
+//! touched by its own executor thread (the driver keeps it in that thread's context). Nothing
+//! in it is shared with another thread, so nothing in it takes a lock; other shards reach it
+//! only by mail.
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -29,6 +32,7 @@ pub mod fuzzing;
 pub mod ids;
 pub mod limits;
 pub mod mail;
+pub mod model;
 pub mod protocol;
 pub mod storage;
 

@@ -4,7 +4,7 @@
 //! Policy when a bounded thing is full is stated next to its bound.
 
 /// Fixed number of placement slots. Users and conversations hash onto slots; slots map onto
-/// shards (`slot % shards`). Storage keys carry the slot, so data can be found again after a
+/// shards (`ids::Placement`). Storage keys carry the slot, so data can be found again after a
 /// change of shard count (Hermod refuses to start on a changed count until a migration exists).
 pub const SLOTS: u16 = 4096;
 
@@ -58,18 +58,20 @@ pub const FAILED_LOGINS_MAX: u32 = 5;
 /// request is answered `rate_limited` without being executed; ten times beyond it, closed 1008.
 pub const REQUESTS_PER_SEC_MAX: u32 = 2_000;
 
-/// Capacity of each shard→shard mail channel. When full, the sender waits (backpressure on the
-/// connection whose request produced the mail); mails produced while handling mail go to a
-/// per-peer overflow queue whose depth gates admission of new client frames (see
-/// `MAIL_BACKLOG_MAX`).
+/// Capacity of each shard→shard mail channel. Sending never blocks the reactor: when the
+/// channel is full (or mail already waits behind it), the mail joins a per-peer local FIFO
+/// that a pump task feeds into the channel as it drains — never dropped, never reordered. The
+/// FIFOs' total depth gates admission of new client frames (`MAIL_BACKLOG_MAX`), so a full
+/// channel ends as senders waiting in TCP, not as memory.
 pub const MAIL_CHANNEL_CAPACITY: usize = 4096;
 
 /// Mails waiting in a shard's per-peer overflow queues before the shard stops reading new client
 /// frames until the backlog drains.
 pub const MAIL_BACKLOG_MAX: usize = 16 * 1024;
 
-/// Largest number of write operations in one group commit. More pending writes wait for the
-/// next commit.
+/// Write operations waiting in the open batch beyond which the driver stops reading new client
+/// frames until a commit takes them. Not a cap on a commit: the next commit takes the whole
+/// open batch, since effects already decided commit together or not at all.
 pub const COMMIT_OPS_MAX: usize = 8 * 1024;
 
 /// Default largest group (configurable up to `GROUP_MEMBERS_LIMIT`). Beyond it: `group_full`.

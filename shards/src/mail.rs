@@ -12,6 +12,7 @@
 use std::sync::Arc;
 
 use crate::ids::{ConnId, ConvId, Seq, ShardId, UserId};
+use crate::model::FriendState;
 use crate::protocol::ErrorCode;
 
 /// Where the reply to a client request goes: a connection on a shard, and the request id.
@@ -237,13 +238,13 @@ pub enum Mail {
         to: Named,
         op: FriendOp,
     },
-    /// Home of `to` → home of `from`: `to`'s new state (a `friend` constant, 0 for none).
+    /// Home of `to` → home of `from`: `to`'s new state.
     FriendAnswer {
         reply: ReplyTo,
         from: Named,
         to: Named,
         op: FriendOp,
-        result: Result<u8, ErrorCode>,
+        result: Result<FriendState, ErrorCode>,
     },
     /// `blocker` blocks (or unblocks) the other member of one-to-one `conv`: applied by the
     /// owner to sends; the owner answers the client once durable.

@@ -42,7 +42,8 @@ use hermod_shards::engine::{Config, Output};
 use hermod_shards::ids::{ConnId, ConvId, Placement, ShardId, UserId};
 use hermod_shards::mail::Mail;
 use hermod_shards::storage::{
-    keys, kind, FriendRecord, GroupMember, MemStorage, MessageRecord, Storage,
+    keys, Flags, FriendRecord, FriendState, GroupMember, MemStorage, MessageKind, MessageRecord,
+    Storage,
 };
 use hermod_shards::Shard;
 use rand::rngs::StdRng;
@@ -226,11 +227,11 @@ enum Admin {
 }
 
 /// Whether two stored sides of a relation agree.
-fn agree(ab: u8, ba: u8) -> bool {
-    use hermod_shards::storage::friend::{FRIENDS, IN, OUT};
+fn agree(ab: FriendState, ba: FriendState) -> bool {
+    use FriendState::{Friends, Incoming, None, Requested};
     matches!(
         (ab, ba),
-        (FRIENDS, FRIENDS) | (OUT, IN) | (IN, OUT) | (0, 0)
+        (Friends, Friends) | (Requested, Incoming) | (Incoming, Requested) | (None, None)
     )
 }
 
@@ -1068,8 +1069,8 @@ impl Sim {
         self.own_sent.clear();
     }
 
-    /// `a`'s stored record of `b` (0: none), as the last commit left it.
-    fn stored_friend(&self, a: usize, b: usize) -> u8 {
+    /// `a`'s stored record of `b`, as the last commit left it.
+    fn stored_friend(&self, a: usize, b: usize) -> FriendState {
         let (ua, ub) = (
             UserId::from_username(&username(a)),
             UserId::from_username(&username(b)),
@@ -1079,7 +1080,9 @@ impl Sim {
         self.stores[home]
             .get(&key)
             .unwrap()
-            .map_or(0, |v| FriendRecord::decode(&key, &v).unwrap().state)
+            .map_or(FriendState::None, |v| {
+                FriendRecord::decode(&key, &v).unwrap().state
+            })
     }
 
     /// Groups created so far.
@@ -1135,7 +1138,7 @@ impl Sim {
             for (k, v) in rows {
                 let rec = MessageRecord::decode(&k, &v).unwrap();
                 let mut at = members.clone();
-                if rec.kind == kind::SYSTEM {
+                if rec.kind == MessageKind::System {
                     let body: Value = serde_json::from_str(&rec.body).unwrap();
                     let users: Vec<String> = body["users"]
                         .as_array()
@@ -1605,7 +1608,6 @@ impl Sim {
 
     /// Every acked edit or recall is applied to its target in storage.
     fn check_amends(&self) {
-        use hermod_shards::storage::flags;
         for &(conv, target, recall) in &self.amended {
             let owner = placement().owner(conv).0 as usize;
             let key = keys::message(conv, target);
@@ -1615,9 +1617,9 @@ impl Sim {
                 .map(|v| MessageRecord::decode(&key, &v).unwrap())
                 .unwrap_or_else(|| self.fail(format!("amended {conv}#{target} is not stored")));
             let ok = if recall {
-                rec.flags & flags::RECALLED != 0 && rec.body == "null"
+                rec.flags.contains(Flags::RECALLED) && rec.body == "null"
             } else {
-                rec.flags & (flags::EDITED | flags::RECALLED) != 0
+                rec.flags.contains(Flags::EDITED) || rec.flags.contains(Flags::RECALLED)
             };
             if !ok {
                 self.fail(format!(

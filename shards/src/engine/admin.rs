@@ -31,7 +31,7 @@ use crate::ids::{ConnId, ConvId, ShardId, UserId, SYSTEM_USERNAME};
 use crate::limits::ADMIN_REQUESTS_MAX;
 use crate::mail::{AccountAction, ConvOp, Mail, Named, ReplyTo};
 use crate::protocol::{close, ok_frame, ErrorCode};
-use crate::storage::{keys, kind, Storage, UserRecord};
+use crate::storage::{keys, MessageKind, Storage, UserRecord};
 
 /// The device name the server's own entries carry.
 const ADMIN_DEVICE: &str = "admin";
@@ -526,7 +526,7 @@ impl<S: Storage> Shard<S> {
             now_ms,
             conv,
             Event {
-                kind: kind::SYSTEM,
+                kind: MessageKind::System,
                 target: 0,
                 actor,
                 device: ADMIN_DEVICE.into(),

@@ -22,8 +22,8 @@ use crate::limits::GROUP_MEMBERS_LIMIT;
 use crate::mail::{ConvOp, Mail, Named, ReplyTo};
 use crate::protocol::{event_push, ok_frame, ErrorCode};
 use crate::storage::{
-    keys, kind, role, scan_records, FormerMember, GroupMember, GroupMeta, JoinRequest, Storage,
-    StorageError, UserConv,
+    keys, scan_records, FormerMember, GroupMember, GroupMeta, JoinRequest, MessageKind, Role,
+    Storage, StorageError, UserConv,
 };
 
 pub(super) struct Group {
@@ -81,7 +81,7 @@ impl Group {
         })
     }
 
-    pub(super) fn role_of(&self, user: UserId) -> Option<u8> {
+    pub(super) fn role_of(&self, user: UserId) -> Option<Role> {
         self.members.get(&user).map(|m| m.role)
     }
 
@@ -90,7 +90,7 @@ impl Group {
         if self.meta.disbanded {
             return Err(ErrorCode::GroupDisbanded);
         }
-        if member.muted || (self.meta.muted_all && member.role < role::ADMIN) {
+        if member.muted || (self.meta.muted_all && member.role < Role::Admin) {
             return Err(ErrorCode::Muted);
         }
         Ok(())
@@ -159,7 +159,7 @@ impl Group {
     fn admins(&self) -> impl Iterator<Item = UserId> + '_ {
         self.members
             .iter()
-            .filter(|(_, m)| m.role >= role::ADMIN)
+            .filter(|(_, m)| m.role >= Role::Admin)
             .map(|(&u, _)| u)
     }
 
@@ -182,7 +182,7 @@ impl Group {
         members.sort_by(|a, b| b.role.cmp(&a.role).then_with(|| a.name.cmp(&b.name)));
         let list: Vec<Value> = members
             .iter()
-            .map(|m| json!({ "user": m.name, "role": role::name(m.role), "muted": m.muted }))
+            .map(|m| json!({ "user": m.name, "role": m.role.name(), "muted": m.muted }))
             .collect();
         let mut out = json!({
             "conv": conv.to_string(),
@@ -317,8 +317,8 @@ impl<S: Storage> Shard<S> {
         let group = self.group_mut(conv).ok_or(NOT_A_GROUP)?;
         let me = group.members.get(&actor.0).cloned();
         let my_role = me.as_ref().map(|m| m.role);
-        let is_admin = my_role.is_some_and(|r| r >= role::ADMIN);
-        let is_owner = my_role == Some(role::OWNER);
+        let is_admin = my_role.is_some_and(|r| r >= Role::Admin);
+        let is_owner = my_role == Some(Role::Owner);
         let rid = reply.rid;
         // Reads first: allowed after disbanding.
         match op {
@@ -436,7 +436,7 @@ impl<S: Storage> Shard<S> {
             }
             ConvOp::Leave => {
                 let me = me.ok_or(NOT_MEMBER)?;
-                if me.role == role::OWNER {
+                if me.role == Role::Owner {
                     return Err((
                         ErrorCode::OwnerCannotLeave,
                         "hand the group to another member (group_transfer) or disband it",
@@ -449,7 +449,7 @@ impl<S: Storage> Shard<S> {
                 if user == actor.0 {
                     return Err((ErrorCode::BadRequest, "use group_leave to leave"));
                 }
-                if !is_admin || target.role >= my_role.unwrap_or(0) {
+                if !is_admin || target.role >= my_role.unwrap_or(Role::Member) {
                     return Err((
                         ErrorCode::Forbidden,
                         "admins remove members; only the owner removes admins",
@@ -462,14 +462,15 @@ impl<S: Storage> Shard<S> {
                     return Err(NOT_OWNER);
                 }
                 let target = group.members.get_mut(&user).ok_or(NOT_MEMBER_TARGET)?;
-                if target.role == role::OWNER {
+                if target.role == Role::Owner {
                     return Err((
                         ErrorCode::BadRequest,
                         "the owner's role changes by transfer",
                     ));
                 }
-                target.role = if admin { role::ADMIN } else { role::MEMBER };
-                let body = json!({ "event": "role", "users": [target.name], "role": role::name(target.role) });
+                target.role = if admin { Role::Admin } else { Role::Member };
+                let body =
+                    json!({ "event": "role", "users": [target.name], "role": target.role.name() });
                 self.put_member(conv, user);
                 self.changed(now_ms, reply, conv, actor, body, Vec::new(), Moves::Members);
             }
@@ -481,10 +482,10 @@ impl<S: Storage> Shard<S> {
                     return Err((ErrorCode::BadRequest, "you own this group already"));
                 }
                 let target = group.members.get_mut(&user).ok_or(NOT_MEMBER_TARGET)?;
-                target.role = role::OWNER;
+                target.role = Role::Owner;
                 let body = json!({ "event": "owner", "users": [target.name] });
                 if let Some(old) = group.members.get_mut(&actor.0) {
-                    old.role = role::ADMIN;
+                    old.role = Role::Admin;
                 }
                 group.meta.owner = user.0;
                 group.meta.info_version += 1;
@@ -506,7 +507,7 @@ impl<S: Storage> Shard<S> {
                 muted,
             } => {
                 let target = group.members.get_mut(&user).ok_or(NOT_MEMBER_TARGET)?;
-                if !is_admin || target.role >= my_role.unwrap_or(0) {
+                if !is_admin || target.role >= my_role.unwrap_or(Role::Member) {
                     return Err((
                         ErrorCode::Forbidden,
                         "admins mute members; only the owner mutes admins",
@@ -706,9 +707,9 @@ impl<S: Storage> Shard<S> {
             let member = GroupMember {
                 name: name.clone(),
                 role: if how == AddHow::Create && *user == actor.0 {
-                    role::OWNER
+                    Role::Owner
                 } else {
-                    role::MEMBER
+                    Role::Member
                 },
                 joined_seq: next_seq,
                 muted: false,
@@ -891,7 +892,7 @@ impl<S: Storage> Shard<S> {
             now_ms,
             conv,
             Event {
-                kind: kind::SYSTEM,
+                kind: MessageKind::System,
                 target: 0,
                 actor,
                 device: String::new(),

@@ -24,7 +24,7 @@ use crate::limits::PAGE_MAX;
 use crate::mail::{ConvOp, ConvSummary, GatherRef, Mail, Named, Page, ReplyTo};
 use crate::protocol::{event_push, ok_frame, ErrorCode};
 use crate::storage::{
-    flags, keys, kind, role, ConvBlocks, ConvMeta, DedupRecord, MessageRecord, Storage,
+    keys, ConvBlocks, ConvMeta, DedupRecord, Flags, MessageKind, MessageRecord, Role, Storage,
     StorageError,
 };
 
@@ -149,7 +149,7 @@ pub(super) type ReplyBuilder = Box<dyn FnOnce(Seq) -> String>;
 /// A timeline entry the owner writes itself (system messages, recall and edit events) and
 /// what happens once it is durable.
 pub(super) struct Event {
-    pub kind: u8,
+    pub kind: MessageKind,
     pub target: Seq,
     pub actor: Named,
     pub device: String,
@@ -372,9 +372,9 @@ impl<S: Storage> Shard<S> {
             device,
             ts_ms: now_ms,
             body,
-            kind: kind::MESSAGE,
+            kind: MessageKind::Message,
             target: 0,
-            flags: 0,
+            flags: Flags::NONE,
         };
         let msg: Arc<str> = rec.to_json(conv).into();
         self.put_unread(keys::message(conv, seq), rec.encode());
@@ -564,7 +564,7 @@ impl<S: Storage> Shard<S> {
             body: event.body,
             kind: event.kind,
             target: event.target,
-            flags: 0,
+            flags: Flags::NONE,
         };
         let msg: Arc<str> = rec.to_json(conv).into();
         self.put_unread(keys::message(conv, seq), rec.encode());
@@ -940,7 +940,7 @@ impl<S: Storage> Shard<S> {
         let is_admin = state
             .group
             .as_ref()
-            .is_some_and(|g| g.role_of(actor.0).is_some_and(|r| r >= role::ADMIN));
+            .is_some_and(|g| g.role_of(actor.0).is_some_and(|r| r >= Role::Admin));
         let key = keys::message(conv, seq);
         let mut target = match self
             .get_latest(&key)
@@ -950,7 +950,7 @@ impl<S: Storage> Shard<S> {
             Ok(None) => return self.error_to(reply, ErrorCode::NoSuchMessage, "no such message"),
             Err(e) => return self.storage_error_to(reply, &e),
         };
-        if target.kind != kind::MESSAGE || target.flags & flags::RECALLED != 0 {
+        if target.kind != MessageKind::Message || target.flags.contains(Flags::RECALLED) {
             return self.error_to(
                 reply,
                 ErrorCode::NoSuchMessage,
@@ -982,14 +982,14 @@ impl<S: Storage> Shard<S> {
         }
         let (event_kind, event_body) = match body {
             Some(body) => {
-                target.flags |= flags::EDITED;
+                target.flags.insert(Flags::EDITED);
                 target.body = body.clone();
-                (kind::EDIT, body)
+                (MessageKind::Edit, body)
             }
             None => {
-                target.flags |= flags::RECALLED;
+                target.flags.insert(Flags::RECALLED);
                 target.body = "null".into();
-                (kind::RECALL, "null".to_owned())
+                (MessageKind::Recall, "null".to_owned())
             }
         };
         self.put(key, target.encode());

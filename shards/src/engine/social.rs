@@ -29,8 +29,8 @@ use crate::limits::FRIENDS_MAX;
 use crate::mail::{FriendOp, GatherRef, Mail, Named, PresenceInfo, ReplyTo};
 use crate::protocol::{ok_frame, push_json_str, ErrorCode};
 use crate::storage::{
-    friend, keys, scan_records, BlockRecord, ConvBlocks, DeviceRecord, FriendRecord, ProfileRecord,
-    SocialMeta, Storage, StorageError,
+    keys, scan_records, BlockRecord, ConvBlocks, DeviceRecord, FriendRecord, FriendState,
+    ProfileRecord, SocialMeta, Storage, StorageError,
 };
 
 /// Two friend operations on one pair can cross, each deciding the other user's side first:
@@ -88,11 +88,11 @@ impl<S: Storage> Shard<S> {
         now_ms: u64,
         user: UserId,
         other: &Named,
-        state: u8,
+        state: FriendState,
         message: &str,
     ) -> Result<u64, StorageError> {
         let key = keys::user_pair(keys::FRIEND, user, other.0);
-        if state == 0 {
+        if state == FriendState::None {
             self.delete(key);
         } else {
             let rec = FriendRecord {
@@ -112,16 +112,16 @@ impl<S: Storage> Shard<S> {
         push_json_str(&mut frame, &other.1);
         frame.push_str(&format!(
             ",\"state\":\"{}\",\"version\":{version}",
-            friend::name(state)
+            state.name()
         ));
-        if state == friend::IN {
+        if state == FriendState::Incoming {
             frame.push_str(",\"message\":");
             push_json_str(&mut frame, message);
         }
         frame.push('}');
         let frame: Arc<str> = frame.into();
         self.home_ephemeral(&frame, &[user], None);
-        if state == friend::FRIENDS {
+        if state == FriendState::Friends {
             // A new friend learns this user's presence now (later changes follow by push).
             self.push_presence(user, &[other.0])?;
         }
@@ -142,12 +142,12 @@ impl<S: Storage> Shard<S> {
         let mine = self
             .friend_record(from.0, to.0)
             .map_err(|_| (ErrorCode::Internal, "storage read failed".to_owned()))?
-            .map_or(0, |r| r.state);
+            .map_or(FriendState::None, |r| r.state);
         let need = match &op {
             FriendOp::Request { .. } => None,
-            FriendOp::Accept | FriendOp::Decline => Some(friend::IN),
-            FriendOp::Cancel => Some(friend::OUT),
-            FriendOp::Remove => Some(friend::FRIENDS),
+            FriendOp::Accept | FriendOp::Decline => Some(FriendState::Incoming),
+            FriendOp::Cancel => Some(FriendState::Requested),
+            FriendOp::Remove => Some(FriendState::Friends),
         };
         if need.is_some_and(|n| n != mine) {
             return Err((
@@ -166,7 +166,7 @@ impl<S: Storage> Shard<S> {
                 )
                 .map_err(|_| (ErrorCode::Internal, "storage read failed".to_owned()))?
                 .len();
-            if mine == 0 && count >= FRIENDS_MAX {
+            if mine == FriendState::None && count >= FRIENDS_MAX {
                 return Err((
                     ErrorCode::BadRequest,
                     format!("at most {FRIENDS_MAX} friends and requests"),
@@ -218,7 +218,7 @@ impl<S: Storage> Shard<S> {
         from: &Named,
         to: &Named,
         op: &FriendOp,
-    ) -> Result<u8, Option<ErrorCode>> {
+    ) -> Result<FriendState, Option<ErrorCode>> {
         match self.get_latest(&keys::user(to.0)) {
             Ok(Some(_)) => {}
             Ok(None) => return Err(Some(ErrorCode::NoSuchUser)),
@@ -227,26 +227,28 @@ impl<S: Storage> Shard<S> {
         let theirs = self
             .friend_record(to.0, from.0)
             .map_err(|_| None)?
-            .map_or(0, |r| r.state);
+            .map_or(FriendState::None, |r| r.state);
         let new = match op {
             FriendOp::Request { message } => {
                 if self.blocks(to.0, from.0).map_err(|_| None)? {
                     return Err(Some(ErrorCode::Blocked));
                 }
                 match theirs {
-                    friend::FRIENDS => return Ok(friend::FRIENDS),
+                    FriendState::Friends => return Ok(FriendState::Friends),
                     // Both asked: that is a friendship.
-                    friend::OUT => friend::FRIENDS,
+                    FriendState::Requested => FriendState::Friends,
                     _ => {
-                        self.set_friend(now_ms, to.0, from, friend::IN, message)
+                        self.set_friend(now_ms, to.0, from, FriendState::Incoming, message)
                             .map_err(|_| None)?;
-                        return Ok(friend::IN);
+                        return Ok(FriendState::Incoming);
                     }
                 }
             }
-            FriendOp::Accept if theirs == friend::OUT => friend::FRIENDS,
+            FriendOp::Accept if theirs == FriendState::Requested => FriendState::Friends,
             FriendOp::Accept => return Err(Some(ErrorCode::NoSuchRequest)),
-            FriendOp::Decline | FriendOp::Cancel | FriendOp::Remove if theirs == 0 => {
+            FriendOp::Decline | FriendOp::Cancel | FriendOp::Remove
+                if theirs == FriendState::None =>
+            {
                 // A decline of a request whose second side (here) is still on its way.
                 let key = (to.0, from.0);
                 if matches!(op, FriendOp::Decline)
@@ -254,9 +256,9 @@ impl<S: Storage> Shard<S> {
                 {
                     self.friend_races.declined.insert(key);
                 }
-                return Ok(0);
+                return Ok(FriendState::None);
             }
-            FriendOp::Decline | FriendOp::Cancel | FriendOp::Remove => 0,
+            FriendOp::Decline | FriendOp::Cancel | FriendOp::Remove => FriendState::None,
         };
         self.set_friend(now_ms, to.0, from, new, "")
             .map_err(|_| None)?;
@@ -271,7 +273,7 @@ impl<S: Storage> Shard<S> {
         from: Named,
         to: Named,
         op: FriendOp,
-        result: Result<u8, ErrorCode>,
+        result: Result<FriendState, ErrorCode>,
     ) {
         let mut declined = false;
         if let FriendOp::Request { .. } = op {
@@ -298,26 +300,30 @@ impl<S: Storage> Shard<S> {
         };
         // What this side holds now: the other user may have asked meanwhile (see FriendRaces).
         let mine_now = match self.friend_record(from.0, to.0) {
-            Ok(record) => record.map_or(0, |r| r.state),
+            Ok(record) => record.map_or(FriendState::None, |r| r.state),
             Err(e) => return self.storage_error_to(reply, &e),
         };
         let (mine, message) = match (&op, theirs) {
-            (_, friend::FRIENDS) => (friend::FRIENDS, ""),
-            (FriendOp::Request { .. }, friend::IN) if declined => (0, ""),
-            // They asked meanwhile, or their request already made us friends: never downgrade.
-            (FriendOp::Request { .. }, friend::IN)
-                if mine_now == friend::IN || mine_now == friend::FRIENDS =>
-            {
-                (friend::FRIENDS, "")
+            (_, FriendState::Friends) => (FriendState::Friends, ""),
+            (FriendOp::Request { .. }, FriendState::Incoming) if declined => {
+                (FriendState::None, "")
             }
-            (FriendOp::Request { message }, friend::IN) => (friend::OUT, message.as_str()),
-            _ => (0, ""),
+            // They asked meanwhile, or their request already made us friends: never downgrade.
+            (FriendOp::Request { .. }, FriendState::Incoming)
+                if mine_now == FriendState::Incoming || mine_now == FriendState::Friends =>
+            {
+                (FriendState::Friends, "")
+            }
+            (FriendOp::Request { message }, FriendState::Incoming) => {
+                (FriendState::Requested, message.as_str())
+            }
+            _ => (FriendState::None, ""),
         };
         match self.set_friend(now_ms, from.0, &to, mine, message) {
             Ok(version) => {
                 let frame = ok_frame(
                     reply.rid,
-                    &json!({ "user": to.1, "state": friend::name(mine), "version": version }),
+                    &json!({ "user": to.1, "state": mine.name(), "version": version }),
                 );
                 // The other side is durable already: should this side's write fail, it is
                 // applied again (the same answer) rather than answered `internal`, which would
@@ -325,7 +331,7 @@ impl<S: Storage> Shard<S> {
                 // The retry carries this decision (not the original answer), so it writes the
                 // same state even though the race bookkeeping above is spent.
                 let decided = match mine {
-                    friend::OUT => friend::IN,
+                    FriendState::Requested => FriendState::Incoming,
                     state => state,
                 };
                 let retry = Mail::FriendAnswer {
@@ -371,11 +377,11 @@ impl<S: Storage> Shard<S> {
         for (_, rec) in rows {
             let mut entry = json!({
                 "user": rec.name,
-                "state": friend::name(rec.state),
+                "state": rec.state.name(),
                 "ts": rec.ts_ms,
                 "profile_version": rec.profile_version,
             });
-            if rec.state == friend::IN {
+            if rec.state == FriendState::Incoming {
                 entry["message"] = json!(rec.message);
             }
             list.push(entry);
@@ -589,7 +595,7 @@ impl<S: Storage> Shard<S> {
         )?;
         Ok(rows
             .into_iter()
-            .filter(|(_, rec)| rec.state == friend::FRIENDS)
+            .filter(|(_, rec)| rec.state == FriendState::Friends)
             .filter_map(|(k, _)| keys::other_of_user_pair(&k))
             .collect())
     }
@@ -656,7 +662,7 @@ impl<S: Storage> Shard<S> {
                     .friend_record(user, requester)
                     .ok()
                     .flatten()
-                    .is_some_and(|r| r.state == friend::FRIENDS);
+                    .is_some_and(|r| r.state == FriendState::Friends);
             let info: Option<PresenceInfo> = visible.then(|| {
                 let status = self.social_meta(user).map(|m| m.status).unwrap_or_default();
                 (self.presence_of(user), status)
@@ -744,7 +750,7 @@ impl<S: Storage> Shard<S> {
             let Ok(Some(mut rec)) = self.friend_record(f, user) else {
                 continue;
             };
-            if rec.state != friend::FRIENDS || rec.profile_version >= version {
+            if rec.state != FriendState::Friends || rec.profile_version >= version {
                 continue;
             }
             rec.profile_version = version;

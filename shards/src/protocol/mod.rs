@@ -13,6 +13,8 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
+use crate::model::{Flags, MessageKind};
+
 pub const PROTOCOL_VERSION: u32 = 1;
 
 mod request;
@@ -274,9 +276,8 @@ pub fn message_json(
     device: &str,
     ts_ms: u64,
     body: &str,
-    (kind, target, flags): (u8, u64, u8),
+    (kind, target, flags): (MessageKind, u64, Flags),
 ) -> String {
-    use crate::storage::{flags as f, kind as k};
     let mut out = String::with_capacity(body.len() + conv.len() + from.len() + device.len() + 96);
     out.push_str("{\"conv\":\"");
     out.push_str(conv);
@@ -285,16 +286,16 @@ pub fn message_json(
     out.push_str(",\"dev\":");
     push_json_str(&mut out, device);
     let _ = write!(out, ",\"ts\":{ts_ms},");
-    if kind != k::MESSAGE {
-        let _ = write!(out, "\"kind\":\"{}\",", k::name(kind));
+    if kind != MessageKind::Message {
+        let _ = write!(out, "\"kind\":\"{}\",", kind.name());
     }
     if target != 0 {
         let _ = write!(out, "\"target\":{target},");
     }
-    if flags & f::RECALLED != 0 {
+    if flags.contains(Flags::RECALLED) {
         out.push_str("\"recalled\":true,");
     }
-    if flags & f::EDITED != 0 {
+    if flags.contains(Flags::EDITED) {
         out.push_str("\"edited\":true,");
     }
     out.push_str("\"body\":");
@@ -362,7 +363,7 @@ mod tests {
             "pc",
             99,
             r#"{"t":"hi\n","n":[1,2]}"#,
-            (0, 0, 0),
+            (MessageKind::Message, 0, Flags::NONE),
         );
         assert!(!text.contains("kind"), "plain messages carry no kind");
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();
@@ -373,13 +374,31 @@ mod tests {
         let push: serde_json::Value = serde_json::from_str(&message_push(3, &text)).unwrap();
         assert_eq!(push["pid"], 3);
         assert_eq!(push["msg"]["conv"], "d.1.2");
-        let edit = message_json("g.1", 9, &id, "bob", "pc", 1, "\"new\"", (3, 7, 0));
+        let edit = message_json(
+            "g.1",
+            9,
+            &id,
+            "bob",
+            "pc",
+            1,
+            "\"new\"",
+            (MessageKind::Edit, 7, Flags::NONE),
+        );
         let v: serde_json::Value = serde_json::from_str(&edit).unwrap();
         assert_eq!(
             (v["kind"].as_str(), v["target"].as_u64()),
             (Some("edit"), Some(7))
         );
-        let recalled = message_json("g.1", 7, &id, "bob", "pc", 1, "null", (0, 0, 1));
+        let recalled = message_json(
+            "g.1",
+            7,
+            &id,
+            "bob",
+            "pc",
+            1,
+            "null",
+            (MessageKind::Message, 0, Flags::RECALLED),
+        );
         let v: serde_json::Value = serde_json::from_str(&recalled).unwrap();
         assert_eq!(
             (v["recalled"].as_bool(), v["body"].is_null()),

@@ -30,6 +30,7 @@ use std::collections::BTreeMap;
 use std::rc::Rc;
 
 use crate::ids::{ConvId, Seq, UserId};
+pub use crate::model::{Flags, FriendState, MessageKind, Role};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
@@ -349,25 +350,10 @@ pub struct GroupMeta {
 }
 record!(GroupMeta);
 
-pub mod role {
-    pub const MEMBER: u8 = 0;
-    pub const ADMIN: u8 = 1;
-    pub const OWNER: u8 = 2;
-
-    pub fn name(role: u8) -> &'static str {
-        match role {
-            OWNER => "owner",
-            ADMIN => "admin",
-            _ => "member",
-        }
-    }
-}
-
 #[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct GroupMember {
     pub name: String,
-    /// [`role`] constants.
-    pub role: u8,
+    pub role: Role,
     /// The seq of the system message that added this member.
     pub joined_seq: u64,
     pub muted: bool,
@@ -393,30 +379,11 @@ pub struct JoinRequest {
 }
 record!(JoinRequest);
 
-/// [`FriendRecord::state`] values (a missing record: no relation).
-pub mod friend {
-    /// This user asked the other.
-    pub const OUT: u8 = 1;
-    /// The other asked this user.
-    pub const IN: u8 = 2;
-    pub const FRIENDS: u8 = 3;
-
-    pub fn name(state: u8) -> &'static str {
-        match state {
-            OUT => "requested",
-            IN => "incoming",
-            FRIENDS => "friends",
-            _ => "none",
-        }
-    }
-}
-
 #[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct FriendRecord {
     /// The other user's name.
     pub name: String,
-    /// [`friend`] constants.
-    pub state: u8,
+    pub state: FriendState,
     /// The request's message.
     pub message: String,
     pub ts_ms: u64,
@@ -464,33 +431,6 @@ pub struct ConvBlocks {
 }
 record!(ConvBlocks);
 
-/// [`MessageRecord::kind`] values.
-pub mod kind {
-    /// A client's message.
-    pub const MESSAGE: u8 = 0;
-    /// A membership or settings change, written by the owner; `body` describes it.
-    pub const SYSTEM: u8 = 1;
-    /// Recalls message `target`.
-    pub const RECALL: u8 = 2;
-    /// Replaces the body of message `target` with this `body`.
-    pub const EDIT: u8 = 3;
-
-    pub fn name(kind: u8) -> &'static str {
-        match kind {
-            SYSTEM => "system",
-            RECALL => "recall",
-            EDIT => "edit",
-            _ => "msg",
-        }
-    }
-}
-
-/// [`MessageRecord::flags`] bits, set on a message when a later recall or edit targets it.
-pub mod flags {
-    pub const RECALLED: u8 = 1;
-    pub const EDITED: u8 = 2;
-}
-
 #[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct MessageRecord {
     pub id: [u8; 16],
@@ -501,12 +441,10 @@ pub struct MessageRecord {
     pub ts_ms: u64,
     /// The raw JSON text of the body, exactly as the client sent it (`null` once recalled).
     pub body: String,
-    /// [`kind`] constants.
-    pub kind: u8,
+    pub kind: MessageKind,
     /// For recall and edit: the seq they target. 0 otherwise.
     pub target: u64,
-    /// [`flags`] bits.
-    pub flags: u8,
+    pub flags: Flags,
 }
 record!(MessageRecord);
 
@@ -631,9 +569,9 @@ mod tests {
             device: "pc".into(),
             ts_ms: 5,
             body: "\"hi\"".into(),
-            kind: kind::EDIT,
+            kind: MessageKind::Edit,
             target: 2,
-            flags: flags::EDITED,
+            flags: Flags::EDITED,
         };
         let bytes = rec.encode();
         assert_eq!(MessageRecord::decode(b"k", &bytes).unwrap(), rec);
