@@ -21,9 +21,9 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde_json::{json, Value};
 
-use super::commit::Deferred;
+use super::effects::Deferred;
+use super::event::{uuid_v7, Event};
 use super::ops::PendingJob;
-use super::owner::{uuid_v7, Event};
 use super::{Output, Shard};
 use crate::admin::{status_of, AdminOp, NoticeTo};
 use crate::auth::{self, Job};

@@ -6,13 +6,23 @@
 //!
 //! | file | owns |
 //! | --- | --- |
-//! | `session.rs` | connections, authentication, hand-off, heartbeats, pushes and their retries |
-//! | `owner.rs` | conversations this shard owns: open, append (seq, dedup), fan-out, pages, summaries, recall and edit, read cursors |
-//! | `group.rs` | groups this shard owns: membership, roles, settings, versions, join requests |
-//! | `social.rs` | friends and requests, blocks, presence, devices (on each user's home shard) |
+//! | `session.rs` | connections: frames in (rate limits, envelope), hand-off, heartbeats, pushes and their retries |
+//! | `ops/` | client requests: the one dispatch on `protocol::Request`, a handler file per op family |
+//! | `owner.rs` | conversations this shard owns: state, open, append (seq, dedup), events, rollback |
+//! | `reads.rs` | the owner's answers from its timeline: pages, last seqs, summaries, read cursors |
+//! | `amend.rs` | the owner's other per-conversation ops: recall, edit, typing, receipts |
+//! | `group.rs` | groups this shard owns: settings, roles, the permission checks of every group op |
+//! | `members.rs` | group membership changes (two-step adds, removals) and their home side |
+//! | `social.rs` | friends and requests, blocks (on each user's home shard) |
+//! | `presence.rs` | presence, profiles, devices (on each user's home shard) |
 //! | `admin.rs` | operator requests: bulk accounts, disable, kick, notices (the admin API) |
 //! | `gather.rs` | requests that need several shards' answers: `convs`, `sync`, `history` |
-//! | `commit.rs` | group commit: the open batch, the one in flight, effects deferred until durable |
+//! | `effects.rs` | what runs once a batch is durable, or fails with it: one `Deferred` per post-commit step |
+//! | `commit.rs` | group commit mechanics: the open batch, the one in flight, reads through both |
+//! | `fanout.rs`, `event.rs` | leaves: recipients by home shard; a timeline entry the owner writes itself |
+//!
+//! Module dependencies run one way: features use `effects`, `fanout`, `event` and `commit`,
+//! never the reverse; `effects` names features' steps only as methods of `Shard`.
 //!
 //! Invariants (asserted where cheap, tested by the simulation):
 //! - A conversation's seqs are assigned here only by its owner, contiguously, and a seq is
@@ -22,11 +32,18 @@
 //!   a connection it has forgotten.
 
 mod admin;
+mod amend;
 mod commit;
+mod effects;
+mod event;
+mod fanout;
 mod gather;
 mod group;
+mod members;
 mod ops;
 mod owner;
+mod presence;
+mod reads;
 mod session;
 mod social;
 
@@ -141,7 +158,7 @@ pub struct Shard<S: Storage> {
     owned: owner::Owned,
     gathers: gather::Gathers,
     admin: admin::Admin,
-    commits: commit::Commits,
+    commits: commit::Commits<effects::Deferred>,
     jobs: HashMap<u64, ops::PendingJob>,
     next_job: u64,
     stats: Stats,

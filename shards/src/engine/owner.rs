@@ -16,21 +16,18 @@ use std::sync::Arc;
 
 use serde_json::json;
 
-use super::commit::Deferred;
+use super::effects::Deferred;
+use super::event::{uuid_v7, Event};
+use super::fanout::{by_shard, Fanout};
 use super::group::Group;
 use super::Shard;
-use crate::ids::{ConvId, Placement, Seq, ShardId, UserId};
-use crate::limits::PAGE_MAX;
-use crate::mail::{ConvOp, ConvSummary, GatherRef, Mail, Named, Page, ReplyTo};
-use crate::protocol::{event_push, ok_frame, ErrorCode};
+use crate::ids::{ConvId, Seq, UserId};
+use crate::mail::{Mail, ReplyTo};
+use crate::protocol::{ok_frame, ErrorCode};
 use crate::storage::{
-    keys, ConvBlocks, ConvMeta, DedupRecord, Flags, MessageKind, MessageRecord, Role, Storage,
+    keys, ConvBlocks, ConvMeta, DedupRecord, Flags, MessageKind, MessageRecord, Storage,
     StorageError,
 };
-
-/// Where one message goes: per destination shard, the recipients homed there. Shared by every
-/// message of a conversation until its membership changes (groups cache it).
-pub(super) type Fanout = Arc<[(ShardId, Arc<[UserId]>)]>;
 
 #[derive(Default)]
 pub(super) struct Owned {
@@ -48,7 +45,7 @@ pub(super) struct ConvState {
     /// Highest seq assigned (may be in a commit not yet durable).
     pub(super) last_seq: Seq,
     /// Highest seq durable. Everything visible to clients is `<= durable_seq`.
-    durable_seq: Seq,
+    pub(super) durable_seq: Seq,
     /// Appends assigned a seq but not yet durable, by message id, with every request
     /// waiting for that id (a retry while the original is in flight joins it).
     pending: HashMap<uuid::Uuid, Vec<ReplyTo>>,
@@ -80,7 +77,7 @@ impl ConvState {
 
     /// The owner's copy of `user`'s read cursor: in the meta record one-to-one, on the member
     /// record in a group (`None` for a non-member).
-    fn own_read(&self, conv: ConvId, user: UserId) -> Option<Seq> {
+    pub(super) fn own_read(&self, conv: ConvId, user: UserId) -> Option<Seq> {
         match (&self.group, &self.direct, conv.direct_members()) {
             (Some(group), _, _) => group.read_seq(user),
             (None, Some(meta), Some(members)) => {
@@ -92,7 +89,7 @@ impl ConvState {
     }
 
     /// Moves the owner's copy of `user`'s cursor forward to `seq`, in memory; whether it moved.
-    fn advance_read(&mut self, conv: ConvId, user: UserId, seq: Seq) -> bool {
+    pub(super) fn advance_read(&mut self, conv: ConvId, user: UserId, seq: Seq) -> bool {
         match (
             self.group.as_deref_mut(),
             &mut self.direct,
@@ -111,7 +108,7 @@ impl ConvState {
     }
 
     /// The record that holds `user`'s cursor, as it is now, to write.
-    fn read_record(&self, conv: ConvId, user: UserId) -> Option<(Vec<u8>, Vec<u8>)> {
+    pub(super) fn read_record(&self, conv: ConvId, user: UserId) -> Option<(Vec<u8>, Vec<u8>)> {
         match (&self.group, &self.direct) {
             (Some(group), _) => group.member_record(conv, user),
             (None, Some(meta)) => Some((keys::conv_meta(conv), meta.encode())),
@@ -120,7 +117,7 @@ impl ConvState {
     }
 
     /// The sender `user` may append now, or why not.
-    fn may_send(&self, conv: ConvId, user: UserId) -> Result<(), ErrorCode> {
+    pub(super) fn may_send(&self, conv: ConvId, user: UserId) -> Result<(), ErrorCode> {
         if !self.exists {
             return Err(ErrorCode::NoSuchConversation);
         }
@@ -141,25 +138,6 @@ impl ConvState {
             (None, None) => Ok(()),
         }
     }
-}
-
-/// Builds a reply frame from the seq an event was given.
-pub(super) type ReplyBuilder = Box<dyn FnOnce(Seq) -> String>;
-
-/// A timeline entry the owner writes itself (system messages, recall and edit events) and
-/// what happens once it is durable.
-pub(super) struct Event {
-    pub kind: MessageKind,
-    pub target: Seq,
-    pub actor: Named,
-    pub device: String,
-    pub body: String,
-    /// The reply to the request that caused it: built from the event's seq.
-    pub reply: Option<(ReplyTo, ReplyBuilder)>,
-    /// Who receives it beyond the members (e.g. a member just removed).
-    pub also: Vec<UserId>,
-    /// Conversation lists to clean up once durable.
-    pub unindex: Vec<UserId>,
 }
 
 struct Opening {
@@ -502,38 +480,6 @@ impl<S: Storage> Shard<S> {
         self.sent_is_read(conv, author, seq);
     }
 
-    /// A sender has read their conversation up to their own message: their own messages never
-    /// count as unread, and their cursor (the owner's copy, which `convs` and `receipts` read)
-    /// moves to it at once. It is written with the next tick's writes (`flush_cursors`): a crash
-    /// before then leaves the stored cursor where it was, and a retry of the send moves it
-    /// again. No `read` push: the peer's device sees the message itself.
-    fn sent_is_read(&mut self, conv: ConvId, author: UserId, seq: Seq) {
-        let moved = self
-            .owned
-            .convs
-            .get_mut(&conv)
-            .is_some_and(|state| state.advance_read(conv, author, seq));
-        if moved {
-            self.owned.cursors_dirty.insert((conv, author));
-        }
-    }
-
-    /// Writes the cursors moved by sends since the last tick (the records of conversations
-    /// still loaded; a dropped state was reloaded from storage, which a write would not
-    /// improve).
-    pub(super) fn flush_cursors(&mut self) {
-        for (conv, user) in std::mem::take(&mut self.owned.cursors_dirty) {
-            let record = self
-                .owned
-                .convs
-                .get(&conv)
-                .and_then(|s| s.read_record(conv, user));
-            if let Some((key, bytes)) = record {
-                self.put(key, bytes);
-            }
-        }
-    }
-
     /// Assigns the next seq to an event the owner writes itself and queues it for the commit.
     /// The caller has checked that the conversation exists and the actor may do this.
     pub(super) fn append_event(&mut self, now_ms: u64, conv: ConvId, event: Event) -> Seq {
@@ -676,367 +622,6 @@ impl<S: Storage> Shard<S> {
         }
     }
 
-    pub(super) fn owner_range(
-        &mut self,
-        gather: GatherRef,
-        user: UserId,
-        conv: ConvId,
-        (after, before): (Option<Seq>, Option<Seq>),
-        limit: usize,
-        bytes_max: usize,
-    ) {
-        let page = self.read_page(user, conv, after, before, limit, bytes_max);
-        self.forget_if_absent(conv);
-        self.mail(gather.shard, Mail::RangeDone { gather, page });
-    }
-
-    fn read_page(
-        &mut self,
-        user: UserId,
-        conv: ConvId,
-        after: Option<Seq>,
-        before: Option<Seq>,
-        limit: usize,
-        bytes_max: usize,
-    ) -> Page {
-        let limit = limit.clamp(1, PAGE_MAX) as u64;
-        let state = self.conv_state(conv).map_err(|_| ErrorCode::Internal)?;
-        if !state.exists {
-            return Err(ErrorCode::NoSuchConversation);
-        }
-        if !conv.may_have_member(user) {
-            return Err(ErrorCode::NotMember);
-        }
-        // Seqs at or below `floor` are not this member's to read, nor any past `durable`
-        // (for a former member: the entry that removed them).
-        let (floor, durable) = match &state.group {
-            None => (0, state.durable_seq),
-            Some(_) => {
-                let durable = state.durable_seq;
-                let (floor, last, member) = self.group_readable(conv, user, durable)?;
-                // A former member who has the removal entry is a non-member from then on.
-                if !member && after.is_some_and(|a| a >= last) {
-                    return Err(ErrorCode::NotMember);
-                }
-                (floor, last)
-            }
-        };
-        let after = after.map(|a| a.max(floor));
-        // [lo, hi] inclusive, within what is durable.
-        let (lo, hi, more) = match (after, before) {
-            (Some(after), _) => {
-                let hi = durable.min(after.saturating_add(limit));
-                (after + 1, hi, hi < durable)
-            }
-            (None, before) => {
-                let end = before.unwrap_or(Seq::MAX).min(durable + 1);
-                let lo = end.saturating_sub(limit).max(floor + 1);
-                (lo, end.saturating_sub(1), lo > floor + 1)
-            }
-        };
-        if lo > hi {
-            return Ok((Vec::new(), false));
-        }
-        let rows = self
-            .storage
-            .scan(
-                &keys::message(conv, lo),
-                &keys::message(conv, hi + 1),
-                limit as usize,
-                false,
-            )
-            .map_err(|_| ErrorCode::Internal)?;
-        debug_assert_eq!(
-            rows.len() as u64,
-            hi - lo + 1,
-            "durable seqs are contiguous in storage"
-        );
-        // Keep the messages nearest the cursor within the byte budget (always one): the first
-        // ones going forward, the last ones going backward.
-        let forward = after.is_some();
-        let mut msgs = Vec::with_capacity(rows.len());
-        let mut bytes = 0;
-        let mut truncated = false;
-        let ordered: Box<dyn Iterator<Item = _>> = if forward {
-            Box::new(rows.into_iter())
-        } else {
-            Box::new(rows.into_iter().rev())
-        };
-        for (k, v) in ordered {
-            let json = MessageRecord::decode(&k, &v)
-                .map_err(|_| ErrorCode::Internal)?
-                .to_json(conv);
-            if !msgs.is_empty() && bytes + json.len() > bytes_max {
-                truncated = true;
-                break;
-            }
-            bytes += json.len();
-            msgs.push(json);
-        }
-        if !forward {
-            msgs.reverse();
-        }
-        Ok((msgs, more || truncated))
-    }
-
-    pub(super) fn owner_last_seqs(
-        &mut self,
-        gather: GatherRef,
-        user: UserId,
-        convs: Vec<(usize, ConvId)>,
-    ) {
-        let mut seqs = Vec::with_capacity(convs.len());
-        for (index, conv) in convs {
-            let summary = match self.conv_state(conv) {
-                Ok(state) => summarise(conv, state, user),
-                Err(_) => ConvSummary {
-                    member: true,
-                    ..ConvSummary::default()
-                },
-            };
-            seqs.push((index, summary));
-            self.forget_if_absent(conv);
-        }
-        self.mail(gather.shard, Mail::LastSeqsDone { gather, seqs });
-    }
-
-    /// `read`, on the owner: caps the cursor at what `user` may have seen (the durable last
-    /// seq; for a former group member, the entry that removed them), records the owner's copy
-    /// — one-to-one: in the meta record, pushed to the peer's devices as a read receipt;
-    /// groups: on the member record for `receipts` — and answers the home shard with the
-    /// cursor to store. The copy is current before the reply leaves, so a `receipts` or
-    /// `convs` sent after the reply sees it (read-after-write, on any shard).
-    pub(super) fn owner_read_up_to(
-        &mut self,
-        reply: ReplyTo,
-        conv: ConvId,
-        user: UserId,
-        name: &str,
-        seq: Seq,
-    ) {
-        let (cap, last) = match self.conv_state(conv) {
-            Ok(state) if state.exists && conv.may_have_member(user) => {
-                let durable = state.durable_seq;
-                let cap = if state.group.is_some() {
-                    self.group_readable(conv, user, durable)
-                        .map(|(_, last, _)| last)
-                } else {
-                    Ok(durable)
-                };
-                (cap, durable)
-            }
-            Ok(_) => (Err(ErrorCode::NotMember), 0),
-            Err(e) => return self.storage_error_to(reply, &e),
-        };
-        let seq = match cap {
-            Ok(cap) => self.move_own_read(conv, user, name, seq.min(cap)),
-            Err(code) => {
-                self.forget_if_absent(conv);
-                return self.error_to(reply, code, "you are not in this conversation");
-            }
-        };
-        self.forget_if_absent(conv);
-        let mail = Mail::ReadCapped {
-            reply,
-            conv,
-            user,
-            seq,
-            last,
-        };
-        self.mail(reply.shard, mail);
-    }
-
-    /// Moves the owner's copy of `user`'s cursor to `seq` if that is forward — written now,
-    /// and in a one-to-one conversation pushed to the peer as a read receipt — and returns the
-    /// cursor (`seq` itself for a former member, who has no copy). The state is loaded.
-    fn move_own_read(&mut self, conv: ConvId, user: UserId, name: &str, seq: Seq) -> Seq {
-        let state = self
-            .owned
-            .convs
-            .get_mut(&conv)
-            .expect("loaded by the caller");
-        if !state.advance_read(conv, user, seq) {
-            return state.own_read(conv, user).unwrap_or(seq);
-        }
-        if let Some((key, bytes)) = state.read_record(conv, user) {
-            self.put(key, bytes);
-        }
-        let peer = conv
-            .direct_members()
-            .and_then(|m| m.into_iter().find(|&p| p != user));
-        if let Some(peer) = peer {
-            let frame: Arc<str> = event_push("read", &conv.to_string(), name, Some(seq)).into();
-            let mail = Mail::Ephemeral {
-                frame,
-                recipients: Arc::from([peer]),
-                skip_user: None,
-            };
-            self.mail(self.cfg.placement.home(peer), mail);
-        }
-        seq
-    }
-
-    /// Requests on one conversation other than `Append`: group ops go to `group.rs`.
-    pub(super) fn owner_op(
-        &mut self,
-        now_ms: u64,
-        reply: ReplyTo,
-        conv: ConvId,
-        actor: Named,
-        op: ConvOp,
-    ) {
-        let op = match op {
-            ConvOp::GroupCreate { .. } => return self.group_create(now_ms, reply, conv, actor, op),
-            // The server's own entry: its actor is no member.
-            ConvOp::Notice { body } => return self.owner_notice(now_ms, reply, conv, actor, body),
-            op => op,
-        };
-        let state = match self.conv_state(conv) {
-            Ok(state) => state,
-            Err(e) => return self.storage_error_to(reply, &e),
-        };
-        if !state.exists || !conv.may_have_member(actor.0) {
-            let code = if state.exists {
-                ErrorCode::NotMember
-            } else {
-                ErrorCode::NoSuchConversation
-            };
-            self.forget_if_absent(conv);
-            return self.error_to(reply, code, "no such conversation for you");
-        }
-        match op {
-            ConvOp::Recall { seq, device } => {
-                self.amend(now_ms, reply, conv, actor, seq, None, device)
-            }
-            ConvOp::Edit { seq, body, device } => {
-                self.amend(now_ms, reply, conv, actor, seq, Some(body), device)
-            }
-            ConvOp::Typing => self.typing(reply, conv, actor),
-            op => self.group_op(now_ms, reply, conv, actor, op),
-        }
-    }
-
-    /// Recall (`body: None`) or edit message `seq`: a new timeline entry pointing at it, and
-    /// the original marked (its body removed on recall, replaced on edit).
-    #[allow(clippy::too_many_arguments)]
-    fn amend(
-        &mut self,
-        now_ms: u64,
-        reply: ReplyTo,
-        conv: ConvId,
-        actor: Named,
-        seq: Seq,
-        body: Option<String>,
-        device: String,
-    ) {
-        let window = self.cfg.edit_window_ms;
-        let state = self.owned.convs.get(&conv).expect("loaded by owner_op");
-        if let Err(code) = state.may_send(conv, actor.0) {
-            return self.error_to(reply, code, send_refusal(code));
-        }
-        if seq == 0 || seq > state.durable_seq {
-            return self.error_to(reply, ErrorCode::NoSuchMessage, "no such message");
-        }
-        let is_admin = state
-            .group
-            .as_ref()
-            .is_some_and(|g| g.role_of(actor.0).is_some_and(|r| r >= Role::Admin));
-        let key = keys::message(conv, seq);
-        let mut target = match self
-            .get_latest(&key)
-            .and_then(|v| v.map(|b| MessageRecord::decode(&key, &b)).transpose())
-        {
-            Ok(Some(rec)) => rec,
-            Ok(None) => return self.error_to(reply, ErrorCode::NoSuchMessage, "no such message"),
-            Err(e) => return self.storage_error_to(reply, &e),
-        };
-        if target.kind != MessageKind::Message || target.flags.contains(Flags::RECALLED) {
-            return self.error_to(
-                reply,
-                ErrorCode::NoSuchMessage,
-                "only a message that is not recalled can be recalled or edited",
-            );
-        }
-        let own = target.sender == actor.0 .0;
-        let in_window = now_ms.saturating_sub(target.ts_ms) <= window;
-        let editing = body.is_some();
-        let allowed = match (editing, own) {
-            (true, true) | (false, true) => in_window || (!editing && is_admin),
-            (false, false) => is_admin,
-            (true, false) => false,
-        };
-        if !allowed {
-            return if own {
-                self.error_to(
-                    reply,
-                    ErrorCode::WindowPassed,
-                    "the window to change this message has passed",
-                )
-            } else {
-                self.error_to(
-                    reply,
-                    ErrorCode::Forbidden,
-                    "only its sender (or, to recall, a group admin) may change this message",
-                )
-            };
-        }
-        let (event_kind, event_body) = match body {
-            Some(body) => {
-                target.flags.insert(Flags::EDITED);
-                target.body = body.clone();
-                (MessageKind::Edit, body)
-            }
-            None => {
-                target.flags.insert(Flags::RECALLED);
-                target.body = "null".into();
-                (MessageKind::Recall, "null".to_owned())
-            }
-        };
-        self.put(key, target.encode());
-        let conv_text = conv.to_string();
-        self.append_event(
-            now_ms,
-            conv,
-            Event {
-                kind: event_kind,
-                target: seq,
-                actor,
-                device,
-                body: event_body,
-                reply: Some((
-                    reply,
-                    Box::new(move |event_seq| {
-                        ok_frame(
-                            reply.rid,
-                            &json!({ "conv": conv_text, "seq": event_seq, "target": seq }),
-                        )
-                    }),
-                )),
-                also: Vec::new(),
-                unindex: Vec::new(),
-            },
-        );
-    }
-
-    /// Typing notice: ephemeral, to every other member's online devices.
-    fn typing(&mut self, reply: ReplyTo, conv: ConvId, actor: Named) {
-        let state = self.owned.convs.get(&conv).expect("loaded by owner_op");
-        if let Err(code) = state.may_send(conv, actor.0) {
-            return self.error_to(reply, code, send_refusal(code));
-        }
-        let fanout = self.fanout(conv);
-        let frame: Arc<str> = event_push("typing", &conv.to_string(), &actor.1, None).into();
-        for (to, recipients) in fanout.iter() {
-            let mail = Mail::Ephemeral {
-                frame: frame.clone(),
-                recipients: recipients.clone(),
-                skip_user: Some(actor.0),
-            };
-            self.mail(*to, mail);
-        }
-        self.reply_to(reply, ok_frame(reply.rid, &json!({})));
-    }
-
     pub(super) fn storage_error_to(&mut self, reply: ReplyTo, err: &StorageError) {
         tracing::error!(shard = %self.cfg.shard, error = %err, "storage read failed");
         self.error_to(reply, ErrorCode::Internal, "storage read failed");
@@ -1062,60 +647,6 @@ pub(super) fn send_refusal(code: ErrorCode) -> &'static str {
         ErrorCode::Blocked => "this user does not accept your messages",
         _ => "not allowed",
     }
-}
-
-/// Users grouped by home shard, each user once.
-pub(super) fn by_shard(users: impl Iterator<Item = UserId>, placement: Placement) -> Fanout {
-    let mut groups: Vec<(ShardId, Vec<UserId>)> =
-        Vec::with_capacity(placement.shards().min(8) as usize);
-    let mut seen = std::collections::HashSet::new();
-    for user in users {
-        if !seen.insert(user) {
-            continue;
-        }
-        let home = placement.home(user);
-        match groups.iter_mut().find(|(s, _)| *s == home) {
-            Some((_, list)) => list.push(user),
-            None => groups.push((home, vec![user])),
-        }
-    }
-    groups
-        .into_iter()
-        .map(|(shard, users)| (shard, Arc::from(users)))
-        .collect()
-}
-
-fn summarise(conv: ConvId, state: &ConvState, user: UserId) -> ConvSummary {
-    let mut summary = ConvSummary {
-        last_seq: state.durable_seq,
-        member: conv.may_have_member(user),
-        ..ConvSummary::default()
-    };
-    if let Some(group) = &state.group {
-        summary.title = Some(group.meta.name.clone());
-        match group.floor(user) {
-            Some(floor) => summary.floor = floor,
-            None => summary.member = false,
-        }
-    }
-    summary.own_read = state.own_read(conv, user).unwrap_or(0);
-    if let Some(peer) = conv
-        .direct_members()
-        .and_then(|m| m.into_iter().find(|&p| p != user))
-    {
-        summary.peer_read = state.own_read(conv, peer);
-    }
-    summary
-}
-
-/// A UUIDv7 for `now_ms` (server-made message ids).
-pub(super) fn uuid_v7(now_ms: u64) -> uuid::Uuid {
-    let ts = uuid::Timestamp::from_unix(
-        uuid::NoContext,
-        now_ms / 1000,
-        (now_ms % 1000) as u32 * 1_000_000,
-    );
-    uuid::Uuid::new_v7(ts)
 }
 
 fn ack_frame(rid: u64, id: &uuid::Uuid, seq: Seq, ts_ms: u64) -> String {

@@ -6,7 +6,7 @@
 use rand::Rng;
 use serde_json::json;
 
-use super::super::commit::Deferred;
+use super::super::effects::Deferred;
 use super::super::session::Session;
 use super::super::Shard;
 use crate::auth::{self, Job, JobResult, TokenClaims};

@@ -5,7 +5,7 @@
 
 use serde_json::json;
 
-use super::super::commit::Deferred;
+use super::super::effects::Deferred;
 use super::super::session::Session;
 use super::super::Shard;
 use super::{bad, conv_arg, Outcome};
@@ -93,7 +93,7 @@ impl<S: Storage> Shard<S> {
         }
         let id = req
             .id
-            .unwrap_or_else(|| crate::engine::owner::uuid_v7(now_ms));
+            .unwrap_or_else(|| crate::engine::event::uuid_v7(now_ms));
         let mail = Mail::Append {
             reply: ReplyTo {
                 shard: self.cfg.shard,
