@@ -1,7 +1,7 @@
 //! One shard's driver: the glommio tasks around its `hermod_shards::Shard`.
 //!
 //! Lives entirely on the shard's own core. Tasks: the acceptor, one task per connection
-//! (`conn.rs`), one receiver and one pump per peer shard, the ticker, and short-lived tasks
+//! (`conn.rs`), one receiver and one pump per peer shard, the timer task (engine deadlines, metrics), and short-lived tasks
 //! for commits and password jobs. They share `ShardCtx` through an `Rc`; the engine sits in a
 //! `RefCell` that is never held across an `.await`, so no borrow can conflict.
 //!
@@ -47,6 +47,9 @@ const DRAIN_WRITES_MAX: Duration = Duration::from_secs(10);
 const DRAIN_SOCKETS_MAX: Duration = Duration::from_secs(2);
 /// How often RocksDB's figures for `/metrics` are read.
 const STORE_STATS_INTERVAL: Duration = Duration::from_secs(1);
+/// Longest sleep of the timer task with no engine deadline due: how often metrics are
+/// published and the shutdown flag is checked.
+const IDLE_WAKE_MS: u64 = 250;
 
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -83,6 +86,11 @@ pub struct ShardCtx {
     pub admin_token: Option<Arc<str>>,
     /// Admin requests in flight on this shard: where each one's answer goes.
     pub admin_waiters: RefCell<HashMap<ConnId, LocalSender<(u16, String)>>>,
+    /// When the timer task wakes next (ms, the engine's clock).
+    wake_at: Cell<u64>,
+    /// Wakes the timer task sooner, when an input moved the engine's next deadline earlier
+    /// than `wake_at`. One slot: a wake already pending is enough.
+    wake: LocalSender<()>,
 }
 
 struct Peer {
@@ -147,7 +155,6 @@ pub async fn run(p: Params) {
         Surface::All
     };
     let id = engine.id();
-    let tick = Duration::from_millis(engine.tick_ms());
     // Connecting a channel end waits for the other end, so receivers connect in their own tasks
     // first; otherwise two shards would each wait on the other's sender.
     let receivers: Vec<_> = mesh
@@ -169,6 +176,7 @@ pub async fn run(p: Params) {
             None => peers.push(None),
         }
     }
+    let (wake, woken) = local_channel::new_bounded(1);
     let ctx: Ctx = Rc::new(ShardCtx {
         id,
         engine: RefCell::new(engine),
@@ -188,6 +196,8 @@ pub async fn run(p: Params) {
         store_stats: Cell::new(StoreStats::default()),
         admin_token,
         admin_waiters: RefCell::new(HashMap::new()),
+        wake_at: Cell::new(0),
+        wake,
     });
 
     for (direct, rx) in pumps {
@@ -248,11 +258,29 @@ pub async fn run(p: Params) {
     };
 
     ctx.board.set_ready(ctx.id.0 as usize);
+    // The timer task: sleeps until the engine's next deadline (heartbeats, push retries, the
+    // presence flush), or sooner when an input brings one closer, or at most IDLE_WAKE_MS.
+    let mut published = 0;
     while !shutdown.load(Ordering::Relaxed) {
-        glommio::timer::sleep(tick).await;
-        ctx.engine.borrow_mut().handle_tick(now_ms());
+        let now = now_ms();
+        let deadline = ctx.engine.borrow().poll_timeout().unwrap_or(u64::MAX);
+        let wake_at = deadline.min(now + IDLE_WAKE_MS);
+        ctx.wake_at.set(wake_at);
+        let sleep = glommio::timer::sleep(Duration::from_millis(wake_at.saturating_sub(now)));
+        futures_lite::future::or(sleep, async {
+            let _ = woken.recv().await;
+        })
+        .await;
+        // Awake: it recomputes the next deadline before sleeping again, so no wake is needed
+        // until then (0 is before every deadline).
+        ctx.wake_at.set(0);
+        let now = now_ms();
+        ctx.engine.borrow_mut().handle_timeout(now);
         dispatch(&ctx);
-        ctx.publish_metrics();
+        if now >= published + IDLE_WAKE_MS {
+            published = now;
+            ctx.publish_metrics();
+        }
     }
     drop(store_stats);
     ctx.board.stopping.store(true, Ordering::Release);
@@ -412,6 +440,13 @@ pub fn dispatch(ctx: &Ctx) {
         }
     }
     kick_commit(ctx);
+    // An input may have brought the engine's next deadline closer than the timer task's sleep.
+    if let Some(at) = ctx.engine.borrow().poll_timeout() {
+        if at < ctx.wake_at.get() {
+            ctx.wake_at.set(at);
+            let _ = ctx.wake.try_send(());
+        }
+    }
 }
 
 /// Starts the next group commit if none is in flight. The commit runs on the blocking pool;

@@ -97,8 +97,9 @@ pub const TYPING_INTERVAL_MS: u64 = 1_000;
 /// the presence fan-out of one user and the `friends` reply.
 pub const FRIENDS_MAX: usize = 5_000;
 
-/// Longest interval between ticks: presence changes of one user are coalesced over it (at most
-/// one push per user per tick), so it is also about the worst delay before friends see one.
+/// The presence flush window: dirty presence (and senders' cursors) go out at most once per
+/// window, so a user's changes coalesce into at most one push per window, and it is also the
+/// worst delay before friends see one.
 pub const PRESENCE_TICK_MS: u64 = 250;
 
 /// Users named in one `presence` pull.

@@ -1402,7 +1402,7 @@ impl Sim {
             }
             60..=61 => {
                 let s = self.rng.gen_range(0..SHARDS);
-                self.shards[s].handle_tick(self.now_ms);
+                self.shards[s].handle_timeout(self.now_ms);
             }
             62 if chaos => self.operator_step(),
             _ => {

@@ -78,16 +78,7 @@ impl Admin {
 impl<S: Storage> Shard<S> {
     // ---- on the shard that took the request ----
 
-    /// An authenticated operator request arrived on pseudo-connection `conn`. Exactly one
-    /// `Output::AdminReply` for `conn` follows, now or later; `handle_disconnect(conn)` when
-    /// the driver is done with it.
-    pub fn handle_admin(&mut self, now_ms: u64, conn: ConnId, op: AdminOp) {
-        self.admin_request(now_ms, conn, op);
-        // Steps addressed to this shard itself wait in its local mail: run them now.
-        self.drain_local(now_ms);
-    }
-
-    fn admin_request(&mut self, now_ms: u64, conn: ConnId, op: AdminOp) {
+    pub(super) fn admin_request(&mut self, now_ms: u64, conn: ConnId, op: AdminOp) {
         if self.admin.requests.len() >= ADMIN_REQUESTS_MAX {
             return self.admin_error(
                 conn,

@@ -133,12 +133,6 @@ impl<S: Storage> Shard<S> {
         self.storage.get(key)
     }
 
-    /// Write operations waiting for the next commit; the driver stops admitting client frames
-    /// above `limits::COMMIT_OPS_MAX`.
-    pub fn pending_ops(&self) -> usize {
-        self.commits.open_ops()
-    }
-
     pub(super) fn internal_error(&mut self, conn: ConnId, rid: Option<u64>, err: &StorageError) {
         tracing::error!(shard = %self.cfg.shard, error = %err, "storage read failed");
         self.count_error(ErrorCode::Internal);

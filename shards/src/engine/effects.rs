@@ -104,10 +104,10 @@ impl<S: Storage> Shard<S> {
         self.defer(Deferred::ReplyTo { to, frame });
     }
 
-    /// The commit `id` finished. On failure every waiting effect — of this batch and of the open
-    /// one, which was built on top of it — answers with an error, and the owned conversations
-    /// roll back to their durable seqs, so no seq is skipped.
-    pub fn handle_commit_done(&mut self, now_ms: u64, id: u64, result: Result<(), String>) {
+    /// On failure every waiting effect — of this batch and of the open one, which was built on
+    /// top of it — answers with an error, and the owned conversations roll back to their
+    /// durable seqs, so no seq is skipped.
+    pub(super) fn commit_done(&mut self, now_ms: u64, id: u64, result: Result<(), String>) {
         let batch = self.commits.finish(id);
         match result {
             Ok(()) => {
@@ -124,7 +124,6 @@ impl<S: Storage> Shard<S> {
                 self.owner_rollback();
             }
         }
-        self.drain_local(now_ms);
     }
 
     fn apply_deferred(&mut self, now_ms: u64, effect: Deferred) {

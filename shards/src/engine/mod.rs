@@ -46,6 +46,7 @@ mod presence;
 mod reads;
 mod session;
 mod social;
+mod timers;
 
 use std::collections::{HashMap, VecDeque};
 
@@ -60,7 +61,9 @@ use crate::protocol::{error_frame, ErrorCode};
 pub use crate::storage::Durability;
 use crate::storage::{Commit, Storage};
 
+use crate::admin::AdminOp;
 pub use session::Handoff;
+use timers::Timer;
 
 /// A shard's configuration. `Config::new` gives the defaults.
 #[derive(Clone, Debug)]
@@ -159,6 +162,9 @@ pub struct Shard<S: Storage> {
     gathers: gather::Gathers,
     admin: admin::Admin,
     commits: commit::Commits<effects::Deferred>,
+    timers: timers::Timers,
+    /// When presence and cursors were last flushed (`handle_timeout`).
+    last_flush_ms: u64,
     jobs: HashMap<u64, ops::PendingJob>,
     next_job: u64,
     stats: Stats,
@@ -250,6 +256,8 @@ impl<S: Storage> Shard<S> {
             gathers: gather::Gathers::default(),
             admin: admin::Admin::default(),
             commits: commit::Commits::default(),
+            timers: timers::Timers::default(),
+            last_flush_ms: 0,
             jobs: HashMap::new(),
             next_job: 1,
             stats: Stats::default(),
@@ -298,7 +306,42 @@ impl<S: Storage> Shard<S> {
         self.cfg.placement.home(user)
     }
 
-    // ---- inputs ----
+    // ---- inputs: every one takes the current time ----
+
+    /// A new connection completed its WebSocket handshake on this shard.
+    pub fn handle_connect(&mut self, now_ms: u64, conn: ConnId) {
+        self.connect(now_ms, conn);
+    }
+
+    /// A connection handed off by another shard arrived; run the request that moved it.
+    pub fn handle_adopt(&mut self, now_ms: u64, conn: ConnId, handoff: Handoff) {
+        self.adopt(now_ms, conn, handoff);
+        self.drain_local(now_ms);
+    }
+
+    /// A text frame from a client.
+    pub fn handle_frame(&mut self, now_ms: u64, conn: ConnId, text: &str) {
+        self.frame(now_ms, conn, text);
+        self.drain_local(now_ms);
+    }
+
+    /// Any sign of life that is not a text frame (a pong, a ping).
+    pub fn handle_activity(&mut self, now_ms: u64, conn: ConnId) {
+        self.activity(now_ms, conn);
+    }
+
+    /// The socket closed (by the peer, an error, or after our own `Close`).
+    pub fn handle_disconnect(&mut self, _now_ms: u64, conn: ConnId) {
+        self.disconnect(conn);
+    }
+
+    /// An authenticated operator request arrived on pseudo-connection `conn`. Exactly one
+    /// `Output::AdminReply` for `conn` follows, now or later; `handle_disconnect(conn)` when
+    /// the driver is done with it.
+    pub fn handle_admin(&mut self, now_ms: u64, conn: ConnId, op: AdminOp) {
+        self.admin_request(now_ms, conn, op);
+        self.drain_local(now_ms);
+    }
 
     /// A mail from another shard.
     pub fn handle_mail(&mut self, now_ms: u64, mail: Mail) {
@@ -314,20 +357,60 @@ impl<S: Storage> Shard<S> {
         self.drain_local(now_ms);
     }
 
-    /// Periodic work: heartbeats and push retries. Call every `tick_ms()` or so.
-    pub fn handle_tick(&mut self, now_ms: u64) {
-        self.tick_sessions(now_ms);
-        self.flush_cursors();
+    /// The commit `id` (from `poll_commit`) finished: its effects run now, in order.
+    pub fn handle_commit_done(&mut self, now_ms: u64, id: u64, result: Result<(), String>) {
+        self.commit_done(now_ms, id, result);
         self.drain_local(now_ms);
     }
 
-    /// How often the driver should call `handle_tick`: often enough for push retries, and at
-    /// most 250 ms because presence changes go out on the tick (its coalescing window).
-    pub fn tick_ms(&self) -> u64 {
-        (self.cfg.push_retry_ms / 4).clamp(10, limits::PRESENCE_TICK_MS)
+    /// Time passed `poll_timeout()`: runs what is due — heartbeats, push retries, and the
+    /// flush of presence changes and senders' cursors (at most one per `PRESENCE_TICK_MS`).
+    /// Calling it early, or often, is harmless: only what is due runs.
+    pub fn handle_timeout(&mut self, now_ms: u64) {
+        while let Some(timer) = self.timers.pop_due(now_ms) {
+            match timer {
+                Timer::Heartbeat(conn) => self.heartbeat(now_ms, conn),
+                Timer::Retry(conn) => self.retry_pushes(now_ms, conn),
+            }
+        }
+        if self.flush_at().is_some_and(|at| at <= now_ms) {
+            self.last_flush_ms = now_ms;
+            self.flush_presence();
+            self.flush_cursors();
+        }
+        self.drain_local(now_ms);
+    }
+
+    /// The server is stopping: close every connection with 1001 (going away).
+    pub fn handle_shutdown(&mut self) {
+        self.shutdown();
     }
 
     // ---- outputs ----
+
+    /// When `handle_timeout` next has work: the earliest deadline, in the clock of the inputs'
+    /// `now_ms`. `None`: nothing is scheduled. Any input may move it earlier, so a driver asks
+    /// again after each one.
+    pub fn poll_timeout(&self) -> Option<u64> {
+        match (self.timers.next(), self.flush_at()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// When the dirty presence and cursors go out: `PRESENCE_TICK_MS` after the last flush,
+    /// which coalesces a user's flapping into at most one push per window.
+    fn flush_at(&self) -> Option<u64> {
+        let dirty =
+            !self.sessions.presence_dirty.is_empty() || !self.owned.cursors_dirty.is_empty();
+        dirty.then_some(self.last_flush_ms + limits::PRESENCE_TICK_MS)
+    }
+
+    /// Write operations waiting for the next commit; the driver stops admitting client frames
+    /// above `limits::COMMIT_OPS_MAX`.
+    pub fn pending_ops(&self) -> usize {
+        self.commits.open_ops()
+    }
 
     pub fn poll_output(&mut self) -> Option<Output> {
         let out = self.out.pop_front();
@@ -695,5 +778,68 @@ mod fuzz {
             );
         }
         assert_eq!(shard.loaded_conversations(), 0);
+    }
+}
+
+#[cfg(test)]
+mod deadlines {
+    //! Time through `poll_timeout`/`handle_timeout`: a connection's heartbeat runs at its
+    //! deadline only, moves with activity, pings, and closes at the timeout.
+    use super::*;
+    use crate::protocol::close;
+    use crate::storage::MemStorage;
+
+    fn outputs(shard: &mut Shard<MemStorage>) -> Vec<Output> {
+        std::iter::from_fn(|| shard.poll_output()).collect()
+    }
+
+    #[test]
+    fn heartbeats_run_at_their_deadlines() {
+        let mut cfg = Config::new(ShardId(0), 1, [1; 32]);
+        cfg.heartbeat_interval_ms = 1_000;
+        cfg.heartbeat_timeout_ms = 3_000;
+        let mut shard = Shard::new(cfg, MemStorage::default());
+        let conn = ConnId(1);
+        assert_eq!(
+            shard.poll_timeout(),
+            None,
+            "nothing to do without connections"
+        );
+        shard.handle_connect(0, conn);
+        assert_eq!(shard.poll_timeout(), Some(1_000));
+        shard.handle_timeout(999);
+        assert!(outputs(&mut shard).is_empty(), "not due yet");
+        shard.handle_timeout(1_000);
+        assert!(matches!(outputs(&mut shard)[..], [Output::Ping { conn: c }] if c == conn));
+        shard.handle_activity(1_500, conn);
+        shard.handle_timeout(2_000);
+        assert!(
+            outputs(&mut shard).is_empty(),
+            "heard from 500 ms ago: no ping"
+        );
+        assert_eq!(
+            shard.poll_timeout(),
+            Some(2_500),
+            "rescheduled from the activity"
+        );
+        for at in [2_500, 3_500] {
+            shard.handle_timeout(at);
+            assert!(
+                matches!(outputs(&mut shard)[..], [Output::Ping { .. }]),
+                "at {at}"
+            );
+        }
+        assert_eq!(shard.poll_timeout(), Some(4_500));
+        shard.handle_timeout(4_500);
+        match &outputs(&mut shard)[..] {
+            [Output::Close { code, .. }] => assert_eq!(*code, close::HEARTBEAT_TIMEOUT),
+            other => panic!("{other:?}"),
+        }
+        shard.handle_timeout(10_000);
+        assert!(
+            outputs(&mut shard).is_empty(),
+            "a closed connection's entry just expires"
+        );
+        assert_eq!(shard.poll_timeout(), None);
     }
 }

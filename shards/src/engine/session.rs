@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
+use super::timers::Timer;
 use super::{Output, Shard};
 use crate::ids::{ConnId, UserId};
 use crate::limits::{HELD_FRAMES_MAX, UNACKED_PUSHES_MAX};
@@ -57,6 +58,8 @@ pub(super) struct Conn {
     window_start_ms: u64,
     window_requests: u32,
     unacked: BTreeMap<u64, Unacked>,
+    /// A `Retry` deadline is scheduled for this connection (at most one is).
+    retry_armed: bool,
 }
 
 #[derive(Default)]
@@ -90,8 +93,7 @@ fn rid_of(text: &str) -> Option<u64> {
 impl<S: Storage> Shard<S> {
     // ---- connection lifecycle ----
 
-    /// A new connection completed its WebSocket handshake on this shard.
-    pub fn handle_connect(&mut self, now_ms: u64, conn: ConnId) {
+    pub(super) fn connect(&mut self, now_ms: u64, conn: ConnId) {
         let fresh = Conn {
             session: None,
             busy: false,
@@ -104,28 +106,28 @@ impl<S: Storage> Shard<S> {
             window_start_ms: now_ms,
             window_requests: 0,
             unacked: BTreeMap::new(),
+            retry_armed: false,
         };
         let previous = self.sessions.conns.insert(conn, fresh);
         assert!(previous.is_none(), "connection ids are never reused");
+        let interval = self.cfg.heartbeat_interval_ms;
+        self.timers.at(now_ms + interval, Timer::Heartbeat(conn));
     }
 
-    /// A connection handed off by another shard arrived; run the request that moved it.
-    pub fn handle_adopt(&mut self, now_ms: u64, conn: ConnId, handoff: Handoff) {
-        self.handle_connect(now_ms, conn);
+    pub(super) fn adopt(&mut self, now_ms: u64, conn: ConnId, handoff: Handoff) {
+        self.connect(now_ms, conn);
         if let Some(c) = self.sessions.conns.get_mut(&conn) {
             c.failed_logins = handoff.failed_logins;
         }
-        self.handle_frame(now_ms, conn, &handoff.frame);
+        self.frame(now_ms, conn, &handoff.frame);
     }
 
-    /// The socket closed (by the peer, an error, or after our own `Close`).
-    pub fn handle_disconnect(&mut self, _now_ms: u64, conn: ConnId) {
+    pub(super) fn disconnect(&mut self, conn: ConnId) {
         self.forget(conn);
         self.forget_admin(conn);
     }
 
-    /// Any sign of life that is not a text frame (a pong, a ping).
-    pub fn handle_activity(&mut self, now_ms: u64, conn: ConnId) {
+    pub(super) fn activity(&mut self, now_ms: u64, conn: ConnId) {
         if let Some(c) = self.sessions.conns.get_mut(&conn) {
             c.last_in_ms = now_ms;
         }
@@ -158,12 +160,6 @@ impl<S: Storage> Shard<S> {
     }
 
     // ---- frames ----
-
-    /// A text frame from a client.
-    pub fn handle_frame(&mut self, now_ms: u64, conn: ConnId, text: &str) {
-        self.frame(now_ms, conn, text);
-        self.drain_local(now_ms);
-    }
 
     pub(super) fn frame(&mut self, now_ms: u64, conn: ConnId, text: &str) {
         let Some(c) = self.sessions.conns.get_mut(&conn) else {
@@ -327,6 +323,11 @@ impl<S: Storage> Shard<S> {
                 sent_ms: now_ms,
             },
         );
+        if !c.retry_armed {
+            c.retry_armed = true;
+            self.timers
+                .at(now_ms + self.cfg.push_retry_ms, Timer::Retry(conn));
+        }
         self.stats.pushes += 1;
         self.out.push_back(Output::Send { conn, frame });
     }
@@ -346,36 +347,54 @@ impl<S: Storage> Shard<S> {
 
     // ---- time ----
 
-    pub(super) fn tick_sessions(&mut self, now_ms: u64) {
-        let timeout = self.cfg.heartbeat_timeout_ms;
-        let interval = self.cfg.heartbeat_interval_ms;
+    /// A connection's heartbeat deadline passed: close it if silent for the timeout, ping it if
+    /// silent for the interval (and not pinged within it), then schedule the next check.
+    pub(super) fn heartbeat(&mut self, now_ms: u64, conn: ConnId) {
+        let (timeout, interval) = (
+            self.cfg.heartbeat_timeout_ms,
+            self.cfg.heartbeat_interval_ms,
+        );
+        let Some(c) = self.sessions.conns.get_mut(&conn) else {
+            return; // closed since: its entry just expires
+        };
+        let silent_ms = now_ms.saturating_sub(c.last_in_ms);
+        if silent_ms >= timeout {
+            return self.close(conn, close::HEARTBEAT_TIMEOUT, "heartbeat timeout");
+        }
+        if silent_ms >= interval && now_ms.saturating_sub(c.last_ping_ms) >= interval {
+            c.last_ping_ms = now_ms;
+            self.out.push_back(Output::Ping { conn });
+        }
+        let ping_at = c.last_in_ms.max(c.last_ping_ms) + interval;
+        let close_at = c.last_in_ms + timeout;
+        self.timers
+            .at(ping_at.min(close_at), Timer::Heartbeat(conn));
+    }
+
+    /// A connection's retry deadline passed: resend every push that has waited
+    /// `push_retry_ms` for its ack, then schedule the next retry, if anything is unacked.
+    pub(super) fn retry_pushes(&mut self, now_ms: u64, conn: ConnId) {
         let retry = self.cfg.push_retry_ms;
-        let mut dead = Vec::new();
-        for (&conn, c) in self.sessions.conns.iter_mut() {
-            let silent_ms = now_ms.saturating_sub(c.last_in_ms);
-            if silent_ms >= timeout {
-                dead.push(conn);
-                continue;
+        let Some(c) = self.sessions.conns.get_mut(&conn) else {
+            return;
+        };
+        let mut next: Option<u64> = None;
+        for (&pid, unacked) in c.unacked.iter_mut() {
+            if now_ms.saturating_sub(unacked.sent_ms) >= retry {
+                unacked.sent_ms = now_ms;
+                self.stats.push_retries += 1;
+                self.out.push_back(Output::Send {
+                    conn,
+                    frame: message_push(pid, &unacked.msg),
+                });
             }
-            if silent_ms >= interval && now_ms.saturating_sub(c.last_ping_ms) >= interval {
-                c.last_ping_ms = now_ms;
-                self.out.push_back(Output::Ping { conn });
-            }
-            for (&pid, unacked) in c.unacked.iter_mut() {
-                if now_ms.saturating_sub(unacked.sent_ms) >= retry {
-                    unacked.sent_ms = now_ms;
-                    self.stats.push_retries += 1;
-                    self.out.push_back(Output::Send {
-                        conn,
-                        frame: message_push(pid, &unacked.msg),
-                    });
-                }
-            }
+            let due = unacked.sent_ms + retry;
+            next = Some(next.map_or(due, |n| n.min(due)));
         }
-        for conn in dead {
-            self.close(conn, close::HEARTBEAT_TIMEOUT, "heartbeat timeout");
+        c.retry_armed = next.is_some();
+        if let Some(at) = next {
+            self.timers.at(at, Timer::Retry(conn));
         }
-        self.flush_presence();
     }
 }
 
@@ -387,8 +406,7 @@ pub(super) fn already_authenticated() -> (ErrorCode, String) {
 }
 
 impl<S: Storage> Shard<S> {
-    /// The server is stopping: close every connection with 1001 (going away).
-    pub fn handle_shutdown(&mut self) {
+    pub(super) fn shutdown(&mut self) {
         let conns: Vec<ConnId> = self.sessions.conns.keys().copied().collect();
         for conn in conns {
             self.close(conn, close::GOING_AWAY, "server shutting down");
