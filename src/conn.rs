@@ -1,37 +1,31 @@
 //! One client socket on its shard: the HTTP request, the WebSocket upgrade, then frames in
-//! and out until close or hand-off. Also the admin API's HTTP side: authentication (bearer
-//! token, constant time) and the wait for the engine's answer.
+//! and out until close or hand-off (the admin API's requests go on to `admin_http.rs`).
 //!
 //! One task per connection does both directions: it waits for either readable bytes or work
 //! in its [`Outbox`], so no lock or split stream is needed. Bytes read go to the shard's
 //! shared scratch buffer, then to the connection's buffer until decoded; that buffer is
 //! released when drained if it grew past `KEEP_BUFFER_BYTES`, so idle connections stay small.
 //!
-//! Outbox policy: at most `OUTBOX_BYTES_MAX` bytes queued; a push beyond it closes the
-//! connection (4001, slow consumer) — the device loses nothing, it syncs on reconnect. Writes
-//! time out after `WRITE_TIMEOUT`, so a peer that stops reading cannot pin a task.
+//! Writes time out after `WRITE_TIMEOUT`, so a peer that stops reading cannot pin a task.
 
-use std::cell::RefCell;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::pin::Pin;
 use std::rc::Rc;
-use std::task::{Poll, Waker};
+use std::task::Poll;
 use std::time::Duration;
 
 use futures_lite::{AsyncRead, AsyncWriteExt};
-use glommio::channels::local_channel;
 use glommio::net::TcpStream;
-use hermod_shards::admin::{status_of, AdminOp};
 use hermod_shards::engine::Handoff;
-use hermod_shards::limits::OUTBOX_BYTES_MAX;
 use hermod_shards::protocol::close;
 use hermod_shards::{ConnId, ShardId};
-use subtle::ConstantTimeEq;
 
+use crate::admin_http::{admin, admin_auth, admin_error};
+use crate::ctx::{dispatch, now_ms, Ctx};
 use crate::http::{self, Route};
 use crate::mesh::Envelope;
 use crate::metrics::Refusal;
-use crate::shard::{dispatch, now_ms, Ctx};
+use crate::outbox::{Close, Outbox};
 use crate::ws::{self, Decoder, Message};
 
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -46,110 +40,6 @@ const CLOSE_LINGER_BYTES_MAX: usize = 16 * 1024 * 1024;
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// Kept between messages only if small: an idle connection should hold (almost) nothing.
 const KEEP_BUFFER_BYTES: usize = 4 * 1024;
-/// Longest an admin request may run: a bulk creation of `ADMIN_CREATE_MAX` users hashes each
-/// password at full cost, one at a time per shard.
-const ADMIN_TIMEOUT: Duration = Duration::from_secs(300);
-
-/// Frames waiting to be written to one connection, and what the engine decided about it.
-#[derive(Default)]
-pub struct Outbox {
-    inner: RefCell<OutboxInner>,
-}
-
-#[derive(Default)]
-struct OutboxInner {
-    bytes: Vec<u8>,
-    waker: Option<Waker>,
-    close: Option<Close>,
-    handoff: Option<(ShardId, Handoff)>,
-}
-
-impl Outbox {
-    /// Queues a text frame; false (and the connection is being closed) if the outbox is full.
-    pub fn push_text(&self, text: &str) -> bool {
-        let mut inner = self.inner.borrow_mut();
-        if inner.close.is_some() {
-            return true;
-        }
-        if inner.bytes.len() + text.len() > OUTBOX_BYTES_MAX {
-            inner.close = Some(Close {
-                code: close::SLOW_CONSUMER,
-                reason: close::reason::OUTBOX_FULL,
-                by_peer: false,
-            });
-            inner.bytes.clear();
-            wake(&mut inner);
-            return false;
-        }
-        ws::encode_text(&mut inner.bytes, text);
-        wake(&mut inner);
-        true
-    }
-
-    pub fn push_ping(&self) {
-        let mut inner = self.inner.borrow_mut();
-        ws::encode_ping(&mut inner.bytes);
-        wake(&mut inner);
-    }
-
-    fn push_pong(&self, payload: &[u8]) {
-        let mut inner = self.inner.borrow_mut();
-        ws::encode_pong(&mut inner.bytes, payload);
-    }
-
-    pub fn close(&self, code: u16, reason: &'static str) {
-        let mut inner = self.inner.borrow_mut();
-        inner.close.get_or_insert(Close {
-            code,
-            reason,
-            by_peer: false,
-        });
-        wake(&mut inner);
-    }
-
-    /// Answers the client's close frame with its own code.
-    fn close_echo(&self, code: u16) {
-        let mut inner = self.inner.borrow_mut();
-        inner.close.get_or_insert(Close {
-            code,
-            reason: "",
-            by_peer: true,
-        });
-        wake(&mut inner);
-    }
-
-    pub fn hand_off(&self, to: ShardId, handoff: Handoff) {
-        let mut inner = self.inner.borrow_mut();
-        inner.handoff = Some((to, handoff));
-        wake(&mut inner);
-    }
-
-    fn has_work(&self) -> bool {
-        let inner = self.inner.borrow();
-        !inner.bytes.is_empty() || inner.close.is_some() || inner.handoff.is_some()
-    }
-
-    /// A hand-off or a close is pending: read no further frames.
-    fn stop_reading(&self) -> bool {
-        let inner = self.inner.borrow();
-        inner.handoff.is_some() || inner.close.is_some()
-    }
-}
-
-/// A close frame to send, and who started the close.
-#[derive(Clone, Copy)]
-struct Close {
-    code: u16,
-    reason: &'static str,
-    /// The client sent its close frame first; this one answers it.
-    by_peer: bool,
-}
-
-fn wake(inner: &mut OutboxInner) {
-    if let Some(waker) = inner.waker.take() {
-        waker.wake();
-    }
-}
 
 enum Event {
     Readable,
@@ -171,7 +61,7 @@ async fn next_event(
         if outbox.has_work() {
             return Poll::Ready(Event::Work);
         }
-        outbox.inner.borrow_mut().waker = Some(cx.waker().clone());
+        outbox.set_waker(cx.waker());
         let mut scratch = ctx.scratch.borrow_mut();
         match Pin::new(&mut *stream).poll_read(cx, &mut scratch[..]) {
             Poll::Ready(Ok(0)) => Poll::Ready(Event::Eof),
@@ -356,74 +246,6 @@ async fn serve_http(
     }
 }
 
-/// An admin answer: HTTP status and JSON body.
-type AdminAnswer = (u16, String);
-
-fn admin_error(status: u16, code: &str, message: &str) -> AdminAnswer {
-    let body = serde_json::json!({ "error": { "code": code, "message": message } });
-    (status, body.to_string())
-}
-
-/// The admin API is on and the request carries its token.
-fn admin_auth(ctx: &Ctx, req: &http::AdminRequest) -> Result<(), AdminAnswer> {
-    let Some(token) = &ctx.admin_token else {
-        return Err(admin_error(
-            404,
-            "admin_disabled",
-            "the admin API is off: configure admin_token",
-        ));
-    };
-    let presented = req.bearer.as_deref().unwrap_or("");
-    // Constant time, so the comparison does not leak how much of a guess was right.
-    if !bool::from(presented.as_bytes().ct_eq(token.as_bytes())) {
-        tracing::debug!(shard = %ctx.id, path = req.path, "admin request with a wrong or missing token");
-        return Err(admin_error(
-            401,
-            "unauthorized",
-            "send the admin token as Authorization: Bearer <token>",
-        ));
-    }
-    Ok(())
-}
-
-/// Runs one authenticated admin request: stats from the board, or the engine's answer.
-async fn admin(ctx: &Ctx, req: &http::AdminRequest, body: &[u8]) -> AdminAnswer {
-    let error = admin_error;
-    let body_bytes_max = ctx.engine.borrow().config().body_bytes_max;
-    let op = match AdminOp::parse(&req.method, &req.path, body, body_bytes_max) {
-        Ok(AdminOp::Stats) => return (200, ctx.board.stats_json().to_string()),
-        Ok(op) => op,
-        Err((code, message)) => return error(status_of(Some(code)), code.as_str(), &message),
-    };
-    tracing::info!(shard = %ctx.id, op = %op.summary(), "admin request");
-    // The answer arrives through `dispatch` (Output::AdminReply) on a one-slot channel: an
-    // admin request needs no outbox, so connections carry no field for it.
-    let conn = ctx.new_conn_id();
-    let (answer_tx, answer_rx) = local_channel::new_bounded(1);
-    ctx.admin_waiters.borrow_mut().insert(conn, answer_tx);
-    ctx.engine.borrow_mut().handle_admin(now_ms(), conn, op);
-    dispatch(ctx);
-    let answered = async {
-        answer_rx
-            .recv()
-            .await
-            .unwrap_or_else(|| error(500, "internal", "the request was dropped unanswered"))
-    };
-    let timeout = async {
-        glommio::timer::sleep(ADMIN_TIMEOUT).await;
-        error(
-            504,
-            "timeout",
-            "the request did not finish in time; it may still complete",
-        )
-    };
-    let answer = futures_lite::future::or(answered, timeout).await;
-    ctx.admin_waiters.borrow_mut().remove(&conn);
-    ctx.engine.borrow_mut().handle_disconnect(now_ms(), conn);
-    dispatch(ctx);
-    answer
-}
-
 /// The WebSocket phase. Ends on close, error, or hand-off; always unregisters the connection.
 async fn serve_ws(
     ctx: &Ctx,
@@ -521,11 +343,8 @@ async fn ws_loop(
         }
 
         // Flush, then act on a close or a hand-off.
-        let (bytes, close, handoff) = {
-            let mut inner = outbox.inner.borrow_mut();
-            std::mem::swap(&mut inner.bytes, &mut out);
-            (!out.is_empty(), inner.close.take(), inner.handoff.take())
-        };
+        let (close, handoff) = outbox.take_work(&mut out);
+        let bytes = !out.is_empty();
         if bytes {
             stream.write_all(&out).await?;
             out.clear();

@@ -1,9 +1,9 @@
 //! One shard's driver: the glommio tasks around its `hermod_shards::Shard`.
 //!
 //! Lives entirely on the shard's own core. Tasks: the acceptor, one task per connection
-//! (`conn.rs`), one receiver and one pump per peer shard, the timer task (engine deadlines, metrics), and short-lived tasks
-//! for commits and password jobs. They share `ShardCtx` through an `Rc`; the engine sits in a
-//! `RefCell` that is never held across an `.await`, so no borrow can conflict.
+//! (`conn.rs`), one receiver and one pump per peer shard, the timer task (engine deadlines,
+//! metrics), and short-lived tasks for commits and password jobs (`ctx.rs`). They share
+//! `ShardCtx` through an `Rc`.
 //!
 //! Off-reactor work: commits (`RocksStorage::write`, which may fsync) and argon2 run on the
 //! executor's blocking pool. At most `HASH_JOBS_MAX` users' hashes and `BULK_HASH_JOBS_MAX`
@@ -16,22 +16,20 @@ use std::os::fd::{FromRawFd, IntoRawFd};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use glommio::channels::local_channel::{self, LocalSender};
-use glommio::channels::shared_channel::ConnectedSender;
+use glommio::channels::local_channel::{self};
 use glommio::net::{TcpListener, TcpStream};
 use glommio::sync::Semaphore;
-use glommio::{GlommioError, ResourceType};
 use hermod_shards::auth::HashCost;
-use hermod_shards::limits::{COMMIT_OPS_MAX, MAIL_BACKLOG_MAX};
 use hermod_shards::storage::Durability;
-use hermod_shards::{ConnId, Output, Shard, ShardId};
+use hermod_shards::Shard;
 use hermod_store::{RocksStorage, StoreStats};
 
-use crate::conn::{self, Outbox, Surface};
+use crate::conn::{self, Surface};
+use crate::ctx::{dispatch, now_ms, Ctx, Peer, ShardCtx};
 use crate::mesh::{Ends, Envelope};
-use crate::metrics::{Board, Sample};
+use crate::metrics::Board;
 
 /// Blocking-pool threads per shard, and how many of them argon2 may occupy: for users'
 /// register/login, and apart for the admin API's bulk creation.
@@ -50,55 +48,6 @@ const STORE_STATS_INTERVAL: Duration = Duration::from_secs(1);
 /// Longest sleep of the timer task with no engine deadline due: how often metrics are
 /// published and the shutdown flag is checked.
 const IDLE_WAKE_MS: u64 = 250;
-
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
-pub struct ShardCtx {
-    pub id: ShardId,
-    pub engine: RefCell<Shard<RocksStorage>>,
-    store: RocksStorage,
-    durability: Durability,
-    hash_cost: HashCost,
-    hash_slots: Rc<Semaphore>,
-    bulk_hash_slots: Rc<Semaphore>,
-    pub conns: RefCell<HashMap<ConnId, Rc<Outbox>>>,
-    next_conn: Cell<u64>,
-    peers: Vec<Option<Peer>>,
-    /// Mails queued locally because a peer channel was full.
-    backlog: Cell<usize>,
-    committing: Cell<bool>,
-    /// Shared read buffer: a socket read lands here (one 64 KiB buffer per shard, not per
-    /// connection) and is then appended to the connection's own buffer, which holds only bytes
-    /// not yet decoded and is released once drained if it grew past 4 KiB. Decoding straight
-    /// from here would save that copy; not done yet.
-    pub scratch: RefCell<Vec<u8>>,
-    pub frame_bytes_max: usize,
-    /// Server-wide metrics; this shard writes only its own slot.
-    pub board: Arc<Board>,
-    /// RocksDB's figures for this shard's column family, refreshed off the reactor (reading
-    /// them may wait on RocksDB's mutex) about once a second.
-    store_stats: Cell<StoreStats>,
-    /// The operator's bearer token for `/admin/…`; `None` turns the admin API off.
-    pub admin_token: Option<Arc<str>>,
-    /// Admin requests in flight on this shard: where each one's answer goes.
-    pub admin_waiters: RefCell<HashMap<ConnId, LocalSender<(u16, String)>>>,
-    /// When the timer task wakes next (ms, the engine's clock).
-    wake_at: Cell<u64>,
-    /// Wakes the timer task sooner, when an input moved the engine's next deadline earlier
-    /// than `wake_at`. One slot: a wake already pending is enough.
-    wake: LocalSender<()>,
-}
-
-struct Peer {
-    direct: Rc<ConnectedSender<Envelope>>,
-    queue: LocalSender<Envelope>,
-}
-
-pub type Ctx = Rc<ShardCtx>;
 
 pub struct Params {
     pub engine: Shard<RocksStorage>,
@@ -326,160 +275,4 @@ fn accept(ctx: &Ctx, listener: TcpListener, surface: Surface) -> glommio::Task<(
             }
         }
     })
-}
-
-impl ShardCtx {
-    fn publish_metrics(&self) {
-        let engine = self.engine.borrow();
-        let sample = Sample {
-            stats: engine.stats(),
-            connections: engine.connections(),
-            users_online: engine.users_online(),
-            devices_online: engine.devices_online(),
-            pending_writes: engine.pending_ops(),
-            loaded_conversations: engine.loaded_conversations(),
-            mail_backlog: self.backlog.get(),
-            store: self.store_stats.get(),
-        };
-        self.board.publish(self.id.0 as usize, &sample);
-    }
-
-    pub fn new_conn_id(&self) -> ConnId {
-        let n = self.next_conn.get();
-        self.next_conn.set(n + 1);
-        ConnId(n)
-    }
-
-    /// True while new client frames should wait: mail or writes are piling up.
-    pub fn overloaded(&self) -> bool {
-        self.backlog.get() > MAIL_BACKLOG_MAX || self.engine.borrow().pending_ops() > COMMIT_OPS_MAX
-    }
-
-    pub fn send_envelope(&self, to: ShardId, envelope: Envelope) {
-        let Some(Some(peer)) = self.peers.get(to.0 as usize) else {
-            tracing::error!(shard = %self.id, to = %to, "mail to an unknown shard dropped");
-            return;
-        };
-        let envelope = if self.backlog.get() == 0 {
-            match peer.direct.try_send(envelope) {
-                Ok(()) => return,
-                Err(GlommioError::WouldBlock(ResourceType::Channel(envelope))) => envelope,
-                Err(_) => return, // closed: the peer stopped, only at shutdown
-            }
-        } else {
-            envelope
-        };
-        self.backlog.set(self.backlog.get() + 1);
-        if peer.queue.try_send(envelope).is_err() {
-            // Unbounded local queue: fails only if the pump ended, i.e. the peer is gone.
-            self.backlog.set(self.backlog.get() - 1);
-        }
-    }
-}
-
-/// Carries out everything the engine asked for, then starts a commit if one is due.
-pub fn dispatch(ctx: &Ctx) {
-    loop {
-        let Some(output) = ctx.engine.borrow_mut().poll_output() else {
-            break;
-        };
-        match output {
-            Output::Send { conn, frame } => {
-                let outbox = ctx.conns.borrow().get(&conn).cloned();
-                if let Some(outbox) = outbox {
-                    if !outbox.push_text(&frame) {
-                        // Slow reader: the outbox is full. Policy: close it; it will sync.
-                        ctx.engine.borrow_mut().handle_disconnect(now_ms(), conn);
-                    }
-                }
-            }
-            Output::Ping { conn } => {
-                if let Some(outbox) = ctx.conns.borrow().get(&conn) {
-                    outbox.push_ping();
-                }
-            }
-            Output::Close { conn, code, reason } => {
-                if let Some(outbox) = ctx.conns.borrow().get(&conn) {
-                    outbox.close(code, reason);
-                }
-            }
-            Output::Mail { to, mail } => ctx.send_envelope(to, Envelope::Mail(mail)),
-            Output::AdminReply { conn, status, body } => {
-                if let Some(waiter) = ctx.admin_waiters.borrow_mut().remove(&conn) {
-                    // One slot, one answer per request: cannot be full.
-                    let _ = waiter.try_send((status, body));
-                }
-            }
-            Output::Handoff { conn, to, handoff } => {
-                if let Some(outbox) = ctx.conns.borrow().get(&conn) {
-                    outbox.hand_off(to, handoff);
-                }
-            }
-            Output::Job { id, job, bulk } => {
-                let ctx = ctx.clone();
-                glommio::spawn_local(async move {
-                    let slots = if bulk {
-                        &ctx.bulk_hash_slots
-                    } else {
-                        &ctx.hash_slots
-                    };
-                    let Ok(_permit) = slots.acquire_permit(1).await else {
-                        return;
-                    };
-                    let cost = ctx.hash_cost;
-                    let result = glommio::executor()
-                        .spawn_blocking(move || job.run(cost))
-                        .await;
-                    ctx.engine
-                        .borrow_mut()
-                        .handle_job_done(now_ms(), id, result);
-                    dispatch(&ctx);
-                })
-                .detach();
-            }
-        }
-    }
-    kick_commit(ctx);
-    // An input may have brought the engine's next deadline closer than the timer task's sleep.
-    if let Some(at) = ctx.engine.borrow().poll_timeout() {
-        if at < ctx.wake_at.get() {
-            ctx.wake_at.set(at);
-            let _ = ctx.wake.try_send(());
-        }
-    }
-}
-
-/// Starts the next group commit if none is in flight. The commit runs on the blocking pool;
-/// its completion feeds the engine, whose effects (acks, fan-out) go out in `dispatch`,
-/// which starts the next commit: batches form while the previous one is being written.
-fn kick_commit(ctx: &Ctx) {
-    if ctx.committing.get() {
-        return;
-    }
-    let Some(commit) = ctx.engine.borrow_mut().poll_commit() else {
-        return;
-    };
-    ctx.committing.set(true);
-    let ctx = ctx.clone();
-    glommio::spawn_local(async move {
-        let store = ctx.store.clone();
-        let durability = ctx.durability;
-        let ops = commit.ops;
-        let (writes, started) = (ops.len(), std::time::Instant::now());
-        // On the blocking pool in every mode: with `fsync` the write blocks for the sync, and
-        // without it, measured with hermod-bench `direct`, writing inline made the reactor wait
-        // on each WAL write and gave worse tails (docs/benchmarks.md) than letting the next
-        // batch fill while a pool thread writes.
-        let result = glommio::executor()
-            .spawn_blocking(move || store.write(&ops, durability).map_err(|e| e.to_string()))
-            .await;
-        let micros = started.elapsed().as_micros() as u64;
-        ctx.board.observe_commit(ctx.id.0 as usize, writes, micros);
-        ctx.committing.set(false);
-        ctx.engine
-            .borrow_mut()
-            .handle_commit_done(now_ms(), commit.id, result);
-        dispatch(&ctx);
-    })
-    .detach();
 }
