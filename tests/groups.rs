@@ -5,54 +5,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Client, Server};
-use serde_json::{json, Value};
-
-/// The next `msg` push (acked), skipping ephemeral pushes.
-fn next_msg(c: &mut Client) -> Value {
-    loop {
-        let p = c.push();
-        if p["push"] == "msg" {
-            c.ack(&p);
-            return p["msg"].clone();
-        }
-    }
-}
-
-/// No `msg` push arrives within `wait` (ephemeral pushes are ignored).
-fn no_msg_within(c: &mut Client, wait: Duration) {
-    while let Some(p) = c.push_within(wait) {
-        assert_ne!(p["push"], "msg", "unexpected message: {p}");
-    }
-}
-
-fn send(c: &mut Client, conv: &str, text: &str) -> Value {
-    c.ok("send", json!({ "conv": conv, "body": { "text": text } }))
-}
-
-fn create(c: &mut Client, name: &str, members: &[&str], extra: Value) -> Value {
-    let mut req = json!({ "name": name, "members": members });
-    for (k, v) in extra.as_object().into_iter().flatten() {
-        req[k] = v.clone();
-    }
-    c.ok("group_create", req)
-}
-
-fn sync_all(c: &mut Client, conv: &str) -> Value {
-    c.request("sync", json!({ "convs": [{ "conv": conv, "after": 0 }] }))
-}
-
-fn events(msgs: &Value) -> Vec<String> {
-    msgs.as_array()
-        .unwrap()
-        .iter()
-        .map(|m| match m["kind"].as_str() {
-            Some("system") => format!("system:{}", m["body"]["event"].as_str().unwrap()),
-            Some(k) => k.to_owned(),
-            None => format!("msg:{}", m["body"]["text"].as_str().unwrap_or("")),
-        })
-        .collect()
-}
+use common::{create, events, next_msg, no_msg_within, open, send, sync_all, Client, Server};
+use serde_json::json;
 
 #[test]
 fn create_send_fan_out_and_list() {
@@ -428,10 +382,7 @@ fn recall_and_edit() {
     let server = Server::start(&[]);
     let (mut alice, _) = server.user("alice", "pc");
     let (mut bob, _) = server.user("bob", "pc");
-    let conv = alice.ok("open", json!({ "user": "bob" }))["conv"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let conv = open(&mut alice, "bob");
     let seq = send(&mut alice, &conv, "tpyo")["seq"].as_u64().unwrap();
     next_msg(&mut bob);
 
@@ -533,10 +484,7 @@ fn read_receipts_and_typing() {
     let (mut alice, _) = server.user("alice", "pc");
     let (mut bob, _) = server.user("bob", "pc");
     let (mut carol, _) = server.user("carol", "pc");
-    let conv = alice.ok("open", json!({ "user": "bob" }))["conv"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let conv = open(&mut alice, "bob");
     let seq = send(&mut alice, &conv, "read me")["seq"].as_u64().unwrap();
     next_msg(&mut bob);
     bob.ok("read", json!({ "conv": conv, "seq": seq }));

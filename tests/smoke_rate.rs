@@ -10,7 +10,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::Server;
+use common::{open, Server};
 use serde_json::json;
 use tungstenite::Message;
 
@@ -38,10 +38,7 @@ fn smoke_send_push_rate() {
     ]);
     let (mut alice, _) = server.user("alice", "pc");
     let (mut bob, _) = server.user("bob", "pc");
-    let conv = alice.ok("open", json!({ "user": "bob" }))["conv"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let conv = open(&mut alice, "bob");
 
     let receiver = std::thread::spawn(move || {
         let mut last = 0u64;

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Client, Server};
+use common::{open, Client, Server};
 use serde_json::{json, Value};
 
 /// Every push of `kind` arriving within `wait`.
@@ -122,10 +122,7 @@ fn a_block_applies_before_its_reply() {
     let server = Server::start(&[]);
     let (mut alice, _) = server.user("alice", "pc");
     let (mut bob, _) = server.user("bob", "pc");
-    let conv = alice.ok("open", json!({ "user": "bob" }))["conv"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let conv = open(&mut alice, "bob");
     alice.ok("send", json!({ "conv": conv, "body": "before" }));
 
     // Alice sends as fast as she can while bob blocks her: every send acked after the block's
@@ -155,10 +152,7 @@ fn blocks_race_with_sends_and_survive_a_restart() {
     let mut server = Server::start(&[]);
     let (mut alice, token) = server.user("alice", "pc");
     let (mut bob, _) = server.user("bob", "pc");
-    let conv = alice.ok("open", json!({ "user": "bob" }))["conv"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let conv = open(&mut alice, "bob");
     // Pipelined sends, then the block: whatever was acked stays, nothing after the block's
     // reply is acked.
     for i in 0..50 {

@@ -412,3 +412,72 @@ pub fn metric_sum(page: &str, name: &str, label: &str) -> u64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
         .sum()
 }
+
+// ---- requests and pushes every test file uses ----
+
+/// Opens the one-to-one conversation with `peer`; its id.
+pub fn open(c: &mut Client, peer: &str) -> String {
+    c.ok("open", json!({ "user": peer }))["conv"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// Sends `{"text": text}` to `conv`; the ack.
+pub fn send(c: &mut Client, conv: &str, text: &str) -> Value {
+    c.ok("send", json!({ "conv": conv, "body": { "text": text } }))
+}
+
+/// Creates a group; `extra` adds fields (`approval`, `history_visible`).
+pub fn create(c: &mut Client, name: &str, members: &[&str], extra: Value) -> Value {
+    let mut req = json!({ "name": name, "members": members });
+    for (k, v) in extra.as_object().into_iter().flatten() {
+        req[k] = v.clone();
+    }
+    c.ok("group_create", req)
+}
+
+/// `sync` of one conversation from its start (the whole reply, ok or error).
+pub fn sync_all(c: &mut Client, conv: &str) -> Value {
+    c.request("sync", json!({ "convs": [{ "conv": conv, "after": 0 }] }))
+}
+
+/// The next `msg` push (acked), skipping ephemeral pushes.
+pub fn next_msg(c: &mut Client) -> Value {
+    loop {
+        let p = c.push();
+        if p["push"] == "msg" {
+            c.ack(&p);
+            return p["msg"].clone();
+        }
+    }
+}
+
+/// No `msg` push arrives within `wait` (ephemeral pushes are ignored).
+pub fn no_msg_within(c: &mut Client, wait: Duration) {
+    while let Some(p) = c.push_within(wait) {
+        assert_ne!(p["push"], "msg", "unexpected message: {p}");
+    }
+}
+
+/// The seqs of a list of messages.
+pub fn seqs(msgs: &Value) -> Vec<u64> {
+    msgs.as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["seq"].as_u64().unwrap())
+        .collect()
+}
+
+/// A list of messages as `msg:<text>`, `system:<event>`, `recall`, `edit`.
+pub fn events(msgs: &Value) -> Vec<String> {
+    msgs.as_array()
+        .unwrap()
+        .iter()
+        .map(|m| match m["kind"].as_str() {
+            Some("system") => format!("system:{}", m["body"]["event"].as_str().unwrap()),
+            Some(k) => k.to_owned(),
+            None => format!("msg:{}", m["body"]["text"].as_str().unwrap_or("")),
+        })
+        .collect()
+}

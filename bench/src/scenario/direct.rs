@@ -1,0 +1,57 @@
+//! `direct`: users send one-to-one messages to peers at a fixed total rate.
+
+use std::collections::HashSet;
+
+use anyhow::Context;
+use serde::Serialize;
+use serde_json::json;
+
+use super::open_loop::{drive, Timing};
+use crate::conn::Target;
+use crate::report::Report;
+
+#[derive(Clone, Debug, Serialize)]
+pub struct DirectParams {
+    pub target: Target,
+    #[serde(flatten)]
+    pub timing: Timing,
+    /// Online users, one connection each.
+    pub users: usize,
+    /// Conversations per user: with the next `peers` users (wrapping).
+    pub peers: usize,
+    /// Padding added to each body, in bytes.
+    pub body_bytes: usize,
+    pub prefix: String,
+}
+
+/// `direct`: users send one-to-one messages to random peers at a fixed total rate.
+pub async fn direct(p: DirectParams) -> anyhow::Result<Report> {
+    anyhow::ensure!(p.users >= 2, "direct needs at least 2 users");
+    p.timing.check()?;
+    let peers = p.peers.clamp(1, p.users - 1);
+    let mut users = crate::provision::users(&p.target, &p.prefix, p.users, 32).await?;
+
+    // Conversations: i with i+1..=i+peers (mod users), each opened once.
+    let mut convs: Vec<Vec<String>> = vec![Vec::new(); p.users];
+    let mut opened = HashSet::new();
+    for i in 0..p.users {
+        for d in 1..=peers {
+            let j = (i + d) % p.users;
+            if !opened.insert((i.min(j), i.max(j))) {
+                continue;
+            }
+            let peer = users[j].name.clone();
+            let ok = users[i]
+                .conn
+                .ok("open", json!({ "user": peer }))
+                .await
+                .context("open")?;
+            let conv = ok["conv"].as_str().context("conv id")?.to_owned();
+            convs[i].push(conv.clone());
+            convs[j].push(conv);
+        }
+    }
+
+    let conns = users.into_iter().map(|u| u.conn).zip(convs).collect();
+    drive(conns, p.timing, p.body_bytes, 1, ("direct", &p)).await
+}

@@ -1,0 +1,30 @@
+//! The load scenarios, one file each. Each provisions its users, runs its load, and returns a
+//! [`Report`](crate::report::Report).
+//!
+//! | file | scenario |
+//! | --- | --- |
+//! | `direct.rs` | `direct`: one-to-one messages at a fixed total rate |
+//! | `group.rs` | `group`: group messages at a fixed total rate, deliveries per second |
+//! | `echo.rs` | `echo`: `ping` round trips, the ceiling the others are compared with |
+//! | `idle.rs` | `idle`: held connections, server memory per connection |
+//! | `connect.rs` | `connect`: a storm of new connections resuming with tokens |
+//! | `sync.rs` | `sync`: devices paging in what piled up while they were away |
+//! | `open_loop.rs` | what `direct`, `group` and `echo` share: schedules, the connection tasks, `drive` |
+//!
+//! `presence` and `crash` are scenarios too, in their own modules of the crate.
+
+mod connect;
+mod direct;
+mod echo;
+mod group;
+mod idle;
+mod open_loop;
+mod sync;
+
+pub use connect::{connect, ConnectParams};
+pub use direct::{direct, DirectParams};
+pub use echo::{echo, EchoParams};
+pub use group::{group, GroupParams};
+pub use idle::{idle, IdleParams};
+pub use open_loop::Timing;
+pub use sync::{sync, SyncParams};

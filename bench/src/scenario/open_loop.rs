@@ -1,0 +1,490 @@
+//! The open-loop machinery `direct`, `group` and `echo` share: per-connection send schedules
+//! fixed before the run, the reader/writer tasks of one connection, and `drive`, which runs the
+//! load phase and accounts for every message (acked, delivered once, in order).
+//!
+//! Open loop: connection `i` of `n` sends its `k`-th message at `start + (i/n + k) * n/rate`
+//! seconds, whatever happened before; latencies are measured from that intended time.
+
+use std::collections::{HashMap, HashSet};
+use std::io::IsTerminal;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use futures_util::{SinkExt, StreamExt};
+use rand::Rng;
+use serde::Serialize;
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::conn::Conn;
+use crate::report::Report;
+use crate::stats::{histogram, record, Correctness, Summary};
+
+/// Request ids of the measured phase start here, so `rid - RID_BASE` is the send's index.
+pub(super) const RID_BASE: u64 = 1 << 32;
+
+/// Pushes are acked in batches of this many, or after `ACK_DELAY`.
+pub(super) const ACK_BATCH: usize = 64;
+
+/// How often an idle reader re-checks whether the run has drained.
+pub(super) const IDLE_TICK: Duration = Duration::from_millis(250);
+
+/// Well under the server's push retry interval (5 s), so batching never causes a resend.
+pub(super) const ACK_DELAY: Duration = Duration::from_millis(20);
+
+/// The fixed send times of one connection.
+#[derive(Clone, Copy)]
+pub(super) struct Schedule {
+    start: Instant,
+    interval: Duration,
+    offset: Duration,
+}
+
+impl Schedule {
+    pub(super) fn new(start: Instant, rate: f64, conns: usize, index: usize) -> Schedule {
+        let interval = Duration::from_secs_f64(conns as f64 / rate);
+        Schedule {
+            start,
+            interval,
+            offset: interval.mul_f64(index as f64 / conns as f64),
+        }
+    }
+
+    pub(super) fn at(&self, k: u64) -> Instant {
+        self.start + self.offset + self.interval.mul_f64(k as f64)
+    }
+}
+
+/// Counters shared by all connections, for the progress line and the end of the drain.
+#[derive(Default)]
+pub(super) struct Progress {
+    pub(super) sent: AtomicU64,
+    acked: AtomicU64,
+    pub(super) answered: AtomicU64,
+    delivered: AtomicU64,
+}
+
+pub(super) fn progress_line(
+    progress: Arc<Progress>,
+    start: Instant,
+    label: &'static str,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        if !std::io::stderr().is_terminal() {
+            return;
+        }
+        let mut last = (0, 0);
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let sent = progress.sent.load(Ordering::Relaxed);
+            let done = progress
+                .delivered
+                .load(Ordering::Relaxed)
+                .max(progress.answered.load(Ordering::Relaxed));
+            eprint!(
+                "\r{label}: {:>5.1}s sent {sent} ({}/s), {} {done} ({}/s)      ",
+                start.elapsed().as_secs_f64(),
+                sent - last.0,
+                if label == "echo" {
+                    "answered"
+                } else {
+                    "delivered"
+                },
+                done - last.1
+            );
+            last = (sent, done);
+        }
+    })
+}
+
+pub(super) struct DirectConn {
+    // Latency samples, not histograms: a histogram at these bounds is ~440 KB, and a run with
+    // 10,000 receiving connections would zero gigabytes of them. Merged at the end.
+    ack: Vec<Duration>,
+    e2e: Vec<Duration>,
+    /// From the actual send (not the intended one): what the server and network cost alone.
+    e2e_service: Vec<Duration>,
+    pub(super) sent: u64,
+    unacked: u64,
+    acked_ids: Vec<u128>,
+    delivered_ids: HashSet<u128>,
+    delivered_in_window: u64,
+    /// Deliveries that *arrived* during the measured window (whenever they were sent).
+    arrived_in_window: u64,
+    duplicated: u64,
+    reordered: u64,
+}
+
+impl DirectConn {
+    pub(super) fn new() -> DirectConn {
+        DirectConn {
+            ack: Vec::new(),
+            e2e: Vec::new(),
+            e2e_service: Vec::new(),
+            sent: 0,
+            unacked: 0,
+            acked_ids: Vec::new(),
+            delivered_ids: HashSet::new(),
+            delivered_in_window: 0,
+            arrived_in_window: 0,
+            duplicated: 0,
+            reordered: 0,
+        }
+    }
+}
+
+/// The open-loop load phase of `direct`, `group` and `echo` (flattened into their reported
+/// parameters).
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Timing {
+    /// Sends (or requests) per second, all sending connections together.
+    pub rate: f64,
+    /// Seconds of load before measuring (excluded from latencies and throughput).
+    pub warmup_s: f64,
+    /// Measured seconds.
+    pub duration_s: f64,
+    /// Longest wait after the last send for acks and deliveries.
+    pub drain_s: f64,
+}
+
+impl Timing {
+    pub(super) fn check(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.rate > 0.0 && self.duration_s > 0.0,
+            "rate and duration must be positive"
+        );
+        Ok(())
+    }
+}
+
+/// Runs the open-loop phase over `conns` (each with the conversations it sends to; an empty
+/// list only receives) and accounts for every message: each acked one must reach `fanout`
+/// connections exactly once, in seq order per conversation. Reports the figures with the ack,
+/// end-to-end and service-time histograms under the scenario's name and parameters.
+pub(super) async fn drive<P: Serialize>(
+    conns: Vec<(Conn, Vec<String>)>,
+    t: Timing,
+    body_bytes: usize,
+    fanout: u64,
+    (label, params): (&'static str, &P),
+) -> anyhow::Result<Report> {
+    let start = Instant::now() + Duration::from_millis(500);
+    let warm_end = start + Duration::from_secs_f64(t.warmup_s);
+    let sends_end = warm_end + Duration::from_secs_f64(t.duration_s);
+    let deadline = sends_end + Duration::from_secs_f64(t.drain_s);
+    // The measured window in wall-clock time, to line up with server-side samples (CPU,
+    // metrics) taken during the run.
+    let unix_ms = |at: Instant| {
+        let now_unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let now = Instant::now();
+        if at >= now {
+            now_unix + (at - now).as_millis() as u64
+        } else {
+            now_unix.saturating_sub((now - at).as_millis() as u64)
+        }
+    };
+    let window_unix_ms = [unix_ms(warm_end), unix_ms(sends_end)];
+    let progress = Arc::new(Progress::default());
+    let all_sent = Arc::new(AtomicU64::new(0)); // connections finished sending
+    let printer = progress_line(progress.clone(), start, label);
+    let pad = "x".repeat(body_bytes);
+    let n = conns.len();
+    let senders = conns.iter().filter(|(_, c)| !c.is_empty()).count().max(1);
+    let mut tasks = Vec::with_capacity(n);
+    let mut sender_index = 0;
+    for (conn, convs) in conns {
+        let schedule = Schedule::new(start, t.rate, senders, sender_index);
+        if !convs.is_empty() {
+            sender_index += 1;
+        }
+        let (progress, all_sent, pad) = (progress.clone(), all_sent.clone(), pad.clone());
+        tasks.push(tokio::spawn(async move {
+            direct_conn(
+                conn,
+                convs,
+                schedule,
+                (warm_end, sends_end, deadline),
+                pad,
+                (progress, all_sent, n as u64, fanout),
+            )
+            .await
+        }));
+    }
+    let mut results = Vec::with_capacity(n);
+    for task in tasks {
+        results.push(task.await.context("connection task")??);
+    }
+    printer.abort();
+    if std::io::stderr().is_terminal() {
+        eprintln!();
+    }
+
+    let (mut ack, mut e2e, mut e2e_service) = (histogram(), histogram(), histogram());
+    let mut c = Correctness::default();
+    let mut deliveries: HashMap<u128, u64> = HashMap::new();
+    let mut acked_all = Vec::new();
+    let (mut in_window, mut arrived) = (0, 0);
+    for r in &mut results {
+        arrived += r.arrived_in_window;
+        for (h, samples) in [
+            (&mut ack, &r.ack),
+            (&mut e2e, &r.e2e),
+            (&mut e2e_service, &r.e2e_service),
+        ] {
+            for &d in samples {
+                record(h, d);
+            }
+        }
+        c.sent += r.sent;
+        c.unacked += r.unacked;
+        c.duplicated += r.duplicated;
+        c.reordered += r.reordered;
+        in_window += r.delivered_in_window;
+        acked_all.append(&mut r.acked_ids);
+        for id in r.delivered_ids.drain() {
+            *deliveries.entry(id).or_insert(0) += 1;
+        }
+    }
+    c.acked = acked_all.len() as u64;
+    c.delivered = deliveries.values().sum();
+    c.lost = acked_all
+        .iter()
+        .map(|id| fanout.saturating_sub(deliveries.get(id).copied().unwrap_or(0)))
+        .sum();
+    // `throughput_per_s` counts messages *sent* in the window that were delivered (by the
+    // drain's end); `arrived_per_s` counts deliveries *arriving* in the window. They agree
+    // while the server keeps up; under overload the second is the rate actually achieved.
+    let mut figures = json!({
+        "throughput_per_s": in_window as f64 / t.duration_s / fanout as f64,
+        "arrived_per_s": arrived as f64 / t.duration_s,
+        "window_unix_ms": window_unix_ms,
+        "offered_per_s": t.rate,
+        "ack_latency": Summary::of(&ack),
+        "e2e_latency": Summary::of(&e2e),
+        "e2e_service_latency": Summary::of(&e2e_service),
+        "correctness": c,
+    });
+    if fanout > 1 {
+        figures["deliveries_per_s"] = json!(in_window as f64 / t.duration_s);
+        figures["recipients_per_message"] = json!(fanout);
+    }
+    Report::new(
+        label,
+        params,
+        figures,
+        &[
+            ("ack_latency", &ack),
+            ("e2e_latency", &e2e),
+            ("e2e_service_latency", &e2e_service),
+        ],
+    )
+}
+
+/// The fields of a server frame the reader needs; replies fall through to a `Value` parse.
+#[derive(serde::Deserialize)]
+pub(super) struct Incoming<'a> {
+    #[serde(borrow, default)]
+    push: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default)]
+    pid: Option<u64>,
+    #[serde(borrow, default)]
+    msg: Option<PushedMsg<'a>>,
+}
+
+#[derive(serde::Deserialize)]
+pub(super) struct PushedMsg<'a> {
+    #[serde(borrow)]
+    conv: std::borrow::Cow<'a, str>,
+    seq: u64,
+    #[serde(borrow)]
+    id: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    body: &'a serde_json::value::RawValue,
+}
+
+/// A benchmark message's body: intended and actual send times (µs from the run's start).
+#[derive(serde::Deserialize)]
+pub(super) struct BenchBody {
+    #[serde(default)]
+    t: Option<u64>,
+    #[serde(default)]
+    a: Option<u64>,
+}
+
+/// One user's connection: a writer task follows the send schedule (and sends the acks the
+/// reader asks for); a reader task sorts replies and pushes. Two tasks, so a read is never
+/// cancelled by a timer firing in the same `select!`.
+pub(super) async fn direct_conn(
+    conn: Conn,
+    convs: Vec<String>,
+    schedule: Schedule,
+    (warm_end, sends_end, deadline): (Instant, Instant, Instant),
+    pad: String,
+    (progress, all_sent, conns, fanout): (Arc<Progress>, Arc<AtomicU64>, u64, u64),
+) -> anyhow::Result<DirectConn> {
+    let (mut tx, mut rx) = conn.split();
+    let (ack_tx, mut ack_rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u64>>();
+    let sent_here = Arc::new(AtomicU64::new(0));
+    let done_sending = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let start = schedule.start;
+
+    let writer = {
+        let (progress, all_sent, sent_here, done_sending) = (
+            progress.clone(),
+            all_sent.clone(),
+            sent_here.clone(),
+            done_sending.clone(),
+        );
+        tokio::spawn(async move {
+            let mut k = 0u64;
+            let mut sending = !convs.is_empty();
+            loop {
+                if sending && schedule.at(k) > sends_end {
+                    sending = false;
+                }
+                if !sending && !done_sending.swap(true, Ordering::Relaxed) {
+                    all_sent.fetch_add(1, Ordering::Relaxed);
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep_until(schedule.at(k).into()), if sending => {
+                        // Everything due now, each with its own intended time.
+                        while schedule.at(k) <= Instant::now() && schedule.at(k) <= sends_end {
+                            let intended = schedule.at(k);
+                            let id = uuid::Uuid::now_v7();
+                            let conv = &convs[rand::thread_rng().gen_range(0..convs.len())];
+                            let t_us = intended.duration_since(start).as_micros() as u64;
+                            // `a`: when it actually left, for the service-time histogram.
+                            let a_us = Instant::now().saturating_duration_since(start).as_micros() as u64;
+                            let frame = json!({ "op": "send", "rid": RID_BASE + k, "conv": conv, "id": id.to_string(), "body": { "t": t_us, "a": a_us, "pad": pad } });
+                            tx.feed(Message::text(frame.to_string())).await?;
+                            sent_here.fetch_add(1, Ordering::Relaxed);
+                            progress.sent.fetch_add(1, Ordering::Relaxed);
+                            k += 1;
+                        }
+                        tx.flush().await?;
+                    }
+                    pids = ack_rx.recv() => match pids {
+                        Some(pids) => {
+                            tx.send(Message::text(json!({ "op": "ack", "pids": pids }).to_string())).await?;
+                        }
+                        None => break, // the reader finished
+                    },
+                }
+            }
+            let _ = tx.close().await;
+            Ok::<_, anyhow::Error>(())
+        })
+    };
+
+    let mut out = DirectConn::new();
+    let mut answered_here = 0u64;
+    let mut pids: Vec<u64> = Vec::new();
+    let mut last_ack = Instant::now();
+    let mut seen_pids: HashSet<u64> = HashSet::new();
+    let mut last_seq: HashMap<String, u64> = HashMap::new();
+    loop {
+        // Done when every connection has sent everything, every send is answered, and every
+        // acked message has been delivered somewhere: then nothing is in flight to this one.
+        let drained = done_sending.load(Ordering::Relaxed)
+            && answered_here == sent_here.load(Ordering::Relaxed)
+            && all_sent.load(Ordering::Relaxed) == conns
+            && progress.answered.load(Ordering::Relaxed) == progress.sent.load(Ordering::Relaxed)
+            && progress.delivered.load(Ordering::Relaxed)
+                >= progress.acked.load(Ordering::Relaxed) * fanout;
+        if drained || Instant::now() >= deadline {
+            break;
+        }
+        if !pids.is_empty() && (pids.len() >= ACK_BATCH || last_ack.elapsed() >= ACK_DELAY) {
+            let _ = ack_tx.send(std::mem::take(&mut pids));
+            last_ack = Instant::now();
+        }
+        // Wake for the ack batch when pushes wait to be acked; otherwise only now and then, to
+        // notice the end of the drain: with 10,000 idle receivers, a 20 ms tick each would
+        // be half a million timer wake-ups a second on the load generator's core.
+        let wait = if pids.is_empty() {
+            IDLE_TICK
+        } else {
+            ACK_DELAY
+        };
+        let text = match tokio::time::timeout(wait, rx.next()).await {
+            Err(_) => continue, // nothing for a while: re-check acks and the drain
+            Ok(Some(Ok(Message::Text(t)))) => t,
+            Ok(Some(Ok(Message::Close(_)))) | Ok(None) => break,
+            Ok(Some(Ok(_))) => continue,
+            Ok(Some(Err(e))) => return Err(e.into()),
+        };
+        let now = Instant::now();
+        // Typed and borrowed: this runs once per delivery, the load generator's hottest path
+        // (a `Value` tree per frame cost a third of the bench's core in the group scenario).
+        let frame: Incoming = serde_json::from_str(&text)?;
+        if let (Some("msg"), Some(pid), Some(msg)) = (frame.push.as_deref(), frame.pid, &frame.msg)
+        {
+            pids.push(pid);
+            if !seen_pids.insert(pid) {
+                continue; // a retry of a push already counted
+            }
+            let Some(body) = serde_json::from_str::<BenchBody>(msg.body.get())
+                .ok()
+                .filter(|b| b.t.is_some())
+            else {
+                continue; // not a benchmark message (a set-up system message): acked only
+            };
+            let id = uuid::Uuid::parse_str(&msg.id).map_or(0, |u| u.as_u128());
+            let seq = msg.seq;
+            let last = match last_seq.get_mut(msg.conv.as_ref()) {
+                Some(last) => last,
+                None => last_seq.entry(msg.conv.to_string()).or_insert(0),
+            };
+            if seq <= *last {
+                out.reordered += 1;
+            }
+            *last = (*last).max(seq);
+            if !out.delivered_ids.insert(id) {
+                out.duplicated += 1;
+                continue;
+            }
+            progress.delivered.fetch_add(1, Ordering::Relaxed);
+            if now >= warm_end && now <= sends_end {
+                out.arrived_in_window += 1;
+            }
+            let intended = start + Duration::from_micros(body.t.unwrap_or(0));
+            if intended >= warm_end && intended <= sends_end {
+                out.delivered_in_window += 1;
+                out.e2e.push(now.saturating_duration_since(intended));
+                let actual = start + Duration::from_micros(body.a.unwrap_or(0));
+                out.e2e_service.push(now.saturating_duration_since(actual));
+            }
+            continue;
+        }
+        let v: Value = serde_json::from_str(&text)?;
+        if v.get("push").is_some() {
+            continue; // ephemeral pushes
+        } else if let Some(rid) = v["rid"].as_u64().filter(|r| *r >= RID_BASE) {
+            answered_here += 1;
+            progress.answered.fetch_add(1, Ordering::Relaxed);
+            let id = v["ok"]["id"]
+                .as_str()
+                .and_then(|s| uuid::Uuid::parse_str(s).ok());
+            match id {
+                Some(id) => {
+                    out.acked_ids.push(id.as_u128());
+                    progress.acked.fetch_add(1, Ordering::Relaxed);
+                    let intended = schedule.at(rid - RID_BASE);
+                    if intended >= warm_end {
+                        out.ack.push(now.saturating_duration_since(intended));
+                    }
+                }
+                None => out.unacked += 1,
+            }
+        }
+    }
+    drop(ack_tx);
+    writer.await.context("writer task")??;
+    out.sent = sent_here.load(Ordering::Relaxed);
+    out.unacked += out.sent - answered_here;
+    Ok(out)
+}
