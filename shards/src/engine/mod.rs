@@ -20,6 +20,8 @@
 //! | `effects.rs` | what runs once a batch is durable, or fails with it: one `Deferred` per post-commit step |
 //! | `commit.rs` | group commit mechanics: the open batch, the one in flight, reads through both |
 //! | `fanout.rs`, `event.rs` | leaves: recipients by home shard; a timeline entry the owner writes itself |
+//! | `timers.rs`, `stats.rs` | leaves: the deadline heap; counters and histograms for `/metrics` |
+//! | `tests.rs` | seeded random frames through one engine; deadlines |
 //!
 //! Module dependencies run one way: features use `effects`, `fanout`, `event` and `commit`,
 //! never the reverse; `effects` names features' steps only as methods of `Shard`.
@@ -46,6 +48,7 @@ mod presence;
 mod reads;
 mod session;
 mod social;
+mod stats;
 mod timers;
 
 use std::collections::{HashMap, VecDeque};
@@ -63,6 +66,7 @@ use crate::storage::{Commit, Storage};
 
 use crate::admin::AdminOp;
 pub use session::Handoff;
+pub use stats::{Histogram, Stats, LATENCY_BOUNDS_MS};
 use timers::Timer;
 
 /// A shard's configuration. `Config::new` gives the defaults.
@@ -172,61 +176,6 @@ pub struct Shard<S: Storage> {
     /// those the other user declined meanwhile: see `social::friend_answer`.
     friend_races: social::FriendRaces,
 }
-
-/// Counters for metrics and tests.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Stats {
-    pub frames_in: u64,
-    /// Text frames handed to the driver to send (replies and pushes).
-    pub frames_out: u64,
-    pub appended: u64,
-    pub deduplicated: u64,
-    pub pushes: u64,
-    pub push_retries: u64,
-    /// `Deliver` mails sent by owners (one per destination shard per message).
-    pub fanout_mails: u64,
-    /// Presence pushes addressed (recipients, before the per-device fan-out).
-    pub presence_pushes: u64,
-    pub commits: u64,
-    pub commit_ops: u64,
-    pub errors: u64,
-    /// Error replies by code, indexed by `ErrorCode as usize` (see `ErrorCode::ALL`).
-    pub errors_by_code: [u64; 32],
-    /// From a seq's assignment by its owner to its `Deliver` mail reaching a home shard
-    /// (commit wait, commit, mail hop), once per destination shard per message.
-    pub delivery_ms: Histogram,
-    /// From a push's (latest) send to the device's ack: the client's round trip.
-    pub push_ack_ms: Histogram,
-}
-
-/// Upper bounds, in ms, of the engine's latency histograms (the last bucket is unbounded).
-pub const LATENCY_BOUNDS_MS: [u64; 10] = [1, 2, 5, 10, 25, 50, 100, 250, 500, 1_000];
-
-/// A fixed-bucket latency histogram in ms, cheap to copy into each tick's metrics.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Histogram {
-    /// Per-bucket counts (not cumulative) for `LATENCY_BOUNDS_MS`, then the overflow bucket.
-    pub buckets: [u64; 11],
-    pub sum: u64,
-    pub count: u64,
-}
-
-impl Histogram {
-    pub fn observe(&mut self, ms: u64) {
-        let i = LATENCY_BOUNDS_MS
-            .iter()
-            .position(|&b| ms <= b)
-            .unwrap_or(LATENCY_BOUNDS_MS.len());
-        self.buckets[i] += 1;
-        self.sum += ms;
-        self.count += 1;
-    }
-}
-
-const _: () = assert!(
-    ErrorCode::ALL.len() <= 32,
-    "errors_by_code has a slot per code"
-);
 
 impl<S: Storage> Shard<S> {
     pub fn new(cfg: Config, storage: S) -> Shard<S> {
@@ -630,216 +579,4 @@ impl<S: Storage> Shard<S> {
 }
 
 #[cfg(test)]
-mod fuzz {
-    //! Seeded random and mutated frames through a real engine (a stable-toolchain stand-in for
-    //! cargo-fuzz): no panic, and every frame that carries a rid is answered exactly once or
-    //! the connection is closed.
-    use rand::{Rng, SeedableRng};
-
-    use super::*;
-    use crate::auth::HashCost;
-    use crate::storage::MemStorage;
-
-    const SEEDS: &[&str] = &[
-        r#"{"op":"send","rid":1,"conv":"d.1.2","id":"0190b2a4-8c6e-7d3e-9b1a-2f4c6d8e0a1b","body":{"t":"x"}}"#,
-        r#"{"op":"login","rid":1,"username":"alice","password":"password123","device":"pc"}"#,
-        r#"{"op":"sync","rid":1,"convs":[{"conv":"d.1.2","after":3}],"limit":10}"#,
-        r#"{"op":"history","rid":1,"conv":"d.1.2","before":9}"#,
-        r#"{"op":"ack","pids":[1,2,3]}"#,
-        r#"{"op":"read","rid":1,"conv":"d.1.2","seq":4}"#,
-        r#"{"op":"open","rid":1,"user":"bob"}"#,
-        r#"{"op":"resume","rid":1,"token":"AAAA.BBBB"}"#,
-        r#"{"op":"group_create","rid":1,"name":"team","members":["bob","carol"],"approval":true}"#,
-        r#"{"op":"group_invite","rid":1,"conv":"g.1f","users":["dave"]}"#,
-        r#"{"op":"group_mute","rid":1,"conv":"g.1f","user":"dave","muted":false}"#,
-        r#"{"op":"group_role","rid":1,"conv":"g.1f","user":"dave","role":"admin"}"#,
-        r#"{"op":"group_info","rid":1,"conv":"g.1f","version":3}"#,
-        r#"{"op":"edit","rid":1,"conv":"d.1.2","seq":4,"body":{"t":"y"}}"#,
-        r#"{"op":"recall","rid":1,"conv":"g.1f","seq":4}"#,
-        r#"{"op":"receipts","rid":1,"conv":"g.1f","seq":4}"#,
-        r#"{"op":"typing","rid":1,"conv":"d.1.2"}"#,
-        r#"{"op":"friend_request","rid":1,"user":"bob","message":"hi"}"#,
-        r#"{"op":"presence","rid":1,"users":["bob","carol"]}"#,
-        r#"{"op":"presence_set","rid":1,"state":"away","status":"lunch"}"#,
-        r#"{"op":"block","rid":1,"user":"bob"}"#,
-        r#"{"op":"device_logout","rid":1,"device":"phone"}"#,
-    ];
-
-    #[test]
-    fn random_frames_are_answered_or_closed_never_panic() {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-        let mut shard = Shard::new(Config::new(ShardId(0), 1, [1; 32]), MemStorage::default());
-        let mut conn_id = 0;
-        for round in 0..20_000 {
-            conn_id += 1;
-            let conn = ConnId(conn_id);
-            shard.handle_connect(round, conn);
-            let seed = SEEDS[rng.gen_range(0..SEEDS.len())];
-            let frame = crate::fuzzing::mutate(&mut rng, seed, 0..4);
-            shard.handle_frame(round, conn, &frame);
-            let mut replies = 0;
-            let mut closed = false;
-            let mut moved = false;
-            while let Some(out) = shard.poll_output() {
-                match out {
-                    Output::Send { conn: c, frame: f } if c == conn => {
-                        serde_json::from_str::<serde_json::Value>(&f).expect("replies are JSON");
-                        replies += 1;
-                    }
-                    Output::Close { conn: c, .. } if c == conn => closed = true,
-                    Output::Handoff { .. } | Output::Job { .. } | Output::Mail { .. } => {
-                        moved = true
-                    }
-                    _ => {}
-                }
-            }
-            let has_rid = serde_json::from_str::<serde_json::Value>(&frame)
-                .ok()
-                .and_then(|v| v.get("rid").cloned())
-                .is_some_and(|r| r.is_u64());
-            let is_ack = frame.contains("\"ack\"");
-            if has_rid && !is_ack && !moved && !closed {
-                assert_eq!(replies, 1, "frame {frame:?} must get exactly one reply");
-            }
-            assert!(
-                replies <= 1 || closed,
-                "frame {frame:?} got {replies} replies"
-            );
-            shard.handle_disconnect(round, conn);
-        }
-    }
-
-    /// Runs the engine's jobs and commits until nothing is pending; returns frames sent.
-    fn pump(shard: &mut Shard<MemStorage>, store: &MemStorage, now: u64) -> Vec<String> {
-        let mut sent = Vec::new();
-        loop {
-            let mut progressed = false;
-            while let Some(out) = shard.poll_output() {
-                progressed = true;
-                match out {
-                    Output::Send { frame, .. } => sent.push(frame),
-                    Output::Job { id, job, .. } => {
-                        let result = job.run(HashCost {
-                            memory_kib: 8,
-                            passes: 1,
-                        });
-                        shard.handle_job_done(now, id, result);
-                    }
-                    _ => {}
-                }
-            }
-            if let Some(commit) = shard.poll_commit() {
-                progressed = true;
-                store.apply(&commit.ops);
-                shard.handle_commit_done(now, commit.id, Ok(()));
-            }
-            if !progressed {
-                return sent;
-            }
-        }
-    }
-
-    #[test]
-    fn requests_naming_made_up_conversations_leave_no_state_behind() {
-        let store = MemStorage::default();
-        let mut cfg = Config::new(ShardId(0), 1, [1; 32]);
-        cfg.hash_cost = HashCost {
-            memory_kib: 8,
-            passes: 1,
-        };
-        let mut shard = Shard::new(cfg, store.clone());
-        let conn = ConnId(1);
-        shard.handle_connect(0, conn);
-        let register = r#"{"op":"register","rid":1,"username":"alice","password":"password123"}"#;
-        let login =
-            r#"{"op":"login","rid":2,"username":"alice","password":"password123","device":"pc"}"#;
-        shard.handle_frame(0, conn, register);
-        pump(&mut shard, &store, 0);
-        shard.handle_frame(0, conn, login);
-        let sent = pump(&mut shard, &store, 0);
-        assert!(sent.iter().any(|f| f.contains("token")), "{sent:?}");
-        let me = crate::ids::UserId::from_username("alice").0;
-        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
-        for rid in 10..1_010u64 {
-            let other: u64 = rng.gen();
-            let (a, b) = (me.min(other), me.max(other));
-            let frame = match rid % 4 {
-                0 => format!(r#"{{"op":"send","rid":{rid},"conv":"d.{a:x}.{b:x}","body":1}}"#),
-                1 => format!(r#"{{"op":"history","rid":{rid},"conv":"d.{a:x}.{b:x}"}}"#),
-                2 => format!(r#"{{"op":"group_info","rid":{rid},"conv":"g.{other:x}"}}"#),
-                _ => format!(r#"{{"op":"recall","rid":{rid},"conv":"g.{other:x}","seq":1}}"#),
-            };
-            shard.handle_frame(rid, conn, &frame);
-            let sent = pump(&mut shard, &store, rid);
-            assert_eq!(sent.len(), 1, "{frame}: {sent:?}");
-            assert!(
-                sent[0].contains("no_such_conversation"),
-                "{frame}: {sent:?}"
-            );
-        }
-        assert_eq!(shard.loaded_conversations(), 0);
-    }
-}
-
-#[cfg(test)]
-mod deadlines {
-    //! Time through `poll_timeout`/`handle_timeout`: a connection's heartbeat runs at its
-    //! deadline only, moves with activity, pings, and closes at the timeout.
-    use super::*;
-    use crate::protocol::close;
-    use crate::storage::MemStorage;
-
-    fn outputs(shard: &mut Shard<MemStorage>) -> Vec<Output> {
-        std::iter::from_fn(|| shard.poll_output()).collect()
-    }
-
-    #[test]
-    fn heartbeats_run_at_their_deadlines() {
-        let mut cfg = Config::new(ShardId(0), 1, [1; 32]);
-        cfg.heartbeat_interval_ms = 1_000;
-        cfg.heartbeat_timeout_ms = 3_000;
-        let mut shard = Shard::new(cfg, MemStorage::default());
-        let conn = ConnId(1);
-        assert_eq!(
-            shard.poll_timeout(),
-            None,
-            "nothing to do without connections"
-        );
-        shard.handle_connect(0, conn);
-        assert_eq!(shard.poll_timeout(), Some(1_000));
-        shard.handle_timeout(999);
-        assert!(outputs(&mut shard).is_empty(), "not due yet");
-        shard.handle_timeout(1_000);
-        assert!(matches!(outputs(&mut shard)[..], [Output::Ping { conn: c }] if c == conn));
-        shard.handle_activity(1_500, conn);
-        shard.handle_timeout(2_000);
-        assert!(
-            outputs(&mut shard).is_empty(),
-            "heard from 500 ms ago: no ping"
-        );
-        assert_eq!(
-            shard.poll_timeout(),
-            Some(2_500),
-            "rescheduled from the activity"
-        );
-        for at in [2_500, 3_500] {
-            shard.handle_timeout(at);
-            assert!(
-                matches!(outputs(&mut shard)[..], [Output::Ping { .. }]),
-                "at {at}"
-            );
-        }
-        assert_eq!(shard.poll_timeout(), Some(4_500));
-        shard.handle_timeout(4_500);
-        match &outputs(&mut shard)[..] {
-            [Output::Close { code, .. }] => assert_eq!(*code, close::HEARTBEAT_TIMEOUT),
-            other => panic!("{other:?}"),
-        }
-        shard.handle_timeout(10_000);
-        assert!(
-            outputs(&mut shard).is_empty(),
-            "a closed connection's entry just expires"
-        );
-        assert_eq!(shard.poll_timeout(), None);
-    }
-}
+mod tests;
