@@ -12,6 +12,7 @@
 //! | [`ids`] | id newtypes (`UserId`, `ConvId`, `ShardId`, `Seq`, `ConnId`) and slot → shard placement |
 //! | [`protocol`] | the client protocol: request, reply, push and error shapes (see `docs/protocol.md`) |
 //! | [`model`] | roles, friend states, message kinds and flags: names on the wire, one byte on disk |
+//! | [`link`] | the link layer between shards on different nodes: sequence numbers, window, acks, resend, incarnations |
 //! | [`mail`] | every message one shard sends another: one enum, one file |
 //! | [`admin`] | the operator's API: requests parsed from HTTP, answers mapped to statuses |
 //! | [`auth`] | signed device tokens, username/password rules, password hashing jobs |
@@ -31,6 +32,7 @@ pub mod engine;
 pub mod fuzzing;
 pub mod ids;
 pub mod limits;
+pub mod link;
 pub mod mail;
 pub mod model;
 pub mod protocol;
