@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::Args;
+use hermod_shards::cluster::{ClusterMap, NodeSpec};
 use hermod_shards::storage::Durability;
 use serde::Deserialize;
 
@@ -98,6 +99,28 @@ struct FileConfig {
     admin_listen: Option<SocketAddr>,
     admin_token: Option<String>,
     log: Option<String>,
+    cluster: Option<ClusterFile>,
+}
+
+/// The `[cluster]` section: this node's id and the placement map (docs/cluster.md).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClusterFile {
+    node: String,
+    #[serde(default = "first_version")]
+    version: u64,
+    nodes: Vec<NodeSpec>,
+}
+
+fn first_version() -> u64 {
+    1
+}
+
+/// This node's place in a cluster.
+#[derive(Clone, Debug)]
+pub struct Cluster {
+    pub node: String,
+    pub map: ClusterMap,
 }
 
 /// The resolved configuration.
@@ -123,6 +146,8 @@ pub struct Config {
     /// The admin API's bearer token; `None`: the admin API is off.
     pub admin_token: Option<std::sync::Arc<str>>,
     pub log: String,
+    /// `None`: a single node (the one-node map).
+    pub cluster: Option<Cluster>,
 }
 
 impl Config {
@@ -136,6 +161,17 @@ impl Config {
             None => FileConfig::default(),
         };
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u16;
+        let cluster = file.cluster.map(resolve_cluster).transpose()?;
+        // A cluster node's shard count is the map's; a flag or key may only repeat it.
+        let shards = match (&cluster, args.shards.or(file.shards)) {
+            (Some(c), Some(n)) if n != c.map.nodes[c.map.node(&c.node)?].shards => bail!(
+                "shards = {n}, but the cluster map gives node {:?} {} shards",
+                c.node,
+                c.map.nodes[c.map.node(&c.node)?].shards
+            ),
+            (Some(c), _) => c.map.nodes[c.map.node(&c.node)?].shards,
+            (None, n) => n.unwrap_or(cores),
+        };
         let durability = match args
             .durability
             .clone()
@@ -158,7 +194,7 @@ impl Config {
                 .clone()
                 .or(file.data)
                 .unwrap_or_else(|| PathBuf::from("data")),
-            shards: args.shards.or(file.shards).unwrap_or(cores),
+            shards,
             durability,
             heartbeat_timeout_ms: args
                 .heartbeat_timeout_ms
@@ -202,9 +238,18 @@ impl Config {
                 .clone()
                 .or(file.log)
                 .unwrap_or_else(|| "info".into()),
+            cluster,
         };
         cfg.check()?;
         Ok(cfg)
+    }
+
+    /// The placement map this node runs with, and its id in it.
+    pub fn cluster_map(&self) -> (String, ClusterMap) {
+        match &self.cluster {
+            Some(c) => (c.node.clone(), c.map.clone()),
+            None => ("local".into(), ClusterMap::single(self.shards)),
+        }
     }
 
     fn check(&self) -> anyhow::Result<()> {
@@ -239,6 +284,28 @@ impl Config {
         }
         Ok(())
     }
+}
+
+fn resolve_cluster(file: ClusterFile) -> anyhow::Result<Cluster> {
+    let map = ClusterMap {
+        version: file.version,
+        nodes: file.nodes,
+    };
+    map.validate().context("[cluster]")?;
+    map.node(&file.node).context("[cluster] node")?;
+    if map.nodes.len() > 1 {
+        // The placement map, cluster-wide shard ids and the link layer exist; the NATS
+        // transport between nodes does not yet (issue 13). Refused rather than run half-linked.
+        bail!(
+            "[cluster] lists {} nodes: linking nodes over NATS is not built yet; a cluster of \
+             one node runs (docs/cluster.md)",
+            map.nodes.len()
+        );
+    }
+    Ok(Cluster {
+        node: file.node,
+        map,
+    })
 }
 
 #[cfg(test)]

@@ -41,6 +41,8 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     let secret = datadir::load_or_create_secret(&cfg.data)
         .with_context(|| format!("token secret in {}", cfg.data.display()))?;
     let db = rocks::open(&datadir::db_path(&cfg.data), cfg.shards)?;
+    let (node, map) = cfg.cluster_map();
+    datadir::check_identity(&cfg.data, &node, map.hash())?;
 
     let (placeholder, addr) = reserve(cfg.listen)?;
     let admin = cfg.admin_listen.map(reserve).transpose()?;

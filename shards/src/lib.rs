@@ -9,6 +9,7 @@
 //! | module | owns |
 //! | --- | --- |
 //! | [`limits`] | every size, count and time bound, with the relations between them asserted |
+//! | [`cluster`] | a cluster's placement map: nodes, cluster-wide shard ids, where a slot lives, the map's hash |
 //! | [`ids`] | id newtypes (`UserId`, `ConvId`, `ShardId`, `Seq`, `ConnId`) and slot → shard placement |
 //! | [`protocol`] | the client protocol: request, reply, push and error shapes (see `docs/protocol.md`) |
 //! | [`model`] | roles, friend states, message kinds and flags: names on the wire, one byte on disk |
@@ -28,6 +29,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod cluster;
 pub mod engine;
 pub mod fuzzing;
 pub mod ids;
