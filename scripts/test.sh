@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/deps.sh
 source scripts/browser-deps.sh
+source scripts/nats-deps.sh
 if cargo fmt --version >/dev/null 2>&1; then
   cargo fmt --all -- --check
 else

@@ -9,6 +9,7 @@
 //! | `conn` | one client socket: HTTP, the WebSocket loop, close linger, hand-off of the fd |
 //! | `outbox` | a connection's bounded outbox, filled by `dispatch`, drained by its task |
 //! | `admin_http` | the admin API's authentication and its wait for the engine's answer |
+//! | `nats` | the NATS side of the cluster transport: a tokio thread with async-nats, bounded channels to the shards (not wired yet) |
 //! | `mesh` | the shard↔shard channels and the one envelope type they carry |
 //! | `http`, `ws` | sans-IO HTTP routing and WebSocket framing |
 //! | `fuzzing` | the fuzz harnesses of `ws` and `http` (run by `fuzz/` and by seeded tests) |
@@ -29,6 +30,7 @@ pub mod fuzzing;
 pub mod http;
 pub mod mesh;
 pub mod metrics;
+pub mod nats;
 pub mod outbox;
 pub mod server;
 pub mod shard;

@@ -36,11 +36,11 @@ type Seen = HashMap<String, Instant>;
 
 pub async fn presence(p: PresenceParams) -> anyhow::Result<Report> {
     anyhow::ensure!(
-        p.users >= 4 && p.users % 2 == 0,
+        p.users >= 4 && p.users.is_multiple_of(2),
         "users must be even and >= 4"
     );
     anyhow::ensure!(
-        p.friends >= 2 && p.friends % 2 == 0 && p.friends < p.users,
+        p.friends >= 2 && p.friends.is_multiple_of(2) && p.friends < p.users,
         "friends must be even, >= 2 and < users"
     );
     let n = p.users;
