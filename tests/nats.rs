@@ -1,6 +1,8 @@
 //! The cluster transport's NATS bridge (`src/nats.rs`) against a real `nats-server` (Debian's,
 //! installed by scripts/nats-deps.sh) on loopback, with authentication on: driven from a
 //! glommio executor, as the shards will drive it, across the tokio thread that runs async-nats.
+//! The last test runs the link layer (`hermod_shards::link`) over a three-server NATS cluster
+//! and kills the server one side is connected to in the middle of the transfer.
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -8,6 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use hermod::nats::{Bridge, NatsConfig, Outgoing};
+use hermod_shards::link::{Frame, Link, LinkEvent};
 
 const USER: &str = "hermod";
 const PASSWORD: &str = "a-test-password";
@@ -33,13 +36,17 @@ fn nats_server_bin() -> PathBuf {
     panic!("nats-server is not installed: scripts/test.sh installs it (scripts/nats-deps.sh)");
 }
 
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 impl Nats {
     fn start(dir: &Path) -> Nats {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let conf = dir.join("nats.conf");
         std::fs::write(
             &conf,
@@ -49,6 +56,30 @@ impl Nats {
         )
         .unwrap();
         Nats::run(conf, port)
+    }
+
+    /// Three servers routed to each other (explicit routes, as docs/cluster.md will show).
+    fn cluster(dir: &Path) -> Vec<Nats> {
+        let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
+        let routes: Vec<String> = ports
+            .iter()
+            .map(|(_, c)| format!("nats-route://127.0.0.1:{c}"))
+            .collect();
+        ports
+            .iter()
+            .enumerate()
+            .map(|(i, (port, cport))| {
+                let conf = dir.join(format!("nats-{i}.conf"));
+                let text = format!(
+                    "server_name: n{i}\nlisten: 127.0.0.1:{port}\n\
+                     authorization {{ user: {USER}, password: \"{PASSWORD}\" }}\n\
+                     cluster {{\n  name: hermod-test\n  listen: 127.0.0.1:{cport}\n  routes: [{}]\n}}\n",
+                    routes.join(", ")
+                );
+                std::fs::write(&conf, text).unwrap();
+                Nats::run(conf, *port)
+            })
+            .collect()
     }
 
     fn run(conf: PathBuf, port: u16) -> Nats {
@@ -209,4 +240,116 @@ fn the_bridge_reconnects_after_nats_restarts() {
     });
     assert!(flowed, "no mail crossed within 20 s of the restart");
     drop((a, b, nats));
+}
+
+/// One side of a link over the bridge: sends `count` numbered mails (at most `per_ms` a
+/// millisecond) to `to`, runs the link (acks, resends, hellos), and returns the mails it had
+/// delivered once `want` arrived (or after `limit`).
+async fn link_side(
+    bridge: &Bridge,
+    inc: u64,
+    to: &str,
+    count: u64,
+    per_ms: u64,
+    want: usize,
+    limit: Duration,
+) -> Vec<u64> {
+    let started = Instant::now();
+    let now = || started.elapsed().as_millis() as u64;
+    let mut link = Link::new(inc, 512, 100);
+    let mut delivered = Vec::new();
+    let (mut next, mut last_hello) = (0u64, None::<u64>);
+    let publish = |frame: Frame| Outgoing {
+        subject: to.to_owned(),
+        payload: frame.encode(),
+    };
+    while started.elapsed() < limit {
+        let t = now();
+        if last_hello.is_none_or(|h| t >= h + 100) {
+            last_hello = Some(t);
+            bridge
+                .out
+                .send(publish(Frame::Hello { from_inc: inc }))
+                .await
+                .unwrap();
+        }
+        let mut budget = per_ms;
+        while next < count && budget > 0 {
+            match link.send(t, next.to_be_bytes().to_vec()) {
+                Ok(frame) => {
+                    next += 1;
+                    budget -= 1;
+                    if let Some(frame) = frame {
+                        bridge.out.send(publish(frame)).await.unwrap();
+                    }
+                }
+                Err(_) => break, // window full: wait for acks
+            }
+        }
+        while let Ok(msg) = bridge.inbox.try_recv() {
+            let frame = Frame::decode(&msg.payload).expect("a valid frame");
+            for event in link.receive(frame) {
+                match event {
+                    LinkEvent::Deliver(p) => {
+                        delivered.push(u64::from_be_bytes(p.try_into().unwrap()))
+                    }
+                    LinkEvent::PeerRestarted { .. } => panic!("no process restarted"),
+                }
+            }
+        }
+        for frame in link.poll_transmit(now()) {
+            bridge.out.send(publish(frame)).await.unwrap();
+        }
+        if delivered.len() >= want && next >= count && link.in_flight() == 0 {
+            break;
+        }
+        glommio::timer::sleep(Duration::from_millis(1)).await;
+    }
+    delivered
+}
+
+#[test]
+fn the_link_layer_loses_nothing_when_a_nats_server_dies_mid_transfer() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut servers = Nats::cluster(dir.path());
+    // `a` knows only the server it will lose; it learns the others from the cluster.
+    let a_cfg = servers[0].config("a", PASSWORD);
+    let b_cfg = servers[2].config("b", PASSWORD);
+    let a = Bridge::start(a_cfg, vec!["hermod.node.a".into()], 4096).unwrap();
+    let b = Bridge::start(b_cfg, vec!["hermod.node.b".into()], 4096).unwrap();
+    const N: u64 = 30_000;
+    let killer = {
+        let doomed = servers.remove(0);
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(600));
+            drop(doomed); // kill -9 the server `a` is connected to, mid-transfer
+        })
+    };
+    let started = Instant::now();
+    let (got, a, b) = on_glommio(move || {
+        Box::pin(async move {
+            let limit = Duration::from_secs(40);
+            let sender = glommio::spawn_local(async move {
+                link_side(&a, 1, "hermod.node.b", N, 20, 0, limit).await;
+                a
+            });
+            let got = link_side(&b, 2, "hermod.node.a", 0, 0, N as usize, limit).await;
+            let a = sender.await;
+            (got, a, b)
+        })
+    });
+    killer.join().unwrap();
+    let lost = (0..N).filter(|i| got.binary_search(i).is_err()).count();
+    let in_order = got.windows(2).all(|w| w[0] < w[1]);
+    println!(
+        "{} of {N} mails delivered across a NATS server's death in {:?}; lost {lost}, in order {in_order}",
+        got.len(),
+        started.elapsed()
+    );
+    assert_eq!(
+        got,
+        (0..N).collect::<Vec<_>>(),
+        "0 lost, 0 duplicated, 0 reordered"
+    );
+    drop((a, b, servers));
 }
