@@ -575,8 +575,15 @@ fn a_slow_member_is_shed_without_hurting_the_group() {
 
     const N: u64 = 700;
     let mut threads = Vec::new();
+    // Each reader answers a ping on its own thread before the load starts: a reader whose
+    // thread has not run yet is a slow consumer, and the server rightly sheds it (seen once
+    // under the full suite's parallel load).
+    let (ready_tx, ready) = std::sync::mpsc::channel();
     for mut c in reader_clients.drain(..) {
+        let ready_tx = ready_tx.clone();
         threads.push(std::thread::spawn(move || {
+            c.ok("ping", json!({}));
+            ready_tx.send(()).unwrap();
             let mut last = 0;
             while last < N + 1 {
                 let Some(p) = c.push_within(Duration::from_secs(10)) else {
@@ -592,6 +599,9 @@ fn a_slow_member_is_shed_without_hurting_the_group() {
             }
             last
         }));
+    }
+    for _ in 0..threads.len() {
+        ready.recv().unwrap();
     }
     // ~10 MB of pushes per member: beyond the slow member's socket buffers and 2 MiB outbox.
     let body = "x".repeat(15_000);
