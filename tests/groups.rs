@@ -552,12 +552,17 @@ fn groups_survive_a_restart() {
     send(&mut bob, &conv, "and continues");
 }
 
-/// Overload policy for big groups: a member whose device stops reading is disconnected (4001,
-/// outbox or unacked pushes full) and its pushes dropped; the sender is not slowed, members who
-/// keep up get everything in order, and the slow member loses nothing (it syncs).
+/// Overload policy for big groups: a member whose device stops reading and acking is
+/// disconnected (4001: here at 4,096 unacked pushes; the outbox's 2 MiB bound is the other
+/// trigger, tested one-to-one in limits.rs) and its pushes dropped; the sender is not slowed,
+/// members who keep up get everything in order, and the slow member loses nothing (it syncs).
+/// Many small messages rather than a few large ones: the readers, sharing two cores with the
+/// server and the rest of the suite, must keep up by design, and parsing megabytes of JSON
+/// made one of them fall behind the outbox bound now and then.
 #[test]
 fn a_slow_member_is_shed_without_hurting_the_group() {
-    let server = Server::start(&[]);
+    // The sender goes faster than the default 2,000 requests/s.
+    let server = Server::start(&["--rate-limit", "100000"]);
     let (mut alice, _) = server.user("alice", "pc");
     let readers: Vec<String> = (0..4).map(|i| format!("reader{i}")).collect();
     let mut names: Vec<&str> = readers.iter().map(String::as_str).collect();
@@ -573,7 +578,8 @@ fn a_slow_member_is_shed_without_hurting_the_group() {
     // The slow member: a tiny receive buffer, then it stops reading.
     let mut slow = Client::slow(server.addr, "slow", "slow");
 
-    const N: u64 = 700;
+    // Past the slow member's 4,096 unacked pushes.
+    const N: u64 = 4_300;
     let mut threads = Vec::new();
     // Each reader answers a ping on its own thread before the load starts: a reader whose
     // thread has not run yet is a slow consumer, and the server rightly sheds it (seen once
@@ -603,8 +609,7 @@ fn a_slow_member_is_shed_without_hurting_the_group() {
     for _ in 0..threads.len() {
         ready.recv().unwrap();
     }
-    // ~10 MB of pushes per member: beyond the slow member's socket buffers and 2 MiB outbox.
-    let body = "x".repeat(15_000);
+    let body = "x".repeat(100);
     let started = std::time::Instant::now();
     for _ in 0..N {
         send(&mut alice, &conv, &body);

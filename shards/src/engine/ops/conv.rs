@@ -6,9 +6,8 @@
 use serde_json::json;
 
 use super::super::effects::Deferred;
-use super::super::session::Session;
 use super::super::Shard;
-use super::{bad, conv_arg, Outcome};
+use super::{bad, conv_arg, Asker, Outcome};
 use crate::auth;
 use crate::ids::{ConnId, ConvId, Seq, UserId};
 use crate::limits::TYPING_INTERVAL_MS;
@@ -36,7 +35,12 @@ impl<S: Storage> Shard<S> {
         conv
     }
 
-    pub(in crate::engine) fn open(&mut self, conn: ConnId, rid: u64, s: &Session, req: p::Open) {
+    pub(in crate::engine) fn open(&mut self, by: Asker, req: p::Open) {
+        let Asker {
+            conn,
+            rid,
+            session: s,
+        } = by;
         let peer_name = match auth::normalise_username(&req.user) {
             Ok(name) => name,
             Err(_) => return self.error(conn, Some(rid), ErrorCode::NoSuchUser, "no such user"),
@@ -68,14 +72,12 @@ impl<S: Storage> Shard<S> {
         );
     }
 
-    pub(in crate::engine) fn send_message(
-        &mut self,
-        now_ms: u64,
-        conn: ConnId,
-        rid: u64,
-        s: &Session,
-        req: p::Send,
-    ) {
+    pub(in crate::engine) fn send_message(&mut self, now_ms: u64, by: Asker, req: p::Send) {
+        let Asker {
+            conn,
+            rid,
+            session: s,
+        } = by;
         let Some(conv) = self.parse_conv(conn, rid, &req.conv) else {
             return;
         };
@@ -113,7 +115,12 @@ impl<S: Storage> Shard<S> {
     /// `read`: the owner caps the cursor first (`ReadUpTo`), so a cursor never passes what
     /// exists and the owner's copy (receipts, the peer's ticks) is current before the reply;
     /// the home shard then stores it (`home_read_capped`) and answers once durable.
-    pub(in crate::engine) fn read(&mut self, conn: ConnId, rid: u64, s: &Session, req: p::Read) {
+    pub(in crate::engine) fn read(&mut self, by: Asker, req: p::Read) {
+        let Asker {
+            conn,
+            rid,
+            session: s,
+        } = by;
         let Some(conv) = self.parse_conv(conn, rid, &req.conv) else {
             return;
         };
@@ -217,28 +224,16 @@ impl<S: Storage> Shard<S> {
         self.mail(owner, Mail::MemberEnsured { conv, user, result });
     }
 
-    pub(in crate::engine) fn recall(
-        &mut self,
-        conn: ConnId,
-        rid: u64,
-        s: &Session,
-        req: p::Amend,
-    ) -> Outcome {
+    pub(in crate::engine) fn recall(&mut self, by: Asker, req: p::Amend) -> Outcome {
         let conv = conv_arg(&req.conv)?;
         let op = ConvOp::Recall {
             seq: req.seq,
-            device: s.device.clone(),
+            device: by.session.device.clone(),
         };
-        self.mail_owner(conn, rid, s, conv, op)
+        self.mail_owner(by, conv, op)
     }
 
-    pub(in crate::engine) fn edit(
-        &mut self,
-        conn: ConnId,
-        rid: u64,
-        s: &Session,
-        req: p::Amend,
-    ) -> Outcome {
+    pub(in crate::engine) fn edit(&mut self, by: Asker, req: p::Amend) -> Outcome {
         let conv = conv_arg(&req.conv)?;
         let Some(body) = req.body else {
             return Err(bad("edit needs a body".into()));
@@ -247,20 +242,14 @@ impl<S: Storage> Shard<S> {
         let op = ConvOp::Edit {
             seq: req.seq,
             body: body.get().to_owned(),
-            device: s.device.clone(),
+            device: by.session.device.clone(),
         };
-        self.mail_owner(conn, rid, s, conv, op)
+        self.mail_owner(by, conv, op)
     }
 
-    pub(in crate::engine) fn receipts(
-        &mut self,
-        conn: ConnId,
-        rid: u64,
-        s: &Session,
-        req: p::Receipts,
-    ) -> Outcome {
+    pub(in crate::engine) fn receipts(&mut self, by: Asker, req: p::Receipts) -> Outcome {
         let conv = conv_arg(&req.conv)?;
-        self.mail_owner(conn, rid, s, conv, ConvOp::Receipts { seq: req.seq })
+        self.mail_owner(by, conv, ConvOp::Receipts { seq: req.seq })
     }
 
     /// At most one notice per connection per `TYPING_INTERVAL_MS` goes out; the owner fans it
@@ -268,12 +257,10 @@ impl<S: Storage> Shard<S> {
     pub(in crate::engine) fn typing_notice(
         &mut self,
         now_ms: u64,
-        conn: ConnId,
-        rid: u64,
-        s: &Session,
+        by: Asker,
         req: p::ConvOnly,
     ) -> Outcome {
-        let c = self.sessions.conns.get_mut(&conn).expect("frame's conn");
+        let c = self.sessions.conns.get_mut(&by.conn).expect("frame's conn");
         if c.last_typing_ms
             .is_some_and(|t| now_ms.saturating_sub(t) < TYPING_INTERVAL_MS)
         {
@@ -284,6 +271,6 @@ impl<S: Storage> Shard<S> {
         }
         c.last_typing_ms = Some(now_ms);
         let conv = conv_arg(&req.conv)?;
-        self.mail_owner(conn, rid, s, conv, ConvOp::Typing)
+        self.mail_owner(by, conv, ConvOp::Typing)
     }
 }

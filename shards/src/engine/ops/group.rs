@@ -4,10 +4,9 @@
 
 use rand::Rng;
 
-use super::super::session::Session;
 use super::super::Shard;
-use super::{bad, conv_arg, resolve, resolve_one, Outcome};
-use crate::ids::{ConnId, ConvId, GroupId, UserId};
+use super::{bad, conv_arg, resolve, resolve_one, Asker, Outcome};
+use crate::ids::{ConvId, GroupId, UserId};
 use crate::limits::GROUP_NAME_BYTES_MAX;
 use crate::mail::ConvOp;
 use crate::protocol as p;
@@ -26,13 +25,7 @@ fn group_name(name: &str) -> Result<String, (crate::protocol::ErrorCode, String)
 
 impl<S: Storage> Shard<S> {
     /// The id is drawn here, by the creator's home shard; the group's owner is wherever it lands.
-    pub(in crate::engine) fn create_group(
-        &mut self,
-        conn: ConnId,
-        rid: u64,
-        s: &Session,
-        req: p::GroupCreate,
-    ) -> Outcome {
+    pub(in crate::engine) fn create_group(&mut self, by: Asker, req: p::GroupCreate) -> Outcome {
         let name = group_name(&req.name)?;
         let members = resolve(&req.members)?;
         let conv = ConvId::Group(GroupId(self.rng.gen_range(1..=u64::MAX)));
@@ -42,55 +35,39 @@ impl<S: Storage> Shard<S> {
             approval: req.approval,
             history_visible: req.history_visible,
         };
-        self.mail_owner(conn, rid, s, conv, op)
+        self.mail_owner(by, conv, op)
     }
 
-    pub(in crate::engine) fn group_invite(
-        &mut self,
-        conn: ConnId,
-        rid: u64,
-        s: &Session,
-        req: p::GroupUsers,
-    ) -> Outcome {
+    pub(in crate::engine) fn group_invite(&mut self, by: Asker, req: p::GroupUsers) -> Outcome {
         let users = resolve(&req.users)?;
         let conv = conv_arg(&req.conv)?;
-        self.mail_owner(conn, rid, s, conv, ConvOp::Invite { users })
+        self.mail_owner(by, conv, ConvOp::Invite { users })
     }
 
     /// `group_join`, `group_leave`, `group_disband`: the group is all they name.
     pub(in crate::engine) fn group_plain(
         &mut self,
-        conn: ConnId,
-        rid: u64,
-        s: &Session,
+        by: Asker,
         req: p::ConvOnly,
         op: ConvOp,
     ) -> Outcome {
         let conv = conv_arg(&req.conv)?;
-        self.mail_owner(conn, rid, s, conv, op)
+        self.mail_owner(by, conv, op)
     }
 
     /// `group_kick`, `group_approve`, `group_decline`, `group_transfer`: one member, required.
     pub(in crate::engine) fn group_on_member(
         &mut self,
-        conn: ConnId,
-        rid: u64,
-        s: &Session,
+        by: Asker,
         req: p::GroupUser,
         op: impl FnOnce(UserId) -> ConvOp,
     ) -> Outcome {
         let conv = conv_arg(&req.conv)?;
         let user = resolve_one(req.user.as_ref())?;
-        self.mail_owner(conn, rid, s, conv, op(user))
+        self.mail_owner(by, conv, op(user))
     }
 
-    pub(in crate::engine) fn group_role(
-        &mut self,
-        conn: ConnId,
-        rid: u64,
-        s: &Session,
-        req: p::GroupUser,
-    ) -> Outcome {
+    pub(in crate::engine) fn group_role(&mut self, by: Asker, req: p::GroupUser) -> Outcome {
         let conv = conv_arg(&req.conv)?;
         let user = resolve_one(req.user.as_ref())?;
         let admin = match req.role.as_deref() {
@@ -98,17 +75,11 @@ impl<S: Storage> Shard<S> {
             Some("member") => false,
             _ => return Err(bad("role is \"admin\" or \"member\"".into())),
         };
-        self.mail_owner(conn, rid, s, conv, ConvOp::Role { user, admin })
+        self.mail_owner(by, conv, ConvOp::Role { user, admin })
     }
 
     /// No `user`: the whole group.
-    pub(in crate::engine) fn group_mute(
-        &mut self,
-        conn: ConnId,
-        rid: u64,
-        s: &Session,
-        req: p::GroupUser,
-    ) -> Outcome {
+    pub(in crate::engine) fn group_mute(&mut self, by: Asker, req: p::GroupUser) -> Outcome {
         let conv = conv_arg(&req.conv)?;
         let user = match &req.user {
             Some(_) => Some(resolve_one(req.user.as_ref())?),
@@ -118,16 +89,10 @@ impl<S: Storage> Shard<S> {
             user,
             muted: req.muted.unwrap_or(true),
         };
-        self.mail_owner(conn, rid, s, conv, op)
+        self.mail_owner(by, conv, op)
     }
 
-    pub(in crate::engine) fn group_update(
-        &mut self,
-        conn: ConnId,
-        rid: u64,
-        s: &Session,
-        req: p::GroupUpdate,
-    ) -> Outcome {
+    pub(in crate::engine) fn group_update(&mut self, by: Asker, req: p::GroupUpdate) -> Outcome {
         let name = req.name.as_deref().map(group_name).transpose()?;
         let op = ConvOp::Update {
             name,
@@ -135,19 +100,17 @@ impl<S: Storage> Shard<S> {
             history_visible: req.history_visible,
         };
         let conv = conv_arg(&req.conv)?;
-        self.mail_owner(conn, rid, s, conv, op)
+        self.mail_owner(by, conv, op)
     }
 
     /// `group_info`, `group_members`: answered without a body if `version` is current.
     pub(in crate::engine) fn group_query(
         &mut self,
-        conn: ConnId,
-        rid: u64,
-        s: &Session,
+        by: Asker,
         req: p::Versioned,
         op: impl FnOnce(Option<u64>) -> ConvOp,
     ) -> Outcome {
         let conv = conv_arg(&req.conv)?;
-        self.mail_owner(conn, rid, s, conv, op(req.version))
+        self.mail_owner(by, conv, op(req.version))
     }
 }

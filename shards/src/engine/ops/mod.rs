@@ -27,11 +27,31 @@ pub(in crate::engine) use account::PendingJob;
 use super::session::{already_authenticated, Session};
 use super::Shard;
 use crate::auth;
-use crate::ids::{ConnId, ConvId, UserId};
+use crate::ids::{ConnId, ConvId, ShardId, UserId};
 use crate::limits::GROUP_INVITE_MAX;
 use crate::mail::{ConvOp, FriendOp, Mail, Named, ReplyTo};
 use crate::protocol::{ok_frame, ErrorCode, Request};
 use crate::storage::{Storage, StorageError};
+
+/// Who asked: the connection, the request's id, and the session it runs as. What every
+/// handler of a logged-in request takes first.
+#[derive(Clone, Copy)]
+pub(in crate::engine) struct Asker<'a> {
+    pub conn: ConnId,
+    pub rid: u64,
+    pub session: &'a Session,
+}
+
+impl Asker<'_> {
+    /// Where the answer goes: this connection on `shard` (the asker's home shard).
+    fn reply_to(&self, shard: ShardId) -> ReplyTo {
+        ReplyTo {
+            shard,
+            conn: self.conn,
+            rid: self.rid,
+        }
+    }
+}
 
 /// What a handler returns: `Err` is answered to the request as an error reply (the handler
 /// answers everything else itself, now or once durable).
@@ -67,6 +87,11 @@ impl<S: Storage> Shard<S> {
                 _ => Err((ErrorCode::NotAuthenticated, "log in first".into())),
             };
         };
+        let by = Asker {
+            conn,
+            rid,
+            session: s,
+        };
         match req {
             Request::Ping => self.pong(now_ms, conn, rid),
             Request::Register(_) | Request::Login(_) | Request::Resume(_) => {
@@ -82,21 +107,21 @@ impl<S: Storage> Shard<S> {
             }
 
             Request::Open(r) => {
-                self.open(conn, rid, s, r);
+                self.open(by, r);
                 Ok(())
             }
             Request::Send(r) => {
-                self.send_message(now_ms, conn, rid, s, r);
+                self.send_message(now_ms, by, r);
                 Ok(())
             }
             Request::Read(r) => {
-                self.read(conn, rid, s, r);
+                self.read(by, r);
                 Ok(())
             }
-            Request::Recall(r) => self.recall(conn, rid, s, r),
-            Request::Edit(r) => self.edit(conn, rid, s, r),
-            Request::Receipts(r) => self.receipts(conn, rid, s, r),
-            Request::Typing(r) => self.typing_notice(now_ms, conn, rid, s, r),
+            Request::Recall(r) => self.recall(by, r),
+            Request::Edit(r) => self.edit(by, r),
+            Request::Receipts(r) => self.receipts(by, r),
+            Request::Typing(r) => self.typing_notice(now_ms, by, r),
 
             Request::Convs => {
                 self.start_convs(conn, rid, s.user);
@@ -111,78 +136,63 @@ impl<S: Storage> Shard<S> {
                 Ok(())
             }
 
-            Request::GroupCreate(r) => self.create_group(conn, rid, s, r),
-            Request::GroupInvite(r) => self.group_invite(conn, rid, s, r),
-            Request::GroupJoin(r) => self.group_plain(conn, rid, s, r, ConvOp::Join),
-            Request::GroupLeave(r) => self.group_plain(conn, rid, s, r, ConvOp::Leave),
-            Request::GroupDisband(r) => self.group_plain(conn, rid, s, r, ConvOp::Disband),
-            Request::GroupKick(r) => {
-                self.group_on_member(conn, rid, s, r, |user| ConvOp::Kick { user })
-            }
+            Request::GroupCreate(r) => self.create_group(by, r),
+            Request::GroupInvite(r) => self.group_invite(by, r),
+            Request::GroupJoin(r) => self.group_plain(by, r, ConvOp::Join),
+            Request::GroupLeave(r) => self.group_plain(by, r, ConvOp::Leave),
+            Request::GroupDisband(r) => self.group_plain(by, r, ConvOp::Disband),
+            Request::GroupKick(r) => self.group_on_member(by, r, |user| ConvOp::Kick { user }),
             Request::GroupApprove(r) => {
-                self.group_on_member(conn, rid, s, r, |user| ConvOp::Approve { user })
+                self.group_on_member(by, r, |user| ConvOp::Approve { user })
             }
             Request::GroupDecline(r) => {
-                self.group_on_member(conn, rid, s, r, |user| ConvOp::Decline { user })
+                self.group_on_member(by, r, |user| ConvOp::Decline { user })
             }
             Request::GroupTransfer(r) => {
-                self.group_on_member(conn, rid, s, r, |user| ConvOp::Transfer { user })
+                self.group_on_member(by, r, |user| ConvOp::Transfer { user })
             }
-            Request::GroupRole(r) => self.group_role(conn, rid, s, r),
-            Request::GroupMute(r) => self.group_mute(conn, rid, s, r),
-            Request::GroupUpdate(r) => self.group_update(conn, rid, s, r),
-            Request::GroupInfo(r) => {
-                self.group_query(conn, rid, s, r, |version| ConvOp::Info { version })
-            }
+            Request::GroupRole(r) => self.group_role(by, r),
+            Request::GroupMute(r) => self.group_mute(by, r),
+            Request::GroupUpdate(r) => self.group_update(by, r),
+            Request::GroupInfo(r) => self.group_query(by, r, |version| ConvOp::Info { version }),
             Request::GroupMembers(r) => {
-                self.group_query(conn, rid, s, r, |version| ConvOp::Members { version })
+                self.group_query(by, r, |version| ConvOp::Members { version })
             }
 
-            Request::FriendRequest(r) => self.friend(conn, rid, s, r, None),
-            Request::FriendAccept(r) => self.friend(conn, rid, s, r, Some(FriendOp::Accept)),
-            Request::FriendDecline(r) => self.friend(conn, rid, s, r, Some(FriendOp::Decline)),
-            Request::FriendCancel(r) => self.friend(conn, rid, s, r, Some(FriendOp::Cancel)),
-            Request::FriendRemove(r) => self.friend(conn, rid, s, r, Some(FriendOp::Remove)),
+            Request::FriendRequest(r) => self.friend(by, r, None),
+            Request::FriendAccept(r) => self.friend(by, r, Some(FriendOp::Accept)),
+            Request::FriendDecline(r) => self.friend(by, r, Some(FriendOp::Decline)),
+            Request::FriendCancel(r) => self.friend(by, r, Some(FriendOp::Cancel)),
+            Request::FriendRemove(r) => self.friend(by, r, Some(FriendOp::Remove)),
             Request::Friends(r) => self
                 .friends_list(conn, rid, s.user, r.version)
                 .map_err(storage_failed),
-            Request::Block(r) => self.block(now_ms, conn, rid, s, r, true),
-            Request::Unblock(r) => self.block(now_ms, conn, rid, s, r, false),
+            Request::Block(r) => self.block(now_ms, by, r, true),
+            Request::Unblock(r) => self.block(now_ms, by, r, false),
             Request::Blocks => self.blocks_list(conn, rid, s.user).map_err(storage_failed),
-            Request::Presence(r) => self.presence_pull(conn, rid, s, r),
-            Request::PresenceSet(r) => self.presence_change(conn, rid, s, r),
-            Request::Profile(r) => self.profile_get(conn, rid, r),
-            Request::ProfileSet(r) => self.profile_change(conn, rid, s, r),
+            Request::Presence(r) => self.presence_pull(by, r),
+            Request::PresenceSet(r) => self.presence_change(by, r),
+            Request::Profile(r) => self.profile_get(by, r),
+            Request::ProfileSet(r) => self.profile_change(by, r),
             Request::Devices => self.devices_list(conn, rid, s.user).map_err(storage_failed),
-            Request::DeviceLogout(r) => self.device_logout_other(conn, rid, s, r),
+            Request::DeviceLogout(r) => self.device_logout_other(by, r),
         }
     }
 
     /// Mails `op` on `conv` to the conversation's owner shard, which runs it (membership and
     /// roles live there) and answers the request.
-    fn mail_owner(
-        &mut self,
-        conn: ConnId,
-        rid: u64,
-        s: &Session,
-        conv: ConvId,
-        op: ConvOp,
-    ) -> Outcome {
-        if !conv.may_have_member(s.user) {
+    fn mail_owner(&mut self, by: Asker, conv: ConvId, op: ConvOp) -> Outcome {
+        if !conv.may_have_member(by.session.user) {
             return Err((
                 ErrorCode::NotMember,
                 "you are not in this conversation".into(),
             ));
         }
         let mail = Mail::Op {
-            reply: ReplyTo {
-                shard: self.cfg.shard,
-                conn,
-                rid,
-            },
+            reply: by.reply_to(self.cfg.shard),
             conv,
-            actor: s.user,
-            actor_name: s.name.clone(),
+            actor: by.session.user,
+            actor_name: by.session.name.clone(),
             op,
         };
         self.mail(self.cfg.placement.owner(conv), mail);

@@ -2,33 +2,21 @@
 //! shape here, run by `engine/social.rs` on the requester's home shard (with one hop to the
 //! other user's home shard or the conversation's owner where needed).
 
-use super::super::session::Session;
 use super::super::Shard;
-use super::{bad, resolve, resolve_lenient, storage_failed, Outcome};
-use crate::ids::ConnId;
+use super::{bad, resolve, resolve_lenient, storage_failed, Asker, Outcome};
 use crate::limits::{
     AVATAR_URL_BYTES_MAX, BIO_BYTES_MAX, DISPLAY_NAME_BYTES_MAX, PRESENCE_PULL_MAX,
     STATUS_BYTES_MAX,
 };
-use crate::mail::{FriendOp, Mail, Named, ReplyTo};
+use crate::mail::{FriendOp, Mail, Named};
 use crate::protocol as p;
 use crate::storage::Storage;
 
 impl<S: Storage> Shard<S> {
-    fn return_address(&self, conn: ConnId, rid: u64) -> ReplyTo {
-        ReplyTo {
-            shard: self.cfg.shard,
-            conn,
-            rid,
-        }
-    }
-
     /// The `friend_*` ops; `op` is `None` for `friend_request`, whose message is checked here.
     pub(in crate::engine) fn friend(
         &mut self,
-        conn: ConnId,
-        rid: u64,
-        s: &Session,
+        by: Asker,
         req: p::UserArg,
         op: Option<FriendOp>,
     ) -> Outcome {
@@ -43,52 +31,38 @@ impl<S: Storage> Shard<S> {
                 FriendOp::Request { message }
             }
         };
-        let me: Named = (s.user, s.name.clone());
-        self.friend_request(self.return_address(conn, rid), me, other, op)
+        let me: Named = (by.session.user, by.session.name.clone());
+        self.friend_request(by.reply_to(self.cfg.shard), me, other, op)
     }
 
     /// `block` and `unblock`.
     pub(in crate::engine) fn block(
         &mut self,
         now_ms: u64,
-        conn: ConnId,
-        rid: u64,
-        s: &Session,
+        by: Asker,
         req: p::UserArg,
         blocking: bool,
     ) -> Outcome {
         let other = resolve(std::slice::from_ref(&req.user))?.remove(0);
         self.set_block(
             now_ms,
-            self.return_address(conn, rid),
-            s.user,
+            by.reply_to(self.cfg.shard),
+            by.session.user,
             other,
             blocking,
         )
     }
 
-    pub(in crate::engine) fn presence_pull(
-        &mut self,
-        conn: ConnId,
-        rid: u64,
-        s: &Session,
-        req: p::Users,
-    ) -> Outcome {
+    pub(in crate::engine) fn presence_pull(&mut self, by: Asker, req: p::Users) -> Outcome {
         if req.users.len() > PRESENCE_PULL_MAX {
             return Err(bad(format!("at most {PRESENCE_PULL_MAX} users")));
         }
         let users = resolve_lenient(&req.users);
-        self.start_presence(conn, rid, s.user, users);
+        self.start_presence(by.conn, by.rid, by.session.user, users);
         Ok(())
     }
 
-    pub(in crate::engine) fn presence_change(
-        &mut self,
-        conn: ConnId,
-        rid: u64,
-        s: &Session,
-        req: p::PresenceSet,
-    ) -> Outcome {
+    pub(in crate::engine) fn presence_change(&mut self, by: Asker, req: p::PresenceSet) -> Outcome {
         let away = match req.state.as_deref() {
             None => None,
             Some("online") => Some(false),
@@ -102,20 +76,15 @@ impl<S: Storage> Shard<S> {
         {
             return Err(bad(format!("status is at most {STATUS_BYTES_MAX} bytes")));
         }
-        self.presence_set(conn, rid, s.user, away, req.status)
+        self.presence_set(by.conn, by.rid, by.session.user, away, req.status)
             .map_err(storage_failed)
     }
 
     /// Asked of the user's home shard, which holds the profile.
-    pub(in crate::engine) fn profile_get(
-        &mut self,
-        conn: ConnId,
-        rid: u64,
-        req: p::ProfileGet,
-    ) -> Outcome {
+    pub(in crate::engine) fn profile_get(&mut self, by: Asker, req: p::ProfileGet) -> Outcome {
         let (user, name) = resolve(std::slice::from_ref(&req.user))?.remove(0);
         let mail = Mail::ProfileQuery {
-            reply: self.return_address(conn, rid),
+            reply: by.reply_to(self.cfg.shard),
             user,
             name,
             version: req.version,
@@ -124,13 +93,7 @@ impl<S: Storage> Shard<S> {
         Ok(())
     }
 
-    pub(in crate::engine) fn profile_change(
-        &mut self,
-        conn: ConnId,
-        rid: u64,
-        s: &Session,
-        req: p::ProfileSet,
-    ) -> Outcome {
+    pub(in crate::engine) fn profile_change(&mut self, by: Asker, req: p::ProfileSet) -> Outcome {
         for (field, value, max) in [
             ("display_name", &req.display_name, DISPLAY_NAME_BYTES_MAX),
             ("avatar_url", &req.avatar_url, AVATAR_URL_BYTES_MAX),
@@ -140,21 +103,19 @@ impl<S: Storage> Shard<S> {
                 return Err(bad(format!("{field} is at most {max} bytes")));
             }
         }
-        self.profile_set(conn, rid, s.user, req)
+        self.profile_set(by.conn, by.rid, by.session.user, req)
             .map_err(storage_failed)
     }
 
     /// Another device of the same user; this one uses `logout`.
     pub(in crate::engine) fn device_logout_other(
         &mut self,
-        conn: ConnId,
-        rid: u64,
-        s: &Session,
+        by: Asker,
         req: p::DeviceArg,
     ) -> Outcome {
-        if req.device == s.device {
+        if req.device == by.session.device {
             return Err(bad("use logout for this device".into()));
         }
-        self.device_logout(conn, rid, s.user, &req.device)
+        self.device_logout(by.conn, by.rid, by.session.user, &req.device)
     }
 }
