@@ -159,11 +159,16 @@ impl<S: Storage> Shard<S> {
         }
     }
 
-    pub(super) fn start_history(&mut self, conn: ConnId, rid: u64, user: UserId, req: p::History) {
-        let Some(conv) = self.parse_conv(conn, rid, &req.conv) else {
-            return;
-        };
-        let limit = req.limit.map_or(50, |l| l as usize).clamp(1, PAGE_MAX);
+    /// `history` of `conv` (parsed by the dispatch): up to `limit` messages before `before`.
+    pub(super) fn start_history(
+        &mut self,
+        conn: ConnId,
+        rid: u64,
+        user: UserId,
+        conv: ConvId,
+        (before, limit): (Option<Seq>, Option<u32>),
+    ) {
+        let limit = limit.map_or(50, |l| l as usize).clamp(1, PAGE_MAX);
         let id = self.gather(
             conn,
             rid,
@@ -184,7 +189,7 @@ impl<S: Storage> Shard<S> {
             user,
             conv,
             after: None,
-            before: req.before,
+            before,
             limit,
             bytes_max: PAGE_BYTES_MAX,
         };

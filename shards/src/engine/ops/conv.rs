@@ -6,147 +6,88 @@
 use serde_json::json;
 
 use super::super::effects::Deferred;
+use super::super::event::uuid_v7;
 use super::super::Shard;
 use super::{bad, conv_arg, Asker, Outcome};
 use crate::auth;
-use crate::ids::{ConnId, ConvId, Seq, UserId};
+use crate::ids::{ConvId, Seq, UserId};
 use crate::limits::TYPING_INTERVAL_MS;
 use crate::mail::{ConvOp, Mail, ReplyTo};
 use crate::protocol::{self as p, ok_frame, ErrorCode};
 use crate::storage::{keys, Storage, UserConv};
 
 impl<S: Storage> Shard<S> {
-    /// A conversation id from a request, or `None` after answering `bad_request`.
-    pub(in crate::engine) fn parse_conv(
-        &mut self,
-        conn: ConnId,
-        rid: u64,
-        text: &str,
-    ) -> Option<ConvId> {
-        let conv = ConvId::parse(text);
-        if conv.is_none() {
-            self.error(
-                conn,
-                Some(rid),
-                ErrorCode::BadRequest,
-                "conv is not a conversation id",
-            );
-        }
-        conv
-    }
-
-    pub(in crate::engine) fn open(&mut self, by: Asker, req: p::Open) {
-        let Asker {
-            conn,
-            rid,
-            session: s,
-        } = by;
-        let peer_name = match auth::normalise_username(&req.user) {
-            Ok(name) => name,
-            Err(_) => return self.error(conn, Some(rid), ErrorCode::NoSuchUser, "no such user"),
-        };
+    pub(in crate::engine) fn open(&mut self, by: Asker, req: p::Open) -> Outcome {
+        let s = by.session;
+        let peer_name = auth::normalise_username(&req.user)
+            .map_err(|_| (ErrorCode::NoSuchUser, "no such user".to_owned()))?;
         if peer_name == s.name {
-            return self.error(
-                conn,
-                Some(rid),
-                ErrorCode::BadRequest,
-                "a conversation needs another user",
-            );
+            return Err(bad("a conversation needs another user".into()));
         }
         let peer = UserId::from_username(&peer_name);
         let conv = ConvId::direct(s.user, peer);
-        let reply = ReplyTo {
-            shard: self.cfg.shard,
-            conn,
-            rid,
+        let mail = Mail::Open {
+            reply: by.reply_to(self.cfg.shard),
+            conv,
+            requester: s.user,
+            names: [(s.user, s.name.clone()), (peer, peer_name)],
         };
-        let names = [(s.user, s.name.clone()), (peer, peer_name)];
-        self.mail(
-            self.cfg.placement.owner(conv),
-            Mail::Open {
-                reply,
-                conv,
-                requester: s.user,
-                names,
-            },
-        );
+        self.mail(self.cfg.placement.owner(conv), mail);
+        Ok(())
     }
 
-    pub(in crate::engine) fn send_message(&mut self, now_ms: u64, by: Asker, req: p::Send) {
-        let Asker {
-            conn,
-            rid,
-            session: s,
-        } = by;
-        let Some(conv) = self.parse_conv(conn, rid, &req.conv) else {
-            return;
-        };
+    pub(in crate::engine) fn send_message(
+        &mut self,
+        now_ms: u64,
+        by: Asker,
+        req: p::Send,
+    ) -> Outcome {
+        let s = by.session;
+        let conv = conv_arg(&req.conv)?;
         if !conv.may_have_member(s.user) {
-            return self.error(
-                conn,
-                Some(rid),
+            return Err((
                 ErrorCode::NotMember,
-                "you are not in this conversation",
-            );
+                "you are not in this conversation".into(),
+            ));
         }
         let body = req.body.get();
-        if let Err((code, message)) = p::check_body(body, self.cfg.body_bytes_max) {
-            return self.error(conn, Some(rid), code, &message);
-        }
-        let id = req
-            .id
-            .unwrap_or_else(|| crate::engine::event::uuid_v7(now_ms));
+        p::check_body(body, self.cfg.body_bytes_max)?;
         let mail = Mail::Append {
-            reply: ReplyTo {
-                shard: self.cfg.shard,
-                conn,
-                rid,
-            },
+            reply: by.reply_to(self.cfg.shard),
             conv,
             sender: s.user,
             sender_name: s.name.clone(),
             device: s.device.clone(),
-            id,
+            id: req.id.unwrap_or_else(|| uuid_v7(now_ms)),
             body: body.to_owned(),
         };
         self.mail(self.cfg.placement.owner(conv), mail);
+        Ok(())
     }
 
     /// `read`: the owner caps the cursor first (`ReadUpTo`), so a cursor never passes what
     /// exists and the owner's copy (receipts, the peer's ticks) is current before the reply;
     /// the home shard then stores it (`home_read_capped`) and answers once durable.
-    pub(in crate::engine) fn read(&mut self, by: Asker, req: p::Read) {
-        let Asker {
-            conn,
-            rid,
-            session: s,
-        } = by;
-        let Some(conv) = self.parse_conv(conn, rid, &req.conv) else {
-            return;
-        };
+    pub(in crate::engine) fn read(&mut self, by: Asker, req: p::Read) -> Outcome {
+        let s = by.session;
+        let conv = conv_arg(&req.conv)?;
         match self.get_latest(&keys::user_conv(s.user, conv)) {
             Ok(Some(_)) => {
                 let mail = Mail::ReadUpTo {
-                    reply: ReplyTo {
-                        shard: self.cfg.shard,
-                        conn,
-                        rid,
-                    },
+                    reply: by.reply_to(self.cfg.shard),
                     conv,
                     user: s.user,
                     user_name: s.name.clone(),
                     seq: req.seq,
                 };
-                let owner = self.cfg.placement.owner(conv);
-                self.mail(owner, mail);
+                self.mail(self.cfg.placement.owner(conv), mail);
+                Ok(())
             }
-            Ok(None) => self.error(
-                conn,
-                Some(rid),
-                ErrorCode::NoSuchConversation,
-                "no such conversation",
-            ),
-            Err(e) => self.internal_error(conn, Some(rid), &e),
+            Ok(None) => Err((ErrorCode::NoSuchConversation, "no such conversation".into())),
+            Err(e) => {
+                self.internal_error(by.conn, Some(by.rid), &e);
+                Ok(())
+            }
         }
     }
 

@@ -106,18 +106,9 @@ impl<S: Storage> Shard<S> {
                 Ok(())
             }
 
-            Request::Open(r) => {
-                self.open(by, r);
-                Ok(())
-            }
-            Request::Send(r) => {
-                self.send_message(now_ms, by, r);
-                Ok(())
-            }
-            Request::Read(r) => {
-                self.read(by, r);
-                Ok(())
-            }
+            Request::Open(r) => self.open(by, r),
+            Request::Send(r) => self.send_message(now_ms, by, r),
+            Request::Read(r) => self.read(by, r),
             Request::Recall(r) => self.recall(by, r),
             Request::Edit(r) => self.edit(by, r),
             Request::Receipts(r) => self.receipts(by, r),
@@ -132,7 +123,8 @@ impl<S: Storage> Shard<S> {
                 Ok(())
             }
             Request::History(r) => {
-                self.start_history(conn, rid, s.user, r);
+                let conv = conv_arg(&r.conv)?;
+                self.start_history(conn, rid, s.user, conv, (r.before, r.limit));
                 Ok(())
             }
 
