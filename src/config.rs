@@ -123,6 +123,17 @@ pub struct Cluster {
     pub map: ClusterMap,
 }
 
+impl Cluster {
+    /// This node's shard count in the map (`node` was checked to be in it).
+    pub fn shards(&self) -> u16 {
+        self.map
+            .nodes
+            .iter()
+            .find(|n| n.id == self.node)
+            .map_or(0, |n| n.shards)
+    }
+}
+
 /// The resolved configuration.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -163,14 +174,20 @@ impl Config {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u16;
         let cluster = file.cluster.map(resolve_cluster).transpose()?;
         // A cluster node's shard count is the map's; a flag or key may only repeat it.
-        let shards = match (&cluster, args.shards.or(file.shards)) {
-            (Some(c), Some(n)) if n != c.map.nodes[c.map.node(&c.node)?].shards => bail!(
-                "shards = {n}, but the cluster map gives node {:?} {} shards",
-                c.node,
-                c.map.nodes[c.map.node(&c.node)?].shards
-            ),
-            (Some(c), _) => c.map.nodes[c.map.node(&c.node)?].shards,
-            (None, n) => n.unwrap_or(cores),
+        let asked = args.shards.or(file.shards);
+        let shards = match &cluster {
+            Some(c) => {
+                let own = c.shards();
+                if asked.is_some_and(|n| n != own) {
+                    bail!(
+                        "shards = {}, but the cluster map gives node {:?} {own} shards",
+                        asked.unwrap_or(own),
+                        c.node
+                    );
+                }
+                own
+            }
+            None => asked.unwrap_or(cores),
         };
         let durability = match args
             .durability
