@@ -7,6 +7,7 @@
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hermod::nats::{Bridge, NatsConfig, Outgoing};
@@ -275,7 +276,7 @@ async fn link_side(
         }
         let mut budget = per_ms;
         while next < count && budget > 0 {
-            match link.send(t, next.to_be_bytes().to_vec()) {
+            match link.send(t, Arc::from(&next.to_be_bytes()[..])) {
                 Ok(frame) => {
                     next += 1;
                     budget -= 1;
@@ -291,7 +292,7 @@ async fn link_side(
             for event in link.receive(frame) {
                 match event {
                     LinkEvent::Deliver(p) => {
-                        delivered.push(u64::from_be_bytes(p.try_into().unwrap()))
+                        delivered.push(u64::from_be_bytes(p[..].try_into().unwrap()))
                     }
                     LinkEvent::PeerRestarted { .. } => panic!("no process restarted"),
                 }

@@ -28,6 +28,7 @@
 //!   delivered or handed back (possibly both: delivered, then the peer died before acking).
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
 
 /// One frame between two shards on different nodes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -37,7 +38,8 @@ pub enum Frame {
         from_inc: u64,
         to_inc: u64,
         seq: u64,
-        payload: Vec<u8>,
+        /// Shared with the sender's window: a resend copies no mail.
+        payload: Arc<[u8]>,
     },
     /// Everything up to `ack` from `to_inc` was delivered by `from_inc`.
     Ack {
@@ -107,7 +109,7 @@ impl Frame {
                 from_inc,
                 to_inc,
                 seq: n,
-                payload: payload.to_vec(),
+                payload: payload.into(),
             }),
             b'A' if payload.is_empty() => Ok(Frame::Ack {
                 from_inc,
@@ -124,18 +126,18 @@ impl Frame {
 #[derive(Debug, PartialEq, Eq)]
 pub enum LinkEvent {
     /// The next mail from the peer, in order.
-    Deliver(Vec<u8>),
+    Deliver(Arc<[u8]>),
     /// The peer is a new process: these mails (sent to its earlier life, unacked) may be lost.
-    PeerRestarted { unacked: Vec<Vec<u8>> },
+    PeerRestarted { unacked: Vec<Arc<[u8]>> },
 }
 
 /// The window is full: the caller holds the mail back until acks make room.
 #[derive(Debug, PartialEq, Eq)]
-pub struct Full(pub Vec<u8>);
+pub struct Full(pub Arc<[u8]>);
 
 struct Unacked {
     seq: u64,
-    payload: Vec<u8>,
+    payload: Arc<[u8]>,
     sent_ms: Option<u64>,
 }
 
@@ -150,7 +152,7 @@ pub struct Link {
     unacked: VecDeque<Unacked>,
     // Inbound: the next sequence number to deliver, and mail that arrived ahead of it.
     expected: u64,
-    ahead: BTreeMap<u64, Vec<u8>>,
+    ahead: BTreeMap<u64, Arc<[u8]>>,
     /// Inbound mail arrived since the last ack sent: an ack is due.
     ack_due: bool,
 }
@@ -185,7 +187,7 @@ impl Link {
 
     /// Queues `payload` for the peer. Returns the frame to transmit now (none while the peer's
     /// incarnation is unknown: it goes with the first `poll_transmit` after the hello).
-    pub fn send(&mut self, now_ms: u64, payload: Vec<u8>) -> Result<Option<Frame>, Full> {
+    pub fn send(&mut self, now_ms: u64, payload: Arc<[u8]>) -> Result<Option<Frame>, Full> {
         if self.unacked.len() >= self.window {
             return Err(Full(payload));
         }
@@ -343,8 +345,12 @@ mod tests {
         }
     }
 
-    fn mail(i: u64) -> Vec<u8> {
-        i.to_be_bytes().to_vec()
+    fn mail(i: u64) -> Arc<[u8]> {
+        Arc::from(&i.to_be_bytes()[..])
+    }
+
+    fn number(p: &[u8]) -> u64 {
+        u64::from_be_bytes(p.try_into().unwrap())
     }
 
     /// Runs `steps` ms of two links exchanging mail both ways over `net`; `restart_b_at`
@@ -406,14 +412,10 @@ mod tests {
                 for event in links[to].receive(frame) {
                     // Mail of side `to`'s peer (direction 1 - to → to).
                     match event {
-                        LinkEvent::Deliver(p) => {
-                            delivered[1 - to].push(u64::from_be_bytes(p.try_into().unwrap()))
+                        LinkEvent::Deliver(p) => delivered[1 - to].push(number(&p)),
+                        LinkEvent::PeerRestarted { unacked } => {
+                            lost[to].extend(unacked.into_iter().map(|p| number(&p)))
                         }
-                        LinkEvent::PeerRestarted { unacked } => lost[to].extend(
-                            unacked
-                                .into_iter()
-                                .map(|p| u64::from_be_bytes(p.try_into().unwrap())),
-                        ),
                     }
                 }
             }
@@ -484,13 +486,13 @@ mod tests {
                 from_inc: 1,
                 to_inc: u64::MAX,
                 seq: 7,
-                payload: b"mail".to_vec(),
+                payload: Arc::from(&b"mail"[..]),
             },
             Frame::Data {
                 from_inc: 1,
                 to_inc: 2,
                 seq: 8,
-                payload: Vec::new(),
+                payload: Arc::from(&[][..]),
             },
             Frame::Ack {
                 from_inc: 2,
@@ -520,10 +522,15 @@ mod tests {
     #[test]
     fn the_window_bounds_unacked_mail_and_frames_for_an_old_life_are_dropped() {
         let mut a = Link::new(1, 2, 10);
-        assert_eq!(a.send(0, vec![1]), Ok(None), "peer unknown: held");
+        assert_eq!(
+            a.send(0, Arc::from(&[1][..])),
+            Ok(None),
+            "peer unknown: held"
+        );
         a.receive(Frame::Hello { from_inc: 9 });
-        assert!(a.send(0, vec![2]).unwrap().is_some());
-        assert_eq!(a.send(0, vec![3]), Err(Full(vec![3])));
+        assert!(a.send(0, Arc::from(&[2][..])).unwrap().is_some());
+        let three: Arc<[u8]> = Arc::from(&[3][..]);
+        assert_eq!(a.send(0, three.clone()), Err(Full(three)));
         let first = a.poll_transmit(0);
         assert_eq!(
             first.len(),
@@ -548,7 +555,7 @@ mod tests {
             from_inc: 9,
             to_inc: 5,
             seq: 1,
-            payload: vec![7],
+            payload: Arc::from(&[7][..]),
         });
         assert!(events.is_empty());
         assert_eq!(a.poll_timeout(), None);
