@@ -8,6 +8,7 @@
 //! a user lives on one core and delivery to a user is local.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::rc::Rc;
 use std::sync::Arc;
 
 use serde::Deserialize;
@@ -43,7 +44,8 @@ struct Unacked {
 }
 
 pub(super) struct Conn {
-    pub(super) session: Option<Session>,
+    /// Shared with the request being run (`Rc`): reading a frame copies no strings.
+    pub(super) session: Option<Rc<Session>>,
     /// A `register` or `login` is running (password hash, then commit). Frames arriving
     /// meanwhile wait in `held` and run in order when it ends, so a client may pipeline.
     pub(super) busy: bool,
@@ -231,7 +233,7 @@ impl<S: Storage> Shard<S> {
             }
             (Some(Op::Register | Op::Login | Op::Resume), Some(_)) => Err(already_authenticated()),
             (Some(op), session) => match Request::parse(op, text) {
-                Ok(req) => self.request(now_ms, conn, rid, session.as_ref(), req, text),
+                Ok(req) => self.request(now_ms, conn, rid, session.as_deref(), req, text),
                 Err(e) => Err((ErrorCode::BadRequest, e)),
             },
         };

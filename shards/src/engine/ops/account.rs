@@ -3,6 +3,8 @@
 //! identity moves to that identity's home shard first (`hand_off_if_remote`), so these run
 //! where the account's records live.
 
+use std::rc::Rc;
+
 use rand::Rng;
 use serde_json::json;
 
@@ -404,7 +406,7 @@ impl<S: Storage> Shard<S> {
         self.sessions.devices_online += 1;
         self.sessions.presence_dirty.insert(session.user);
         if let Some(c) = self.sessions.conns.get_mut(&conn) {
-            c.session = Some(session);
+            c.session = Some(Rc::new(session));
             c.failed_logins = 0;
             c.last_in_ms = now_ms;
         }
