@@ -8,8 +8,11 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use clap::Args;
 use hermod_shards::cluster::{ClusterMap, NodeSpec};
+use hermod_shards::remote::Tuning;
 use hermod_shards::storage::Durability;
 use serde::Deserialize;
+
+use crate::nats::NatsConfig;
 
 /// Shortest admin token accepted: a guessable one would hand out every account.
 const ADMIN_TOKEN_BYTES_MIN: usize = 16;
@@ -110,6 +113,25 @@ struct ClusterFile {
     #[serde(default = "first_version")]
     version: u64,
     nodes: Vec<NodeSpec>,
+    /// Required with more than one node.
+    nats: Option<NatsFile>,
+    /// Each link's hello interval, and the silence after which a peer is down.
+    hello_ms: Option<u64>,
+    silent_ms: Option<u64>,
+}
+
+/// `[cluster.nats]`: where the NATS cluster is and how to log in.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NatsFile {
+    urls: Vec<String>,
+    user: Option<String>,
+    password: Option<String>,
+    /// Longest wait for the first connection at start-up (default 5000).
+    connect_timeout_ms: Option<u64>,
+    /// Subjects are `<prefix>.<node id>` (default "hermod"): clusters sharing one NATS
+    /// cluster use different prefixes.
+    subject_prefix: Option<String>,
 }
 
 fn first_version() -> u64 {
@@ -121,6 +143,10 @@ fn first_version() -> u64 {
 pub struct Cluster {
     pub node: String,
     pub map: ClusterMap,
+    /// `None` only for a one-node map.
+    pub nats: Option<NatsConfig>,
+    pub subject_prefix: String,
+    pub tuning: Tuning,
 }
 
 impl Cluster {
@@ -310,18 +336,55 @@ fn resolve_cluster(file: ClusterFile) -> anyhow::Result<Cluster> {
     };
     map.validate().context("[cluster]")?;
     map.node(&file.node).context("[cluster] node")?;
-    if map.nodes.len() > 1 {
-        // The placement map, cluster-wide shard ids and the link layer exist; the NATS
-        // transport between nodes does not yet (issue 13). Refused rather than run half-linked.
-        bail!(
-            "[cluster] lists {} nodes: linking nodes over NATS is not built yet; a cluster of \
-             one node runs (docs/cluster.md)",
-            map.nodes.len()
-        );
+    let defaults = Tuning::default();
+    let tuning = Tuning {
+        hello_ms: file.hello_ms.unwrap_or(defaults.hello_ms),
+        silent_ms: file.silent_ms.unwrap_or(defaults.silent_ms),
+        ..defaults
+    };
+    if tuning.hello_ms == 0 || tuning.silent_ms < 2 * tuning.hello_ms {
+        bail!("[cluster] hello_ms must be at least 1 and silent_ms at least twice hello_ms");
     }
+    let mut subject_prefix = "hermod".to_owned();
+    let nats = match file.nats {
+        Some(n) => {
+            if n.urls.is_empty() {
+                bail!("[cluster.nats] urls must list at least one server");
+            }
+            if n.user.is_some() != n.password.is_some() {
+                bail!("[cluster.nats] user and password go together");
+            }
+            if let Some(prefix) = n.subject_prefix {
+                let ok = !prefix.is_empty()
+                    && prefix
+                        .split('.')
+                        .all(|t| !t.is_empty() && t.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'));
+                if !ok {
+                    bail!("[cluster.nats] subject_prefix {prefix:?} is not dot-separated tokens of a-z A-Z 0-9 - _");
+                }
+                subject_prefix = prefix;
+            }
+            Some(NatsConfig {
+                urls: n.urls,
+                user: n.user,
+                password: n.password,
+                name: format!("hermod-{}", file.node),
+                connect_timeout: std::time::Duration::from_millis(
+                    n.connect_timeout_ms.unwrap_or(5_000),
+                ),
+            })
+        }
+        None if map.nodes.len() > 1 => {
+            bail!("[cluster] lists {} nodes: a [cluster.nats] section must say where NATS is", map.nodes.len())
+        }
+        None => None,
+    };
     Ok(Cluster {
         node: file.node,
         map,
+        nats,
+        subject_prefix,
+        tuning,
     })
 }
 

@@ -185,7 +185,7 @@ async fn serve_http(
     let mut inbuf = Vec::new();
     let idle = Outbox::default();
     let deadline = std::time::Instant::now() + HEAD_TIMEOUT;
-    let shard = ctx.id.0 as usize;
+    let shard = ctx.local;
     let route = loop {
         match next_event_by(ctx, &mut stream, &mut inbuf, &idle, deadline).await {
             Event::Readable => {
@@ -324,7 +324,7 @@ async fn ws_loop(
                         }
                         Some(Message::Close(code)) => {
                             // The client closed first: echo its code (RFC 6455 §5.5.1).
-                            ctx.board.count_peer_close(ctx.id.0 as usize);
+                            ctx.board.count_peer_close(ctx.local);
                             outbox.close_echo(code.unwrap_or(close::NORMAL));
                             break;
                         }
@@ -359,7 +359,7 @@ async fn ws_loop(
         }) = close
         {
             if !by_peer {
-                ctx.board.count_close(ctx.id.0 as usize, code, reason);
+                ctx.board.count_close(ctx.local, code, reason);
             }
             let mut frame = Vec::new();
             ws::encode_close(&mut frame, code, reason);

@@ -16,6 +16,7 @@ use glommio::{GlommioError, ResourceType};
 use hermod_shards::auth::HashCost;
 use hermod_shards::limits::{COMMIT_OPS_MAX, MAIL_BACKLOG_MAX};
 use hermod_shards::storage::Durability;
+use hermod_shards::remote::Remotes;
 use hermod_shards::{ConnId, Output, Shard, ShardId};
 use hermod_store::{RocksStorage, StoreStats};
 
@@ -30,7 +31,11 @@ pub fn now_ms() -> u64 {
 }
 
 pub struct ShardCtx {
+    /// The engine's shard id: cluster-wide.
     pub id: ShardId,
+    /// This shard's index on its node: its core, its column family, its metrics slot, its
+    /// place in the mesh. `id - local` is the node's first shard id.
+    pub local: usize,
     pub engine: RefCell<Shard<RocksStorage>>,
     pub(crate) store: RocksStorage,
     pub(crate) durability: Durability,
@@ -63,6 +68,10 @@ pub struct ShardCtx {
     /// Wakes the timer task sooner, when an input moved the engine's next deadline earlier
     /// than `wake_at`. One slot: a wake already pending is enough.
     pub(crate) wake: LocalSender<()>,
+    /// The links to the other nodes' shards (none on a single node); see `links.rs`.
+    pub(crate) remotes: RefCell<Remotes>,
+    /// Wakes the link task: frames are due out. One slot.
+    pub(crate) transmit: LocalSender<()>,
 }
 
 pub(crate) struct Peer {
@@ -73,6 +82,11 @@ pub(crate) struct Peer {
 pub type Ctx = Rc<ShardCtx>;
 
 impl ShardCtx {
+    /// The cluster-wide id of this node's first shard.
+    fn first(&self) -> u16 {
+        self.id.0 - self.local as u16
+    }
+
     pub(crate) fn publish_metrics(&self) {
         let engine = self.engine.borrow();
         let sample = Sample {
@@ -82,10 +96,11 @@ impl ShardCtx {
             devices_online: engine.devices_online(),
             pending_writes: engine.pending_ops(),
             loaded_conversations: engine.loaded_conversations(),
-            mail_backlog: self.backlog.get(),
+            mail_backlog: self.backlog.get() + self.remotes.borrow().waiting(),
             store: self.store_stats.get(),
         };
-        self.board.publish(self.id.0 as usize, &sample);
+        self.board.publish(self.local, &sample);
+        self.board.publish_links(self.local, self.remotes.borrow().stats());
     }
 
     pub fn new_conn_id(&self) -> ConnId {
@@ -96,11 +111,14 @@ impl ShardCtx {
 
     /// True while new client frames should wait: mail or writes are piling up.
     pub fn overloaded(&self) -> bool {
-        self.backlog.get() > MAIL_BACKLOG_MAX || self.engine.borrow().pending_ops() > COMMIT_OPS_MAX
+        self.backlog.get() + self.remotes.borrow().waiting() > MAIL_BACKLOG_MAX
+            || self.engine.borrow().pending_ops() > COMMIT_OPS_MAX
     }
 
+    /// Sends to a shard of this node (`to` is cluster-wide).
     pub fn send_envelope(&self, to: ShardId, envelope: Envelope) {
-        let Some(Some(peer)) = self.peers.get(to.0 as usize) else {
+        let index = to.0.checked_sub(self.first()).map(usize::from);
+        let Some(Some(peer)) = index.and_then(|i| self.peers.get(i)) else {
             tracing::error!(shard = %self.id, to = %to, "mail to an unknown shard dropped");
             return;
         };
@@ -147,7 +165,13 @@ pub fn dispatch(ctx: &Ctx) {
                     outbox.close(code, reason);
                 }
             }
-            Output::Mail { to, mail } => ctx.send_envelope(to, Envelope::Mail(mail)),
+            Output::Mail { to, mail } => {
+                if ctx.remotes.borrow().is_remote(to) {
+                    crate::links::send(ctx, to, mail);
+                } else {
+                    ctx.send_envelope(to, Envelope::Mail(mail));
+                }
+            }
             Output::AdminReply { conn, status, body } => {
                 if let Some(waiter) = ctx.admin_waiters.borrow_mut().remove(&conn) {
                     // One slot, one answer per request: cannot be full.
@@ -218,7 +242,7 @@ fn kick_commit(ctx: &Ctx) {
             .spawn_blocking(move || store.write(&ops, durability).map_err(|e| e.to_string()))
             .await;
         let micros = started.elapsed().as_micros() as u64;
-        ctx.board.observe_commit(ctx.id.0 as usize, writes, micros);
+        ctx.board.observe_commit(ctx.local, writes, micros);
         ctx.committing.set(false);
         ctx.engine
             .borrow_mut()

@@ -58,7 +58,12 @@ pub fn status(page: StatusPage, board: &crate::metrics::Board) -> Vec<u8> {
         ),
         // The process answers HTTP: it is alive.
         StatusPage::Health => simple(200, "OK", "ok\n"),
-        StatusPage::Ready if board.ready() => simple(200, "OK", "ready\n"),
+        StatusPage::Ready if board.ready() => match board.links_up() {
+            (_, 0) => simple(200, "OK", "ready\n"),
+            // Ready to serve this node's users whatever the links: a peer node being down
+            // must not take this one out of its balancer. The links are shown, not judged.
+            (up, all) => simple(200, "OK", &format!("ready\nlinks up {up}/{all}\n")),
+        },
         StatusPage::Ready => simple(503, "Service Unavailable", "not ready\n"),
     }
 }

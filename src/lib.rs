@@ -28,6 +28,7 @@ pub mod conn;
 pub mod ctx;
 pub mod fuzzing;
 pub mod http;
+pub mod links;
 pub mod mesh;
 pub mod metrics;
 pub mod nats;

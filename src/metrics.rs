@@ -10,6 +10,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use hermod_shards::engine::{Histogram, Stats, LATENCY_BOUNDS_MS};
+use hermod_shards::remote::LinkStats;
+use hermod_shards::ShardId;
 use hermod_shards::protocol::ErrorCode;
 use hermod_store::StoreStats;
 
@@ -264,11 +266,27 @@ impl Hist {
     }
 }
 
+/// `N` counters: `Default` for any `N` (arrays derive it only up to 32).
+struct Counters<const N: usize>([AtomicU64; N]);
+
+impl<const N: usize> Default for Counters<N> {
+    fn default() -> Self {
+        Counters(std::array::from_fn(|_| AtomicU64::new(0)))
+    }
+}
+
+impl<const N: usize> std::ops::Deref for Counters<N> {
+    type Target = [AtomicU64; N];
+    fn deref(&self) -> &[AtomicU64; N] {
+        &self.0
+    }
+}
+
 #[derive(Default)]
 struct Slot {
     ready: AtomicBool,
     values: [AtomicU64; FAMILY_COUNT],
-    errors_by_code: [AtomicU64; 32],
+    errors_by_code: Counters<{ hermod_shards::engine::ERROR_CODES }>,
     commit_us: Hist,
     commit_ops: Hist,
     delivery_ms: Hist,
@@ -280,9 +298,46 @@ struct Slot {
     refusals: [AtomicU64; Refusal::ALL.len()],
 }
 
+/// One link's figures (`hermod_shards::remote::LinkStats`), written by its local shard.
+#[derive(Default)]
+struct LinkSlot {
+    peer: u16,
+    up: AtomicBool,
+    values: [AtomicU64; LINK_FAMILIES.len()],
+}
+
+/// Link families: name, type, help; values in `link_values` order.
+const LINK_FAMILIES: [(&str, &str, &str); 9] = [
+    ("hermod_link_in_flight", "gauge", "Mails sent to the peer shard and not yet acked."),
+    ("hermod_link_waiting", "gauge", "Mails waiting for room in the link's window."),
+    ("hermod_link_mails_sent_total", "counter", "Mails queued for the peer shard."),
+    ("hermod_link_mails_received_total", "counter", "Mails delivered from the peer shard, in order."),
+    ("hermod_link_resent_total", "counter", "Data frames sent again (a lost frame or a late ack)."),
+    ("hermod_link_resets_total", "counter", "Times the link was reset (peer silent or restarted)."),
+    ("hermod_link_lost_total", "counter", "Mails handed back by a reset (requests among them failed with unavailable)."),
+    ("hermod_link_invalid_total", "counter", "Batches or mails from the peer that failed validation."),
+    ("hermod_link_ack_rtt_seconds", "gauge", "The latest ack's delay after the oldest mail it covered was sent."),
+];
+
+fn link_values(s: &LinkStats) -> [u64; LINK_FAMILIES.len()] {
+    [
+        s.in_flight as u64,
+        s.waiting as u64,
+        s.mails_sent,
+        s.mails_received,
+        s.resent,
+        s.resets,
+        s.lost,
+        s.invalid,
+        s.ack_rtt_us,
+    ]
+}
+
 /// Everything `/metrics`, `/healthz` and `/readyz` read.
 pub struct Board {
     slots: Vec<Slot>,
+    /// Per local shard, its links to the other nodes' shards (empty on a single node).
+    links: Vec<Vec<LinkSlot>>,
     /// Set when a shutdown starts: `/readyz` answers 503 so balancers stop sending.
     pub stopping: AtomicBool,
 }
@@ -302,10 +357,79 @@ pub struct Sample {
 
 impl Board {
     pub fn new(shards: usize) -> Arc<Board> {
+        Board::with_peers(shards, &[])
+    }
+
+    /// A board for `shards` local shards, each linked to every shard in `peers` (the other
+    /// nodes' cluster-wide shard ids).
+    pub fn with_peers(shards: usize, peers: &[u16]) -> Arc<Board> {
         Arc::new(Board {
             slots: (0..shards).map(|_| Slot::default()).collect(),
+            links: (0..shards)
+                .map(|_| {
+                    peers
+                        .iter()
+                        .map(|&peer| LinkSlot {
+                            peer,
+                            ..LinkSlot::default()
+                        })
+                        .collect()
+                })
+                .collect(),
             stopping: AtomicBool::new(false),
         })
+    }
+
+    /// Called by shard `shard` only, with its links' figures.
+    pub fn publish_links(&self, shard: usize, links: impl Iterator<Item = (ShardId, LinkStats)>) {
+        let Some(slots) = self.links.get(shard) else {
+            return;
+        };
+        for (peer, stats) in links {
+            if let Some(slot) = slots.iter().find(|l| l.peer == peer.0) {
+                slot.up.store(stats.up, Ordering::Relaxed);
+                for (cell, v) in slot.values.iter().zip(link_values(&stats)) {
+                    cell.store(v, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    /// Links up and links in all, over this node's shards (`(0, 0)` on a single node).
+    pub fn links_up(&self) -> (usize, usize) {
+        let all = self.links.iter().flatten();
+        let up = all.clone().filter(|l| l.up.load(Ordering::Relaxed)).count();
+        (up, all.count())
+    }
+
+    fn render_links(&self, out: &mut String) {
+        if self.links.iter().all(Vec::is_empty) {
+            return;
+        }
+        let _ = writeln!(out, "# HELP hermod_link_up Whether the link to the peer shard carries mail (1) or is down (0).");
+        let _ = writeln!(out, "# TYPE hermod_link_up gauge");
+        for (shard, links) in self.links.iter().enumerate() {
+            for l in links {
+                let up = u8::from(l.up.load(Ordering::Relaxed));
+                let _ = writeln!(out, "hermod_link_up{{shard=\"{shard}\",peer=\"{}\"}} {up}", l.peer);
+            }
+        }
+        for (i, (name, kind, help)) in LINK_FAMILIES.iter().enumerate() {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} {kind}");
+            for (shard, links) in self.links.iter().enumerate() {
+                for l in links {
+                    let v = l.values[i].load(Ordering::Relaxed);
+                    let peer = l.peer;
+                    if name.ends_with("_seconds") {
+                        let v = v as f64 * 1e-6;
+                        let _ = writeln!(out, "{name}{{shard=\"{shard}\",peer=\"{peer}\"}} {v}");
+                    } else {
+                        let _ = writeln!(out, "{name}{{shard=\"{shard}\",peer=\"{peer}\"}} {v}");
+                    }
+                }
+            }
+        }
     }
 
     pub fn set_ready(&self, shard: usize) {
@@ -455,6 +579,7 @@ impl Board {
             1e-3,
             |s| &s.push_ack_ms,
         );
+        self.render_links(&mut out);
         let _ = writeln!(
             out,
             "# HELP hermod_ready Whether every shard is serving (1) or not (0)."

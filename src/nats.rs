@@ -1,4 +1,4 @@
-//! The NATS side of the cluster transport (issue 13; not wired to the shards yet): one OS
+//! The NATS side of the cluster transport (issue 13): one OS
 //! thread per process runs a tokio runtime with `async-nats`, which needs tokio, and glommio
 //! shards reach it through bounded `async-channel`s, which wake tasks of either runtime (a send
 //! from a glommio task wakes the tokio task, and the reverse). Chosen over a NATS client written
@@ -56,9 +56,52 @@ pub enum BridgeError {
 pub struct Bridge {
     /// Messages to publish, in order.
     pub out: async_channel::Sender<Outgoing>,
-    /// Messages received on the subscriptions; per publisher, in its publish order.
+    /// Messages received on the subscriptions; per publisher, in its publish order. Closed
+    /// (empty) for a routed bridge, whose messages go to the routes instead.
     pub inbox: async_channel::Receiver<Incoming>,
     thread: Option<JoinHandle<()>>,
+}
+
+/// Which route a received payload takes (`None`: dropped, counted by the caller's design).
+pub type Router = Box<dyn Fn(&[u8]) -> Option<usize> + Send + Sync>;
+
+/// Where received messages go.
+enum Sink {
+    Inbox(async_channel::Sender<Incoming>),
+    /// Payloads split by `router` among `routes` (a node's shards), each route a bounded
+    /// channel: per publisher, each route sees its messages in publish order.
+    Routed {
+        routes: Vec<async_channel::Sender<Vec<u8>>>,
+        router: Router,
+        /// Payloads no route takes.
+        dropped: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    },
+}
+
+impl Sink {
+    /// False once the receiving side is gone.
+    async fn deliver(&self, subject: &str, payload: &[u8]) -> bool {
+        match self {
+            Sink::Inbox(inbox) => inbox
+                .send(Incoming {
+                    subject: subject.to_owned(),
+                    payload: payload.to_vec(),
+                })
+                .await
+                .is_ok(),
+            Sink::Routed {
+                routes,
+                router,
+                dropped,
+            } => match router(payload).and_then(|i| routes.get(i)) {
+                Some(route) => route.send(payload.to_vec()).await.is_ok(),
+                None => {
+                    dropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    true
+                }
+            },
+        }
+    }
 }
 
 impl Bridge {
@@ -70,8 +113,38 @@ impl Bridge {
         subjects: Vec<String>,
         capacity: usize,
     ) -> Result<Bridge, BridgeError> {
-        let (out, out_rx) = async_channel::bounded::<Outgoing>(capacity);
         let (inbox_tx, inbox) = async_channel::bounded::<Incoming>(capacity);
+        Bridge::spawn(cfg, subjects, capacity, Sink::Inbox(inbox_tx), inbox)
+    }
+
+    /// Like `start`, with every received payload sent to `routes[router(payload)]` (one per
+    /// shard of this node); payloads no route takes are dropped and counted in `dropped`.
+    pub fn start_routed(
+        cfg: NatsConfig,
+        subjects: Vec<String>,
+        capacity: usize,
+        routes: Vec<async_channel::Sender<Vec<u8>>>,
+        router: Router,
+        dropped: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    ) -> Result<Bridge, BridgeError> {
+        let (_, inbox) = async_channel::bounded::<Incoming>(1);
+        inbox.close();
+        let sink = Sink::Routed {
+            routes,
+            router,
+            dropped,
+        };
+        Bridge::spawn(cfg, subjects, capacity, sink, inbox)
+    }
+
+    fn spawn(
+        cfg: NatsConfig,
+        subjects: Vec<String>,
+        capacity: usize,
+        sink: Sink,
+        inbox: async_channel::Receiver<Incoming>,
+    ) -> Result<Bridge, BridgeError> {
+        let (out, out_rx) = async_channel::bounded::<Outgoing>(capacity);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("hermod-nats".into())
@@ -86,7 +159,7 @@ impl Bridge {
                         return;
                     }
                 };
-                runtime.block_on(run(cfg, subjects, out_rx, inbox_tx, ready_tx));
+                runtime.block_on(run(cfg, subjects, out_rx, sink, ready_tx));
             })
             .map_err(|e| BridgeError::Thread(e.to_string()))?;
         match ready_rx.recv() {
@@ -118,7 +191,7 @@ async fn run(
     cfg: NatsConfig,
     subjects: Vec<String>,
     out: async_channel::Receiver<Outgoing>,
-    inbox: async_channel::Sender<Incoming>,
+    sink: Sink,
     ready: std::sync::mpsc::Sender<Result<(), BridgeError>>,
 ) {
     use futures_util::StreamExt;
@@ -144,6 +217,7 @@ async fn run(
             return;
         }
     };
+    let sink = std::sync::Arc::new(sink);
     let mut forwarders = Vec::new();
     for subject in subjects {
         let mut sub = match client.subscribe(subject.clone()).await {
@@ -154,14 +228,10 @@ async fn run(
                 return;
             }
         };
-        let inbox = inbox.clone();
+        let sink = sink.clone();
         forwarders.push(tokio::spawn(async move {
             while let Some(msg) = sub.next().await {
-                let incoming = Incoming {
-                    subject: msg.subject.to_string(),
-                    payload: msg.payload.to_vec(),
-                };
-                if inbox.send(incoming).await.is_err() {
+                if !sink.deliver(&msg.subject, &msg.payload).await {
                     break; // the bridge was dropped
                 }
             }

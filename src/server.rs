@@ -10,6 +10,8 @@ use anyhow::{bail, Context};
 use glommio::{LocalExecutorBuilder, Placement, PoolPlacement};
 use hermod_shards::auth::HashCost;
 use hermod_shards::engine::Config as EngineConfig;
+use hermod_shards::cluster::ClusterMap;
+use hermod_shards::remote::Remotes;
 use hermod_shards::storage::Durability;
 use hermod_shards::{Shard, ShardId};
 use hermod_store::datadir;
@@ -19,7 +21,11 @@ use socket2::{Domain, Socket, Type};
 use tracing_subscriber::EnvFilter;
 
 use crate::config::Config;
-use crate::shard::{self, Params, BLOCKING_THREADS};
+use crate::nats::{Bridge, Router};
+use crate::shard::{self, LinkIo, Params, BLOCKING_THREADS};
+
+/// Batches each channel between the NATS thread and a shard holds, either way.
+const LINK_CHANNEL_BATCHES: usize = 1024;
 
 /// glommio registers this much io memory per ring (3 rings per executor) and locks it; all
 /// executors together must fit RLIMIT_MEMLOCK (often 8 MiB).
@@ -57,11 +63,26 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
 
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut meshes = crate::mesh::build(cfg.shards as usize);
-    let board = crate::metrics::Board::new(cfg.shards as usize);
+    let node_index = map.node(&node)?;
+    let first = map.shards_of(node_index).start;
+    let peers: Vec<u16> = (0..map.placement().shards())
+        .filter(|&s| !map.shards_of(node_index).contains(&s))
+        .collect();
+    let board = crate::metrics::Board::with_peers(cfg.shards as usize, &peers);
+    // A process's incarnation: its start time in µs, larger in every later life.
+    let incarnation = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_micros() as u64);
+    let tuning = cfg.cluster.as_ref().map(|c| c.tuning).unwrap_or_default();
+    let (bridge, mut link_ios) = start_bridge(&cfg, &map, node_index)?;
+    let map = Arc::new(map);
     let mut handles = Vec::new();
     for i in (0..cfg.shards as usize).rev() {
         let mesh = meshes.pop().expect("one mesh end per shard");
-        let mut engine_cfg = EngineConfig::new(ShardId(i as u16), cfg.shards, secret);
+        let id = ShardId(first + i as u16);
+        let link_io = link_ios.pop().flatten();
+        let remotes = Remotes::new(&map, node_index, id, incarnation, tuning);
+        let mut engine_cfg = EngineConfig::in_cluster(id, map.clone(), node_index, secret);
         engine_cfg.heartbeat_timeout_ms = cfg.heartbeat_timeout_ms;
         engine_cfg.heartbeat_interval_ms = cfg.heartbeat_interval_ms;
         engine_cfg.push_retry_ms = cfg.push_retry_ms;
@@ -91,6 +112,9 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
                 let engine = Shard::new(engine_cfg, store.clone());
                 shard::run(Params {
                     engine,
+                    local: i,
+                    remotes,
+                    link_io,
                     store,
                     durability,
                     hash_cost,
@@ -134,12 +158,67 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             failed = true;
         }
     }
+    drop(bridge);
     drop(db);
     if failed {
         bail!("a shard stopped with an error");
     }
     tracing::info!("stopped cleanly");
     Ok(())
+}
+
+/// Connects to NATS when the cluster has other nodes: one bridge for the process, subscribed
+/// to this node's subject, routing each batch to its shard. Returns each shard's ends (by
+/// local index), or `None`s on a single node.
+fn start_bridge(
+    cfg: &Config,
+    map: &ClusterMap,
+    node: usize,
+) -> anyhow::Result<(Option<Bridge>, Vec<Option<LinkIo>>)> {
+    let shards = cfg.shards as usize;
+    let Some(cluster) = cfg.cluster.as_ref().filter(|_| map.nodes.len() > 1) else {
+        return Ok((None, (0..shards).map(|_| None).collect()));
+    };
+    let nats = cluster
+        .nats
+        .clone()
+        .context("a cluster of several nodes needs [cluster.nats]")?;
+    let subjects: Vec<String> = map
+        .nodes
+        .iter()
+        .map(|n| format!("{}.{}", cluster.subject_prefix, n.id))
+        .collect();
+    let first = map.shards_of(node).start;
+    let (routes, inboxes): (Vec<_>, Vec<_>) = (0..shards)
+        .map(|_| async_channel::bounded::<Vec<u8>>(LINK_CHANNEL_BATCHES))
+        .unzip();
+    let router: Router = Box::new(move |batch| {
+        let to = hermod_shards::remote::batch_destination(batch)?;
+        let local = to.0.checked_sub(first)? as usize;
+        (local < shards).then_some(local)
+    });
+    let dropped = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let bridge = Bridge::start_routed(
+        nats,
+        vec![subjects[node].clone()],
+        LINK_CHANNEL_BATCHES,
+        routes,
+        router,
+        dropped,
+    )
+    .context("linking to the other nodes through NATS")?;
+    tracing::info!(subject = %subjects[node], nodes = map.nodes.len(), "connected to NATS");
+    let ios = inboxes
+        .into_iter()
+        .map(|inbox| {
+            Some(LinkIo {
+                inbox,
+                out: bridge.out.clone(),
+                subjects: subjects.clone(),
+            })
+        })
+        .collect();
+    Ok((Some(bridge), ios))
 }
 
 /// Picks the port when the configured one is 0: binds (without listening, so it never takes a

@@ -23,6 +23,7 @@ use glommio::net::{TcpListener, TcpStream};
 use glommio::sync::Semaphore;
 use hermod_shards::auth::HashCost;
 use hermod_shards::storage::Durability;
+use hermod_shards::remote::Remotes;
 use hermod_shards::Shard;
 use hermod_store::{RocksStorage, StoreStats};
 
@@ -49,8 +50,22 @@ const STORE_STATS_INTERVAL: Duration = Duration::from_secs(1);
 /// published and the shutdown flag is checked.
 const IDLE_WAKE_MS: u64 = 250;
 
+/// A shard's ends of the NATS bridge (cluster of several nodes only).
+pub struct LinkIo {
+    /// Batches for this shard, from the NATS thread.
+    pub inbox: async_channel::Receiver<Vec<u8>>,
+    /// Batches to publish.
+    pub out: async_channel::Sender<crate::nats::Outgoing>,
+    /// Each node's subject, by node index.
+    pub subjects: Vec<String>,
+}
+
 pub struct Params {
     pub engine: Shard<RocksStorage>,
+    /// This shard's index on its node (the engine's id is cluster-wide).
+    pub local: usize,
+    pub remotes: Remotes,
+    pub link_io: Option<LinkIo>,
     pub store: RocksStorage,
     pub durability: Durability,
     pub hash_cost: HashCost,
@@ -69,6 +84,9 @@ pub struct Params {
 pub async fn run(p: Params) {
     let Params {
         engine,
+        local,
+        remotes,
+        link_io,
         store,
         durability,
         hash_cost,
@@ -126,8 +144,10 @@ pub async fn run(p: Params) {
         }
     }
     let (wake, woken) = local_channel::new_bounded(1);
+    let (transmit, transmit_woken) = local_channel::new_bounded(1);
     let ctx: Ctx = Rc::new(ShardCtx {
         id,
+        local,
         engine: RefCell::new(engine),
         store,
         durability,
@@ -147,6 +167,11 @@ pub async fn run(p: Params) {
         admin_waiters: RefCell::new(HashMap::new()),
         wake_at: Cell::new(0),
         wake,
+        remotes: RefCell::new(remotes),
+        transmit,
+    });
+    let link_tasks = link_io.map(|io| {
+        crate::links::spawn(&ctx, io.inbox, io.out, io.subjects, transmit_woken)
     });
 
     for (direct, rx) in pumps {
@@ -206,7 +231,7 @@ pub async fn run(p: Params) {
         })
     };
 
-    ctx.board.set_ready(ctx.id.0 as usize);
+    ctx.board.set_ready(ctx.local);
     // The timer task: sleeps until the engine's next deadline (heartbeats, push retries, the
     // presence flush), or sooner when an input brings one closer, or at most IDLE_WAKE_MS.
     let mut published = 0;
@@ -233,6 +258,9 @@ pub async fn run(p: Params) {
     }
     drop(store_stats);
     ctx.board.stopping.store(true, Ordering::Release);
+    // Peers see this node go silent and fail its conversations' requests; a restart is a new
+    // incarnation, so nothing of this life is mistaken for the next one's.
+    drop(link_tasks);
 
     // Drain: stop accepting, let pending writes finish (their acks go out), then close every
     // client with 1001 and give the sockets a moment to flush.

@@ -1,6 +1,6 @@
 //! A cluster's placement map (`[cluster]`, docs/cluster.md) on the real binary: a node records
 //! its id and the map's hash in its data dir and refuses to start on another map; a map of
-//! several nodes is refused until the NATS transport exists.
+//! several nodes without NATS settings is refused. Nodes linked through NATS: `tests/nodes.rs`.
 
 mod common;
 
@@ -64,13 +64,13 @@ fn a_node_keeps_its_map_and_refuses_another() {
         "{err}"
     );
 
-    // Several nodes: refused until nodes can be linked.
+    // Several nodes need to know where NATS is.
     let two = one_node(1)
         + "\n[[cluster.nodes]]\nid = \"b\"\nurl = \"ws://127.0.0.1:7410/ws\"\nshards = 2\n";
     let two = config(dir.path(), "two.toml", &two);
     let err = refused(&dir.path().join("fresh"), &two);
     assert!(
-        err.contains("linking nodes over NATS is not built yet"),
+        err.contains("a [cluster.nats] section must say where NATS is"),
         "{err}"
     );
 

@@ -38,6 +38,7 @@ pub mod link;
 pub mod mail;
 pub mod model;
 pub mod protocol;
+pub mod remote;
 pub mod storage;
 
 pub use engine::{Config, Output, Shard};

@@ -180,6 +180,23 @@ impl Link {
         self.peer_inc
     }
 
+    /// This side's incarnation.
+    pub fn incarnation(&self) -> u64 {
+        self.my_inc
+    }
+
+    /// The heartbeat naming this side's incarnation.
+    pub fn hello(&self) -> Frame {
+        Frame::Hello {
+            from_inc: self.my_inc,
+        }
+    }
+
+    /// Ends the link, returning the mail never acked (the peer may or may not have had it).
+    pub fn into_unacked(self) -> Vec<Arc<[u8]>> {
+        self.unacked.into_iter().map(|u| u.payload).collect()
+    }
+
     /// Mails sent and not yet acked.
     pub fn in_flight(&self) -> usize {
         self.unacked.len()

@@ -12,11 +12,11 @@
 use std::sync::Arc;
 
 use crate::ids::{ConnId, ConvId, Seq, ShardId, UserId};
-use crate::model::FriendState;
+use crate::model::{FriendState, Presence};
 use crate::protocol::ErrorCode;
 
 /// Where the reply to a client request goes: a connection on a shard, and the request id.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct ReplyTo {
     pub shard: ShardId,
     pub conn: ConnId,
@@ -24,7 +24,7 @@ pub struct ReplyTo {
 }
 
 /// One part of a multi-shard request being gathered on the requesting shard.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct GatherRef {
     pub shard: ShardId,
     pub id: u64,
@@ -35,7 +35,7 @@ pub struct GatherRef {
 pub type Page = Result<(Vec<String>, bool), ErrorCode>;
 
 /// What the owner tells a member's conversation list about one conversation.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct ConvSummary {
     pub last_seq: Seq,
     /// Messages at or below this seq are not the member's to read (a group joined later that
@@ -57,7 +57,7 @@ pub struct ConvSummary {
 pub type Named = (UserId, String);
 
 /// A change to a friendship, requested by one side.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub enum FriendOp {
     Request { message: String },
     Accept,
@@ -67,10 +67,10 @@ pub enum FriendOp {
 }
 
 /// What a user's home shard says of their presence: `state` and status text.
-pub type PresenceInfo = (&'static str, String);
+pub type PresenceInfo = (Presence, String);
 
 /// Requests on one conversation that its owner runs, other than the hot `Append`.
-#[derive(Debug)]
+#[derive(Debug, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub enum ConvOp {
     GroupCreate {
         name: String,
@@ -137,7 +137,7 @@ pub enum ConvOp {
 }
 
 /// An operator's action on one account, run on its home shard (admin API).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub enum AccountAction {
     /// Read the account: created, disabled, devices (as `devices` lists them).
     View,
@@ -185,7 +185,7 @@ impl Mail {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub enum Mail {
     // ---- home → owner ----
     /// Open (create if new) the one-to-one conversation `conv`; `names` are both members' names.
@@ -384,4 +384,31 @@ pub enum Mail {
         gather: GatherRef,
         seqs: Vec<(usize, ConvSummary)>,
     },
+}
+
+/// Mail between nodes: its rkyv archive, checked on receipt (bytecheck) before anything reads
+/// it. The link frame around it carries the wire version (`link::WIRE_VERSION`), which moves
+/// whenever this encoding does: rkyv archives are not self-describing.
+pub mod wire {
+    use super::Mail;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("mail from another node failed validation: {0}")]
+    pub struct Invalid(String);
+
+    pub fn encode(mail: &Mail) -> Vec<u8> {
+        match rkyv::to_bytes::<rkyv::rancor::Error>(mail) {
+            Ok(bytes) => bytes.into_vec(),
+            // Serialising into memory fails only on allocation failure.
+            Err(e) => panic!("serialising mail: {e}"),
+        }
+    }
+
+    /// Bytes from another node, as they came: copied once into an aligned buffer (a frame's
+    /// payload sits at any offset of a batch), validated, then deserialised.
+    pub fn decode(bytes: &[u8]) -> Result<Mail, Invalid> {
+        let mut aligned = rkyv::util::AlignedVec::<16>::with_capacity(bytes.len());
+        aligned.extend_from_slice(bytes);
+        rkyv::from_bytes::<Mail, rkyv::rancor::Error>(&aligned).map_err(|e| Invalid(e.to_string()))
+    }
 }

@@ -119,6 +119,27 @@ impl Flags {
     }
 }
 
+/// A user's presence as their home shard sees it: online while any device is connected and not
+/// away, away while every connected device is, offline otherwise.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[repr(u8)]
+pub enum Presence {
+    Online = 0,
+    Away = 1,
+    Offline = 2,
+}
+
+impl Presence {
+    /// Its name in `presence` replies and pushes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Presence::Online => "online",
+            Presence::Away => "away",
+            Presence::Offline => "offline",
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

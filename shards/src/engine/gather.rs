@@ -1,8 +1,10 @@
 //! Requests a home shard answers by gathering parts from owner shards: the conversation
 //! list (`convs`), `sync` over many conversations, and `history` of one. Each part is a mail
-//! to the owner; the reply goes out when the last part is in. Parts cannot be lost (mail is
-//! reliable within the process), so a gather needs no timeout; a gather whose connection
-//! closed still completes and its reply is dropped.
+//! to the owner; the reply goes out when the last part is in. Parts cannot be lost within a
+//! node (mail is reliable within the process); a part for an owner on another node that cannot
+//! be reached comes back through `gather_part_failed`, and the request fails with
+//! `unavailable` (a list missing some conversations would read as having left them). A gather
+//! whose connection closed still completes and its reply is dropped.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
@@ -24,6 +26,8 @@ struct Gather {
     conn: ConnId,
     rid: u64,
     left: usize,
+    /// A part could not reach its owner: the reply is `unavailable`.
+    failed: bool,
     kind: Kind,
 }
 
@@ -53,6 +57,7 @@ impl<S: Storage> Shard<S> {
                 conn,
                 rid,
                 left,
+                failed: false,
                 kind,
             },
         );
@@ -253,10 +258,26 @@ impl<S: Storage> Shard<S> {
         }
     }
 
+    /// A part whose owner is on a node that cannot be reached.
+    pub(super) fn gather_part_failed(&mut self, gather: GatherRef) {
+        let Some(g) = self.gathers.map.get_mut(&gather.id) else {
+            return;
+        };
+        g.failed = true;
+        g.left -= 1;
+        if g.left == 0 {
+            self.finish_gather(gather.id);
+        }
+    }
+
     pub(super) fn finish_gather(&mut self, id: u64) {
         let Some(g) = self.gathers.map.remove(&id) else {
             return;
         };
+        if g.failed {
+            let why = "a node holding part of this answer is unreachable; retry shortly";
+            return self.error(g.conn, Some(g.rid), ErrorCode::Unavailable, why);
+        }
         let frame = match g.kind {
             Kind::Convs { entries, last } => convs_frame(g.rid, &entries, &last),
             Kind::Pages {
@@ -280,7 +301,7 @@ impl<S: Storage> Shard<S> {
                     .zip(states)
                     .map(|(name, info)| match info {
                         Some((state, status)) => {
-                            serde_json::json!({ "user": name, "state": state, "status": status })
+                            serde_json::json!({ "user": name, "state": state.name(), "status": status })
                         }
                         None => serde_json::json!({ "user": name, "state": "hidden" }),
                     })

@@ -40,6 +40,7 @@ mod effects;
 mod event;
 mod fanout;
 mod gather;
+mod links;
 mod group;
 mod members;
 mod ops;
@@ -52,11 +53,13 @@ mod stats;
 mod timers;
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
 use crate::auth::{HashCost, Job, JobResult, TokenKey, SECRET_BYTES};
+use crate::cluster::ClusterMap;
 use crate::ids::{ConnId, Placement, ShardId, UserId};
 use crate::limits;
 use crate::mail::{Mail, ReplyTo};
@@ -66,7 +69,7 @@ use crate::storage::{Commit, Storage};
 
 use crate::admin::AdminOp;
 pub use session::Handoff;
-pub use stats::{Histogram, Stats, LATENCY_BOUNDS_MS};
+pub use stats::{Histogram, Stats, ERROR_CODES, LATENCY_BOUNDS_MS};
 use timers::Timer;
 
 /// A shard's configuration. `Config::new` gives the defaults.
@@ -96,6 +99,10 @@ pub struct Config {
     pub hash_cost: HashCost,
     /// Seed for the engine's PRNG (device nonces). The driver seeds from the OS.
     pub seed: u64,
+    /// The cluster this shard is part of, and the index of its node in it: a user homed on
+    /// another node is told to connect there (`moved`). One node by default.
+    pub cluster: Arc<ClusterMap>,
+    pub node: usize,
 }
 
 impl Config {
@@ -115,7 +122,22 @@ impl Config {
             edit_window_ms: limits::EDIT_WINDOW_MS,
             hash_cost: HashCost::default(),
             seed: 0,
+            cluster: Arc::new(ClusterMap::single(shards)),
+            node: 0,
         }
+    }
+
+    /// The configuration of cluster-wide shard `shard`, on node `node` of `cluster`.
+    pub fn in_cluster(
+        shard: ShardId,
+        cluster: Arc<ClusterMap>,
+        node: usize,
+        secret: [u8; SECRET_BYTES],
+    ) -> Config {
+        let mut cfg = Config::new(shard, cluster.placement().shards(), secret);
+        cfg.cluster = cluster;
+        cfg.node = node;
+        cfg
     }
 }
 
@@ -295,6 +317,21 @@ impl<S: Storage> Shard<S> {
     /// A mail from another shard.
     pub fn handle_mail(&mut self, now_ms: u64, mail: Mail) {
         self.dispatch_mail(now_ms, mail);
+        self.drain_local(now_ms);
+    }
+
+    /// Mail this shard sent to a shard of another node that cannot have arrived: the link is
+    /// down, or was reset with the mail unacked. Requests among it fail with `unavailable`;
+    /// see `links.rs`.
+    pub fn handle_undeliverable(&mut self, now_ms: u64, mail: Mail) {
+        self.undeliverable(mail);
+        self.drain_local(now_ms);
+    }
+
+    /// The link to `shard` (another node's) carries mail again after being down or reset:
+    /// pushes from it may have been lost, so every device here is told to resync.
+    pub fn handle_link_up(&mut self, now_ms: u64, shard: ShardId) {
+        self.link_up(now_ms, shard);
         self.drain_local(now_ms);
     }
 

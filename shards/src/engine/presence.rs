@@ -17,6 +17,7 @@ use super::fanout::by_shard;
 use super::gather::Kind;
 use super::Shard;
 use crate::ids::{ConnId, UserId};
+use crate::model::Presence;
 use crate::limits::FRIENDS_MAX;
 use crate::mail::{GatherRef, Mail, Named, PresenceInfo, ReplyTo};
 use crate::protocol::{ok_frame, push_json_str, ErrorCode};
@@ -29,19 +30,19 @@ impl<S: Storage> Shard<S> {
     // ---- presence ----
 
     /// A user homed here, as the protocol names it.
-    pub(super) fn presence_of(&self, user: UserId) -> &'static str {
+    pub(super) fn presence_of(&self, user: UserId) -> Presence {
         let conns = self.sessions.online.get(&user);
         let mut any = false;
         for conn in conns.into_iter().flatten() {
             any = true;
             if self.sessions.conns.get(conn).is_some_and(|c| !c.away) {
-                return "online";
+                return Presence::Online;
             }
         }
         if any {
-            "away"
+            Presence::Away
         } else {
-            "offline"
+            Presence::Offline
         }
     }
 
@@ -58,7 +59,7 @@ impl<S: Storage> Shard<S> {
             c.away = away;
         }
         self.sessions.presence_dirty.insert(user);
-        let state = self.presence_of(user);
+        let state = self.presence_of(user).name();
         match status {
             Some(status) => {
                 let mut meta = self.social_meta(user)?;
@@ -83,7 +84,7 @@ impl<S: Storage> Shard<S> {
     pub(super) fn flush_presence(&mut self) {
         let dirty = std::mem::take(&mut self.sessions.presence_dirty);
         for user in dirty {
-            let state = self.presence_of(user);
+            let state = self.presence_of(user).name();
             let Ok(meta) = self.social_meta(user) else {
                 continue;
             };
@@ -115,7 +116,7 @@ impl<S: Storage> Shard<S> {
         if to.is_empty() {
             return Ok(());
         }
-        let state = self.presence_of(user);
+        let state = self.presence_of(user).name();
         let status = self.social_meta(user)?.status;
         let name = self.user_name(user)?;
         let mut frame = String::from("{\"push\":\"presence\",\"user\":");

@@ -17,7 +17,7 @@ use super::timers::Timer;
 use super::{Output, Shard};
 use crate::ids::{ConnId, UserId};
 use crate::limits::{HELD_FRAMES_MAX, UNACKED_PUSHES_MAX};
-use crate::protocol::{self as p, close, message_push, ErrorCode, Op, Request};
+use crate::protocol::{self as p, close, message_push, moved_frame, ErrorCode, Op, Request};
 use crate::storage::Storage;
 
 /// What moves with a connection from the accepting shard to the home shard (the driver adds
@@ -242,11 +242,25 @@ impl<S: Storage> Shard<S> {
         }
     }
 
-    /// Moves the connection to `user`'s home shard if that is not this one. Returns true if moved.
-    pub(super) fn hand_off_if_remote(&mut self, conn: ConnId, user: UserId, text: &str) -> bool {
+    /// Moves the connection to `user`'s home shard if that is not this one, or tells the client
+    /// to connect to the home's node (`moved`) if that is another node. Returns true if either.
+    pub(super) fn hand_off_if_remote(
+        &mut self,
+        conn: ConnId,
+        rid: u64,
+        user: UserId,
+        text: &str,
+    ) -> bool {
         let home = self.home_of(user);
         if home == self.cfg.shard {
             return false;
+        }
+        let cluster = &self.cfg.cluster;
+        if let Some(at) = cluster.locate(home).filter(|at| at.node != self.cfg.node) {
+            let frame = moved_frame(rid, &cluster.nodes[at.node].url);
+            self.count_error(ErrorCode::Moved);
+            self.send(conn, frame);
+            return true;
         }
         if let Some(c) = self.forget(conn) {
             let handoff = Handoff {

@@ -4,7 +4,7 @@
 use crate::protocol::ErrorCode;
 
 /// Counters for metrics and tests.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 pub struct Stats {
     pub frames_in: u64,
     /// Text frames handed to the driver to send (replies and pushes).
@@ -21,7 +21,9 @@ pub struct Stats {
     pub commit_ops: u64,
     pub errors: u64,
     /// Error replies by code, indexed by `ErrorCode as usize` (see `ErrorCode::ALL`).
-    pub errors_by_code: [u64; 32],
+    pub errors_by_code: [u64; ERROR_CODES],
+    /// Mails for another node's shard handed back by its link (down or reset).
+    pub mail_undeliverable: u64,
     /// From a seq's assignment by its owner to its `Deliver` mail reaching a home shard
     /// (commit wait, commit, mail hop), once per destination shard per message.
     pub delivery_ms: Histogram,
@@ -53,7 +55,27 @@ impl Histogram {
     }
 }
 
-const _: () = assert!(
-    ErrorCode::ALL.len() <= 32,
-    "errors_by_code has a slot per code"
-);
+impl Default for Stats {
+    fn default() -> Stats {
+        Stats {
+            frames_in: 0,
+            frames_out: 0,
+            appended: 0,
+            deduplicated: 0,
+            pushes: 0,
+            push_retries: 0,
+            fanout_mails: 0,
+            presence_pushes: 0,
+            commits: 0,
+            commit_ops: 0,
+            errors: 0,
+            errors_by_code: [0; ERROR_CODES],
+            mail_undeliverable: 0,
+            delivery_ms: Histogram::default(),
+            push_ack_ms: Histogram::default(),
+        }
+    }
+}
+
+/// Slots of `errors_by_code`: one per error code.
+pub const ERROR_CODES: usize = ErrorCode::ALL.len();

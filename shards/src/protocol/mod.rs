@@ -23,7 +23,7 @@ pub use request::*;
 
 /// Stable, machine-readable error codes. The string forms are part of the protocol: never
 /// rename one, only add.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub enum ErrorCode {
     BadJson,
     BadRequest,
@@ -64,11 +64,16 @@ pub enum ErrorCode {
     Internal,
     /// An operator disabled this account (admin API): no login, no resume.
     AccountDisabled,
+    /// The node holding what the request needs cannot be reached (cluster): retry later; a
+    /// `send` retried with the same `id` is applied at most once.
+    Unavailable,
+    /// The user lives on another node of the cluster: connect to the URL in the error's `url`.
+    Moved,
 }
 
 impl ErrorCode {
     /// Every code, in declaration order (`code as usize` indexes it).
-    pub const ALL: [ErrorCode; 32] = [
+    pub const ALL: [ErrorCode; 34] = [
         ErrorCode::BadJson,
         ErrorCode::BadRequest,
         ErrorCode::UnknownOp,
@@ -101,6 +106,8 @@ impl ErrorCode {
         ErrorCode::Overloaded,
         ErrorCode::Internal,
         ErrorCode::AccountDisabled,
+        ErrorCode::Unavailable,
+        ErrorCode::Moved,
     ];
 
     /// The code whose string form is `text`.
@@ -142,6 +149,8 @@ impl ErrorCode {
             ErrorCode::Overloaded => "overloaded",
             ErrorCode::Internal => "internal",
             ErrorCode::AccountDisabled => "account_disabled",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Moved => "moved",
         }
     }
 }
@@ -255,6 +264,19 @@ pub fn error_frame(rid: Option<u64>, code: ErrorCode, message: &str) -> String {
         },
     })
     .expect("error replies serialise infallibly")
+}
+
+/// `moved`: the user lives on another node, whose client URL is `url`.
+pub fn moved_frame(rid: u64, url: &str) -> String {
+    serde_json::json!({
+        "rid": rid,
+        "error": {
+            "code": ErrorCode::Moved.as_str(),
+            "message": "this user lives on another node: connect there",
+            "url": url,
+        }
+    })
+    .to_string()
 }
 
 /// Appends a JSON string literal (quoted, escaped) to `out`.

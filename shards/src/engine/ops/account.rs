@@ -65,7 +65,7 @@ impl<S: Storage> Shard<S> {
             );
         }
         let user = UserId::from_username(&name);
-        if self.hand_off_if_remote(conn, user, &registration_frame(rid, &name, &req.password)) {
+        if self.hand_off_if_remote(conn, rid, user, &registration_frame(rid, &name, &req.password)) {
             return;
         }
         if self.sessions.registering.contains(&user) {
@@ -123,7 +123,7 @@ impl<S: Storage> Shard<S> {
             );
         }
         let user = UserId::from_username(&name);
-        if self.hand_off_if_remote(conn, user, text) || !self.auth_gate(conn, rid) {
+        if self.hand_off_if_remote(conn, rid, user, text) || !self.auth_gate(conn, rid) {
             return;
         }
         match self.get_latest(&keys::user(user)) {
@@ -168,7 +168,7 @@ impl<S: Storage> Shard<S> {
             Ok(claims) => claims,
             Err(code) => return self.login_failed(conn, rid, code),
         };
-        if self.hand_off_if_remote(conn, claims.user, text) || !self.auth_gate(conn, rid) {
+        if self.hand_off_if_remote(conn, rid, claims.user, text) || !self.auth_gate(conn, rid) {
             return;
         }
         let device_key = keys::device(claims.user, &claims.device);

@@ -1,0 +1,444 @@
+//! One shard's links to the shards of other nodes (issue 13), sans-IO: the driver hands it the
+//! engine's mail for remote shards and the batches NATS brought, and publishes what it returns.
+//!
+//! Owns, per remote shard: a [`Link`] (order, window, acks, resends, incarnations), the mail
+//! waiting for room in the window, the frames due out, and the peer's liveness. Frames for one
+//! remote shard leave in one batch per [`Remotes::poll_transmit`] (a driver calls it once per
+//! turn of its reactor), so a burst of mail is one NATS message, not one per mail.
+//!
+//! **Liveness.** Each link sends a hello every `hello_ms`. A link is *up* from the first current
+//! frame its peer sends until nothing has come from the peer for `silent_ms`; then it is reset:
+//! a fresh incarnation (so the peer, if it lives, resets its side too and nothing of the old
+//! numbering is delivered), and the mail never acked is handed back as
+//! [`RemoteEvent::Lost`] — the engine fails the requests among it with `unavailable` and drops
+//! the rest (pushes are recovered by the devices' resync). While a link is down, [`Remotes::send`]
+//! refuses mail at once: nothing waits on a dead node, and the other nodes keep working.
+//! A peer's restart (a larger incarnation) reads the same way: `Lost`, then `Up`.
+//!
+//! **Batch wire format** (one NATS message): `version u8, from shard u16, to shard u16`, then
+//! frames, each `length u32` and a [`Frame`] encoding; integers big-endian. The version is
+//! [`WIRE_VERSION`], which also covers the rkyv encoding of the mail inside (`mail::wire`).
+//!
+//! Bounds: at most `window` mails unacked per link, then mail waits in the link's FIFO, which
+//! [`Remotes::waiting`] reports so the driver can stop admitting client frames (the same gate a
+//! full shard channel closes today).
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use crate::cluster::ClusterMap;
+use crate::ids::ShardId;
+use crate::link::{Frame, Link, LinkEvent, WireError, WIRE_VERSION};
+use crate::mail::{wire, Mail};
+
+/// Timings and bounds of the links (`[cluster]` in the config file may set them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tuning {
+    /// Unacked mails per link (as a shard channel's capacity within a node).
+    pub window: usize,
+    /// How long a mail waits for its ack before the window is sent again.
+    pub rto_ms: u64,
+    /// How often each link says hello.
+    pub hello_ms: u64,
+    /// Silence after which a link is reset and its peer treated as down.
+    pub silent_ms: u64,
+}
+
+impl Default for Tuning {
+    fn default() -> Tuning {
+        Tuning {
+            window: crate::limits::MAIL_CHANNEL_CAPACITY,
+            rto_ms: 200,
+            hello_ms: 500,
+            silent_ms: 3_000,
+        }
+    }
+}
+
+/// What the links tell the engine.
+#[derive(Debug)]
+pub enum RemoteEvent {
+    /// Mail from a shard of another node, in the order that shard sent it.
+    Mail(Mail),
+    /// The link to `shard` carries mail (again): devices here may have missed its pushes.
+    Up(ShardId),
+    /// The link to `shard` was reset (silent, or its process restarted): these mails may never
+    /// have arrived.
+    Lost { shard: ShardId, mails: Vec<Mail> },
+}
+
+/// One link's figures, for `/metrics` and `/readyz`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LinkStats {
+    pub up: bool,
+    /// Mails unacked, and mails waiting for room in the window.
+    pub in_flight: usize,
+    pub waiting: usize,
+    pub mails_sent: u64,
+    pub mails_received: u64,
+    /// Data frames sent again (a lost frame, or a late ack).
+    pub resent: u64,
+    /// Times the link was reset (peer silent or restarted).
+    pub resets: u64,
+    /// Mail handed back by a reset.
+    pub lost: u64,
+    /// Batches refused (wrong version, truncated, not for this shard) and mails that failed
+    /// validation.
+    pub invalid: u64,
+    /// The latest ack's delay after the oldest mail it covered was sent (ms resolution, in
+    /// µs): the link's round trip through NATS plus the peer's queueing.
+    pub ack_rtt_us: u64,
+}
+
+struct Peer {
+    /// Index of the peer's node in the map: where its batches are published.
+    node: usize,
+    link: Link,
+    /// Mail refused by a full window, in send order.
+    waiting: VecDeque<Arc<[u8]>>,
+    /// Frames due out with the next batch.
+    frames: Vec<Frame>,
+    up: bool,
+    heard_ms: u64,
+    hello_at: u64,
+    /// When the oldest unacked mail was first sent, for the ack round trip.
+    oldest_sent_ms: Option<u64>,
+    stats: LinkStats,
+}
+
+/// Why a batch was refused.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum BatchError {
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    #[error("batch from shard {from} to shard {to}, which is not a link of this shard")]
+    Misrouted { from: u16, to: u16 },
+}
+
+pub struct Remotes {
+    me: ShardId,
+    tuning: Tuning,
+    /// The incarnation the next reset link takes: grows, so a peer reads a reset as a restart.
+    next_inc: u64,
+    /// By cluster-wide shard id; `None` for this node's shards.
+    peers: Vec<Option<Peer>>,
+}
+
+impl Remotes {
+    /// Links from shard `me` (on node `node` of `map`) to every shard of the other nodes.
+    /// `incarnation` must grow from one process to the next (the start time in µs).
+    pub fn new(
+        map: &ClusterMap,
+        node: usize,
+        me: ShardId,
+        incarnation: u64,
+        tuning: Tuning,
+    ) -> Remotes {
+        let mut next_inc = incarnation.max(1);
+        let total = map.placement().shards();
+        let peers = (0..total)
+            .map(|s| {
+                let at = map.locate(ShardId(s))?;
+                (at.node != node).then(|| {
+                    let link = Link::new(next_inc, tuning.window, tuning.rto_ms);
+                    next_inc += 1;
+                    Peer {
+                        node: at.node,
+                        link,
+                        waiting: VecDeque::new(),
+                        frames: Vec::new(),
+                        up: false,
+                        heard_ms: 0,
+                        hello_at: 0,
+                        oldest_sent_ms: None,
+                        stats: LinkStats::default(),
+                    }
+                })
+            })
+            .collect();
+        Remotes {
+            me,
+            tuning,
+            next_inc,
+            peers,
+        }
+    }
+
+    pub fn is_remote(&self, shard: ShardId) -> bool {
+        matches!(self.peers.get(shard.0 as usize), Some(Some(_)))
+    }
+
+    /// True if this shard has no links (a one-node cluster).
+    pub fn is_empty(&self) -> bool {
+        self.peers.iter().all(Option::is_none)
+    }
+
+    pub fn is_up(&self, shard: ShardId) -> bool {
+        matches!(self.peers.get(shard.0 as usize), Some(Some(p)) if p.up)
+    }
+
+    /// Queues `mail` for remote shard `to`. Refused (handed back) while the link is down, or
+    /// if `to` is not a remote shard.
+    pub fn send(&mut self, now_ms: u64, to: ShardId, mail: Mail) -> Result<(), Mail> {
+        let Some(Some(peer)) = self.peers.get_mut(to.0 as usize) else {
+            return Err(mail);
+        };
+        if !peer.up {
+            return Err(mail);
+        }
+        let payload: Arc<[u8]> = wire::encode(&mail).into();
+        peer.stats.mails_sent += 1;
+        if !peer.waiting.is_empty() {
+            peer.waiting.push_back(payload);
+            return Ok(());
+        }
+        peer.send(now_ms, payload);
+        Ok(())
+    }
+
+    /// A batch NATS delivered. Frames of an earlier life of either side are dropped by the
+    /// link; a batch that is not valid is refused whole.
+    pub fn receive(&mut self, now_ms: u64, batch: &[u8]) -> Result<Vec<RemoteEvent>, BatchError> {
+        let (from, to, mut rest) = split_header(batch)?;
+        let Some(Some(peer)) = self
+            .peers
+            .get_mut(from as usize)
+            .filter(|_| to == self.me.0)
+        else {
+            return Err(BatchError::Misrouted { from, to });
+        };
+        let shard = ShardId(from);
+        let mut events = Vec::new();
+        while !rest.is_empty() {
+            let Some((frame, tail)) = next_frame(rest) else {
+                peer.stats.invalid += 1;
+                return Err(BatchError::Wire(WireError::Malformed));
+            };
+            rest = tail;
+            let frame = match Frame::decode(frame) {
+                Ok(frame) => frame,
+                Err(e) => {
+                    peer.stats.invalid += 1;
+                    return Err(e.into());
+                }
+            };
+            let from_inc = match &frame {
+                Frame::Data { from_inc, .. }
+                | Frame::Ack { from_inc, .. }
+                | Frame::Hello { from_inc } => *from_inc,
+            };
+            let acked_before = peer.link.in_flight();
+            for event in peer.link.receive(frame) {
+                match event {
+                    LinkEvent::Deliver(payload) => match wire::decode(&payload) {
+                        Ok(mail) => {
+                            peer.stats.mails_received += 1;
+                            events.push(RemoteEvent::Mail(mail));
+                        }
+                        Err(e) => {
+                            peer.stats.invalid += 1;
+                            tracing::warn!(from = %shard, error = %e, "invalid mail dropped");
+                        }
+                    },
+                    LinkEvent::PeerRestarted { unacked } => {
+                        peer.oldest_sent_ms = None;
+                        peer.stats.resets += 1;
+                        peer.stats.lost += unacked.len() as u64;
+                        events.push(RemoteEvent::Lost {
+                            shard,
+                            mails: decode_own(unacked),
+                        });
+                        if peer.up {
+                            events.push(RemoteEvent::Up(shard));
+                        }
+                    }
+                }
+            }
+            if peer.link.in_flight() < acked_before {
+                if let Some(sent) = peer.oldest_sent_ms.take() {
+                    peer.stats.ack_rtt_us = now_ms.saturating_sub(sent) * 1000;
+                }
+                if peer.link.in_flight() > 0 {
+                    peer.oldest_sent_ms = Some(now_ms);
+                }
+            }
+            // A frame of the peer's current life: it is alive.
+            if peer.link.peer() == Some(from_inc) {
+                peer.heard_ms = now_ms;
+                if !peer.up {
+                    peer.up = true;
+                    events.push(RemoteEvent::Up(shard));
+                }
+            }
+        }
+        peer.refill(now_ms);
+        Ok(events)
+    }
+
+    /// Hellos due, silent peers reset. Call when [`Remotes::poll_timeout`] is due.
+    pub fn handle_timeout(&mut self, now_ms: u64) -> Vec<RemoteEvent> {
+        let mut events = Vec::new();
+        for (s, peer) in self.peers.iter_mut().enumerate() {
+            let Some(peer) = peer else { continue };
+            if peer.up && now_ms >= peer.heard_ms + self.tuning.silent_ms {
+                let fresh = Link::new(self.next_inc, self.tuning.window, self.tuning.rto_ms);
+                self.next_inc += 1;
+                let old = std::mem::replace(&mut peer.link, fresh);
+                let mut lost = old.into_unacked();
+                lost.extend(peer.waiting.drain(..));
+                peer.frames.clear();
+                peer.up = false;
+                peer.oldest_sent_ms = None;
+                peer.stats.resets += 1;
+                peer.stats.lost += lost.len() as u64;
+                tracing::warn!(
+                    shard = %self.me, peer = s, lost = lost.len(),
+                    "link reset: nothing heard from the peer for {} ms", self.tuning.silent_ms
+                );
+                events.push(RemoteEvent::Lost {
+                    shard: ShardId(s as u16),
+                    mails: decode_own(lost),
+                });
+            }
+            if now_ms >= peer.hello_at {
+                peer.hello_at = now_ms + self.tuning.hello_ms;
+                let hello = peer.link.hello();
+                peer.frames.push(hello);
+            }
+        }
+        events
+    }
+
+    /// When `handle_timeout` or `poll_transmit` next has work, if no input comes first.
+    pub fn poll_timeout(&self) -> Option<u64> {
+        let silent = self.tuning.silent_ms;
+        self.peers
+            .iter()
+            .flatten()
+            .flat_map(|p| {
+                [
+                    Some(p.hello_at),
+                    p.up.then_some(p.heard_ms + silent),
+                    p.link.poll_timeout(),
+                ]
+            })
+            .flatten()
+            .min()
+    }
+
+    /// Batches due out: `(node index, batch)`, at most one per remote shard.
+    pub fn poll_transmit(&mut self, now_ms: u64) -> Vec<(usize, Vec<u8>)> {
+        let me = self.me.0;
+        let mut out = Vec::new();
+        for (s, peer) in self.peers.iter_mut().enumerate() {
+            let Some(peer) = peer else { continue };
+            for frame in peer.link.poll_transmit(now_ms) {
+                // Data here is a go-back-N resend (or, rarely, the first transmission of mail
+                // queued before the peer's incarnation was known).
+                if matches!(frame, Frame::Data { .. }) {
+                    peer.stats.resent += 1;
+                }
+                peer.frames.push(frame);
+            }
+            if peer.link.in_flight() > 0 && peer.oldest_sent_ms.is_none() {
+                peer.oldest_sent_ms = Some(now_ms);
+            }
+            if peer.frames.is_empty() {
+                continue;
+            }
+            let frames = std::mem::take(&mut peer.frames);
+            out.push((peer.node, encode_batch(me, s as u16, &frames)));
+        }
+        out
+    }
+
+    /// Mails waiting for room in a window, over all links.
+    pub fn waiting(&self) -> usize {
+        self.peers.iter().flatten().map(|p| p.waiting.len()).sum()
+    }
+
+    /// Each link's figures, by remote shard.
+    pub fn stats(&self) -> impl Iterator<Item = (ShardId, LinkStats)> + '_ {
+        self.peers.iter().enumerate().filter_map(|(s, p)| {
+            p.as_ref().map(|p| {
+                let mut stats = p.stats;
+                stats.up = p.up;
+                stats.in_flight = p.link.in_flight();
+                stats.waiting = p.waiting.len();
+                (ShardId(s as u16), stats)
+            })
+        })
+    }
+}
+
+impl Peer {
+    fn send(&mut self, now_ms: u64, payload: Arc<[u8]>) {
+        match self.link.send(now_ms, payload) {
+            Ok(Some(frame)) => self.frames.push(frame),
+            Ok(None) => {}
+            Err(full) => self.waiting.push_back(full.0),
+        }
+    }
+
+    /// Moves waiting mail into the window while it has room.
+    fn refill(&mut self, now_ms: u64) {
+        while let Some(payload) = self.waiting.pop_front() {
+            match self.link.send(now_ms, payload) {
+                Ok(Some(frame)) => self.frames.push(frame),
+                Ok(None) => {}
+                Err(full) => {
+                    self.waiting.push_front(full.0);
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Mail this shard encoded, handed back by a reset.
+fn decode_own(payloads: Vec<Arc<[u8]>>) -> Vec<Mail> {
+    payloads
+        .iter()
+        .filter_map(|p| wire::decode(p).ok())
+        .collect()
+}
+
+const HEADER: usize = 5;
+
+pub fn encode_batch(from: u16, to: u16, frames: &[Frame]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64 * frames.len());
+    out.push(WIRE_VERSION);
+    out.extend_from_slice(&from.to_be_bytes());
+    out.extend_from_slice(&to.to_be_bytes());
+    for frame in frames {
+        let bytes = frame.encode();
+        out.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+        out.extend_from_slice(&bytes);
+    }
+    out
+}
+
+/// `(from shard, to shard, frames)` of a batch, or why it is not one.
+fn split_header(batch: &[u8]) -> Result<(u16, u16, &[u8]), WireError> {
+    let Some(header) = batch.get(..HEADER) else {
+        return Err(WireError::Malformed);
+    };
+    if header[0] != WIRE_VERSION {
+        return Err(WireError::Version(header[0]));
+    }
+    let from = u16::from_be_bytes([header[1], header[2]]);
+    let to = u16::from_be_bytes([header[3], header[4]]);
+    Ok((from, to, &batch[HEADER..]))
+}
+
+/// The shard a batch is for, read without validating the rest (the NATS thread routes batches
+/// to shards with it; the shard validates).
+pub fn batch_destination(batch: &[u8]) -> Option<ShardId> {
+    split_header(batch).ok().map(|(_, to, _)| ShardId(to))
+}
+
+fn next_frame(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
+    let len = u32::from_be_bytes(bytes.get(..4)?.try_into().ok()?) as usize;
+    let end = 4usize.checked_add(len)?;
+    Some((bytes.get(4..end)?, &bytes[end..]))
+}
