@@ -356,9 +356,11 @@ fn resolve_cluster(file: ClusterFile) -> anyhow::Result<Cluster> {
             }
             if let Some(prefix) = n.subject_prefix {
                 let ok = !prefix.is_empty()
-                    && prefix
-                        .split('.')
-                        .all(|t| !t.is_empty() && t.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'));
+                    && prefix.split('.').all(|t| {
+                        !t.is_empty()
+                            && t.chars()
+                                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+                    });
                 if !ok {
                     bail!("[cluster.nats] subject_prefix {prefix:?} is not dot-separated tokens of a-z A-Z 0-9 - _");
                 }
@@ -375,7 +377,10 @@ fn resolve_cluster(file: ClusterFile) -> anyhow::Result<Cluster> {
             })
         }
         None if map.nodes.len() > 1 => {
-            bail!("[cluster] lists {} nodes: a [cluster.nats] section must say where NATS is", map.nodes.len())
+            bail!(
+                "[cluster] lists {} nodes: a [cluster.nats] section must say where NATS is",
+                map.nodes.len()
+            )
         }
         None => None,
     };

@@ -15,8 +15,8 @@ use glommio::sync::Semaphore;
 use glommio::{GlommioError, ResourceType};
 use hermod_shards::auth::HashCost;
 use hermod_shards::limits::{COMMIT_OPS_MAX, MAIL_BACKLOG_MAX};
-use hermod_shards::storage::Durability;
 use hermod_shards::remote::Remotes;
+use hermod_shards::storage::Durability;
 use hermod_shards::{ConnId, Output, Shard, ShardId};
 use hermod_store::{RocksStorage, StoreStats};
 
@@ -100,7 +100,8 @@ impl ShardCtx {
             store: self.store_stats.get(),
         };
         self.board.publish(self.local, &sample);
-        self.board.publish_links(self.local, self.remotes.borrow().stats());
+        self.board
+            .publish_links(self.local, self.remotes.borrow().stats());
     }
 
     pub fn new_conn_id(&self) -> ConnId {

@@ -34,7 +34,7 @@ pub fn send(ctx: &Ctx, to: ShardId, mail: Mail) {
         Ok(()) => {
             let _ = ctx.transmit.try_send(());
         }
-        Err(mail) => ctx.engine.borrow_mut().handle_undeliverable(now, mail),
+        Err(mail) => ctx.engine.borrow_mut().handle_undeliverable(now, *mail),
     }
 }
 
@@ -55,7 +55,9 @@ pub fn spawn(
                 let received = ctx.remotes.borrow_mut().receive(now, &batch);
                 match received {
                     Ok(events) => apply(&ctx, now, events),
-                    Err(e) => tracing::warn!(shard = %ctx.id, error = %e, "batch from NATS refused"),
+                    Err(e) => {
+                        tracing::warn!(shard = %ctx.id, error = %e, "batch from NATS refused")
+                    }
                 }
                 // Acks (and mail freed from a waiting FIFO) are due out.
                 let _ = ctx.transmit.try_send(());

@@ -10,9 +10,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use hermod_shards::engine::{Histogram, Stats, LATENCY_BOUNDS_MS};
+use hermod_shards::protocol::ErrorCode;
 use hermod_shards::remote::LinkStats;
 use hermod_shards::ShardId;
-use hermod_shards::protocol::ErrorCode;
 use hermod_store::StoreStats;
 
 /// How many per-shard families `FAMILIES` lists; `publish` fills exactly this many values, in
@@ -308,15 +308,51 @@ struct LinkSlot {
 
 /// Link families: name, type, help; values in `link_values` order.
 const LINK_FAMILIES: [(&str, &str, &str); 9] = [
-    ("hermod_link_in_flight", "gauge", "Mails sent to the peer shard and not yet acked."),
-    ("hermod_link_waiting", "gauge", "Mails waiting for room in the link's window."),
-    ("hermod_link_mails_sent_total", "counter", "Mails queued for the peer shard."),
-    ("hermod_link_mails_received_total", "counter", "Mails delivered from the peer shard, in order."),
-    ("hermod_link_resent_total", "counter", "Data frames sent again (a lost frame or a late ack)."),
-    ("hermod_link_resets_total", "counter", "Times the link was reset (peer silent or restarted)."),
-    ("hermod_link_lost_total", "counter", "Mails handed back by a reset (requests among them failed with unavailable)."),
-    ("hermod_link_invalid_total", "counter", "Batches or mails from the peer that failed validation."),
-    ("hermod_link_ack_rtt_seconds", "gauge", "The latest ack's delay after the oldest mail it covered was sent."),
+    (
+        "hermod_link_in_flight",
+        "gauge",
+        "Mails sent to the peer shard and not yet acked.",
+    ),
+    (
+        "hermod_link_waiting",
+        "gauge",
+        "Mails waiting for room in the link's window.",
+    ),
+    (
+        "hermod_link_mails_sent_total",
+        "counter",
+        "Mails queued for the peer shard.",
+    ),
+    (
+        "hermod_link_mails_received_total",
+        "counter",
+        "Mails delivered from the peer shard, in order.",
+    ),
+    (
+        "hermod_link_resent_total",
+        "counter",
+        "Data frames sent again (a lost frame or a late ack).",
+    ),
+    (
+        "hermod_link_resets_total",
+        "counter",
+        "Times the link was reset (peer silent or restarted).",
+    ),
+    (
+        "hermod_link_lost_total",
+        "counter",
+        "Mails handed back by a reset (requests among them failed with unavailable).",
+    ),
+    (
+        "hermod_link_invalid_total",
+        "counter",
+        "Batches or mails from the peer that failed validation.",
+    ),
+    (
+        "hermod_link_ack_rtt_seconds",
+        "gauge",
+        "The latest ack's delay after the oldest mail it covered was sent.",
+    ),
 ];
 
 fn link_values(s: &LinkStats) -> [u64; LINK_FAMILIES.len()] {
@@ -411,7 +447,11 @@ impl Board {
         for (shard, links) in self.links.iter().enumerate() {
             for l in links {
                 let up = u8::from(l.up.load(Ordering::Relaxed));
-                let _ = writeln!(out, "hermod_link_up{{shard=\"{shard}\",peer=\"{}\"}} {up}", l.peer);
+                let _ = writeln!(
+                    out,
+                    "hermod_link_up{{shard=\"{shard}\",peer=\"{}\"}} {up}",
+                    l.peer
+                );
             }
         }
         for (i, (name, kind, help)) in LINK_FAMILIES.iter().enumerate() {

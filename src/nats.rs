@@ -203,7 +203,18 @@ async fn run(
     if let (Some(user), Some(password)) = (cfg.user.clone(), cfg.password.clone()) {
         options = options.user_and_password(user, password);
     }
-    let connected = tokio::time::timeout(cfg.connect_timeout, options.connect(urls.clone())).await;
+    let mut servers = Vec::new();
+    for url in &cfg.urls {
+        match url.parse::<async_nats::ServerAddr>() {
+            Ok(addr) => servers.push(addr),
+            Err(e) => {
+                let reason = format!("{url:?}: {e}");
+                let _ = ready.send(Err(BridgeError::Connect { urls, reason }));
+                return;
+            }
+        }
+    }
+    let connected = tokio::time::timeout(cfg.connect_timeout, options.connect(servers)).await;
     let client = match connected {
         Ok(Ok(client)) => client,
         Ok(Err(e)) => {

@@ -22,8 +22,8 @@ use glommio::channels::local_channel::{self};
 use glommio::net::{TcpListener, TcpStream};
 use glommio::sync::Semaphore;
 use hermod_shards::auth::HashCost;
-use hermod_shards::storage::Durability;
 use hermod_shards::remote::Remotes;
+use hermod_shards::storage::Durability;
 use hermod_shards::Shard;
 use hermod_store::{RocksStorage, StoreStats};
 
@@ -170,9 +170,8 @@ pub async fn run(p: Params) {
         remotes: RefCell::new(remotes),
         transmit,
     });
-    let link_tasks = link_io.map(|io| {
-        crate::links::spawn(&ctx, io.inbox, io.out, io.subjects, transmit_woken)
-    });
+    let link_tasks =
+        link_io.map(|io| crate::links::spawn(&ctx, io.inbox, io.out, io.subjects, transmit_woken));
 
     for (direct, rx) in pumps {
         let ctx = ctx.clone();

@@ -35,7 +35,9 @@ pub struct GatherRef {
 pub type Page = Result<(Vec<String>, bool), ErrorCode>;
 
 /// What the owner tells a member's conversation list about one conversation.
-#[derive(Clone, Debug, Default, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[derive(
+    Clone, Debug, Default, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
+)]
 pub struct ConvSummary {
     pub last_seq: Seq,
     /// Messages at or below this seq are not the member's to read (a group joined later that

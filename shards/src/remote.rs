@@ -15,9 +15,11 @@
 //! refuses mail at once: nothing waits on a dead node, and the other nodes keep working.
 //! A peer's restart (a larger incarnation) reads the same way: `Lost`, then `Up`.
 //!
-//! **Batch wire format** (one NATS message): `version u8, from shard u16, to shard u16`, then
-//! frames, each `length u32` and a [`Frame`] encoding; integers big-endian. The version is
-//! [`WIRE_VERSION`], which also covers the rkyv encoding of the mail inside (`mail::wire`).
+//! **Batch wire format** (one NATS message): `version u8, map hash u64, from shard u16, to
+//! shard u16`, then frames, each `length u32` and a [`Frame`] encoding; integers big-endian.
+//! The version is [`WIRE_VERSION`], which also covers the rkyv encoding of the mail inside
+//! (`mail::wire`). A batch from a node running another placement map (another hash) is
+//! refused whole, so such a peer never links: its shard ids would not mean the same shards.
 //!
 //! Bounds: at most `window` mails unacked per link, then mail waits in the link's FIFO, which
 //! [`Remotes::waiting`] reports so the driver can stop admitting client frames (the same gate a
@@ -113,10 +115,16 @@ pub enum BatchError {
     Wire(#[from] WireError),
     #[error("batch from shard {from} to shard {to}, which is not a link of this shard")]
     Misrouted { from: u16, to: u16 },
+    #[error(
+        "batch from a node with cluster map {theirs:016x}, this node's is {ours:016x}: not linked"
+    )]
+    OtherMap { ours: u64, theirs: u64 },
 }
 
 pub struct Remotes {
     me: ShardId,
+    /// The placement map's hash, in every batch both ways.
+    map_hash: u64,
     tuning: Tuning,
     /// The incarnation the next reset link takes: grows, so a peer reads a reset as a restart.
     next_inc: u64,
@@ -158,6 +166,7 @@ impl Remotes {
             .collect();
         Remotes {
             me,
+            map_hash: map.hash().0,
             tuning,
             next_inc,
             peers,
@@ -179,12 +188,12 @@ impl Remotes {
 
     /// Queues `mail` for remote shard `to`. Refused (handed back) while the link is down, or
     /// if `to` is not a remote shard.
-    pub fn send(&mut self, now_ms: u64, to: ShardId, mail: Mail) -> Result<(), Mail> {
+    pub fn send(&mut self, now_ms: u64, to: ShardId, mail: Mail) -> Result<(), Box<Mail>> {
         let Some(Some(peer)) = self.peers.get_mut(to.0 as usize) else {
-            return Err(mail);
+            return Err(Box::new(mail));
         };
         if !peer.up {
-            return Err(mail);
+            return Err(Box::new(mail));
         }
         let payload: Arc<[u8]> = wire::encode(&mail).into();
         peer.stats.mails_sent += 1;
@@ -199,7 +208,13 @@ impl Remotes {
     /// A batch NATS delivered. Frames of an earlier life of either side are dropped by the
     /// link; a batch that is not valid is refused whole.
     pub fn receive(&mut self, now_ms: u64, batch: &[u8]) -> Result<Vec<RemoteEvent>, BatchError> {
-        let (from, to, mut rest) = split_header(batch)?;
+        let (hash, from, to, mut rest) = split_header(batch)?;
+        if hash != self.map_hash {
+            return Err(BatchError::OtherMap {
+                ours: self.map_hash,
+                theirs: hash,
+            });
+        }
         let Some(Some(peer)) = self
             .peers
             .get_mut(from as usize)
@@ -328,7 +343,7 @@ impl Remotes {
 
     /// Batches due out: `(node index, batch)`, at most one per remote shard.
     pub fn poll_transmit(&mut self, now_ms: u64) -> Vec<(usize, Vec<u8>)> {
-        let me = self.me.0;
+        let (me, hash) = (self.me.0, self.map_hash);
         let mut out = Vec::new();
         for (s, peer) in self.peers.iter_mut().enumerate() {
             let Some(peer) = peer else { continue };
@@ -347,7 +362,7 @@ impl Remotes {
                 continue;
             }
             let frames = std::mem::take(&mut peer.frames);
-            out.push((peer.node, encode_batch(me, s as u16, &frames)));
+            out.push((peer.node, encode_batch(hash, me, s as u16, &frames)));
         }
         out
     }
@@ -403,11 +418,12 @@ fn decode_own(payloads: Vec<Arc<[u8]>>) -> Vec<Mail> {
         .collect()
 }
 
-const HEADER: usize = 5;
+const HEADER: usize = 13;
 
-pub fn encode_batch(from: u16, to: u16, frames: &[Frame]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(64 * frames.len());
+pub fn encode_batch(map_hash: u64, from: u16, to: u16, frames: &[Frame]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER + 64 * frames.len());
     out.push(WIRE_VERSION);
+    out.extend_from_slice(&map_hash.to_be_bytes());
     out.extend_from_slice(&from.to_be_bytes());
     out.extend_from_slice(&to.to_be_bytes());
     for frame in frames {
@@ -418,23 +434,25 @@ pub fn encode_batch(from: u16, to: u16, frames: &[Frame]) -> Vec<u8> {
     out
 }
 
-/// `(from shard, to shard, frames)` of a batch, or why it is not one.
-fn split_header(batch: &[u8]) -> Result<(u16, u16, &[u8]), WireError> {
+/// `(map hash, from shard, to shard, frames)` of a batch, or why it is not one.
+fn split_header(batch: &[u8]) -> Result<(u64, u16, u16, &[u8]), WireError> {
     let Some(header) = batch.get(..HEADER) else {
         return Err(WireError::Malformed);
     };
     if header[0] != WIRE_VERSION {
         return Err(WireError::Version(header[0]));
     }
-    let from = u16::from_be_bytes([header[1], header[2]]);
-    let to = u16::from_be_bytes([header[3], header[4]]);
-    Ok((from, to, &batch[HEADER..]))
+    let mut hash = [0; 8];
+    hash.copy_from_slice(&header[1..9]);
+    let from = u16::from_be_bytes([header[9], header[10]]);
+    let to = u16::from_be_bytes([header[11], header[12]]);
+    Ok((u64::from_be_bytes(hash), from, to, &batch[HEADER..]))
 }
 
 /// The shard a batch is for, read without validating the rest (the NATS thread routes batches
 /// to shards with it; the shard validates).
 pub fn batch_destination(batch: &[u8]) -> Option<ShardId> {
-    split_header(batch).ok().map(|(_, to, _)| ShardId(to))
+    split_header(batch).ok().map(|(_, _, to, _)| ShardId(to))
 }
 
 fn next_frame(bytes: &[u8]) -> Option<(&[u8], &[u8])> {

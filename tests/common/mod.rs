@@ -13,6 +13,8 @@ use serde_json::{json, Value};
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::{Message, WebSocket};
 
+pub mod nats;
+
 pub const TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct Server {
@@ -36,18 +38,17 @@ impl Server {
     }
 
     pub fn start_on(data: &Path, extra: &[&str]) -> Server {
-        let mut args: Vec<String> = [
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--argon2-memory-kib",
-            "64",
-            "--argon2-passes",
-            "1",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        let listen = if extra.contains(&"--listen") {
+            &[][..]
+        } else {
+            &["--listen", "127.0.0.1:0"][..]
+        };
+        let mut args: Vec<String> = ["serve"]
+            .iter()
+            .chain(listen)
+            .chain(&["--argon2-memory-kib", "64", "--argon2-passes", "1"])
+            .map(|s| s.to_string())
+            .collect();
         args.push("--data".into());
         args.push(data.display().to_string());
         if !extra.contains(&"--shards") {

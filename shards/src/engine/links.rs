@@ -33,11 +33,13 @@ impl<S: Storage> Shard<S> {
             Mail::Range { gather, .. }
             | Mail::LastSeqs { gather, .. }
             | Mail::PresenceQuery { gather, .. } => self.gather_part_failed(gather),
-            Mail::EnsureMember { conv, user, .. } => self.local_mail.push_back(Mail::MemberEnsured {
-                conv,
-                user,
-                result: Err(ErrorCode::Unavailable),
-            }),
+            Mail::EnsureMember { conv, user, .. } => {
+                self.local_mail.push_back(Mail::MemberEnsured {
+                    conv,
+                    user,
+                    result: Err(ErrorCode::Unavailable),
+                })
+            }
             Mail::Index { conv, op, .. } => self.local_mail.push_back(Mail::Indexed {
                 conv,
                 op,

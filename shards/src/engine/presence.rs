@@ -17,9 +17,9 @@ use super::fanout::by_shard;
 use super::gather::Kind;
 use super::Shard;
 use crate::ids::{ConnId, UserId};
-use crate::model::Presence;
 use crate::limits::FRIENDS_MAX;
 use crate::mail::{GatherRef, Mail, Named, PresenceInfo, ReplyTo};
+use crate::model::Presence;
 use crate::protocol::{ok_frame, push_json_str, ErrorCode};
 use crate::storage::{
     keys, scan_records, DeviceRecord, FriendRecord, FriendState, ProfileRecord, Storage,

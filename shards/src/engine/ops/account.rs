@@ -65,7 +65,12 @@ impl<S: Storage> Shard<S> {
             );
         }
         let user = UserId::from_username(&name);
-        if self.hand_off_if_remote(conn, rid, user, &registration_frame(rid, &name, &req.password)) {
+        if self.hand_off_if_remote(
+            conn,
+            rid,
+            user,
+            &registration_frame(rid, &name, &req.password),
+        ) {
             return;
         }
         if self.sessions.registering.contains(&user) {
