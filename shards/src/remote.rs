@@ -460,3 +460,224 @@ fn next_frame(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
     let end = 4usize.checked_add(len)?;
     Some((bytes.get(4..end)?, &bytes[end..]))
 }
+
+#[cfg(test)]
+mod tests {
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    use super::*;
+    use crate::cluster::NodeSpec;
+    use crate::ids::ConnId;
+
+    fn map(version: u64) -> ClusterMap {
+        let node = |id: &str| NodeSpec {
+            id: id.into(),
+            url: format!("ws://{id}/ws"),
+            shards: 1,
+        };
+        ClusterMap {
+            version,
+            nodes: vec![node("a"), node("b")],
+        }
+    }
+
+    const TUNING: Tuning = Tuning {
+        window: 8,
+        rto_ms: 50,
+        hello_ms: 20,
+        silent_ms: 200,
+    };
+
+    fn side(node: usize, inc: u64) -> Remotes {
+        Remotes::new(&map(1), node, ShardId(node as u16), inc, TUNING)
+    }
+
+    fn mail(i: u64) -> Mail {
+        Mail::Reply {
+            conn: ConnId(i),
+            frame: format!("mail {i}"),
+        }
+    }
+
+    fn number(event: &RemoteEvent) -> Option<u64> {
+        match event {
+            RemoteEvent::Mail(Mail::Reply { conn, .. }) => Some(conn.0),
+            _ => None,
+        }
+    }
+
+    /// Batches in flight: (due, to side, batch).
+    type Flight = Vec<(u64, usize, Vec<u8>)>;
+
+    /// Runs both sides for `ms` over a network that drops, duplicates and delays batches;
+    /// returns the numbers each side delivered, in order.
+    fn run(
+        sides: &mut [Remotes; 2],
+        (now, flight): (&mut u64, &mut Flight),
+        ms: u64,
+        rng: &mut StdRng,
+        loss: f64,
+    ) -> [Vec<u64>; 2] {
+        let mut got = [Vec::new(), Vec::new()];
+        let end = *now + ms;
+        while *now < end {
+            for (i, side) in sides.iter_mut().enumerate() {
+                side.handle_timeout(*now);
+                for (node, batch) in side.poll_transmit(*now) {
+                    assert_eq!(node, 1 - i);
+                    for _ in 0..(1 + usize::from(rng.gen_bool(0.1))) {
+                        if !rng.gen_bool(loss) {
+                            flight.push((*now + rng.gen_range(1..10), node, batch.clone()));
+                        }
+                    }
+                }
+            }
+            let (due, later): (Vec<_>, Vec<_>) = std::mem::take(flight)
+                .into_iter()
+                .partition(|f| f.0 <= *now);
+            *flight = later;
+            for (_, to, batch) in due {
+                let events = sides[to].receive(*now, &batch).expect("valid batch");
+                got[to].extend(events.iter().filter_map(number));
+            }
+            *now += 1;
+        }
+        got
+    }
+
+    #[test]
+    fn mail_crosses_once_and_in_order_over_a_lossy_network() {
+        for seed in 0..10 {
+            let mut rng = StdRng::seed_from_u64(seed);
+            let mut sides = [side(0, 100), side(1, 200)];
+            let (mut now, mut flight) = (1, Flight::new());
+            run(&mut sides, (&mut now, &mut flight), 100, &mut rng, 0.0);
+            assert!(sides[0].is_up(ShardId(1)) && sides[1].is_up(ShardId(0)));
+            let mut next = 0;
+            let mut got = Vec::new();
+            for _ in 0..50 {
+                for _ in 0..rng.gen_range(0..6) {
+                    sides[0].send(now, ShardId(1), mail(next)).unwrap();
+                    next += 1;
+                }
+                got.extend(run(&mut sides, (&mut now, &mut flight), 10, &mut rng, 0.2)[1].clone());
+            }
+            // Then a lossless network drains what is left (window 8, so a few round trips).
+            for _ in 0..100 {
+                if got.len() as u64 == next {
+                    break;
+                }
+                got.extend(run(&mut sides, (&mut now, &mut flight), 10, &mut rng, 0.0)[1].clone());
+            }
+            assert_eq!(got, (0..next).collect::<Vec<_>>(), "seed {seed}");
+            let stats: Vec<_> = sides[0].stats().collect();
+            assert_eq!(stats[0].1.mails_sent, next);
+            assert_eq!(stats[0].1.resets, 0, "lossy, never silent for 200 ms");
+        }
+    }
+
+    #[test]
+    fn a_silent_peer_is_reset_and_its_unacked_mail_handed_back() {
+        let mut rng = StdRng::seed_from_u64(1);
+        let mut sides = [side(0, 100), side(1, 200)];
+        let (mut now, mut flight) = (1, Flight::new());
+        run(&mut sides, (&mut now, &mut flight), 100, &mut rng, 0.0);
+        for i in 0..3 {
+            sides[0].send(now, ShardId(1), mail(i)).unwrap();
+        }
+        // The peer goes silent: nothing reaches it or comes back.
+        let mut lost = Vec::new();
+        for _ in 0..=TUNING.silent_ms {
+            now += 1;
+            for event in sides[0].handle_timeout(now) {
+                if let RemoteEvent::Lost { shard, mails } = event {
+                    assert_eq!(shard, ShardId(1));
+                    lost.extend(mails.iter().map(|m| match m {
+                        Mail::Reply { conn, .. } => conn.0,
+                        _ => unreachable!(),
+                    }));
+                }
+            }
+            sides[0].poll_transmit(now);
+        }
+        assert_eq!(lost, vec![0, 1, 2]);
+        assert!(!sides[0].is_up(ShardId(1)));
+        assert!(
+            sides[0].send(now, ShardId(1), mail(9)).is_err(),
+            "refused while down"
+        );
+        // Heard again: up, and mail flows on fresh numbering (the peer reset its side too).
+        let got = run(&mut sides, (&mut now, &mut flight), 100, &mut rng, 0.0);
+        assert!(sides[0].is_up(ShardId(1)));
+        assert!(got[1].is_empty());
+        sides[0].send(now, ShardId(1), mail(10)).unwrap();
+        assert_eq!(
+            run(&mut sides, (&mut now, &mut flight), 50, &mut rng, 0.0)[1],
+            vec![10]
+        );
+    }
+
+    #[test]
+    fn a_restarted_peer_reads_as_lost_then_up() {
+        let mut rng = StdRng::seed_from_u64(2);
+        let mut sides = [side(0, 100), side(1, 200)];
+        let (mut now, mut flight) = (1, Flight::new());
+        run(&mut sides, (&mut now, &mut flight), 100, &mut rng, 0.0);
+        sides[0].send(now, ShardId(1), mail(1)).unwrap();
+        sides[0].poll_transmit(now); // sent, never acked: the peer dies now
+        sides[1] = side(1, 300);
+        let mut events = Vec::new();
+        for _ in 0..50 {
+            now += 1;
+            for i in 0..2 {
+                sides[i].handle_timeout(now);
+                for (node, batch) in sides[i].poll_transmit(now) {
+                    events.extend(
+                        sides[node]
+                            .receive(now, &batch)
+                            .unwrap()
+                            .into_iter()
+                            .map(|e| (node, e)),
+                    );
+                }
+            }
+        }
+        let on_a: Vec<_> = events
+            .iter()
+            .filter(|(n, _)| *n == 0)
+            .map(|(_, e)| e)
+            .collect();
+        assert!(
+            matches!(on_a[0], RemoteEvent::Lost { mails, .. } if mails.len() == 1),
+            "{on_a:?}"
+        );
+        assert!(matches!(on_a[1], RemoteEvent::Up(ShardId(1))), "{on_a:?}");
+    }
+
+    #[test]
+    fn batches_of_another_map_or_malformed_are_refused() {
+        let mut a = side(0, 100);
+        let mut stranger = Remotes::new(&map(2), 1, ShardId(1), 5, TUNING);
+        stranger.handle_timeout(1);
+        let (_, batch) = stranger.poll_transmit(1).pop().unwrap();
+        assert!(matches!(
+            a.receive(1, &batch),
+            Err(BatchError::OtherMap { .. })
+        ));
+        assert!(!a.is_up(ShardId(1)));
+        let mut rng = StdRng::seed_from_u64(3);
+        for _ in 0..2000 {
+            let len = rng.gen_range(0..64);
+            let mut junk: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
+            if rng.gen_bool(0.5) && junk.len() > HEADER {
+                // A valid header with a garbage body: refused, never a panic.
+                junk[..HEADER].copy_from_slice(&batch[..HEADER]);
+                junk[1..9].copy_from_slice(&map(1).hash().0.to_be_bytes());
+                junk[11..13].copy_from_slice(&0u16.to_be_bytes());
+            }
+            let _ = a.receive(1, &junk);
+        }
+        assert!(wire::decode(b"not an archive").is_err());
+    }
+}
