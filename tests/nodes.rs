@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use common::nats::{free_port, Nats, PASSWORD, USER};
 use common::{create, http_get, next_msg, open, send, sync_all, Client, Server};
+use hermod_bench::conn::Target;
+use hermod_bench::scenario::{self, DirectParams, Timing};
 use hermod_shards::cluster::{ClusterMap, NodeSpec};
 use hermod_shards::ids::{ConvId, UserId};
 use serde_json::json;
@@ -19,6 +21,9 @@ use serde_json::json;
 const SHARDS: u16 = 2;
 
 struct Cluster {
+    /// Node `i` lists only NATS server `i` (it learns the others from the cluster), so killing
+    /// server `i` forces node `i` to reconnect elsewhere; otherwise every node lists all three.
+    pinned: bool,
     dir: tempfile::TempDir,
     nats: Vec<Nats>,
     map: ClusterMap,
@@ -30,6 +35,10 @@ struct Cluster {
 
 impl Cluster {
     fn start(names: &[&str]) -> Cluster {
+        Cluster::start_with(names, false)
+    }
+
+    fn start_with(names: &[&str], pinned: bool) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let nats = Nats::cluster(dir.path());
         let ports: Vec<u16> = names.iter().map(|_| free_port()).collect();
@@ -46,6 +55,7 @@ impl Cluster {
                 .collect(),
         };
         let mut cluster = Cluster {
+            pinned,
             dir,
             nats,
             map,
@@ -66,7 +76,13 @@ impl Cluster {
     /// Node `i`'s config file: every NATS server listed, hellos every 100 ms and a peer down
     /// after 1 s of silence (the defaults are 500 ms and 3 s), so the test runs quickly.
     fn config(&self, i: usize, map: &ClusterMap) -> String {
-        let urls: Vec<String> = self.nats.iter().map(|n| format!("{:?}", n.url())).collect();
+        let urls: Vec<String> = self
+            .nats
+            .iter()
+            .enumerate()
+            .filter(|(n, _)| !self.pinned || *n == i)
+            .map(|(_, n)| format!("{:?}", n.url()))
+            .collect();
         let mut text = format!(
             "[cluster]\nnode = {:?}\nversion = {}\nhello_ms = 100\nsilent_ms = 1000\n\n\
              [cluster.nats]\nurls = [{}]\nuser = {USER:?}\npassword = {PASSWORD:?}\n",
@@ -365,4 +381,51 @@ fn a_node_on_another_placement_map_is_never_linked() {
     assert!(page.contains("links up 0/4"), "{page}");
     let page = http_get(c.nodes[0].addr, "/readyz");
     assert!(page.contains("links up 0/4"), "{page}");
+}
+
+#[test]
+fn a_nats_server_dying_under_load_loses_nothing_between_nodes() {
+    let mut c = Cluster::start_with(&["a", "b"], true);
+    // hermod-bench's direct scenario, its users spread over both nodes (it follows `moved`),
+    // at 2,000 msg/s for 3 s; NATS server 0, node a's only configured server, dies 1.5 s in.
+    let params = DirectParams {
+        target: Target::new(&c.map.nodes[0].url, Vec::new()).unwrap(),
+        users: 40,
+        peers: 4,
+        timing: Timing {
+            rate: 2000.0,
+            warmup_s: 0.5,
+            duration_s: 3.0,
+            drain_s: 20.0,
+        },
+        body_bytes: 32,
+        prefix: "natskill".into(),
+    };
+    let load = std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(scenario::direct(params))
+    });
+    std::thread::sleep(Duration::from_millis(2000));
+    drop(c.nats.remove(0));
+    let report = load.join().unwrap().unwrap();
+    let r = &report.figures["correctness"];
+    assert!(r["sent"].as_u64().unwrap() >= 6000, "{r}");
+    assert_eq!(r["acked"], r["sent"], "every send acked: {r}");
+    assert_eq!(r["delivered"], r["acked"], "{r}");
+    for key in ["lost", "duplicated", "reordered", "unacked"] {
+        assert_eq!(r[key], 0, "{key}: {r}");
+    }
+    // The links carried it: mail crossed nodes, and some of it was resent after the kill.
+    let page = http_get(c.nodes[0].addr, "/metrics");
+    assert!(common::metric_sum(&page, "hermod_link_mails_sent_total", "") > 1000);
+    let resent = common::metric_sum(&page, "hermod_link_resent_total", "");
+    let resets = common::metric_sum(&page, "hermod_link_resets_total", "");
+    eprintln!("node a after the NATS kill: {resent} data frames resent, {resets} link resets; {r}");
+    assert!(
+        resent > 0,
+        "the kill was felt: NATS lost mail in flight and the links resent it"
+    );
 }

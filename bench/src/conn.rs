@@ -66,6 +66,11 @@ impl Target {
         &self.inner.url
     }
 
+    /// The same sources aimed at another node of a cluster (a `moved` error's `url`).
+    pub fn redirect(&self, url: &str) -> anyhow::Result<Target> {
+        Target::new(url, self.inner.sources.clone())
+    }
+
     /// Opens a TCP connection from the next source address (or the kernel's choice).
     async fn dial(&self) -> anyhow::Result<TcpStream> {
         let addr = &self.inner.addr;

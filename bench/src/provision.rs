@@ -6,7 +6,7 @@
 //! offline from the server secret (see `connect --tokens`).
 
 use anyhow::Context;
-use serde_json::json;
+use serde_json::{json, Value};
 
 use crate::conn::{Conn, Target};
 
@@ -90,13 +90,18 @@ async fn batched(
 
 async fn login(target: &Target, name: String, step: Step) -> anyhow::Result<User> {
     let mut conn = Conn::connect(target).await?;
+    // On a cluster, a user who lives on another node is answered `moved` with that node's
+    // URL: connect there and ask again (at most once per step: the URL is the user's home).
+    let mut home: Option<Target> = None;
     if step != Step::Login {
-        let r = conn
-            .request(
-                "register",
-                json!({ "username": name, "password": PASSWORD }),
-            )
-            .await?;
+        let args = json!({ "username": name, "password": PASSWORD });
+        let mut r = conn.request("register", args.clone()).await?;
+        if let Some(url) = moved(&r) {
+            let there = target.redirect(url)?;
+            conn = Conn::connect(&there).await?;
+            home = Some(there);
+            r = conn.request("register", args).await?;
+        }
         if r.get("ok").is_none() && r["error"]["code"] != "username_taken" {
             anyhow::bail!("register {name}: {}", r["error"]);
         }
@@ -108,13 +113,22 @@ async fn login(target: &Target, name: String, step: Step) -> anyhow::Result<User
             token: String::new(),
         });
     }
-    let ok = conn
-        .ok(
-            "login",
-            json!({ "username": name, "password": PASSWORD, "device": "bench" }),
-        )
-        .await
-        .with_context(|| format!("login {name}"))?;
+    let args = json!({ "username": name, "password": PASSWORD, "device": "bench" });
+    let mut r = conn.request("login", args.clone()).await?;
+    if let (Some(url), None) = (moved(&r), &home) {
+        conn = Conn::connect(&target.redirect(url)?).await?;
+        r = conn.request("login", args).await?;
+    }
+    let ok = r
+        .get("ok")
+        .with_context(|| format!("login {name}: {}", r["error"]))?;
     let token = ok["token"].as_str().unwrap_or_default().to_owned();
     Ok(User { name, conn, token })
+}
+
+/// The node to go to, if `reply` is a cluster's `moved` error.
+fn moved(reply: &Value) -> Option<&str> {
+    (reply["error"]["code"] == "moved")
+        .then(|| reply["error"]["url"].as_str())
+        .flatten()
 }
