@@ -15,6 +15,9 @@
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+/// Longest wait, when the bridge ends, for NATS to take what was published.
+const FLUSH_AT_EXIT_MAX: Duration = Duration::from_secs(1);
+
 /// Where NATS is and how to log in.
 #[derive(Clone, Debug)]
 pub struct NatsConfig {
@@ -264,7 +267,8 @@ async fn run(
             tracing::warn!(error = %e, "publishing to NATS failed");
         }
     }
-    let _ = client.flush().await;
+    // What was published goes out if NATS is there; a shutdown never waits on a dead server.
+    let _ = tokio::time::timeout(FLUSH_AT_EXIT_MAX, client.flush()).await;
     for forwarder in forwarders {
         forwarder.abort();
     }

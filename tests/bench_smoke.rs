@@ -29,6 +29,7 @@ fn direct_scenario_accounts_for_every_message() {
         },
         body_bytes: 32,
         prefix: "smoke".into(),
+        split_shards: None,
     };
     let report = runtime().block_on(scenario::direct(params)).unwrap();
     let c = &report.figures["correctness"];

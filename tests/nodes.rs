@@ -400,6 +400,7 @@ fn a_nats_server_dying_under_load_loses_nothing_between_nodes() {
         },
         body_bytes: 32,
         prefix: "natskill".into(),
+        split_shards: Some(2 * SHARDS),
     };
     let load = std::thread::spawn(move || {
         tokio::runtime::Builder::new_current_thread()

@@ -67,6 +67,11 @@ enum Command {
         /// Body padding in bytes.
         #[arg(long, default_value_t = 64)]
         body_bytes: usize,
+        /// Pair only users homed on different shards of a placement over N shards (a
+        /// cluster's total): every conversation crosses shards, and nodes on a cluster of
+        /// one-shard nodes (docs/cluster.md, figures).
+        #[arg(long, value_name = "N")]
+        split_shards: Option<u16>,
     },
     /// Group messages: groups of online members, some sending; deliveries/s and latency.
     Group {
@@ -255,6 +260,7 @@ fn run() -> anyhow::Result<ExitCode> {
             users,
             peers,
             body_bytes,
+            split_shards,
         } => {
             let params = DirectParams {
                 target: target(&common)?,
@@ -263,6 +269,7 @@ fn run() -> anyhow::Result<ExitCode> {
                 timing: timing(&common),
                 body_bytes,
                 prefix: prefix(&common),
+                split_shards,
             };
             let report = runtime(&common)?.block_on(scenario::direct(params))?;
             (common, report)

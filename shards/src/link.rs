@@ -8,7 +8,9 @@
 //! `b → a` (delivery in sequence order, cumulative acks). A receiver keeps mail that arrives
 //! ahead of a gap (at most `window` of it) and delivers in order once the gap fills; it acks
 //! the last mail delivered. A sender whose oldest unacked mail has waited `rto_ms` sends every
-//! unacked mail again (NATS keeps one connection's order, so a gap means a loss).
+//! unacked mail again (NATS keeps one connection's order, so a gap means a loss), and doubles
+//! the wait for the next resend (up to `RTO_BACKOFF_MAX` times `rto_ms`) until an ack moves:
+//! a slow receiver is not buried under copies of a window it is still working through.
 //!
 //! **Incarnations.** Every node process has an incarnation that grows from one life to the next
 //! (the driver uses its start time in microseconds). Data frames name both the sender's
@@ -51,6 +53,9 @@ pub enum Frame {
     /// peer restarted.
     Hello { from_inc: u64 },
 }
+
+/// The longest resend wait, in multiples of `rto_ms` (200 ms × 16 = 3.2 s by default).
+pub const RTO_BACKOFF_MAX: u64 = 16;
 
 /// The version of the frame encoding; a frame of another version is refused, never guessed at.
 pub const WIRE_VERSION: u8 = 1;
@@ -147,6 +152,8 @@ pub struct Link {
     peer_inc: Option<u64>,
     window: usize,
     rto_ms: u64,
+    /// The wait before the next resend: `rto_ms`, doubled by each resend without progress.
+    rto_now: u64,
     // Outbound.
     next_seq: u64,
     unacked: VecDeque<Unacked>,
@@ -167,6 +174,7 @@ impl Link {
             peer_inc: None,
             window,
             rto_ms,
+            rto_now: rto_ms,
             next_seq: 1,
             unacked: VecDeque::new(),
             expected: 1,
@@ -260,8 +268,12 @@ impl Link {
                 if to_inc != self.my_inc || !self.learn(from_inc, &mut events) {
                     return events;
                 }
+                let before = self.unacked.len();
                 while self.unacked.front().is_some_and(|u| u.seq <= ack) {
                     self.unacked.pop_front();
+                }
+                if self.unacked.len() < before {
+                    self.rto_now = self.rto_ms; // progress: the receiver keeps up again
                 }
             }
         }
@@ -287,7 +299,10 @@ impl Link {
             .unacked
             .front()
             .and_then(|u| u.sent_ms)
-            .is_some_and(|sent| now_ms >= sent + self.rto_ms);
+            .is_some_and(|sent| now_ms >= sent + self.rto_now);
+        if resend {
+            self.rto_now = (self.rto_now * 2).min(self.rto_ms * RTO_BACKOFF_MAX);
+        }
         for u in &mut self.unacked {
             if u.sent_ms.is_none() || resend {
                 u.sent_ms = Some(now_ms);
@@ -307,7 +322,7 @@ impl Link {
         self.unacked
             .front()
             .and_then(|u| u.sent_ms)
-            .map(|sent| sent + self.rto_ms)
+            .map(|sent| sent + self.rto_now)
     }
 
     /// The peer's incarnation, seen in a frame: a larger one means a new process. False for a
@@ -321,6 +336,7 @@ impl Link {
                 let unacked = self.unacked.drain(..).map(|u| u.payload).collect();
                 events.push(LinkEvent::PeerRestarted { unacked });
                 self.peer_inc = Some(inc);
+                self.rto_now = self.rto_ms;
                 self.next_seq = 1;
                 self.expected = 1;
                 self.ahead.clear();
@@ -392,7 +408,8 @@ mod tests {
         let mut delivered: [Vec<u64>; 2] = Default::default();
         let mut lost: [Vec<u64>; 2] = Default::default();
         let mut next = 0u64;
-        for now in 0..6_000u64 {
+        // Mail until 5 s, then 5 s to drain (resends back off to 16 × 50 ms).
+        for now in 0..10_000u64 {
             if Some(now) == restart_b_at {
                 incs[1] = 33;
                 links[1] = Link::new(33, 64, 50);

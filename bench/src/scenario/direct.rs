@@ -6,6 +6,8 @@ use anyhow::Context;
 use serde::Serialize;
 use serde_json::json;
 
+use hermod_shards::ids::{Placement, UserId};
+
 use super::open_loop::{drive, Timing};
 use crate::conn::Target;
 use crate::report::Report;
@@ -22,6 +24,11 @@ pub struct DirectParams {
     /// Padding added to each body, in bytes.
     pub body_bytes: usize,
     pub prefix: String,
+    /// Pair only users homed on different shards of a placement over this many shards (the
+    /// cluster's total): every conversation then crosses shards — and nodes, on a cluster of
+    /// one-shard nodes. The same users pair the same way on one node with as many shards, so
+    /// the two runs differ only in how mail crosses (in-process channels or NATS).
+    pub split_shards: Option<u16>,
 }
 
 /// `direct`: users send one-to-one messages to random peers at a fixed total rate.
@@ -31,12 +38,20 @@ pub async fn direct(p: DirectParams) -> anyhow::Result<Report> {
     let peers = p.peers.clamp(1, p.users - 1);
     let mut users = crate::provision::users(&p.target, &p.prefix, p.users, 32).await?;
 
-    // Conversations: i with i+1..=i+peers (mod users), each opened once.
+    // Conversations: i with the next `peers` users (mod users) — homed on another shard than
+    // i's, with `split_shards` — each opened once.
+    let home = |name: &str| {
+        p.split_shards
+            .map(|n| Placement::new(n).home(UserId::from_username(name)))
+    };
+    let homes: Vec<_> = users.iter().map(|u| home(&u.name)).collect();
     let mut convs: Vec<Vec<String>> = vec![Vec::new(); p.users];
     let mut opened = HashSet::new();
     for i in 0..p.users {
-        for d in 1..=peers {
-            let j = (i + d) % p.users;
+        let others = (1..p.users)
+            .map(|d| (i + d) % p.users)
+            .filter(|&j| homes[j].is_none() || homes[j] != homes[i]);
+        for j in others.take(peers) {
             if !opened.insert((i.min(j), i.max(j))) {
                 continue;
             }
