@@ -47,6 +47,7 @@ pub fn spawn(
     subjects: Vec<String>,
     woken: LocalReceiver<()>,
 ) -> (glommio::Task<()>, glommio::Task<()>) {
+    let inbox_len = inbox.clone();
     let inbound = {
         let ctx = ctx.clone();
         glommio::spawn_local(async move {
@@ -69,7 +70,8 @@ pub fn spawn(
         glommio::spawn_local(async move {
             loop {
                 let now = now_ms();
-                let events = ctx.remotes.borrow_mut().handle_timeout(now);
+                let behind = !inbox_len.is_empty();
+                let events = ctx.remotes.borrow_mut().handle_timeout(now, behind);
                 apply(&ctx, now, events);
                 let batches = ctx.remotes.borrow_mut().poll_transmit(now);
                 for (node, payload) in batches {

@@ -170,7 +170,7 @@ async fn link_side(
         }
         while let Ok(msg) = bridge.inbox.try_recv() {
             let frame = Frame::decode(&msg.payload).expect("a valid frame");
-            for event in link.receive(frame) {
+            for event in link.receive(now(), frame) {
                 match event {
                     LinkEvent::Deliver(p) => {
                         delivered.push(u64::from_be_bytes(p[..].try_into().unwrap()))

@@ -9,7 +9,8 @@
 //! ahead of a gap (at most `window` of it) and delivers in order once the gap fills; it acks
 //! the last mail delivered. A sender whose oldest unacked mail has waited `rto_ms` sends every
 //! unacked mail again (NATS keeps one connection's order, so a gap means a loss), and doubles
-//! the wait for the next resend (up to `RTO_BACKOFF_MAX` times `rto_ms`) until an ack moves:
+//! the wait for the next resend (up to `RTO_BACKOFF_MAX` times `rto_ms`) until an ack moves.
+//! The wait is never below twice the measured round trip (smoothed, from mails sent once):
 //! a slow receiver is not buried under copies of a window it is still working through.
 //!
 //! **Incarnations.** Every node process has an incarnation that grows from one life to the next
@@ -54,6 +55,9 @@ pub enum Frame {
     Hello { from_inc: u64 },
 }
 
+/// Bytes of a frame before its payload: version, kind, three integers.
+const FRAME_HEADER: usize = 26;
+
 /// The longest resend wait, in multiples of `rto_ms` (200 ms × 16 = 3.2 s by default).
 pub const RTO_BACKOFF_MAX: u64 = 16;
 
@@ -70,6 +74,14 @@ pub enum WireError {
 }
 
 impl Frame {
+    /// The length of `encode()`'s output, without encoding.
+    pub fn encoded_len(&self) -> usize {
+        match self {
+            Frame::Data { payload, .. } => FRAME_HEADER + payload.len(),
+            Frame::Ack { .. } | Frame::Hello { .. } => FRAME_HEADER,
+        }
+    }
+
     /// `version, kind, from_inc, to_inc, seq|ack, payload…`, integers big-endian: fixed
     /// offsets, so decoding is bounds checks and no allocation but the payload's.
     pub fn encode(&self) -> Vec<u8> {
@@ -87,7 +99,7 @@ impl Frame {
             } => (b'A', *from_inc, *to_inc, *ack, &[]),
             Frame::Hello { from_inc } => (b'H', *from_inc, 0, 0, &[]),
         };
-        let mut out = Vec::with_capacity(26 + payload.len());
+        let mut out = Vec::with_capacity(FRAME_HEADER + payload.len());
         out.push(WIRE_VERSION);
         out.push(kind);
         for v in [from_inc, to_inc, n] {
@@ -144,6 +156,8 @@ struct Unacked {
     seq: u64,
     payload: Arc<[u8]>,
     sent_ms: Option<u64>,
+    /// Sent more than once: its ack says nothing of the round trip (Karn's rule).
+    resent: bool,
 }
 
 pub struct Link {
@@ -152,8 +166,11 @@ pub struct Link {
     peer_inc: Option<u64>,
     window: usize,
     rto_ms: u64,
-    /// The wait before the next resend: `rto_ms`, doubled by each resend without progress.
+    /// The wait before the next resend: the base (`rto_base`), doubled by each resend without
+    /// progress.
     rto_now: u64,
+    /// Smoothed round trip from a mail's send to its ack (ms), once measured.
+    srtt_ms: Option<u64>,
     // Outbound.
     next_seq: u64,
     unacked: VecDeque<Unacked>,
@@ -175,6 +192,7 @@ impl Link {
             window,
             rto_ms,
             rto_now: rto_ms,
+            srtt_ms: None,
             next_seq: 1,
             unacked: VecDeque::new(),
             expected: 1,
@@ -228,13 +246,14 @@ impl Link {
             seq,
             payload,
             sent_ms: frame.as_ref().map(|_| now_ms),
+            resent: false,
         });
         Ok(frame)
     }
 
-    /// A frame from the peer. Returns what to tell the engine; an ack may then be due
-    /// (`poll_transmit`).
-    pub fn receive(&mut self, frame: Frame) -> Vec<LinkEvent> {
+    /// A frame from the peer, at `now_ms`. Returns what to tell the engine; an ack may then be
+    /// due (`poll_transmit`).
+    pub fn receive(&mut self, now_ms: u64, frame: Frame) -> Vec<LinkEvent> {
         let mut events = Vec::new();
         match frame {
             Frame::Hello { from_inc } => {
@@ -268,12 +287,16 @@ impl Link {
                 if to_inc != self.my_inc || !self.learn(from_inc, &mut events) {
                     return events;
                 }
-                let before = self.unacked.len();
+                let mut newest = None;
                 while self.unacked.front().is_some_and(|u| u.seq <= ack) {
-                    self.unacked.pop_front();
+                    newest = self.unacked.pop_front();
                 }
-                if self.unacked.len() < before {
-                    self.rto_now = self.rto_ms; // progress: the receiver keeps up again
+                if let Some(u) = newest {
+                    if let (false, Some(sent)) = (u.resent, u.sent_ms) {
+                        let sample = now_ms.saturating_sub(sent);
+                        self.srtt_ms = Some(self.srtt_ms.map_or(sample, |s| (7 * s + sample) / 8));
+                    }
+                    self.rto_now = self.rto_base(); // progress: back to the measured pace
                 }
             }
         }
@@ -301,10 +324,12 @@ impl Link {
             .and_then(|u| u.sent_ms)
             .is_some_and(|sent| now_ms >= sent + self.rto_now);
         if resend {
-            self.rto_now = (self.rto_now * 2).min(self.rto_ms * RTO_BACKOFF_MAX);
+            let cap = (self.rto_ms * RTO_BACKOFF_MAX).max(4 * self.rto_base());
+            self.rto_now = (self.rto_now * 2).min(cap);
         }
         for u in &mut self.unacked {
             if u.sent_ms.is_none() || resend {
+                u.resent |= u.sent_ms.is_some();
                 u.sent_ms = Some(now_ms);
                 out.push(Frame::Data {
                     from_inc: self.my_inc,
@@ -323,6 +348,12 @@ impl Link {
             .front()
             .and_then(|u| u.sent_ms)
             .map(|sent| sent + self.rto_now)
+    }
+
+    /// The resend wait when acks flow: `rto_ms`, or twice the measured round trip if longer
+    /// (a receiver queueing under load is slow, not lossy: resending to it only adds load).
+    fn rto_base(&self) -> u64 {
+        self.rto_ms.max(2 * self.srtt_ms.unwrap_or(0))
     }
 
     /// The peer's incarnation, seen in a frame: a larger one means a new process. False for a
@@ -443,7 +474,7 @@ mod tests {
                 net.flight.drain(..).partition(|(at, _, _)| *at <= now);
             net.flight = later;
             for (_, to, frame) in due {
-                for event in links[to].receive(frame) {
+                for event in links[to].receive(now, frame) {
                     // Mail of side `to`'s peer (direction 1 - to → to).
                     match event {
                         LinkEvent::Deliver(p) => delivered[1 - to].push(number(&p)),
@@ -561,7 +592,7 @@ mod tests {
             Ok(None),
             "peer unknown: held"
         );
-        a.receive(Frame::Hello { from_inc: 9 });
+        a.receive(0, Frame::Hello { from_inc: 9 });
         assert!(a.send(0, Arc::from(&[2][..])).unwrap().is_some());
         let three: Arc<[u8]> = Arc::from(&[3][..]);
         assert_eq!(a.send(0, three.clone()), Err(Full(three)));
@@ -572,25 +603,34 @@ mod tests {
             "the held mail goes out once the peer is known"
         );
         // An ack addressed to an earlier life of `a` is ignored.
-        a.receive(Frame::Ack {
-            from_inc: 9,
-            to_inc: 7,
-            ack: 2,
-        });
+        a.receive(
+            0,
+            Frame::Ack {
+                from_inc: 9,
+                to_inc: 7,
+                ack: 2,
+            },
+        );
         assert_eq!(a.in_flight(), 2);
-        a.receive(Frame::Ack {
-            from_inc: 9,
-            to_inc: 1,
-            ack: 2,
-        });
+        a.receive(
+            0,
+            Frame::Ack {
+                from_inc: 9,
+                to_inc: 1,
+                ack: 2,
+            },
+        );
         assert_eq!(a.in_flight(), 0);
         // Mail for an earlier life of `a` is not delivered.
-        let events = a.receive(Frame::Data {
-            from_inc: 9,
-            to_inc: 5,
-            seq: 1,
-            payload: Arc::from(&[7][..]),
-        });
+        let events = a.receive(
+            0,
+            Frame::Data {
+                from_inc: 9,
+                to_inc: 5,
+                seq: 1,
+                payload: Arc::from(&[7][..]),
+            },
+        );
         assert!(events.is_empty());
         assert_eq!(a.poll_timeout(), None);
     }

@@ -243,7 +243,7 @@ impl Remotes {
                 | Frame::Hello { from_inc } => *from_inc,
             };
             let acked_before = peer.link.in_flight();
-            for event in peer.link.receive(frame) {
+            for event in peer.link.receive(now_ms, frame) {
                 match event {
                     LinkEvent::Deliver(payload) => match wire::decode(&payload) {
                         Ok(mail) => {
@@ -291,10 +291,17 @@ impl Remotes {
     }
 
     /// Hellos due, silent peers reset. Call when [`Remotes::poll_timeout`] is due.
-    pub fn handle_timeout(&mut self, now_ms: u64) -> Vec<RemoteEvent> {
+    /// `behind`: batches from NATS are waiting to be read by this shard — then no peer is
+    /// judged silent (what they sent may be in that queue: the slow one is this shard).
+    pub fn handle_timeout(&mut self, now_ms: u64, behind: bool) -> Vec<RemoteEvent> {
         let mut events = Vec::new();
         for (s, peer) in self.peers.iter_mut().enumerate() {
             let Some(peer) = peer else { continue };
+            if behind && peer.up {
+                peer.heard_ms = peer
+                    .heard_ms
+                    .max(now_ms.saturating_sub(self.tuning.silent_ms / 2));
+            }
             if peer.up && now_ms >= peer.heard_ms + self.tuning.silent_ms {
                 let fresh = Link::new(self.next_inc, self.tuning.window, self.tuning.rto_ms);
                 self.next_inc += 1;
@@ -361,8 +368,27 @@ impl Remotes {
             if peer.frames.is_empty() {
                 continue;
             }
+            // Several batches when the frames outgrow one NATS message (a resend of a full
+            // window can be ~1 MB; NATS refuses a message over its max_payload, 1 MiB by
+            // default, and a refused batch resent whole would be refused forever).
             let frames = std::mem::take(&mut peer.frames);
-            out.push((peer.node, encode_batch(hash, me, s as u16, &frames)));
+            let mut start = 0;
+            let mut bytes = 0;
+            for (end, frame) in frames.iter().enumerate() {
+                let size = frame.encoded_len() + 4;
+                if end > start && bytes + size > BATCH_BYTES_MAX {
+                    out.push((
+                        peer.node,
+                        encode_batch(hash, me, s as u16, &frames[start..end]),
+                    ));
+                    (start, bytes) = (end, 0);
+                }
+                bytes += size;
+            }
+            out.push((
+                peer.node,
+                encode_batch(hash, me, s as u16, &frames[start..]),
+            ));
         }
         out
     }
@@ -419,6 +445,11 @@ fn decode_own(payloads: Vec<Arc<[u8]>>) -> Vec<Mail> {
 }
 
 const HEADER: usize = 13;
+
+/// A batch's frames stop growing past this many bytes: well under NATS's default max_payload
+/// (1 MiB), which must exceed the largest single mail (a `Deliver` to 10,000 members of one
+/// shard is ~80 KB).
+pub const BATCH_BYTES_MAX: usize = 256 * 1024;
 
 pub fn encode_batch(map_hash: u64, from: u16, to: u16, frames: &[Frame]) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER + 64 * frames.len());
@@ -523,7 +554,7 @@ mod tests {
         let end = *now + ms;
         while *now < end {
             for (i, side) in sides.iter_mut().enumerate() {
-                side.handle_timeout(*now);
+                side.handle_timeout(*now, false);
                 for (node, batch) in side.poll_transmit(*now) {
                     assert_eq!(node, 1 - i);
                     for _ in 0..(1 + usize::from(rng.gen_bool(0.1))) {
@@ -590,7 +621,7 @@ mod tests {
         let mut lost = Vec::new();
         for _ in 0..=TUNING.silent_ms {
             now += 1;
-            for event in sides[0].handle_timeout(now) {
+            for event in sides[0].handle_timeout(now, false) {
                 if let RemoteEvent::Lost { shard, mails } = event {
                     assert_eq!(shard, ShardId(1));
                     lost.extend(mails.iter().map(|m| match m {
@@ -631,7 +662,7 @@ mod tests {
         for _ in 0..50 {
             now += 1;
             for i in 0..2 {
-                sides[i].handle_timeout(now);
+                sides[i].handle_timeout(now, false);
                 for (node, batch) in sides[i].poll_transmit(now) {
                     events.extend(
                         sides[node]
@@ -656,10 +687,52 @@ mod tests {
     }
 
     #[test]
+    fn a_full_window_resent_leaves_in_batches_nats_accepts() {
+        let tuning = Tuning {
+            window: 4096,
+            ..TUNING
+        };
+        let mut a = Remotes::new(&map(1), 0, ShardId(0), 100, tuning);
+        let mut b = Remotes::new(&map(1), 1, ShardId(1), 200, tuning);
+        a.handle_timeout(1, false);
+        b.handle_timeout(1, false);
+        for (_, batch) in b.poll_transmit(1) {
+            a.receive(1, &batch).unwrap();
+        }
+        let body = "x".repeat(300);
+        for i in 0..4096 {
+            let mail = Mail::Reply {
+                conn: ConnId(i),
+                frame: body.clone(),
+            };
+            a.send(1, ShardId(1), mail).unwrap();
+        }
+        let first = a.poll_transmit(1);
+        let resent = a.poll_transmit(1 + 10 * TUNING.rto_ms);
+        for batches in [first, resent] {
+            assert!(batches.len() > 1, "more than 1 MB of mail: several batches");
+            assert!(batches
+                .iter()
+                .all(|(_, b)| b.len() <= BATCH_BYTES_MAX + 1024));
+            let mut got = 0;
+            let mut b = Remotes::new(&map(1), 1, ShardId(1), 200, tuning);
+            for (_, batch) in &batches {
+                got += b
+                    .receive(2, batch)
+                    .unwrap()
+                    .iter()
+                    .filter_map(number)
+                    .count();
+            }
+            assert_eq!(got, 4096, "every frame in some batch, in order");
+        }
+    }
+
+    #[test]
     fn batches_of_another_map_or_malformed_are_refused() {
         let mut a = side(0, 100);
         let mut stranger = Remotes::new(&map(2), 1, ShardId(1), 5, TUNING);
-        stranger.handle_timeout(1);
+        stranger.handle_timeout(1, false);
         let (_, batch) = stranger.poll_transmit(1).pop().unwrap();
         assert!(matches!(
             a.receive(1, &batch),

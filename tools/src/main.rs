@@ -51,6 +51,14 @@ enum Command {
         cores_per_host: f64,
         #[arg(long, default_value_t = 128.0)]
         mem_gib_per_host: f64,
+        /// Server CPU per mail crossing nodes, above a mail within one node, in µs
+        /// (scripts/bench-cluster.sh measures it).
+        #[arg(long, default_value_t = 4.0)]
+        link_us_per_mail: f64,
+        /// Share of messages whose members live on different nodes (default: uniform
+        /// placement over the planned hosts).
+        #[arg(long)]
+        cross_node_share: Option<f64>,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -223,6 +231,8 @@ fn main() -> anyhow::Result<()> {
             headroom,
             cores_per_host,
             mem_gib_per_host,
+            link_us_per_mail,
+            cross_node_share,
             json,
         } => {
             let per_core_msgs = match &report {
@@ -241,6 +251,8 @@ fn main() -> anyhow::Result<()> {
                 headroom,
                 cores_per_host,
                 mem_gib_per_host,
+                link_us_per_mail,
+                cross_node_share,
                 ..Inputs::default()
             };
             let lines = plan::plan(&inputs);

@@ -32,6 +32,15 @@ pub struct Inputs {
     pub mem_gib_per_host: f64,
     /// Connections one host may hold (file descriptors, with room for RocksDB and listeners).
     pub conns_per_host: f64,
+    /// Server CPU (Hermod and nats-server) per mail that crosses nodes, above the same mail
+    /// between two shards of one node, in µs (`scripts/bench-cluster.sh`, docs/benchmarks.md).
+    pub link_us_per_mail: f64,
+    /// Mails crossing nodes per message whose two members live on different nodes (measured
+    /// 2.0: the append or the fan-out, the ack, the sender's cursor).
+    pub cross_mails_per_msg: f64,
+    /// Share of messages whose members live on different nodes; `None`: what uniform placement
+    /// gives over the planned hosts, (hosts − 1) / hosts.
+    pub cross_node_share: Option<f64>,
 }
 
 impl Default for Inputs {
@@ -55,6 +64,9 @@ impl Default for Inputs {
             cores_per_host: 32.0,
             mem_gib_per_host: 128.0,
             conns_per_host: 1_000_000.0,
+            link_us_per_mail: 4.0,
+            cross_mails_per_msg: 2.0,
+            cross_node_share: None,
         }
     }
 }
@@ -99,12 +111,27 @@ pub fn plan(i: &Inputs) -> Vec<Line> {
     let peak = avg * i.peak_factor;
     let pushes = peak * i.recipients_per_msg * i.devices_per_user * i.online_ratio.max(0.0);
     let conns = i.dau * i.online_ratio * i.devices_per_user;
-    let cores = peak / (i.per_core_msgs * i.headroom);
     let mem_gib = conns * i.bytes_per_conn / 1024f64.powi(3);
-    let hosts_cpu = (cores / i.cores_per_host).ceil();
     let hosts_mem = (mem_gib / i.mem_gib_per_host).ceil();
     let hosts_conn = (conns / i.conns_per_host).ceil();
-    let hosts = hosts_cpu.max(hosts_mem).max(hosts_conn).max(1.0);
+    // More hosts make more messages cross nodes, which costs CPU, which may need more hosts:
+    // iterate to the fixed point (the host count only grows, so this ends).
+    let mut hosts = hosts_mem.max(hosts_conn).max(1.0);
+    let (mut share, mut per_core, mut cores, mut hosts_cpu);
+    loop {
+        share = i
+            .cross_node_share
+            .unwrap_or((hosts - 1.0) / hosts)
+            .clamp(0.0, 1.0);
+        per_core = per_core_across(i, share);
+        cores = peak / (per_core * i.headroom);
+        hosts_cpu = (cores / i.cores_per_host).ceil();
+        let need = hosts_cpu.max(hosts_mem).max(hosts_conn).max(1.0);
+        if need <= hosts {
+            break;
+        }
+        hosts = need;
+    }
     let disk_day = msgs_day * i.stored_bytes_per_msg;
     let disk_total = disk_day * i.retention_days;
     let net_bits = (peak * i.wire_bytes_per_send + pushes * i.wire_bytes_per_push) * 8.0;
@@ -131,10 +158,30 @@ pub fn plan(i: &Inputs) -> Vec<Line> {
             format!("{} DAU × {} online × {} devices", si(i.dau), i.online_ratio, i.devices_per_user),
         ),
         line(
+            "cross-node share",
+            share,
+            "",
+            match i.cross_node_share {
+                Some(_) => "given (--cross-node-share)".to_owned(),
+                None => format!("uniform placement over {hosts} hosts: ({hosts} − 1) / {hosts}"),
+            },
+        ),
+        line(
+            "per-core rate",
+            per_core,
+            "msg/s",
+            format!(
+                "1 ÷ (1/{} msg/s + {share:.2} × {} mails/msg × {} µs/mail)",
+                si(i.per_core_msgs),
+                i.cross_mails_per_msg,
+                i.link_us_per_mail
+            ),
+        ),
+        line(
             "cores",
             cores.ceil(),
             "core",
-            format!("{} msg/s ÷ ({} msg/s/core × {} headroom)", si(peak), si(i.per_core_msgs), i.headroom),
+            format!("{} msg/s ÷ ({} msg/s/core × {} headroom)", si(peak), si(per_core), i.headroom),
         ),
         line(
             "connection memory",
@@ -182,6 +229,13 @@ pub fn plan(i: &Inputs) -> Vec<Line> {
     ]
 }
 
+/// One core's message rate when `share` of messages cross nodes: its single-node rate, slowed
+/// by the links' CPU for the mails that cross.
+pub fn per_core_across(i: &Inputs, share: f64) -> f64 {
+    let us = 1e6 / i.per_core_msgs + share * i.cross_mails_per_msg * i.link_us_per_mail;
+    1e6 / us
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -205,6 +259,29 @@ mod tests {
             (get("disk per day") - 600.0).abs() < 1e-6,
             "2G msg × 300 B = 600 GB"
         );
+    }
+
+    #[test]
+    fn crossing_nodes_costs_per_core_rate_and_can_add_hosts() {
+        let one = Inputs {
+            cross_node_share: Some(0.0),
+            ..Inputs::default()
+        };
+        assert_eq!(per_core_across(&one, 0.0), one.per_core_msgs);
+        // 20k msg/s/core is 50 µs/msg; all crossing adds 2 × 4 µs: 1e6 / 58 µs.
+        let all = per_core_across(&one, 1.0);
+        assert!((all - 1e6 / 58.0).abs() < 1e-6, "{all}");
+        // Uniform placement over the hosts the plan itself finds.
+        let big = Inputs {
+            dau: 1e9,
+            ..Inputs::default()
+        };
+        let p = plan(&big);
+        let get = |what| p.iter().find(|l| l.what == what).unwrap().value;
+        let hosts = get("hosts");
+        assert!(hosts > 1.0);
+        assert!((get("cross-node share") - (hosts - 1.0) / hosts).abs() < 1e-9);
+        assert!(get("per-core rate") < big.per_core_msgs);
     }
 
     #[test]
