@@ -53,7 +53,7 @@ enum Command {
         mem_gib_per_host: f64,
         /// Server CPU per mail crossing nodes, above a mail within one node, in µs
         /// (scripts/bench-cluster.sh measures it).
-        #[arg(long, default_value_t = 4.0)]
+        #[arg(long, default_value_t = 1.8)]
         link_us_per_mail: f64,
         /// Share of messages whose members live on different nodes (default: uniform
         /// placement over the planned hosts).
