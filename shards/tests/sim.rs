@@ -42,9 +42,11 @@ use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 
 use hermod_shards::admin::{AdminOp, NoticeTo};
 use hermod_shards::auth::{HashCost, Job};
+use hermod_shards::cluster::{ClusterMap, NodeSpec};
 use hermod_shards::engine::{Config, Output};
 use hermod_shards::ids::{ConnId, ConvId, Placement, ShardId, UserId};
 use hermod_shards::mail::Mail;
+use hermod_shards::remote::{RemoteEvent, Remotes, Tuning};
 use hermod_shards::storage::{
     keys, Flags, FriendRecord, FriendState, GroupMember, MemStorage, MessageKind, MessageRecord,
     Storage,
@@ -59,6 +61,41 @@ const SHARDS: usize = 3;
 fn placement() -> Placement {
     Placement::new(SHARDS as u16)
 }
+/// The shards run as two nodes: shards 0-1 on node `a`, shard 2 on node `b`. Mail between
+/// nodes goes through each shard's `Remotes` and a network that loses, duplicates, delays and
+/// reorders batches; mail within a node through the FIFO queues as before. The engines do not
+/// know (their map is one node, so no `moved`); the links must make the difference invisible.
+fn nodes() -> ClusterMap {
+    let node = |id: &str, shards| NodeSpec {
+        id: id.into(),
+        url: format!("ws://{id}/ws"),
+        shards,
+    };
+    ClusterMap {
+        version: 1,
+        nodes: vec![node("a", 2), node("b", 1)],
+    }
+}
+
+fn node_of(shard: usize) -> usize {
+    nodes()
+        .locate(ShardId(shard as u16))
+        .expect("a shard of the map")
+        .node
+}
+
+/// The links never go silent here (no reset: the network loses at most a few batches in a
+/// row), so every mail must arrive once and in order, across restarts of the processes.
+const LINKS: Tuning = Tuning {
+    window: 64,
+    rto_ms: 200,
+    hello_ms: 500,
+    silent_ms: u64::MAX / 4,
+};
+const NET_LOSS: f64 = 0.05;
+const NET_DUP: f64 = 0.05;
+const NET_DELAY_MS: u64 = 300;
+
 const USERS: usize = 6;
 const DEVICES_PER_USER: usize = 2;
 
@@ -154,6 +191,15 @@ struct Sim {
     shards: Vec<Shard<MemStorage>>,
     stores: Vec<MemStorage>,
     mail: HashMap<(usize, usize), VecDeque<Mail>>,
+    /// Each shard's links to the other node's shards.
+    remotes: Vec<Remotes>,
+    /// Batches in flight between nodes: (due at ms, to shard, batch). Kept across a crash:
+    /// frames of the earlier life arrive after the restart and must be dropped.
+    net: Vec<(u64, usize, Vec<u8>)>,
+    /// The next incarnation (grows across restarts, as start times do).
+    next_inc: u64,
+    net_batches: u64,
+    net_lost: u64,
     commits: Vec<Option<hermod_shards::storage::Commit>>,
     jobs: Vec<(usize, u64, Job)>,
     next_conn: u64,
@@ -281,13 +327,18 @@ impl Sim {
                 syncing: false,
             })
             .collect();
-        Sim {
+        let mut sim = Sim {
             rng: StdRng::seed_from_u64(seed),
             seed,
             now_ms: 1_700_000_000_000,
             shards,
             stores,
             mail: HashMap::new(),
+            remotes: Vec::new(),
+            net: Vec::new(),
+            next_inc: 1_000,
+            net_batches: 0,
+            net_lost: 0,
             commits: (0..SHARDS).map(|_| None).collect(),
             jobs: Vec::new(),
             next_conn: 1,
@@ -321,7 +372,78 @@ impl Sim {
             reads_answered: 0,
             histories_checked: 0,
             settled: false,
+        };
+        sim.relink();
+        sim
+    }
+
+    /// Fresh links for every shard (a new life of every process), up at once: hellos are
+    /// exchanged off the lossy network, so no mail is refused for a link not yet up.
+    fn relink(&mut self) {
+        let map = nodes();
+        self.remotes = (0..SHARDS)
+            .map(|s| {
+                self.next_inc += 1;
+                Remotes::new(&map, node_of(s), ShardId(s as u16), self.next_inc, LINKS)
+            })
+            .collect();
+        let now = self.now_ms;
+        for s in 0..SHARDS {
+            self.remotes[s].handle_timeout(now, false);
         }
+        for s in 0..SHARDS {
+            for (_, batch) in self.remotes[s].poll_transmit(now) {
+                let to = batch_target(&batch);
+                self.receive(to, &batch);
+            }
+        }
+    }
+
+    /// A batch from the network, at shard `to`.
+    fn receive(&mut self, to: usize, batch: &[u8]) {
+        let events = match self.remotes[to].receive(self.now_ms, batch) {
+            Ok(events) => events,
+            Err(e) => self.fail(format!("a batch refused at shard {to}: {e}")),
+        };
+        for event in events {
+            match event {
+                RemoteEvent::Mail(mail) => self.shards[to].handle_mail(self.now_ms, mail),
+                RemoteEvent::Up(peer) => self.shards[to].handle_link_up(self.now_ms, peer),
+                RemoteEvent::Lost { shard, mails } => self.fail(format!(
+                    "link {to}→{shard} reset with {} mails: links never go silent here",
+                    mails.len()
+                )),
+            }
+        }
+    }
+
+    /// Every shard's due frames onto the network: some lost, some twice, each delayed.
+    fn transmit(&mut self) {
+        for s in 0..SHARDS {
+            for (_, batch) in self.remotes[s].poll_transmit(self.now_ms) {
+                self.net_batches += 1;
+                let to = batch_target(&batch);
+                let copies = if self.rng.gen_bool(NET_LOSS) {
+                    self.net_lost += 1;
+                    0
+                } else if self.rng.gen_bool(NET_DUP) {
+                    2
+                } else {
+                    1
+                };
+                for _ in 0..copies {
+                    let due = self.now_ms + self.rng.gen_range(0..NET_DELAY_MS);
+                    self.net.push((due, to, batch.clone()));
+                }
+            }
+        }
+    }
+
+    /// True once no mail between nodes is unacked or waiting (acks and hellos may still fly).
+    fn links_idle(&self) -> bool {
+        self.remotes
+            .iter()
+            .all(|r| r.stats().all(|(_, l)| l.in_flight == 0 && l.waiting == 0))
     }
 
     fn fail(&self, what: String) -> ! {
@@ -352,6 +474,7 @@ impl Sim {
                 break;
             }
         }
+        self.transmit();
     }
 
     fn route(&mut self, s: usize, out: Output) {
@@ -370,6 +493,11 @@ impl Sim {
             Output::Close { conn, .. } => {
                 if let Some(d) = self.owner_of.remove(&(s, conn)) {
                     self.disconnected(d);
+                }
+            }
+            Output::Mail { to, mail } if node_of(s) != node_of(to.0 as usize) => {
+                if let Err(mail) = self.remotes[s].send(self.now_ms, to, mail) {
+                    self.fail(format!("links are always up here: {mail:?} refused"));
                 }
             }
             Output::Mail { to, mail } => self
@@ -1049,6 +1177,8 @@ impl Sim {
         self.mail.clear();
         self.jobs.clear();
         self.owner_of.clear();
+        // New lives of the processes: new links (frames of the old ones stay in flight).
+        self.relink();
         // A friend operation cut between its two sides stays cut: count the pairs whose two
         // stored sides disagree now (the others are checked like any pair at the end).
         let unanswered: Vec<(usize, usize)> = self
@@ -1356,8 +1486,23 @@ impl Sim {
         if chaos && self.rng.gen_ratio(1, 1500) {
             self.crash();
         }
+        for s in 0..SHARDS {
+            self.remotes[s].handle_timeout(self.now_ms, false);
+        }
         match self.rng.gen_range(0..100) {
-            0..=34 => {
+            0..=9 => {
+                // Every batch due between nodes arrives, in a random order (the network
+                // reorders what its delays did not).
+                let (mut due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.net)
+                    .into_iter()
+                    .partition(|b| b.0 <= self.now_ms);
+                self.net = later;
+                while !due.is_empty() {
+                    let (_, to, batch) = due.swap_remove(self.rng.gen_range(0..due.len()));
+                    self.receive(to, &batch);
+                }
+            }
+            10..=34 => {
                 let mut keys: Vec<_> = self
                     .mail
                     .iter()
@@ -1422,7 +1567,8 @@ impl Sim {
     }
 
     fn quiescent(&self) -> bool {
-        self.mail.values().all(|q| q.is_empty())
+        self.links_idle()
+            && self.mail.values().all(|q| q.is_empty())
             && self.commits.iter().all(|c| c.is_none())
             && self.jobs.is_empty()
     }
@@ -1434,7 +1580,8 @@ impl Sim {
             self.step(Mode::Heal);
             steps += 1;
             if steps > 200_000 {
-                self.fail("the system did not settle".into());
+                let links: Vec<Vec<_>> = self.remotes.iter().map(|r| r.stats().collect()).collect();
+                self.fail(format!("the system did not settle; links {links:?}"));
             }
         }
     }
@@ -1649,6 +1796,13 @@ impl Sim {
     }
 }
 
+/// The shard a batch is for.
+fn batch_target(batch: &[u8]) -> usize {
+    hermod_shards::remote::batch_destination(batch)
+        .expect("batches this simulation made")
+        .0 as usize
+}
+
 fn run(seed: u64, steps: usize) -> Sim {
     let mut sim = Sim::new(seed);
     // Phase 1: everyone registers, logs in and opens conversations, with random scheduling.
@@ -1749,6 +1903,7 @@ fn simulation_keeps_every_invariant() {
     let (mut admin_answered, mut notice_convs, mut revoked) = (0, 0, 0);
     let (mut crashes, mut reads, mut histories, mut amends, mut blocks) = (0, 0, 0, 0, 0);
     let (mut torn, mut raced) = (0, 0);
+    let (mut net_batches, mut net_lost, mut net_mails) = (0, 0, 0);
     for seed in seeds {
         let sim = run(seed, 6_000);
         assert!(
@@ -1772,7 +1927,19 @@ fn simulation_keeps_every_invariant() {
         blocks += sim.blocks.len();
         torn += sim.friend_torn.len();
         raced += sim.friend_raced.len();
+        net_batches += sim.net_batches;
+        net_lost += sim.net_lost;
+        net_mails += sim
+            .remotes
+            .iter()
+            .flat_map(|r| r.stats())
+            .map(|(_, l)| l.mails_received)
+            .sum::<u64>();
     }
+    println!(
+        "{net_mails} mails between nodes in this life of the links, {net_batches} batches \
+         ({net_lost} lost, more duplicated and reordered)"
+    );
     println!(
         "{total_acked} sends acked ({group_acked} in groups), {failures} failed commits, \
          {admin_answered} operator requests, {notice_convs} notice conversations, \
