@@ -127,6 +127,14 @@ struct NatsFile {
     urls: Vec<String>,
     user: Option<String>,
     password: Option<String>,
+    /// A file holding an nkey seed (`SU…`), instead of user and password.
+    nkey_seed_file: Option<PathBuf>,
+    /// Require TLS to NATS; extra root certificates; a client certificate and its key (PEM).
+    #[serde(default)]
+    tls: bool,
+    tls_ca_file: Option<PathBuf>,
+    tls_cert_file: Option<PathBuf>,
+    tls_key_file: Option<PathBuf>,
     /// Longest wait for the first connection at start-up (default 5000).
     connect_timeout_ms: Option<u64>,
     /// Subjects are `<prefix>.<node id>` (default "hermod"): clusters sharing one NATS
@@ -366,10 +374,34 @@ fn resolve_cluster(file: ClusterFile) -> anyhow::Result<Cluster> {
                 }
                 subject_prefix = prefix;
             }
+            if n.tls_cert_file.is_some() != n.tls_key_file.is_some() {
+                bail!("[cluster.nats] tls_cert_file and tls_key_file go together");
+            }
+            let nkey_seed = match &n.nkey_seed_file {
+                Some(path) => {
+                    let seed = std::fs::read_to_string(path).with_context(|| {
+                        format!("[cluster.nats] nkey_seed_file {}", path.display())
+                    })?;
+                    let seed = seed.trim().to_owned();
+                    if !seed.starts_with("SU") {
+                        bail!(
+                            "[cluster.nats] {} does not hold a user nkey seed (SU…)",
+                            path.display()
+                        );
+                    }
+                    Some(seed)
+                }
+                None => None,
+            };
+            let tls = n.tls || n.tls_ca_file.is_some() || n.tls_cert_file.is_some();
             Some(NatsConfig {
                 urls: n.urls,
                 user: n.user,
                 password: n.password,
+                nkey_seed,
+                tls,
+                tls_ca: n.tls_ca_file,
+                tls_client: n.tls_cert_file.zip(n.tls_key_file),
                 name: format!("hermod-{}", file.node),
                 connect_timeout: std::time::Duration::from_millis(
                     n.connect_timeout_ms.unwrap_or(5_000),

@@ -25,6 +25,13 @@ pub struct NatsConfig {
     pub urls: Vec<String>,
     pub user: Option<String>,
     pub password: Option<String>,
+    /// An nkey seed (`SU…`): authenticates by signing the server's nonce, no password sent.
+    pub nkey_seed: Option<String>,
+    /// TLS to NATS: required, with these extra root certificates and this client certificate
+    /// and key (PEM files), if given.
+    pub tls: bool,
+    pub tls_ca: Option<std::path::PathBuf>,
+    pub tls_client: Option<(std::path::PathBuf, std::path::PathBuf)>,
     /// This connection's name in NATS's monitoring (e.g. `hermod-<node>`).
     pub name: String,
     /// Longest wait for the first connection.
@@ -205,6 +212,18 @@ async fn run(
         .connection_timeout(cfg.connect_timeout);
     if let (Some(user), Some(password)) = (cfg.user.clone(), cfg.password.clone()) {
         options = options.user_and_password(user, password);
+    }
+    if let Some(seed) = cfg.nkey_seed.clone() {
+        options = options.nkey(seed);
+    }
+    if cfg.tls {
+        options = options.require_tls(true);
+    }
+    if let Some(ca) = cfg.tls_ca.clone() {
+        options = options.add_root_certificates(ca);
+    }
+    if let Some((cert, key)) = cfg.tls_client.clone() {
+        options = options.add_client_certificate(cert, key);
     }
     let mut servers = Vec::new();
     for url in &cfg.urls {

@@ -99,6 +99,29 @@ fn wrong_credentials_are_refused_with_the_reason() {
 }
 
 #[test]
+fn an_nkey_logs_in_and_another_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = nkeys::KeyPair::new_user();
+    let nats = Nats::start_nkey(dir.path(), &key.public_key());
+    let with = |seed: String| NatsConfig {
+        user: None,
+        password: None,
+        nkey_seed: Some(seed),
+        ..nats.config("nk", PASSWORD)
+    };
+    let bridge = Bridge::start(with(key.seed().unwrap()), vec!["hermod.nk".into()], 16);
+    assert!(bridge.is_ok(), "{:?}", bridge.err());
+    let other = nkeys::KeyPair::new_user().seed().unwrap();
+    let err = Bridge::start(with(other), vec!["hermod.nk".into()], 16)
+        .err()
+        .expect("another nkey connects");
+    assert!(
+        err.to_string().to_lowercase().contains("authorization"),
+        "{err}"
+    );
+}
+
+#[test]
 fn the_bridge_reconnects_after_nats_restarts() {
     let dir = tempfile::tempdir().unwrap();
     let nats = Nats::start(dir.path());

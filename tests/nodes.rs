@@ -19,6 +19,7 @@ use hermod_shards::ids::{ConvId, UserId};
 use serde_json::json;
 
 const SHARDS: u16 = 2;
+const ADMIN: &str = "admin-token-for-node-tests-0123";
 
 struct Cluster {
     /// Node `i` lists only NATS server `i` (it learns the others from the cluster), so killing
@@ -113,7 +114,15 @@ impl Cluster {
     fn start_node(&self, i: usize) -> Server {
         let config = self.config(i, &self.map);
         let listen = format!("127.0.0.1:{}", self.ports[i]);
-        Server::start_on(&self.data(i), &["--config", &config, "--listen", &listen])
+        let args = [
+            "--config",
+            &config,
+            "--listen",
+            &listen,
+            "--admin-token",
+            ADMIN,
+        ];
+        Server::start_on(&self.data(i), &args)
     }
 
     /// Waits until node `i` has every link up.
@@ -286,6 +295,36 @@ fn every_operation_works_with_its_parties_on_different_nodes() {
     // The conversation list gathers from both nodes' owners.
     let convs = a.ok("convs", json!({}));
     assert_eq!(convs["convs"].as_array().unwrap().len(), 3, "{convs}");
+
+    // The admin API of either node reaches accounts on both.
+    let on_a = c.name("opa", |n| c.home(n) == 0);
+    let on_b = c.name("opb", |n| c.home(n) == 1);
+    let users = json!({ "users": [
+        { "username": on_a, "password": "password123" },
+        { "username": on_b, "password": "password123" },
+    ] });
+    let admin = c.nodes[0].addr;
+    let (status, body) =
+        common::http_json(admin, "POST", "/admin/users", Some(ADMIN), Some(&users));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["ok"]["created"].as_array().unwrap().len(), 2, "{body}");
+    let path = format!("/admin/users/{bob}/disable");
+    let (status, body) = common::http_json(admin, "POST", &path, Some(ADMIN), None);
+    assert_eq!(status, 200, "{body}");
+    let mut again = c.nodes[1].client();
+    let r = again.request(
+        "login",
+        json!({ "username": bob, "password": "password123", "device": "pc2" }),
+    );
+    assert_eq!(r["error"]["code"], "account_disabled", "{r}");
+    let (status, body) = common::http_json(
+        admin,
+        "GET",
+        &format!("/admin/users/{on_b}"),
+        Some(ADMIN),
+        None,
+    );
+    assert_eq!(status, 200, "{body}");
 }
 
 #[test]

@@ -54,6 +54,20 @@ impl Nats {
         Nats::run(conf, port)
     }
 
+    /// A server that admits only the user holding the nkey whose public key is `public`.
+    pub fn start_nkey(dir: &Path, public: &str) -> Nats {
+        let port = free_port();
+        let conf = dir.join("nats-nkey.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listen: 127.0.0.1:{port}\nauthorization {{ users: [ {{ nkey: {public} }} ] }}\n"
+            ),
+        )
+        .unwrap();
+        Nats::run(conf, port)
+    }
+
     /// Three servers routed to each other (explicit routes, as docs/cluster.md will show).
     pub fn cluster(dir: &Path) -> Vec<Nats> {
         let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
@@ -107,6 +121,10 @@ impl Nats {
             urls: vec![self.url()],
             user: Some(USER.into()),
             password: Some(password.into()),
+            nkey_seed: None,
+            tls: false,
+            tls_ca: None,
+            tls_client: None,
             name: name.into(),
             connect_timeout: Duration::from_secs(5),
         }
