@@ -102,6 +102,12 @@ pub const FRIENDS_MAX: usize = 5_000;
 /// worst delay before friends see one.
 pub const PRESENCE_TICK_MS: u64 = 250;
 
+/// In a cluster of several nodes, the longest a request waits on answers from other shards
+/// (`convs`, `sync`, `history`, `presence` gathers; a group addition's indexing) before it
+/// fails with `unavailable` (or lists the users not indexed as `failed`): mail taken by a node
+/// that then died is never answered, and links only hand back mail never acked.
+pub const CROSS_NODE_WAIT_MS: u64 = 10_000;
+
 /// Users named in one `presence` pull.
 pub const PRESENCE_PULL_MAX: usize = 500;
 

@@ -9,9 +9,10 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 
+use super::timers::Timer;
 use super::Shard;
 use crate::ids::{ConnId, ConvId, Seq, ShardId, UserId};
-use crate::limits::{CONV_LIST_MAX, PAGE_BYTES_MAX, PAGE_MAX, SYNC_CONVS_MAX};
+use crate::limits::{CONV_LIST_MAX, CROSS_NODE_WAIT_MS, PAGE_BYTES_MAX, PAGE_MAX, SYNC_CONVS_MAX};
 use crate::mail::{ConvSummary, GatherRef, Mail, Page, PresenceInfo};
 use crate::protocol::{self as p, error_frame, push_json_str, ErrorCode};
 use crate::storage::{keys, Storage, UserConv};
@@ -51,6 +52,10 @@ impl<S: Storage> Shard<S> {
     pub(super) fn gather(&mut self, conn: ConnId, rid: u64, left: usize, kind: Kind) -> u64 {
         self.gathers.next_id += 1;
         let id = self.gathers.next_id;
+        if self.cfg.cluster.nodes.len() > 1 {
+            let at = self.now_ms + CROSS_NODE_WAIT_MS;
+            self.timers.at(at, Timer::Gather(id));
+        }
         self.gathers.map.insert(
             id,
             Gather {
@@ -256,6 +261,17 @@ impl<S: Storage> Shard<S> {
         if g.left == 0 {
             self.finish_gather(gather.id);
         }
+    }
+
+    /// The gather's deadline passed (`CROSS_NODE_WAIT_MS`): if still incomplete, a part went
+    /// to a node that died with it; the request fails with `unavailable`.
+    pub(super) fn gather_expired(&mut self, id: u64) {
+        let Some(g) = self.gathers.map.get_mut(&id) else {
+            return; // answered in time
+        };
+        g.failed = true;
+        g.left = 0;
+        self.finish_gather(id);
     }
 
     /// A part whose owner is on a node that cannot be reached.

@@ -12,8 +12,10 @@ use serde_json::{json, Value};
 use super::event::Event;
 use super::fanout::by_shard;
 use super::group::{AddHow, Adding, Moves, Refusal, DISBANDED, NOT_MEMBER};
+use super::timers::Timer;
 use super::Shard;
 use crate::ids::{ConvId, Seq, ShardId, UserId};
+use crate::limits::CROSS_NODE_WAIT_MS;
 use crate::mail::{Mail, Named, ReplyTo};
 use crate::protocol::{event_push, ok_frame, ErrorCode};
 use crate::storage::{
@@ -55,6 +57,10 @@ impl<S: Storage> Shard<S> {
                 missing: HashSet::new(),
             },
         );
+        if self.cfg.cluster.nodes.len() > 1 {
+            let at = self.now_ms + CROSS_NODE_WAIT_MS;
+            self.timers.at(at, Timer::Add(conv, op));
+        }
         for (home, users) in by_home {
             let mail = Mail::Index {
                 conv,
@@ -90,6 +96,16 @@ impl<S: Storage> Shard<S> {
             return;
         }
         let adding = group.adds.remove(&op).expect("present above");
+        self.finish_add(now_ms, conv, adding);
+    }
+
+    /// An addition's deadline passed (`CROSS_NODE_WAIT_MS`): if a home shard has still not
+    /// answered (its node died with the mail), finish with what was answered; the others'
+    /// users are listed as `failed`.
+    pub(super) fn add_expired(&mut self, now_ms: u64, conv: ConvId, op: u64) {
+        let Some(adding) = self.group_mut(conv).and_then(|g| g.adds.remove(&op)) else {
+            return; // finished in time
+        };
         self.finish_add(now_ms, conv, adding);
     }
 

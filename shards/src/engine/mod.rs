@@ -191,6 +191,8 @@ pub struct Shard<S: Storage> {
     timers: timers::Timers,
     /// When presence and cursors were last flushed (`handle_timeout`).
     last_flush_ms: u64,
+    /// The latest input's time: deadlines set deep inside a handler are counted from it.
+    now_ms: u64,
     jobs: HashMap<u64, ops::PendingJob>,
     next_job: u64,
     stats: Stats,
@@ -229,6 +231,7 @@ impl<S: Storage> Shard<S> {
             commits: commit::Commits::default(),
             timers: timers::Timers::default(),
             last_flush_ms: 0,
+            now_ms: 0,
             jobs: HashMap::new(),
             next_job: 1,
             stats: Stats::default(),
@@ -281,23 +284,27 @@ impl<S: Storage> Shard<S> {
 
     /// A new connection completed its WebSocket handshake on this shard.
     pub fn handle_connect(&mut self, now_ms: u64, conn: ConnId) {
+        self.now_ms = self.now_ms.max(now_ms);
         self.connect(now_ms, conn);
     }
 
     /// A connection handed off by another shard arrived; run the request that moved it.
     pub fn handle_adopt(&mut self, now_ms: u64, conn: ConnId, handoff: Handoff) {
+        self.now_ms = self.now_ms.max(now_ms);
         self.adopt(now_ms, conn, handoff);
         self.drain_local(now_ms);
     }
 
     /// A text frame from a client.
     pub fn handle_frame(&mut self, now_ms: u64, conn: ConnId, text: &str) {
+        self.now_ms = self.now_ms.max(now_ms);
         self.frame(now_ms, conn, text);
         self.drain_local(now_ms);
     }
 
     /// Any sign of life that is not a text frame (a pong, a ping).
     pub fn handle_activity(&mut self, now_ms: u64, conn: ConnId) {
+        self.now_ms = self.now_ms.max(now_ms);
         self.activity(now_ms, conn);
     }
 
@@ -310,12 +317,14 @@ impl<S: Storage> Shard<S> {
     /// `Output::AdminReply` for `conn` follows, now or later; `handle_disconnect(conn)` when
     /// the driver is done with it.
     pub fn handle_admin(&mut self, now_ms: u64, conn: ConnId, op: AdminOp) {
+        self.now_ms = self.now_ms.max(now_ms);
         self.admin_request(now_ms, conn, op);
         self.drain_local(now_ms);
     }
 
     /// A mail from another shard.
     pub fn handle_mail(&mut self, now_ms: u64, mail: Mail) {
+        self.now_ms = self.now_ms.max(now_ms);
         self.dispatch_mail(now_ms, mail);
         self.drain_local(now_ms);
     }
@@ -324,6 +333,7 @@ impl<S: Storage> Shard<S> {
     /// down, or was reset with the mail unacked. Requests among it fail with `unavailable`;
     /// see `links.rs`.
     pub fn handle_undeliverable(&mut self, now_ms: u64, mail: Mail) {
+        self.now_ms = self.now_ms.max(now_ms);
         self.undeliverable(mail);
         self.drain_local(now_ms);
     }
@@ -331,12 +341,14 @@ impl<S: Storage> Shard<S> {
     /// The link to `shard` (another node's) carries mail again after being down or reset:
     /// pushes from it may have been lost, so every device here is told to resync.
     pub fn handle_link_up(&mut self, now_ms: u64, shard: ShardId) {
+        self.now_ms = self.now_ms.max(now_ms);
         self.link_up(now_ms, shard);
         self.drain_local(now_ms);
     }
 
     /// A job (password hash) finished.
     pub fn handle_job_done(&mut self, now_ms: u64, id: u64, result: JobResult) {
+        self.now_ms = self.now_ms.max(now_ms);
         if let Some(job) = self.jobs.remove(&id) {
             self.finish_job(now_ms, job, result);
         }
@@ -345,6 +357,7 @@ impl<S: Storage> Shard<S> {
 
     /// The commit `id` (from `poll_commit`) finished: its effects run now, in order.
     pub fn handle_commit_done(&mut self, now_ms: u64, id: u64, result: Result<(), String>) {
+        self.now_ms = self.now_ms.max(now_ms);
         self.commit_done(now_ms, id, result);
         self.drain_local(now_ms);
     }
@@ -353,10 +366,13 @@ impl<S: Storage> Shard<S> {
     /// flush of presence changes and senders' cursors (at most one per `PRESENCE_TICK_MS`).
     /// Calling it early, or often, is harmless: only what is due runs.
     pub fn handle_timeout(&mut self, now_ms: u64) {
+        self.now_ms = self.now_ms.max(now_ms);
         while let Some(timer) = self.timers.pop_due(now_ms) {
             match timer {
                 Timer::Heartbeat(conn) => self.heartbeat(now_ms, conn),
                 Timer::Retry(conn) => self.retry_pushes(now_ms, conn),
+                Timer::Gather(id) => self.gather_expired(id),
+                Timer::Add(conv, op) => self.add_expired(now_ms, conv, op),
             }
         }
         if self.flush_at().is_some_and(|at| at <= now_ms) {

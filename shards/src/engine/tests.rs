@@ -213,4 +213,105 @@ mod deadlines {
         );
         assert_eq!(shard.poll_timeout(), None);
     }
+
+    /// In a cluster, a gather whose part went to a node that took the mail and died (never
+    /// answering) fails with `unavailable` at `CROSS_NODE_WAIT_MS`, not never.
+    #[test]
+    fn a_gather_waiting_on_another_node_fails_at_its_deadline() {
+        use crate::cluster::{ClusterMap, NodeSpec};
+        use crate::ids::{ConvId, UserId};
+        use crate::limits::CROSS_NODE_WAIT_MS;
+
+        let node = |id: &str| NodeSpec {
+            id: id.into(),
+            url: format!("ws://{id}/ws"),
+            shards: 1,
+        };
+        let map = std::sync::Arc::new(ClusterMap {
+            version: 1,
+            nodes: vec![node("a"), node("b")],
+        });
+        let mut cfg = Config::in_cluster(ShardId(0), map.clone(), 0, [1; 32]);
+        cfg.hash_cost = crate::auth::HashCost {
+            memory_kib: 8,
+            passes: 1,
+        };
+        let store = MemStorage::default();
+        let mut shard = Shard::new(cfg, store.clone());
+        let placement = map.placement();
+        let name = |prefix: &str, shard: u16| {
+            (0..)
+                .map(|i| format!("{prefix}{i}"))
+                .find(|n| placement.home(UserId::from_username(n)) == ShardId(shard))
+                .unwrap()
+        };
+        let (me, peer) = (name("user", 0), name("peer", 1));
+        let conn = ConnId(1);
+        let mut now = 1_000;
+        shard.handle_connect(now, conn);
+        // Log in (the password jobs run inline), then ask for a conversation owned by node b.
+        let mut replies = Vec::new();
+        let run = |shard: &mut Shard<MemStorage>, now: u64, replies: &mut Vec<String>| {
+            while let Some(out) = shard.poll_output() {
+                match out {
+                    Output::Job { id, job, .. } => {
+                        let done = job.run(crate::auth::HashCost {
+                            memory_kib: 8,
+                            passes: 1,
+                        });
+                        shard.handle_job_done(now, id, done);
+                    }
+                    Output::Send { frame, .. } => replies.push(frame),
+                    _ => {}
+                }
+                if let Some(c) = shard.poll_commit() {
+                    store.apply(&c.ops);
+                    shard.handle_commit_done(now, c.id, Ok(()));
+                }
+            }
+        };
+        let auth =
+            format!(r#"{{"op":"register","rid":1,"username":"{me}","password":"password123"}}"#);
+        shard.handle_frame(now, conn, &auth);
+        run(&mut shard, now, &mut replies);
+        let login = format!(
+            r#"{{"op":"login","rid":2,"username":"{me}","password":"password123","device":"pc"}}"#
+        );
+        shard.handle_frame(now, conn, &login);
+        run(&mut shard, now, &mut replies);
+        assert!(
+            replies.iter().any(|r| r.contains(r#""rid":2,"ok""#)),
+            "{replies:?}"
+        );
+        let conv = (0..)
+            .map(|i| {
+                ConvId::direct(
+                    UserId::from_username(&me),
+                    UserId::from_username(&format!("{peer}{i}")),
+                )
+            })
+            .find(|c| placement.owner(*c) == ShardId(1))
+            .unwrap();
+        let sync = format!(r#"{{"op":"sync","rid":3,"convs":[{{"conv":"{conv}","after":0}}]}}"#);
+        now += 10;
+        shard.handle_frame(now, conn, &sync);
+        replies.clear();
+        // The Range mail goes out (and is taken by node b, which dies): no answer.
+        run(&mut shard, now, &mut replies);
+        assert!(replies.is_empty(), "{replies:?}");
+        shard.handle_timeout(now + CROSS_NODE_WAIT_MS - 1);
+        run(&mut shard, now, &mut replies);
+        assert!(
+            !replies.iter().any(|r| r.contains(r#""rid":3"#)),
+            "not before the deadline"
+        );
+        shard.handle_timeout(now + CROSS_NODE_WAIT_MS);
+        run(&mut shard, now, &mut replies);
+        assert!(
+            replies
+                .iter()
+                .any(|r| r.contains(r#""rid":3,"error":{"code":"unavailable""#)),
+            "{replies:?}"
+        );
+    }
 }

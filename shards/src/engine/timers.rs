@@ -7,12 +7,13 @@
 //! closed connection's entries are skipped, a heartbeat that saw activity since reschedules
 //! itself. Each connection has at most one heartbeat and one retry entry live, so the heap
 //! holds at most two entries per connection (plus those of connections closed within the last
-//! heartbeat interval).
+//! heartbeat interval). In a cluster of several nodes, each gather and each group addition also
+//! gets one entry (`CROSS_NODE_WAIT_MS`), a no-op if it completed in time.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 
-use crate::ids::ConnId;
+use crate::ids::{ConnId, ConvId};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub(super) enum Timer {
@@ -20,6 +21,11 @@ pub(super) enum Timer {
     Heartbeat(ConnId),
     /// Resend the connection's pushes that have waited `push_retry_ms` for their ack.
     Retry(ConnId),
+    /// A gather still incomplete now lost a part on another node: answer `unavailable`.
+    Gather(u64),
+    /// A group addition still waiting for a home shard's `Indexed` (another node's, that
+    /// died after taking the mail): finish it, those users listed as `failed`.
+    Add(ConvId, u64),
 }
 
 #[derive(Default)]
