@@ -14,9 +14,16 @@
 //! - everything else — fan-out, ephemeral pushes, answers to the unreachable node — is
 //!   dropped: its devices get a `resync` push when the link is back, and fetch what they
 //!   missed with `sync`.
+//!
+//! Mail the other node acked and then died with is never handed back, so a client request
+//! forwarded to another node's shard also waits at most `CROSS_NODE_WAIT_MS`: then the client
+//! gets `unavailable`, and the real answer, if it comes later, is dropped — every request still
+//! gets exactly one reply.
 
+use super::timers::Timer;
 use super::Shard;
-use crate::ids::ShardId;
+use crate::ids::{ConnId, ShardId};
+use crate::limits::CROSS_NODE_WAIT_MS;
 use crate::mail::Mail;
 use crate::protocol::ErrorCode;
 use crate::storage::Storage;
@@ -54,6 +61,70 @@ impl<S: Storage> Shard<S> {
         }
     }
 
+    /// `mail` leaves for shard `to`: if `to` is another node's and the mail carries a client
+    /// request made here, its answer is awaited with a deadline.
+    pub(super) fn await_remote(&mut self, to: ShardId, mail: &Mail) {
+        let Some(reply) = mail.reply().filter(|r| r.shard == self.cfg.shard) else {
+            return;
+        };
+        let remote = self
+            .cfg
+            .cluster
+            .locate(to)
+            .is_some_and(|at| at.node != self.cfg.node);
+        if remote
+            && self
+                .remote_waits
+                .insert((reply.conn, reply.rid), false)
+                .is_none()
+        {
+            let at = self.now_ms + CROSS_NODE_WAIT_MS;
+            self.timers.at(at, Timer::Reply(reply.conn, reply.rid));
+        }
+    }
+
+    /// A frame for `conn`: if it answers an awaited request, the wait ends. False if that
+    /// request was already answered `unavailable` (drop the frame).
+    pub(super) fn reply_settles(&mut self, conn: ConnId, frame: &str) -> bool {
+        let Some(rid) = reply_rid(frame) else {
+            return true; // a push
+        };
+        match self.remote_waits.get(&(conn, rid)) {
+            Some(true) => {
+                // Forgotten when its second timer fires; answered once only.
+                false
+            }
+            Some(false) => {
+                self.remote_waits.remove(&(conn, rid));
+                true
+            }
+            None => true,
+        }
+    }
+
+    pub(super) fn reply_expired(&mut self, now_ms: u64, conn: ConnId, rid: u64) {
+        match self.remote_waits.get(&(conn, rid)) {
+            Some(false) => {
+                self.remote_waits.remove(&(conn, rid));
+                self.count_error(ErrorCode::Unavailable);
+                let why = "no answer from the node holding this conversation or user; the \
+                           request may or may not have taken effect: retry";
+                self.send(
+                    conn,
+                    crate::protocol::error_frame(Some(rid), ErrorCode::Unavailable, why),
+                );
+                // Remember it a while longer, so a late answer is dropped, not sent twice.
+                self.remote_waits.insert((conn, rid), true);
+                self.timers
+                    .at(now_ms + CROSS_NODE_WAIT_MS, Timer::Reply(conn, rid));
+            }
+            Some(true) => {
+                self.remote_waits.remove(&(conn, rid));
+            }
+            None => {}
+        }
+    }
+
     pub(super) fn link_up(&mut self, _now_ms: u64, shard: ShardId) {
         tracing::info!(shard = %self.cfg.shard, peer = %shard, "link up: devices told to resync");
         let conns: Vec<_> = self
@@ -66,4 +137,12 @@ impl<S: Storage> Shard<S> {
             self.send(conn, RESYNC_FRAME.to_owned());
         }
     }
+}
+
+/// The `rid` of a reply frame (`{"rid":N,…}`, as `ok_frame` and `error_frame` write them);
+/// `None` for pushes and error replies without a rid.
+fn reply_rid(frame: &str) -> Option<u64> {
+    let digits = frame.strip_prefix(r#"{"rid":"#)?;
+    let end = digits.find(|c: char| !c.is_ascii_digit())?;
+    digits[..end].parse().ok()
 }

@@ -193,6 +193,10 @@ pub struct Shard<S: Storage> {
     last_flush_ms: u64,
     /// The latest input's time: deadlines set deep inside a handler are counted from it.
     now_ms: u64,
+    /// Client requests forwarded to another node's shard and not yet answered, by (connection,
+    /// rid); `true` once answered `unavailable` at the deadline (a late answer is then
+    /// dropped). See `links.rs`.
+    remote_waits: HashMap<(ConnId, u64), bool>,
     jobs: HashMap<u64, ops::PendingJob>,
     next_job: u64,
     stats: Stats,
@@ -232,6 +236,7 @@ impl<S: Storage> Shard<S> {
             timers: timers::Timers::default(),
             last_flush_ms: 0,
             now_ms: 0,
+            remote_waits: HashMap::new(),
             jobs: HashMap::new(),
             next_job: 1,
             stats: Stats::default(),
@@ -373,6 +378,7 @@ impl<S: Storage> Shard<S> {
                 Timer::Retry(conn) => self.retry_pushes(now_ms, conn),
                 Timer::Gather(id) => self.gather_expired(id),
                 Timer::Add(conv, op) => self.add_expired(now_ms, conv, op),
+                Timer::Reply(conn, rid) => self.reply_expired(now_ms, conn, rid),
             }
         }
         if self.flush_at().is_some_and(|at| at <= now_ms) {
@@ -581,11 +587,15 @@ impl<S: Storage> Shard<S> {
         if to == self.cfg.shard {
             self.local_mail.push_back(mail);
         } else {
+            self.await_remote(to, &mail);
             self.out.push_back(Output::Mail { to, mail });
         }
     }
 
     fn send(&mut self, conn: ConnId, frame: String) {
+        if !self.remote_waits.is_empty() && !self.reply_settles(conn, &frame) {
+            return; // a late answer: the client was told `unavailable` already
+        }
         if self.sessions.conns.contains_key(&conn) {
             self.out.push_back(Output::Send { conn, frame });
         } else if self.admin.is_request(conn) {

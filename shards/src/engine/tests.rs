@@ -214,13 +214,11 @@ mod deadlines {
         assert_eq!(shard.poll_timeout(), None);
     }
 
-    /// In a cluster, a gather whose part went to a node that took the mail and died (never
-    /// answering) fails with `unavailable` at `CROSS_NODE_WAIT_MS`, not never.
-    #[test]
-    fn a_gather_waiting_on_another_node_fails_at_its_deadline() {
+    /// Shard 0 of a cluster of two one-shard nodes, with `user…` logged in on `ConnId(1)`;
+    /// also returns a one-to-one conversation of that user owned by node b's shard.
+    fn node_a_with_a_user() -> (Shard<MemStorage>, MemStorage, crate::ids::ConvId) {
         use crate::cluster::{ClusterMap, NodeSpec};
         use crate::ids::{ConvId, UserId};
-        use crate::limits::CROSS_NODE_WAIT_MS;
 
         let node = |id: &str| NodeSpec {
             id: id.into(),
@@ -239,79 +237,132 @@ mod deadlines {
         let store = MemStorage::default();
         let mut shard = Shard::new(cfg, store.clone());
         let placement = map.placement();
-        let name = |prefix: &str, shard: u16| {
-            (0..)
-                .map(|i| format!("{prefix}{i}"))
-                .find(|n| placement.home(UserId::from_username(n)) == ShardId(shard))
-                .unwrap()
-        };
-        let (me, peer) = (name("user", 0), name("peer", 1));
+        let me = (0..)
+            .map(|i| format!("user{i}"))
+            .find(|n| placement.home(UserId::from_username(n)) == ShardId(0))
+            .unwrap();
         let conn = ConnId(1);
-        let mut now = 1_000;
-        shard.handle_connect(now, conn);
-        // Log in (the password jobs run inline), then ask for a conversation owned by node b.
-        let mut replies = Vec::new();
-        let run = |shard: &mut Shard<MemStorage>, now: u64, replies: &mut Vec<String>| {
-            while let Some(out) = shard.poll_output() {
-                match out {
-                    Output::Job { id, job, .. } => {
-                        let done = job.run(crate::auth::HashCost {
-                            memory_kib: 8,
-                            passes: 1,
-                        });
-                        shard.handle_job_done(now, id, done);
-                    }
-                    Output::Send { frame, .. } => replies.push(frame),
-                    _ => {}
-                }
-                if let Some(c) = shard.poll_commit() {
-                    store.apply(&c.ops);
-                    shard.handle_commit_done(now, c.id, Ok(()));
-                }
-            }
-        };
+        shard.handle_connect(1_000, conn);
         let auth =
             format!(r#"{{"op":"register","rid":1,"username":"{me}","password":"password123"}}"#);
-        shard.handle_frame(now, conn, &auth);
-        run(&mut shard, now, &mut replies);
+        shard.handle_frame(1_000, conn, &auth);
+        settle(&mut shard, &store, 1_000);
         let login = format!(
             r#"{{"op":"login","rid":2,"username":"{me}","password":"password123","device":"pc"}}"#
         );
-        shard.handle_frame(now, conn, &login);
-        run(&mut shard, now, &mut replies);
+        shard.handle_frame(1_000, conn, &login);
+        let replies = settle(&mut shard, &store, 1_000);
         assert!(
             replies.iter().any(|r| r.contains(r#""rid":2,"ok""#)),
             "{replies:?}"
         );
         let conv = (0..)
             .map(|i| {
-                ConvId::direct(
-                    UserId::from_username(&me),
-                    UserId::from_username(&format!("{peer}{i}")),
-                )
+                let peer = UserId::from_username(&format!("peer{i}"));
+                ConvId::direct(UserId::from_username(&me), peer)
             })
             .find(|c| placement.owner(*c) == ShardId(1))
             .unwrap();
+        (shard, store, conv)
+    }
+
+    /// Runs the engine's outputs to rest (jobs inline, commits applied); the frames sent.
+    fn settle(shard: &mut Shard<MemStorage>, store: &MemStorage, now: u64) -> Vec<String> {
+        let mut frames = Vec::new();
+        loop {
+            let mut idle = true;
+            while let Some(out) = shard.poll_output() {
+                idle = false;
+                match out {
+                    Output::Job { id, job, .. } => {
+                        let cost = crate::auth::HashCost {
+                            memory_kib: 8,
+                            passes: 1,
+                        };
+                        shard.handle_job_done(now, id, job.run(cost));
+                    }
+                    Output::Send { frame, .. } => frames.push(frame),
+                    _ => {} // mail to node b: taken, never answered (it died)
+                }
+            }
+            if let Some(c) = shard.poll_commit() {
+                idle = false;
+                store.apply(&c.ops);
+                shard.handle_commit_done(now, c.id, Ok(()));
+            }
+            if idle {
+                return frames;
+            }
+        }
+    }
+
+    /// In a cluster, a gather whose part went to a node that took the mail and died (never
+    /// answering) fails with `unavailable` at `CROSS_NODE_WAIT_MS`, not never.
+    #[test]
+    fn a_gather_waiting_on_another_node_fails_at_its_deadline() {
+        use crate::limits::CROSS_NODE_WAIT_MS;
+        let (mut shard, store, conv) = node_a_with_a_user();
+        let now = 2_000;
         let sync = format!(r#"{{"op":"sync","rid":3,"convs":[{{"conv":"{conv}","after":0}}]}}"#);
-        now += 10;
-        shard.handle_frame(now, conn, &sync);
-        replies.clear();
-        // The Range mail goes out (and is taken by node b, which dies): no answer.
-        run(&mut shard, now, &mut replies);
-        assert!(replies.is_empty(), "{replies:?}");
+        shard.handle_frame(now, ConnId(1), &sync);
+        assert!(settle(&mut shard, &store, now).is_empty());
         shard.handle_timeout(now + CROSS_NODE_WAIT_MS - 1);
-        run(&mut shard, now, &mut replies);
         assert!(
-            !replies.iter().any(|r| r.contains(r#""rid":3"#)),
+            settle(&mut shard, &store, now).is_empty(),
             "not before the deadline"
         );
         shard.handle_timeout(now + CROSS_NODE_WAIT_MS);
-        run(&mut shard, now, &mut replies);
+        let replies = settle(&mut shard, &store, now);
         assert!(
             replies
                 .iter()
                 .any(|r| r.contains(r#""rid":3,"error":{"code":"unavailable""#)),
             "{replies:?}"
+        );
+    }
+
+    /// A request forwarded to another node's shard that took it and died: `unavailable` at the
+    /// deadline, and the real answer, arriving later, is dropped — one reply per request.
+    #[test]
+    fn a_forwarded_request_gets_one_reply_even_when_its_node_died_with_it() {
+        use crate::limits::CROSS_NODE_WAIT_MS;
+        use crate::mail::Mail;
+        let (mut shard, store, conv) = node_a_with_a_user();
+        let now = 2_000;
+        let send = format!(
+            r#"{{"op":"send","rid":4,"conv":"{conv}","id":"0190b2a4-8c6e-7d3e-9b1a-2f4c6d8e0a1b","body":{{}}}}"#
+        );
+        shard.handle_frame(now, ConnId(1), &send);
+        assert!(
+            settle(&mut shard, &store, now).is_empty(),
+            "forwarded to its owner"
+        );
+        shard.handle_timeout(now + CROSS_NODE_WAIT_MS);
+        let replies = settle(&mut shard, &store, now);
+        assert_eq!(replies.len(), 1, "{replies:?}");
+        assert!(replies[0].starts_with(r#"{"rid":4,"error":{"code":"unavailable""#));
+        let late = Mail::Reply {
+            conn: ConnId(1),
+            frame: r#"{"rid":4,"ok":{"seq":1}}"#.into(),
+        };
+        shard.handle_mail(now + CROSS_NODE_WAIT_MS + 5, late);
+        assert!(
+            settle(&mut shard, &store, now).is_empty(),
+            "the late answer is dropped"
+        );
+        // Answered in time, a forwarded request's reply goes through and arms nothing more.
+        shard.handle_frame(now, ConnId(1), &send.replace(r#""rid":4"#, r#""rid":5"#));
+        settle(&mut shard, &store, now);
+        let answer = Mail::Reply {
+            conn: ConnId(1),
+            frame: r#"{"rid":5,"ok":{"seq":1}}"#.into(),
+        };
+        shard.handle_mail(now + 10, answer);
+        assert_eq!(settle(&mut shard, &store, now).len(), 1);
+        shard.handle_timeout(now + 3 * CROSS_NODE_WAIT_MS);
+        assert!(
+            settle(&mut shard, &store, now).is_empty(),
+            "no unavailable after an answer"
         );
     }
 }

@@ -26,6 +26,9 @@ pub(super) enum Timer {
     /// A group addition still waiting for a home shard's `Indexed` (another node's, that
     /// died after taking the mail): finish it, those users listed as `failed`.
     Add(ConvId, u64),
+    /// A client request forwarded to another node's shard: answer `unavailable` if it is still
+    /// unanswered; once more, a wait later, forget it.
+    Reply(ConnId, u64),
 }
 
 #[derive(Default)]
