@@ -458,14 +458,20 @@ fn a_nats_server_dying_under_load_loses_nothing_between_nodes() {
     for key in ["lost", "duplicated", "reordered", "unacked"] {
         assert_eq!(r[key], 0, "{key}: {r}");
     }
-    // The links carried it: mail crossed nodes, and some of it was resent after the kill.
-    let page = http_get(c.nodes[0].addr, "/metrics");
-    assert!(common::metric_sum(&page, "hermod_link_mails_sent_total", "") > 1000);
-    let resent = common::metric_sum(&page, "hermod_link_resent_total", "");
-    let resets = common::metric_sum(&page, "hermod_link_resets_total", "");
-    eprintln!("node a after the NATS kill: {resent} data frames resent, {resets} link resets; {r}");
-    assert!(
-        resent > 0,
-        "the kill was felt: NATS lost mail in flight and the links resent it"
+    // The links carried it: mail crossed nodes after node a's only configured NATS server
+    // died (it reconnected to one the cluster told it of). What that server held in flight
+    // was lost and resent by the links (async-nats itself holds back what is published while
+    // it reconnects, so how much is resent varies from run to run: 0 to ~100 frames).
+    let mut crossed = 0;
+    let (mut resent, mut resets) = (0, 0);
+    for node in &c.nodes {
+        let page = http_get(node.addr, "/metrics");
+        crossed += common::metric_sum(&page, "hermod_link_mails_sent_total", "");
+        resent += common::metric_sum(&page, "hermod_link_resent_total", "");
+        resets += common::metric_sum(&page, "hermod_link_resets_total", "");
+    }
+    eprintln!(
+        "after the NATS kill: {crossed} mails crossed, {resent} frames resent, {resets} resets; {r}"
     );
+    assert!(crossed > 1000, "{crossed}");
 }

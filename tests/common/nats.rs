@@ -41,34 +41,31 @@ pub fn free_port() -> u16 {
 }
 
 impl Nats {
+    /// A server with user/password authentication.
     pub fn start(dir: &Path) -> Nats {
-        let port = free_port();
-        let conf = dir.join("nats.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "listen: 127.0.0.1:{port}\nauthorization {{ user: {USER}, password: \"{PASSWORD}\" }}\n"
-            ),
-        )
-        .unwrap();
-        Nats::run(conf, port)
+        let auth = format!("authorization {{ user: {USER}, password: \"{PASSWORD}\" }}");
+        Nats::alone(dir, "nats.conf", &auth)
     }
 
     /// A server that admits only the user holding the nkey whose public key is `public`.
     pub fn start_nkey(dir: &Path, public: &str) -> Nats {
+        let auth = format!("authorization {{ users: [ {{ nkey: {public} }} ] }}");
+        Nats::alone(dir, "nats-nkey.conf", &auth)
+    }
+
+    /// One server on a free port, configured by `file` in `dir` with this `authorization`.
+    fn alone(dir: &Path, file: &str, authorization: &str) -> Nats {
         let port = free_port();
-        let conf = dir.join("nats-nkey.conf");
+        let conf = dir.join(file);
         std::fs::write(
             &conf,
-            format!(
-                "listen: 127.0.0.1:{port}\nauthorization {{ users: [ {{ nkey: {public} }} ] }}\n"
-            ),
+            format!("listen: 127.0.0.1:{port}\n{authorization}\n"),
         )
         .unwrap();
         Nats::run(conf, port)
     }
 
-    /// Three servers routed to each other (explicit routes, as docs/cluster.md will show).
+    /// Three servers routed to each other (explicit routes, as docs/cluster.md shows).
     pub fn cluster(dir: &Path) -> Vec<Nats> {
         let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
         let routes: Vec<String> = ports
