@@ -216,6 +216,10 @@ pub async fn run(p: Params) {
     let acceptor = accept(&ctx, listener, public_surface);
     let admin_acceptor = admin_listener.map(|l| accept(&ctx, l, Surface::Admin));
 
+    // Reads RocksDB's figures about once a second, until told to stop. Stopped and awaited at
+    // shutdown rather than dropped: a read still running on the blocking pool when the
+    // executor ends makes glommio's pool thread panic ("failed to send response").
+    let (stop_stats, stats_stopped) = local_channel::new_bounded::<()>(1);
     let store_stats = {
         let ctx = ctx.clone();
         glommio::spawn_local(async move {
@@ -225,7 +229,17 @@ pub async fn run(p: Params) {
                     .spawn_blocking(move || store.stats())
                     .await;
                 ctx.store_stats.set(stats);
-                glommio::timer::sleep(STORE_STATS_INTERVAL).await;
+                let stop = futures_lite::future::or(
+                    async {
+                        glommio::timer::sleep(STORE_STATS_INTERVAL).await;
+                        false
+                    },
+                    async { stats_stopped.recv().await.is_some() },
+                )
+                .await;
+                if stop {
+                    break;
+                }
             }
         })
     };
@@ -255,7 +269,8 @@ pub async fn run(p: Params) {
             ctx.publish_metrics();
         }
     }
-    drop(store_stats);
+    let _ = stop_stats.try_send(());
+    store_stats.await;
     ctx.board.stopping.store(true, Ordering::Release);
     // Peers see this node go silent and fail its conversations' requests; a restart is a new
     // incarnation, so nothing of this life is mistaken for the next one's.
