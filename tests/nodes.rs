@@ -428,7 +428,12 @@ fn a_nats_server_dying_under_load_loses_nothing_between_nodes() {
     // hermod-bench's direct scenario, its users spread over both nodes (it follows `moved`),
     // at 2,000 msg/s for 3 s; NATS server 0, node a's only configured server, dies 1.5 s in.
     let params = DirectParams {
-        target: Target::new(&c.map.nodes[0].url, Vec::new()).unwrap(),
+        // Both nodes' URLs: connections alternate between them, `moved` does the rest.
+        target: Target::new(
+            &format!("{},{}", c.map.nodes[0].url, c.map.nodes[1].url),
+            Vec::new(),
+        )
+        .unwrap(),
         users: 40,
         peers: 4,
         timing: Timing {

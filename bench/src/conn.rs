@@ -37,27 +37,37 @@ pub struct Target {
 }
 
 struct TargetInner {
+    /// As given: one URL, or several comma-separated (the nodes of a cluster).
     url: String,
-    /// `HOST:PORT` taken from the URL.
-    addr: String,
+    /// Each node's URL and the `HOST:PORT` taken from it.
+    nodes: Vec<(String, String)>,
     sources: Vec<IpAddr>,
     next: AtomicUsize,
+    next_node: AtomicUsize,
 }
 
 impl Target {
+    /// `url` is one `ws://HOST:PORT/...` URL or several, comma-separated: connections then go
+    /// to them in turn (a cluster's nodes; a user living on another node is `moved` there).
     pub fn new(url: &str, sources: Vec<IpAddr>) -> anyhow::Result<Target> {
-        let addr = url
-            .strip_prefix("ws://")
-            .and_then(|rest| rest.split('/').next())
-            .filter(|a| !a.is_empty())
-            .with_context(|| format!("{url}: only ws://HOST:PORT/... URLs are supported"))?
-            .to_owned();
+        let mut nodes = Vec::new();
+        for one in url.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+            let addr = one
+                .strip_prefix("ws://")
+                .and_then(|rest| rest.split('/').next())
+                .filter(|a| !a.is_empty())
+                .with_context(|| format!("{one}: only ws://HOST:PORT/... URLs are supported"))?
+                .to_owned();
+            nodes.push((one.to_owned(), addr));
+        }
+        anyhow::ensure!(!nodes.is_empty(), "no URL given");
         Ok(Target {
             inner: Arc::new(TargetInner {
                 url: url.to_owned(),
-                addr,
+                nodes,
                 sources,
                 next: AtomicUsize::new(0),
+                next_node: AtomicUsize::new(0),
             }),
         })
     }
@@ -71,14 +81,18 @@ impl Target {
         Target::new(url, self.inner.sources.clone())
     }
 
-    /// Opens a TCP connection from the next source address (or the kernel's choice).
-    async fn dial(&self) -> anyhow::Result<TcpStream> {
-        let addr = &self.inner.addr;
+    /// Opens a TCP connection to the next node (in turn), from the next source address (or
+    /// the kernel's choice). Returns the stream and that node's URL.
+    async fn dial(&self) -> anyhow::Result<(TcpStream, &str)> {
+        let nodes = &self.inner.nodes;
+        let (url, addr) =
+            &nodes[self.inner.next_node.fetch_add(1, Ordering::Relaxed) % nodes.len()];
         let sources = &self.inner.sources;
         if sources.is_empty() {
-            return TcpStream::connect(addr)
+            let stream = TcpStream::connect(addr)
                 .await
-                .map_err(|e| explain(e, addr, None));
+                .map_err(|e| explain(e, addr, None))?;
+            return Ok((stream, url));
         }
         let source = sources[self.inner.next.fetch_add(1, Ordering::Relaxed) % sources.len()];
         let dest: SocketAddr = tokio::net::lookup_host(addr)
@@ -98,10 +112,11 @@ impl Target {
         socket
             .bind(SocketAddr::new(source, 0))
             .map_err(|e| explain(e, addr, Some(source)))?;
-        socket
+        let stream = socket
             .connect(dest)
             .await
-            .map_err(|e| explain(e, addr, Some(source)))
+            .map_err(|e| explain(e, addr, Some(source)))?;
+        Ok((stream, url))
     }
 }
 
@@ -222,8 +237,7 @@ pub struct Conn {
 
 impl Conn {
     pub async fn connect(target: &Target) -> anyhow::Result<Conn> {
-        let url = target.url();
-        let stream = target.dial().await?;
+        let (stream, url) = target.dial().await?;
         // Nagle off: a small frame written right after another must not wait for the peer's
         // delayed ACK (~40 ms). Set here: tokio-tungstenite's own flag did not reach the socket.
         stream.set_nodelay(true)?;
@@ -315,13 +329,36 @@ mod tests {
             let target = Target::new(&url, parse_sources("127.0.0.2-127.0.0.4").unwrap()).unwrap();
             let mut seen = Vec::new();
             for _ in 0..6 {
-                let stream = target.dial().await.unwrap();
+                let (stream, _) = target.dial().await.unwrap();
                 seen.push(stream.local_addr().unwrap().ip().to_string());
                 let (_peer, from) = listener.accept().await.unwrap();
                 assert_eq!(from.ip(), stream.local_addr().unwrap().ip());
             }
             let want = ["127.0.0.2", "127.0.0.3", "127.0.0.4"].repeat(2);
             assert_eq!(seen, want);
+        });
+    }
+
+    #[test]
+    fn several_urls_take_connections_in_turn() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let a = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let b = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let (ua, ub) = (
+                format!("ws://{}/ws", a.local_addr().unwrap()),
+                format!("ws://{}/ws", b.local_addr().unwrap()),
+            );
+            let target = Target::new(&format!("{ua}, {ub}"), Vec::new()).unwrap();
+            let mut urls = Vec::new();
+            for _ in 0..4 {
+                let (_, url) = target.dial().await.unwrap();
+                urls.push(url.to_owned());
+            }
+            assert_eq!(urls, [ua.clone(), ub.clone(), ua, ub]);
         });
     }
 

@@ -22,7 +22,8 @@ struct Cli {
 
 #[derive(clap::Args)]
 struct Common {
-    /// WebSocket URL of the server.
+    /// WebSocket URL of the server; on a cluster, its nodes' URLs, comma-separated
+    /// (connections go to them in turn; users living elsewhere are `moved` to their node).
     #[arg(long, default_value = "ws://127.0.0.1:7400/ws")]
     url: String,
     /// Messages (or requests) per second offered, all connections together.
