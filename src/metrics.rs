@@ -351,7 +351,7 @@ const LINK_FAMILIES: [(&str, &str, &str); 9] = [
     (
         "hermod_link_ack_rtt_seconds",
         "gauge",
-        "The latest ack's delay after the oldest mail it covered was sent.",
+        "The link's smoothed round trip from a mail's send to its ack.",
     ),
 ];
 
@@ -461,12 +461,16 @@ impl Board {
                 for l in links {
                     let v = l.values[i].load(Ordering::Relaxed);
                     let peer = l.peer;
-                    if name.ends_with("_seconds") {
-                        let v = v as f64 * 1e-6;
-                        let _ = writeln!(out, "{name}{{shard=\"{shard}\",peer=\"{peer}\"}} {v}");
+                    // The one time family is kept in µs and shown in seconds.
+                    let _ = if name.ends_with("_seconds") {
+                        writeln!(
+                            out,
+                            "{name}{{shard=\"{shard}\",peer=\"{peer}\"}} {}",
+                            v as f64 * 1e-6
+                        )
                     } else {
-                        let _ = writeln!(out, "{name}{{shard=\"{shard}\",peer=\"{peer}\"}} {v}");
-                    }
+                        writeln!(out, "{name}{{shard=\"{shard}\",peer=\"{peer}\"}} {v}")
+                    };
                 }
             }
         }

@@ -72,7 +72,7 @@ pub struct Bridge {
     thread: Option<JoinHandle<()>>,
 }
 
-/// Which route a received payload takes (`None`: dropped, counted by the caller's design).
+/// Which route a received payload takes (`None`: dropped, with a warning).
 pub type Router = Box<dyn Fn(&[u8]) -> Option<usize> + Send + Sync>;
 
 /// Where received messages go.
@@ -83,8 +83,6 @@ enum Sink {
     Routed {
         routes: Vec<async_channel::Sender<Vec<u8>>>,
         router: Router,
-        /// Payloads no route takes.
-        dropped: std::sync::Arc<std::sync::atomic::AtomicU64>,
     },
 }
 
@@ -99,17 +97,16 @@ impl Sink {
                 })
                 .await
                 .is_ok(),
-            Sink::Routed {
-                routes,
-                router,
-                dropped,
-            } => match router(payload).and_then(|i| routes.get(i)) {
-                Some(route) => route.send(payload.to_vec()).await.is_ok(),
-                None => {
-                    dropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    true
+            Sink::Routed { routes, router } => {
+                match router(payload).and_then(|i| routes.get(i)) {
+                    Some(route) => route.send(payload.to_vec()).await.is_ok(),
+                    None => {
+                        // Not for a shard of this node: another map's traffic on this subject.
+                        tracing::warn!(%subject, bytes = payload.len(), "NATS message with no route dropped");
+                        true
+                    }
                 }
-            },
+            }
         }
     }
 }
@@ -128,22 +125,17 @@ impl Bridge {
     }
 
     /// Like `start`, with every received payload sent to `routes[router(payload)]` (one per
-    /// shard of this node); payloads no route takes are dropped and counted in `dropped`.
+    /// shard of this node); payloads no route takes are dropped with a warning.
     pub fn start_routed(
         cfg: NatsConfig,
         subjects: Vec<String>,
         capacity: usize,
         routes: Vec<async_channel::Sender<Vec<u8>>>,
         router: Router,
-        dropped: std::sync::Arc<std::sync::atomic::AtomicU64>,
     ) -> Result<Bridge, BridgeError> {
         let (_, inbox) = async_channel::bounded::<Incoming>(1);
         inbox.close();
-        let sink = Sink::Routed {
-            routes,
-            router,
-            dropped,
-        };
+        let sink = Sink::Routed { routes, router };
         Bridge::spawn(cfg, subjects, capacity, sink, inbox)
     }
 

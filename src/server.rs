@@ -197,14 +197,12 @@ fn start_bridge(
         let local = to.0.checked_sub(first)? as usize;
         (local < shards).then_some(local)
     });
-    let dropped = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let bridge = Bridge::start_routed(
         nats,
         vec![subjects[node].clone()],
         LINK_CHANNEL_BATCHES,
         routes,
         router,
-        dropped,
     )
     .context("linking to the other nodes through NATS")?;
     tracing::info!(subject = %subjects[node], nodes = map.nodes.len(), "connected to NATS");

@@ -85,6 +85,13 @@ impl Frame {
     /// `version, kind, from_inc, to_inc, seq|ack, payload…`, integers big-endian: fixed
     /// offsets, so decoding is bounds checks and no allocation but the payload's.
     pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.encoded_len());
+        self.encode_into(&mut out);
+        out
+    }
+
+    /// `encode`, appended to `out` (a batch being built: no buffer per frame).
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
         let (kind, from_inc, to_inc, n, payload): (u8, u64, u64, u64, &[u8]) = match self {
             Frame::Data {
                 from_inc,
@@ -99,14 +106,21 @@ impl Frame {
             } => (b'A', *from_inc, *to_inc, *ack, &[]),
             Frame::Hello { from_inc } => (b'H', *from_inc, 0, 0, &[]),
         };
-        let mut out = Vec::with_capacity(FRAME_HEADER + payload.len());
         out.push(WIRE_VERSION);
         out.push(kind);
         for v in [from_inc, to_inc, n] {
             out.extend_from_slice(&v.to_be_bytes());
         }
         out.extend_from_slice(payload);
-        out
+    }
+
+    /// The sender's incarnation, which every frame names.
+    pub fn from_inc(&self) -> u64 {
+        match self {
+            Frame::Data { from_inc, .. }
+            | Frame::Ack { from_inc, .. }
+            | Frame::Hello { from_inc } => *from_inc,
+        }
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Frame, WireError> {
@@ -221,6 +235,11 @@ impl Link {
     /// Ends the link, returning the mail never acked (the peer may or may not have had it).
     pub fn into_unacked(self) -> Vec<Arc<[u8]>> {
         self.unacked.into_iter().map(|u| u.payload).collect()
+    }
+
+    /// The smoothed round trip from a mail's send to its ack (ms), once measured.
+    pub fn srtt_ms(&self) -> Option<u64> {
+        self.srtt_ms
     }
 
     /// Mails sent and not yet acked.

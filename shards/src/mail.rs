@@ -398,9 +398,11 @@ pub mod wire {
     #[error("mail from another node failed validation: {0}")]
     pub struct Invalid(String);
 
-    pub fn encode(mail: &Mail) -> Vec<u8> {
+    /// The archive, shared by the link's window and every (re)send: one copy out of rkyv's
+    /// aligned buffer.
+    pub fn encode(mail: &Mail) -> std::sync::Arc<[u8]> {
         match rkyv::to_bytes::<rkyv::rancor::Error>(mail) {
-            Ok(bytes) => bytes.into_vec(),
+            Ok(bytes) => std::sync::Arc::from(bytes.as_slice()),
             // Serialising into memory fails only on allocation failure.
             Err(e) => panic!("serialising mail: {e}"),
         }

@@ -87,8 +87,8 @@ pub struct LinkStats {
     /// Batches refused (wrong version, truncated, not for this shard) and mails that failed
     /// validation.
     pub invalid: u64,
-    /// The latest ack's delay after the oldest mail it covered was sent (ms resolution, in
-    /// µs): the link's round trip through NATS plus the peer's queueing.
+    /// The link's smoothed round trip from a mail's send to its ack (ms resolution, in µs):
+    /// NATS plus the peer's queueing.
     pub ack_rtt_us: u64,
 }
 
@@ -103,8 +103,6 @@ struct Peer {
     up: bool,
     heard_ms: u64,
     hello_at: u64,
-    /// When the oldest unacked mail was first sent, for the ack round trip.
-    oldest_sent_ms: Option<u64>,
     stats: LinkStats,
 }
 
@@ -130,6 +128,9 @@ pub struct Remotes {
     next_inc: u64,
     /// By cluster-wide shard id; `None` for this node's shards.
     peers: Vec<Option<Peer>>,
+    /// The sum of the peers' waiting FIFOs' lengths, kept as they change: the driver reads it
+    /// for every client frame (its admission gate).
+    waiting: usize,
 }
 
 impl Remotes {
@@ -158,7 +159,6 @@ impl Remotes {
                         up: false,
                         heard_ms: 0,
                         hello_at: 0,
-                        oldest_sent_ms: None,
                         stats: LinkStats::default(),
                     }
                 })
@@ -170,16 +170,12 @@ impl Remotes {
             tuning,
             next_inc,
             peers,
+            waiting: 0,
         }
     }
 
     pub fn is_remote(&self, shard: ShardId) -> bool {
         matches!(self.peers.get(shard.0 as usize), Some(Some(_)))
-    }
-
-    /// True if this shard has no links (a one-node cluster).
-    pub fn is_empty(&self) -> bool {
-        self.peers.iter().all(Option::is_none)
     }
 
     pub fn is_up(&self, shard: ShardId) -> bool {
@@ -195,13 +191,15 @@ impl Remotes {
         if !peer.up {
             return Err(Box::new(mail));
         }
-        let payload: Arc<[u8]> = wire::encode(&mail).into();
+        let payload = wire::encode(&mail);
         peer.stats.mails_sent += 1;
-        if !peer.waiting.is_empty() {
+        let before = peer.waiting.len();
+        if before > 0 {
             peer.waiting.push_back(payload);
-            return Ok(());
+        } else {
+            peer.send(now_ms, payload);
         }
-        peer.send(now_ms, payload);
+        self.waiting += peer.waiting.len() - before;
         Ok(())
     }
 
@@ -237,12 +235,7 @@ impl Remotes {
                     return Err(e.into());
                 }
             };
-            let from_inc = match &frame {
-                Frame::Data { from_inc, .. }
-                | Frame::Ack { from_inc, .. }
-                | Frame::Hello { from_inc } => *from_inc,
-            };
-            let acked_before = peer.link.in_flight();
+            let from_inc = frame.from_inc();
             for event in peer.link.receive(now_ms, frame) {
                 match event {
                     LinkEvent::Deliver(payload) => match wire::decode(&payload) {
@@ -256,7 +249,6 @@ impl Remotes {
                         }
                     },
                     LinkEvent::PeerRestarted { unacked } => {
-                        peer.oldest_sent_ms = None;
                         peer.stats.resets += 1;
                         peer.stats.lost += unacked.len() as u64;
                         events.push(RemoteEvent::Lost {
@@ -269,14 +261,6 @@ impl Remotes {
                     }
                 }
             }
-            if peer.link.in_flight() < acked_before {
-                if let Some(sent) = peer.oldest_sent_ms.take() {
-                    peer.stats.ack_rtt_us = now_ms.saturating_sub(sent) * 1000;
-                }
-                if peer.link.in_flight() > 0 {
-                    peer.oldest_sent_ms = Some(now_ms);
-                }
-            }
             // A frame of the peer's current life: it is alive.
             if peer.link.peer() == Some(from_inc) {
                 peer.heard_ms = now_ms;
@@ -286,7 +270,9 @@ impl Remotes {
                 }
             }
         }
+        let before = peer.waiting.len();
         peer.refill(now_ms);
+        self.waiting -= before - peer.waiting.len();
         Ok(events)
     }
 
@@ -307,10 +293,10 @@ impl Remotes {
                 self.next_inc += 1;
                 let old = std::mem::replace(&mut peer.link, fresh);
                 let mut lost = old.into_unacked();
+                self.waiting -= peer.waiting.len();
                 lost.extend(peer.waiting.drain(..));
                 peer.frames.clear();
                 peer.up = false;
-                peer.oldest_sent_ms = None;
                 peer.stats.resets += 1;
                 peer.stats.lost += lost.len() as u64;
                 tracing::warn!(
@@ -362,9 +348,6 @@ impl Remotes {
                 }
                 peer.frames.push(frame);
             }
-            if peer.link.in_flight() > 0 && peer.oldest_sent_ms.is_none() {
-                peer.oldest_sent_ms = Some(now_ms);
-            }
             if peer.frames.is_empty() {
                 continue;
             }
@@ -395,7 +378,7 @@ impl Remotes {
 
     /// Mails waiting for room in a window, over all links.
     pub fn waiting(&self) -> usize {
-        self.peers.iter().flatten().map(|p| p.waiting.len()).sum()
+        self.waiting
     }
 
     /// Each link's figures, by remote shard.
@@ -406,6 +389,7 @@ impl Remotes {
                 stats.up = p.up;
                 stats.in_flight = p.link.in_flight();
                 stats.waiting = p.waiting.len();
+                stats.ack_rtt_us = p.link.srtt_ms().unwrap_or(0) * 1000;
                 (ShardId(s as u16), stats)
             })
         })
@@ -452,15 +436,15 @@ const HEADER: usize = 13;
 pub const BATCH_BYTES_MAX: usize = 256 * 1024;
 
 pub fn encode_batch(map_hash: u64, from: u16, to: u16, frames: &[Frame]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(HEADER + 64 * frames.len());
+    let bytes: usize = frames.iter().map(|f| 4 + f.encoded_len()).sum();
+    let mut out = Vec::with_capacity(HEADER + bytes);
     out.push(WIRE_VERSION);
     out.extend_from_slice(&map_hash.to_be_bytes());
     out.extend_from_slice(&from.to_be_bytes());
     out.extend_from_slice(&to.to_be_bytes());
     for frame in frames {
-        let bytes = frame.encode();
-        out.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
-        out.extend_from_slice(&bytes);
+        out.extend_from_slice(&(frame.encoded_len() as u32).to_be_bytes());
+        frame.encode_into(&mut out);
     }
     out
 }
@@ -571,6 +555,10 @@ mod tests {
             for (_, to, batch) in due {
                 let events = sides[to].receive(*now, &batch).expect("valid batch");
                 got[to].extend(events.iter().filter_map(number));
+            }
+            for side in sides.iter() {
+                let sum: usize = side.stats().map(|(_, l)| l.waiting).sum();
+                assert_eq!(side.waiting(), sum, "the running total is the peers' sum");
             }
             *now += 1;
         }

@@ -52,7 +52,7 @@ impl<S: Storage> Shard<S> {
     pub(super) fn gather(&mut self, conn: ConnId, rid: u64, left: usize, kind: Kind) -> u64 {
         self.gathers.next_id += 1;
         let id = self.gathers.next_id;
-        if self.cfg.cluster.nodes.len() > 1 {
+        if self.cfg.is_clustered() {
             let at = self.now_ms + CROSS_NODE_WAIT_MS;
             self.timers.at(at, Timer::Gather(id));
         }

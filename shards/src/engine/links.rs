@@ -67,12 +67,7 @@ impl<S: Storage> Shard<S> {
         let Some(reply) = mail.reply().filter(|r| r.shard == self.cfg.shard) else {
             return;
         };
-        let remote = self
-            .cfg
-            .cluster
-            .locate(to)
-            .is_some_and(|at| at.node != self.cfg.node);
-        if remote
+        if self.cfg.other_node(to).is_some()
             && self
                 .remote_waits
                 .insert((reply.conn, reply.rid), false)
@@ -105,14 +100,11 @@ impl<S: Storage> Shard<S> {
     pub(super) fn reply_expired(&mut self, now_ms: u64, conn: ConnId, rid: u64) {
         match self.remote_waits.get(&(conn, rid)) {
             Some(false) => {
+                // Removed first, so this answer is not taken for a late one and dropped.
                 self.remote_waits.remove(&(conn, rid));
-                self.count_error(ErrorCode::Unavailable);
                 let why = "no answer from the node holding this conversation or user; the \
                            request may or may not have taken effect: retry";
-                self.send(
-                    conn,
-                    crate::protocol::error_frame(Some(rid), ErrorCode::Unavailable, why),
-                );
+                self.error(conn, Some(rid), ErrorCode::Unavailable, why);
                 // Remember it a while longer, so a late answer is dropped, not sent twice.
                 self.remote_waits.insert((conn, rid), true);
                 self.timers

@@ -57,7 +57,7 @@ impl<S: Storage> Shard<S> {
                 missing: HashSet::new(),
             },
         );
-        if self.cfg.cluster.nodes.len() > 1 {
+        if self.cfg.is_clustered() {
             let at = self.now_ms + CROSS_NODE_WAIT_MS;
             self.timers.at(at, Timer::Add(conv, op));
         }

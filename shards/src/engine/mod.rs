@@ -127,6 +127,19 @@ impl Config {
         }
     }
 
+    /// The cluster has nodes other than this one: waits on them need deadlines.
+    pub fn is_clustered(&self) -> bool {
+        self.cluster.nodes.len() > 1
+    }
+
+    /// The node running `shard`, if that is not this node.
+    pub fn other_node(&self, shard: ShardId) -> Option<usize> {
+        self.cluster
+            .locate(shard)
+            .map(|at| at.node)
+            .filter(|&node| node != self.node)
+    }
+
     /// The configuration of cluster-wide shard `shard`, on node `node` of `cluster`.
     pub fn in_cluster(
         shard: ShardId,

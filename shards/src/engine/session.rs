@@ -255,9 +255,8 @@ impl<S: Storage> Shard<S> {
         if home == self.cfg.shard {
             return false;
         }
-        let cluster = &self.cfg.cluster;
-        if let Some(at) = cluster.locate(home).filter(|at| at.node != self.cfg.node) {
-            let frame = moved_frame(rid, &cluster.nodes[at.node].url);
+        if let Some(node) = self.cfg.other_node(home) {
+            let frame = moved_frame(rid, &self.cfg.cluster.nodes[node].url);
             self.count_error(ErrorCode::Moved);
             self.send(conn, frame);
             return true;
