@@ -159,11 +159,11 @@ impl Mail {
             | Mail::Op { reply, .. }
             | Mail::FriendAsk { reply, .. }
             | Mail::FriendAnswer { reply, .. }
-            | Mail::SetBlock { reply, .. }
             | Mail::ProfileQuery { reply, .. }
             | Mail::CreateAccounts { reply, .. }
             | Mail::ReadUpTo { reply, .. }
             | Mail::Account { reply, .. } => Some(*reply),
+            Mail::SetBlock { reply, .. } => *reply,
             // Parts of gathers (answered by the gather), answers, and effects without a
             // requester. Listed, not wildcarded: a new mail must say which it is.
             Mail::Range { .. }
@@ -182,7 +182,8 @@ impl Mail {
             | Mail::Reply { .. }
             | Mail::Deliver { .. }
             | Mail::RangeDone { .. }
-            | Mail::LastSeqsDone { .. } => None,
+            | Mail::LastSeqsDone { .. }
+            | Mail::BlockSynced { .. } => None,
         }
     }
 }
@@ -249,9 +250,17 @@ pub enum Mail {
         result: Result<FriendState, ErrorCode>,
     },
     /// `blocker` blocks (or unblocks) the other member of one-to-one `conv`: applied by the
-    /// owner to sends; the owner answers the client once durable.
+    /// owner to sends; the owner answers the client once durable (when there is one: `None`
+    /// for a resend of the blocker's current state, see `social::BlockSyncs`), and confirms
+    /// with `BlockSynced` to the blocker's home.
     SetBlock {
-        reply: ReplyTo,
+        reply: Option<ReplyTo>,
+        conv: ConvId,
+        blocker: UserId,
+        blocked: bool,
+    },
+    /// Owner → blocker's home: the owner's copy of the block is durable with this state.
+    BlockSynced {
         conv: ConvId,
         blocker: UserId,
         blocked: bool,

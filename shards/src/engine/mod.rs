@@ -216,6 +216,8 @@ pub struct Shard<S: Storage> {
     /// Friend requests this shard's users sent whose second side is not yet written, and
     /// those the other user declined meanwhile: see `social::friend_answer`.
     friend_races: social::FriendRaces,
+    /// Blocks whose owner's copy is not yet confirmed: see `social::BlockSyncs`.
+    block_syncs: social::BlockSyncs,
 }
 
 impl<S: Storage> Shard<S> {
@@ -233,7 +235,7 @@ impl<S: Storage> Shard<S> {
             (2..=limits::GROUP_MEMBERS_LIMIT).contains(&cfg.group_members_max),
             "group size limit out of range"
         );
-        Shard {
+        let mut shard = Shard {
             tokens: TokenKey::new(&cfg.secret),
             rng: StdRng::seed_from_u64(cfg.seed),
             cfg,
@@ -242,6 +244,7 @@ impl<S: Storage> Shard<S> {
             local_mail: VecDeque::new(),
             sessions: session::Sessions::default(),
             friend_races: social::FriendRaces::default(),
+            block_syncs: social::BlockSyncs::default(),
             owned: owner::Owned::default(),
             gathers: gather::Gathers::default(),
             admin: admin::Admin::default(),
@@ -253,7 +256,12 @@ impl<S: Storage> Shard<S> {
             jobs: HashMap::new(),
             next_job: 1,
             stats: Stats::default(),
-        }
+        };
+        // A block written here whose owner's copy was never confirmed (a crash, or a node
+        // lost between the two) is sent again now, and again whenever a link comes back.
+        shard.load_block_syncs();
+        shard.resend_block_syncs(None);
+        shard
     }
 
     // ---- getters ----
@@ -361,6 +369,7 @@ impl<S: Storage> Shard<S> {
     pub fn handle_link_up(&mut self, now_ms: u64, shard: ShardId) {
         self.now_ms = self.now_ms.max(now_ms);
         self.link_up(now_ms, shard);
+        self.resend_block_syncs(Some(shard));
         self.drain_local(now_ms);
     }
 
@@ -508,6 +517,11 @@ impl<S: Storage> Shard<S> {
                 blocker,
                 blocked,
             } => self.owner_set_block(reply, conv, blocker, blocked),
+            Mail::BlockSynced {
+                conv,
+                blocker,
+                blocked,
+            } => self.block_synced(conv, blocker, blocked),
             Mail::ProfileQuery {
                 reply,
                 user,

@@ -18,8 +18,8 @@ use serde_json::json;
 
 use super::effects::Deferred;
 use super::Shard;
-use crate::ids::{ConnId, ConvId, UserId};
-use crate::limits::FRIENDS_MAX;
+use crate::ids::{ConnId, ConvId, ShardId, Slot, UserId};
+use crate::limits::{FRIENDS_MAX, SLOTS};
 use crate::mail::{FriendOp, Mail, Named, ReplyTo};
 use crate::protocol::{ok_frame, push_json_str, ErrorCode};
 use crate::storage::{
@@ -35,9 +35,21 @@ use crate::storage::{
 ///   afterwards. The requester's home counts its requests in flight; a decline arriving while
 ///   one is marks it, and that request then records nothing.
 ///
-/// In memory only: a crash between the two sides can still leave a relation on one side (the
-/// cross-process retries of issue 13 close that), and other crossings (a decline racing a new
+/// In memory only. A crash (or a node lost) between the two sides leaves the relation on the
+/// first side only, and the requester gets `unavailable` or no answer; retrying the same
+/// operation completes it (every operation is idempotent on a side already applied: a request
+/// re-asks, an accept of an existing friendship answers `friends`, a decline/cancel/remove
+/// finds nothing to undo), and so does the other user's next operation on the pair (an accept
+/// of a request the asker's side lost stands). Other crossings (a decline racing a new
 /// request) can still disagree: see docs/protocol.md, Friends.
+/// Blocks (and unblocks) recorded on the blocker's home whose copy at the conversation's
+/// owner — the one that refuses sends — is not yet confirmed. Each is also a `BLOCK_SYNC`
+/// key, so a crash or a lost node between the two writes cannot leave the block shown to its
+/// user but not enforced: the pair is sent again at start and when a link is back, until the
+/// owner confirms (`Mail::BlockSynced`).
+#[derive(Default)]
+pub(super) struct BlockSyncs(HashSet<(UserId, UserId)>);
+
 #[derive(Default)]
 pub(super) struct FriendRaces {
     /// (requester, other) → requests sent, second side not yet written.
@@ -239,6 +251,14 @@ impl<S: Storage> Shard<S> {
                 }
             }
             FriendOp::Accept if theirs == FriendState::Requested => FriendState::Friends,
+            // A retried accept whose first try was applied here (its answer lost with a node
+            // or a crash): the same answer again, so the retry completes the other side.
+            FriendOp::Accept if theirs == FriendState::Friends => return Ok(FriendState::Friends),
+            // The accepter's side holds this user's request (checked on its home), but this
+            // side never recorded it: the request's answer was lost (a crash or a node lost
+            // between its two sides), or is still on its way, and will then find the
+            // friendship and keep it. The request happened, so the accept stands.
+            FriendOp::Accept if theirs == FriendState::None => FriendState::Friends,
             FriendOp::Accept => return Err(Some(ErrorCode::NoSuchRequest)),
             FriendOp::Decline | FriendOp::Cancel | FriendOp::Remove
                 if theirs == FriendState::None =>
@@ -412,9 +432,15 @@ impl<S: Storage> Shard<S> {
         } else {
             self.delete(key);
         }
+        // Durable with the record: until the owner confirms its copy, this pair is resent.
+        self.put(
+            keys::user_pair(keys::BLOCK_SYNC, blocker, other.0),
+            Vec::new(),
+        );
+        self.block_syncs.0.insert((blocker, other.0));
         let conv = ConvId::direct(blocker, other.0);
         let mail = Mail::SetBlock {
-            reply,
+            reply: Some(reply),
             conv,
             blocker,
             blocked,
@@ -427,7 +453,7 @@ impl<S: Storage> Shard<S> {
     /// The owner's copy of a block, consulted by every one-to-one append.
     pub(super) fn owner_set_block(
         &mut self,
-        reply: ReplyTo,
+        reply: Option<ReplyTo>,
         conv: ConvId,
         blocker: UserId,
         blocked: bool,
@@ -437,14 +463,115 @@ impl<S: Storage> Shard<S> {
         };
         let state = match self.conv_state(conv) {
             Ok(state) => state,
-            Err(e) => return self.storage_error_to(reply, &e),
+            Err(e) => {
+                // Unconfirmed, so the blocker's home sends it again after its next restart
+                // or link reset; the client (if any) learns the write failed.
+                if let Some(reply) = reply {
+                    self.storage_error_to(reply, &e);
+                }
+                return;
+            }
         };
         let i = usize::from(members[1] == blocker);
         state.blocks.blocked[i] = blocked;
         let bytes = state.blocks.encode();
         self.put(keys::conv_blocks(conv), bytes);
-        let frame = ok_frame(reply.rid, &json!({ "blocked": blocked }));
-        self.reply_when_durable(reply, frame);
+        if let Some(reply) = reply {
+            let frame = ok_frame(reply.rid, &json!({ "blocked": blocked }));
+            self.reply_when_durable(reply, frame);
+        }
+        let mail = Mail::BlockSynced {
+            conv,
+            blocker,
+            blocked,
+        };
+        let home = self.home_of(blocker);
+        self.defer(Deferred::Mail { to: home, mail });
+    }
+
+    /// The owner's copy is durable with `blocked`: done, unless the blocker changed it since
+    /// (then that change's own confirmation, or resend, follows on the same FIFO path).
+    pub(super) fn block_synced(&mut self, conv: ConvId, blocker: UserId, blocked: bool) {
+        let Some(other) = conv
+            .direct_members()
+            .and_then(|m| m.into_iter().find(|&u| u != blocker))
+        else {
+            return;
+        };
+        if !self.block_syncs.0.contains(&(blocker, other)) {
+            return; // confirmed already (a resend's second confirmation)
+        }
+        match self.blocks(blocker, other) {
+            Ok(now) if now == blocked => {
+                self.delete(keys::user_pair(keys::BLOCK_SYNC, blocker, other));
+                self.block_syncs.0.remove(&(blocker, other));
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "block confirmation not recorded; resent later"),
+        }
+    }
+
+    /// Reads every unconfirmed block of this shard's users (a handful: each lives for one
+    /// round trip to the owner unless a crash or a lost node cut it).
+    pub(super) fn load_block_syncs(&mut self) {
+        let me = self.cfg.shard;
+        for slot in 0..SLOTS {
+            if self.cfg.placement.shard_of(Slot(slot)) != me {
+                continue;
+            }
+            let prefix = keys::slot_tag(slot, keys::BLOCK_SYNC);
+            let rows = match self.storage.scan(
+                &prefix,
+                &keys::prefix_end(&prefix),
+                usize::MAX,
+                false,
+            ) {
+                Ok(rows) => rows,
+                Err(e) => {
+                    tracing::error!(error = %e, slot, "unconfirmed blocks not read: not resent");
+                    continue;
+                }
+            };
+            for (key, _) in rows {
+                let blocker = key.get(3..11).and_then(|b| b.try_into().ok());
+                let other = keys::other_of_user_pair(&key);
+                if let (Some(blocker), Some(other)) = (blocker, other) {
+                    let blocker = UserId(u64::from_be_bytes(blocker));
+                    self.block_syncs.0.insert((blocker, other));
+                }
+            }
+        }
+    }
+
+    /// Sends the blocker's current state to the owner again, for every unconfirmed block
+    /// (whose owner is `owner`, or all): after a restart, and when a link to another node is
+    /// back (mail on the lost one may never have arrived). Idempotent at the owner, and
+    /// correct in any order: this shard is the only writer of the state it mirrors, and the
+    /// resend leaves after anything it wrote before (FIFO per shard pair).
+    pub(super) fn resend_block_syncs(&mut self, owner: Option<ShardId>) {
+        let pairs: Vec<_> = self.block_syncs.0.iter().copied().collect();
+        for (blocker, other) in pairs {
+            let conv = ConvId::direct(blocker, other);
+            let to = self.cfg.placement.owner(conv);
+            if owner.is_some_and(|o| o != to) {
+                continue;
+            }
+            let blocked = match self.blocks(blocker, other) {
+                Ok(blocked) => blocked,
+                Err(e) => {
+                    tracing::warn!(error = %e, "block state not read: not resent");
+                    continue;
+                }
+            };
+            let mail = Mail::SetBlock {
+                reply: None,
+                conv,
+                blocker,
+                blocked,
+            };
+            // After whatever this shard has not yet made durable (never ahead of it).
+            self.defer(Deferred::Mail { to, mail });
+        }
     }
 
     /// `blocks`: the users this user blocks.

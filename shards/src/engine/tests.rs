@@ -366,3 +366,279 @@ mod deadlines {
         );
     }
 }
+
+mod torn {
+    //! Relations kept on two shards, cut between their two sides — the second side's mail
+    //! lost, as it is to a crash or a node lost between them — and what completes them.
+    use super::super::*;
+    use crate::cluster::{ClusterMap, NodeSpec};
+    use crate::ids::{ConvId, UserId};
+    use crate::mail::Mail;
+    use crate::storage::{keys, FriendRecord, FriendState, MemStorage, Storage};
+
+    /// Two one-shard nodes (shard 0 on node a, shard 1 on node b), mail routed by hand.
+    struct Two {
+        map: std::sync::Arc<ClusterMap>,
+        shards: Vec<Shard<MemStorage>>,
+        stores: Vec<MemStorage>,
+        /// Frames sent, with the shard and connection they went to.
+        frames: Vec<(usize, ConnId, String)>,
+    }
+
+    fn config(map: &std::sync::Arc<ClusterMap>, shard: u16) -> Config {
+        let mut cfg = Config::in_cluster(ShardId(shard), map.clone(), usize::from(shard), [1; 32]);
+        cfg.hash_cost = crate::auth::HashCost {
+            memory_kib: 8,
+            passes: 1,
+        };
+        cfg
+    }
+
+    impl Two {
+        fn new() -> Two {
+            let node = |id: &str| NodeSpec {
+                id: id.into(),
+                url: format!("ws://{id}/ws"),
+                shards: 1,
+            };
+            let map = std::sync::Arc::new(ClusterMap {
+                version: 1,
+                nodes: vec![node("a"), node("b")],
+            });
+            let stores = vec![MemStorage::default(), MemStorage::default()];
+            let shards = (0..2)
+                .map(|i| Shard::new(config(&map, i), stores[usize::from(i)].clone()))
+                .collect();
+            Two {
+                map,
+                shards,
+                stores,
+                frames: Vec::new(),
+            }
+        }
+
+        /// Restarts shard `i` on its data (a crash: what was in memory is gone).
+        fn restart(&mut self, i: usize) {
+            let id = u16::try_from(i).unwrap();
+            self.shards[i] = Shard::new(config(&self.map, id), self.stores[i].clone());
+        }
+
+        /// Runs both shards to rest; mail for which `lose` is true is lost on the way.
+        fn run(&mut self, mut lose: impl FnMut(&Mail) -> bool) {
+            let now = 1_000;
+            loop {
+                let mut idle = true;
+                for i in 0..2 {
+                    while let Some(out) = self.shards[i].poll_output() {
+                        idle = false;
+                        match out {
+                            Output::Job { id, job, .. } => {
+                                let cost = self.shards[i].config().hash_cost;
+                                self.shards[i].handle_job_done(now, id, job.run(cost));
+                            }
+                            Output::Send { conn, frame } => self.frames.push((i, conn, frame)),
+                            Output::Mail { to, mail } if !lose(&mail) => {
+                                self.shards[usize::from(to.0)].handle_mail(now, mail)
+                            }
+                            _ => {}
+                        }
+                    }
+                    if let Some(c) = self.shards[i].poll_commit() {
+                        idle = false;
+                        self.stores[i].apply(&c.ops);
+                        self.shards[i].handle_commit_done(now, c.id, Ok(()));
+                    }
+                }
+                if idle {
+                    return;
+                }
+            }
+        }
+
+        /// Sends `frame` on `conn` of shard `i`, runs to rest; the replies to it.
+        fn ask(&mut self, i: usize, conn: ConnId, frame: &str) -> Vec<String> {
+            self.frames.clear();
+            self.shards[i].handle_frame(1_000, conn, frame);
+            self.run(|_| false);
+            self.replies(i, conn)
+        }
+
+        fn replies(&self, i: usize, conn: ConnId) -> Vec<String> {
+            let to = |&&(s, c, _): &&(usize, ConnId, String)| s == i && c == conn;
+            let frames = self.frames.iter().filter(to);
+            frames
+                .map(|(_, _, f)| f.clone())
+                .filter(|f| f.starts_with(r#"{"rid""#))
+                .collect()
+        }
+
+        /// A user homed on shard `i`, logged in on its `ConnId(conn)`; their name and id.
+        fn user(&mut self, i: usize, conn: u64, prefix: &str) -> (String, UserId) {
+            let placement = self.map.placement();
+            let name = (0..)
+                .map(|n| format!("{prefix}{n}"))
+                .find(|n| placement.home(UserId::from_username(n)) == ShardId(i as u16))
+                .unwrap();
+            let conn = ConnId(conn);
+            self.shards[i].handle_connect(1_000, conn);
+            let register = format!(
+                r#"{{"op":"register","rid":1,"username":"{name}","password":"password123"}}"#
+            );
+            self.ask(i, conn, &register);
+            let login = format!(
+                r#"{{"op":"login","rid":2,"username":"{name}","password":"password123","device":"pc"}}"#
+            );
+            let replies = self.ask(i, conn, &login);
+            assert!(
+                replies.iter().any(|r| r.contains(r#""rid":2,"ok""#)),
+                "{replies:?}"
+            );
+            let id = UserId::from_username(&name);
+            (name, id)
+        }
+
+        fn friend_state(&self, i: usize, user: UserId, other: UserId) -> FriendState {
+            let key = keys::user_pair(keys::FRIEND, user, other);
+            self.stores[i]
+                .get(&key)
+                .unwrap()
+                .map_or(FriendState::None, |b| {
+                    FriendRecord::decode(&key, &b).unwrap().state
+                })
+        }
+    }
+
+    fn is_friend_answer(mail: &Mail) -> bool {
+        matches!(mail, Mail::FriendAnswer { .. })
+    }
+
+    /// A request whose answer was lost: the asked user sees it, the asker nothing. The asker's
+    /// retry completes it; and so does the asked user's accept, which stands.
+    #[test]
+    fn a_friend_request_cut_between_its_sides_is_completed_by_either_user() {
+        for heal_by_accept in [false, true] {
+            let mut two = Two::new();
+            let (alice, a) = two.user(0, 1, "alice");
+            let (bob, b) = two.user(1, 2, "bob");
+            let request = format!(r#"{{"op":"friend_request","rid":3,"user":"{bob}"}}"#);
+            two.frames.clear();
+            two.shards[0].handle_frame(1_000, ConnId(1), &request);
+            two.run(is_friend_answer);
+            assert!(two.replies(0, ConnId(1)).is_empty(), "the answer was lost");
+            assert_eq!(two.friend_state(1, b, a), FriendState::Incoming);
+            assert_eq!(two.friend_state(0, a, b), FriendState::None);
+            if heal_by_accept {
+                let accept = format!(r#"{{"op":"friend_accept","rid":4,"user":"{alice}"}}"#);
+                let replies = two.ask(1, ConnId(2), &accept);
+                assert!(replies[0].contains(r#""state":"friends""#), "{replies:?}");
+                assert_eq!(two.friend_state(0, a, b), FriendState::Friends);
+                assert_eq!(two.friend_state(1, b, a), FriendState::Friends);
+            } else {
+                let replies = two.ask(0, ConnId(1), &request.replace("\"rid\":3", "\"rid\":4"));
+                assert!(replies[0].contains(r#""state":"requested""#), "{replies:?}");
+                assert_eq!(two.friend_state(0, a, b), FriendState::Requested);
+                assert_eq!(two.friend_state(1, b, a), FriendState::Incoming);
+            }
+        }
+    }
+
+    /// An accept whose answer was lost: the asker's side says friends, the accepter's still
+    /// incoming. Accepting again completes it.
+    #[test]
+    fn a_retried_accept_completes_the_accepters_side() {
+        let mut two = Two::new();
+        let (alice, a) = two.user(0, 1, "alice");
+        let (bob, b) = two.user(1, 2, "bob");
+        let request = format!(r#"{{"op":"friend_request","rid":3,"user":"{bob}"}}"#);
+        two.ask(0, ConnId(1), &request);
+        let accept = format!(r#"{{"op":"friend_accept","rid":4,"user":"{alice}"}}"#);
+        two.frames.clear();
+        two.shards[1].handle_frame(1_000, ConnId(2), &accept);
+        two.run(is_friend_answer);
+        assert_eq!(two.friend_state(0, a, b), FriendState::Friends);
+        assert_eq!(two.friend_state(1, b, a), FriendState::Incoming);
+        let replies = two.ask(1, ConnId(2), &accept.replace("\"rid\":4", "\"rid\":5"));
+        assert!(replies[0].contains(r#""state":"friends""#), "{replies:?}");
+        assert_eq!(two.friend_state(1, b, a), FriendState::Friends);
+    }
+
+    /// Opens the one-to-one conversation of `conn`'s user with `with` and sends to it; the
+    /// send's reply.
+    fn send(two: &mut Two, i: usize, conn: u64, with: &str, rid: u64) -> String {
+        let open = format!(r#"{{"op":"open","rid":{rid},"user":"{with}"}}"#);
+        let replies = two.ask(i, ConnId(conn), &open);
+        let v: serde_json::Value = serde_json::from_str(&replies[0]).unwrap();
+        let conv = v["ok"]["conv"].as_str().unwrap().to_owned();
+        let id = uuid::Uuid::now_v7();
+        let send = format!(
+            r#"{{"op":"send","rid":{},"conv":"{conv}","id":"{id}","body":{{}}}}"#,
+            rid + 1
+        );
+        two.ask(i, ConnId(conn), &send).remove(0)
+    }
+
+    /// A block recorded on the blocker's home whose copy never reached the owner (the mail
+    /// lost to a crash, then to a link that was down): sent again at the restart and when
+    /// the link is back, until the owner confirms; then sends from the blocked are refused.
+    #[test]
+    fn a_block_cut_from_its_owner_is_sent_again_until_confirmed() {
+        let mut two = Two::new();
+        let (alice, a) = two.user(0, 1, "alice");
+        // bob, homed on node b, whose conversation with alice is owned there too.
+        let (bob, b) = two.user(1, 2, "bob");
+        assert_eq!(
+            two.map.placement().owner(ConvId::direct(a, b)),
+            ShardId(1),
+            "pick names with another owner"
+        );
+        assert!(send(&mut two, 1, 2, &alice, 10).contains(r#""ok""#));
+        let block = format!(r#"{{"op":"block","rid":3,"user":"{bob}"}}"#);
+        two.frames.clear();
+        two.shards[0].handle_frame(1_000, ConnId(1), &block);
+        two.run(|m| matches!(m, Mail::SetBlock { .. }));
+        let pending = keys::user_pair(keys::BLOCK_SYNC, a, b);
+        assert!(two.stores[0].get(&pending).unwrap().is_some());
+        assert!(
+            send(&mut two, 1, 2, &alice, 20).contains(r#""ok""#),
+            "not yet applied"
+        );
+
+        // The restart resends it; the link to node b is down, so it comes back undelivered.
+        two.restart(0);
+        let mut refused = Vec::new();
+        for _ in 0..2 {
+            while let Some(out) = two.shards[0].poll_output() {
+                if let Output::Mail { mail, .. } = out {
+                    refused.push(mail);
+                }
+            }
+            if let Some(c) = two.shards[0].poll_commit() {
+                two.stores[0].apply(&c.ops);
+                two.shards[0].handle_commit_done(1_000, c.id, Ok(()));
+            }
+        }
+        assert!(matches!(
+            refused[..],
+            [Mail::SetBlock {
+                reply: None,
+                blocked: true,
+                ..
+            }]
+        ));
+        for mail in refused {
+            two.shards[0].handle_undeliverable(1_000, mail);
+        }
+        two.run(|_| false);
+        assert!(
+            two.stores[0].get(&pending).unwrap().is_some(),
+            "still unconfirmed"
+        );
+        assert!(send(&mut two, 1, 2, &alice, 30).contains(r#""ok""#));
+
+        two.shards[0].handle_link_up(1_000, ShardId(1));
+        two.run(|_| false);
+        assert!(two.stores[0].get(&pending).unwrap().is_none(), "confirmed");
+        let refused = send(&mut two, 1, 2, &alice, 40);
+        assert!(refused.contains(r#""code":"blocked""#), "{refused}");
+    }
+}

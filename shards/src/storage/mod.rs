@@ -203,6 +203,14 @@ pub mod keys {
 
     pub const FRIEND: u8 = b'F';
     pub const BLOCK: u8 = b'B';
+    /// A block (or unblock) whose copy at the conversation's owner is not yet confirmed: an
+    /// empty value beside the `BLOCK` key, deleted when the owner confirms.
+    pub const BLOCK_SYNC: u8 = b'Q';
+
+    /// The start of every `tag` key in `slot` (for scans over all of a shard's slots).
+    pub fn slot_tag(slot: u16, tag: u8) -> Vec<u8> {
+        head(slot, tag, 0)
+    }
 
     /// Present while an operator has disabled the account (the value is empty).
     pub fn disabled(user: UserId) -> Vec<u8> {
