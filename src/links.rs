@@ -4,7 +4,8 @@
 //!
 //! The link task wakes when frames are due (mail sent this turn, an ack owed) or when the links'
 //! next deadline comes (hello, resend, silence), at most `LINK_TICK_MAX_MS` apart for metrics.
-//! Everything a turn of the reactor sends to one remote shard leaves as one NATS message.
+//! Everything a turn of the reactor sends to the shards of one node leaves as one NATS message
+//! (several, if they outgrow `remote::MESSAGE_BYTES_MAX`).
 //!
 //! Full-channel policy: publishing waits in the link task (never in the reactor's dispatch)
 //! while the NATS thread's bounded channel is full; mail meanwhile queues in the links' windows
@@ -74,7 +75,7 @@ pub fn spawn(
                 let events = ctx.remotes.borrow_mut().handle_timeout(now, behind);
                 apply(&ctx, now, events);
                 let batches = ctx.remotes.borrow_mut().poll_transmit(now);
-                for (node, payload) in batches {
+                for (node, payload) in hermod_shards::remote::pack(batches) {
                     let subject = subjects[node].clone();
                     if out.send(Outgoing { subject, payload }).await.is_err() {
                         return; // the NATS thread ended: only at shutdown

@@ -72,14 +72,15 @@ pub struct Bridge {
     thread: Option<JoinHandle<()>>,
 }
 
-/// Which route a received payload takes (`None`: dropped, with a warning).
-pub type Router = Box<dyn Fn(&[u8]) -> Option<usize> + Send + Sync>;
+/// Splits a received payload among the routes: `(route, bytes of the payload)` for each part,
+/// in order (none: the payload is dropped, with a warning).
+pub type Router = Box<dyn Fn(&[u8]) -> Vec<(usize, std::ops::Range<usize>)> + Send + Sync>;
 
 /// Where received messages go.
 enum Sink {
     Inbox(async_channel::Sender<Incoming>),
     /// Payloads split by `router` among `routes` (a node's shards), each route a bounded
-    /// channel: per publisher, each route sees its messages in publish order.
+    /// channel: per publisher, each route sees its parts in publish order.
     Routed {
         routes: Vec<async_channel::Sender<Vec<u8>>>,
         router: Router,
@@ -98,14 +99,20 @@ impl Sink {
                 .await
                 .is_ok(),
             Sink::Routed { routes, router } => {
-                match router(payload).and_then(|i| routes.get(i)) {
-                    Some(route) => route.send(payload.to_vec()).await.is_ok(),
-                    None => {
-                        // Not for a shard of this node: another map's traffic on this subject.
-                        tracing::warn!(%subject, bytes = payload.len(), "NATS message with no route dropped");
-                        true
+                let parts = router(payload);
+                if parts.is_empty() {
+                    // Malformed, or not for a shard of this node (another map's traffic).
+                    tracing::warn!(%subject, bytes = payload.len(), "NATS message with no route dropped");
+                }
+                for (i, range) in parts {
+                    let (Some(route), Some(part)) = (routes.get(i), payload.get(range)) else {
+                        continue;
+                    };
+                    if route.send(part.to_vec()).await.is_err() {
+                        return false;
                     }
                 }
+                true
             }
         }
     }

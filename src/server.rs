@@ -192,10 +192,18 @@ fn start_bridge(
     let (routes, inboxes): (Vec<_>, Vec<_>) = (0..shards)
         .map(|_| async_channel::bounded::<Vec<u8>>(LINK_CHANNEL_BATCHES))
         .unzip();
-    let router: Router = Box::new(move |batch| {
-        let to = hermod_shards::remote::batch_destination(batch)?;
-        let local = to.0.checked_sub(first)? as usize;
-        (local < shards).then_some(local)
+    // A message holds batches for shards of this node: each goes to its shard's channel.
+    let router: Router = Box::new(move |message| {
+        let Ok(batches) = hermod_shards::remote::message_batches(message) else {
+            return Vec::new();
+        };
+        batches
+            .into_iter()
+            .filter_map(|(to, range)| {
+                let local = to.0.checked_sub(first)? as usize;
+                (local < shards).then_some((local, range))
+            })
+            .collect()
     });
     let bridge = Bridge::start_routed(
         nats,

@@ -62,7 +62,8 @@ const FRAME_HEADER: usize = 26;
 pub const RTO_BACKOFF_MAX: u64 = 16;
 
 /// The version of the frame encoding; a frame of another version is refused, never guessed at.
-pub const WIRE_VERSION: u8 = 1;
+/// 2: batches travel inside length-prefixed NATS messages per node (`remote::pack`).
+pub const WIRE_VERSION: u8 = 2;
 
 /// Why bytes from the transport are not a frame.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]

@@ -4,7 +4,9 @@
 //! Owns, per remote shard: a [`Link`] (order, window, acks, resends, incarnations), the mail
 //! waiting for room in the window, the frames due out, and the peer's liveness. Frames for one
 //! remote shard leave in one batch per [`Remotes::poll_transmit`] (a driver calls it once per
-//! turn of its reactor), so a burst of mail is one NATS message, not one per mail.
+//! turn of its reactor), and a turn's batches for the shards of one node leave as one NATS
+//! message ([`pack`]), so a burst of mail — and a round of hellos — is one message per node,
+//! not one per mail or per remote shard.
 //!
 //! **Liveness.** Each link sends a hello every `hello_ms`. A link is *up* from the first current
 //! frame its peer sends until nothing has come from the peer for `silent_ms`; then it is reset:
@@ -15,8 +17,10 @@
 //! refuses mail at once: nothing waits on a dead node, and the other nodes keep working.
 //! A peer's restart (a larger incarnation) reads the same way: `Lost`, then `Up`.
 //!
-//! **Batch wire format** (one NATS message): `version u8, map hash u64, from shard u16, to
-//! shard u16`, then frames, each `length u32` and a [`Frame`] encoding; integers big-endian.
+//! **Batch wire format**: `version u8, map hash u64, from shard u16, to shard u16`, then
+//! frames, each `length u32` and a [`Frame`] encoding; integers big-endian. A NATS message is
+//! one or more batches for shards of one node, each `length u32` and the batch
+//! ([`message_batches`] splits it, validating only the lengths and headers).
 //! The version is [`WIRE_VERSION`], which also covers the rkyv encoding of the mail inside
 //! (`mail::wire`). A batch from a node running another placement map (another hash) is
 //! refused whole, so such a peer never links: its shard ids would not mean the same shards.
@@ -464,10 +468,51 @@ fn split_header(batch: &[u8]) -> Result<(u64, u16, u16, &[u8]), WireError> {
     Ok((u64::from_be_bytes(hash), from, to, &batch[HEADER..]))
 }
 
-/// The shard a batch is for, read without validating the rest (the NATS thread routes batches
-/// to shards with it; the shard validates).
-pub fn batch_destination(batch: &[u8]) -> Option<ShardId> {
-    split_header(batch).ok().map(|(_, _, to, _)| ShardId(to))
+/// A NATS message stops growing past this many bytes (a batch larger on its own still goes,
+/// alone): room for two full batches, under NATS's default max_payload (1 MiB).
+pub const MESSAGE_BYTES_MAX: usize = 2 * BATCH_BYTES_MAX;
+
+/// Packs batches `(node, batch)` into NATS messages `(node, message)`: the batches for one
+/// node, in their order, share messages of at most `MESSAGE_BYTES_MAX` bytes.
+pub fn pack(batches: Vec<(usize, Vec<u8>)>) -> Vec<(usize, Vec<u8>)> {
+    let mut out: Vec<(usize, Vec<u8>)> = Vec::new();
+    // Index in `out` of each node's message still open.
+    let mut open: Vec<(usize, usize)> = Vec::new();
+    for (node, batch) in batches {
+        let i = match open.iter().find(|(n, _)| *n == node) {
+            Some(&(_, i)) if out[i].1.len() + 4 + batch.len() <= MESSAGE_BYTES_MAX => i,
+            _ => {
+                out.push((node, Vec::with_capacity(4 + batch.len())));
+                let i = out.len() - 1;
+                open.retain(|(n, _)| *n != node);
+                open.push((node, i));
+                i
+            }
+        };
+        let message = &mut out[i].1;
+        message.extend_from_slice(&(batch.len() as u32).to_be_bytes());
+        message.extend_from_slice(&batch);
+    }
+    out
+}
+
+/// The batches of a NATS message: each one's destination shard and byte range. A message
+/// whose lengths or headers do not hold is refused whole (the links resend what it carried).
+pub fn message_batches(
+    message: &[u8],
+) -> Result<Vec<(ShardId, std::ops::Range<usize>)>, WireError> {
+    let mut batches = Vec::new();
+    let mut at = 0;
+    while at < message.len() {
+        let (batch, _) = next_frame(&message[at..]).ok_or(WireError::Malformed)?;
+        let (_, _, to, _) = split_header(batch)?;
+        batches.push((ShardId(to), at + 4..at + 4 + batch.len()));
+        at += 4 + batch.len();
+    }
+    if batches.is_empty() {
+        return Err(WireError::Malformed);
+    }
+    Ok(batches)
 }
 
 fn next_frame(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
@@ -740,5 +785,55 @@ mod tests {
             let _ = a.receive(1, &junk);
         }
         assert!(wire::decode(b"not an archive").is_err());
+    }
+
+    /// A turn's batches for the shards of one node share NATS messages, cut near
+    /// `MESSAGE_BYTES_MAX`; split back, each is the batch it was, in order, at its shard.
+    #[test]
+    fn batches_for_one_node_share_a_message_and_split_back_whole() {
+        let batch = |to: u16, extra: usize| {
+            let mut b = encode_batch(7, 0, to, &[]);
+            b.resize(b.len() + extra, 0xAB);
+            b
+        };
+        let batches = vec![
+            (1, batch(2, 10)),
+            (2, batch(5, 0)),
+            (1, batch(3, 200 * 1024)),
+            (1, batch(2, 200 * 1024)),
+            (1, batch(4, 200 * 1024)),
+        ];
+        let messages = pack(batches.clone());
+        let nodes: Vec<usize> = messages.iter().map(|(n, _)| *n).collect();
+        assert_eq!(
+            nodes,
+            [1, 2, 1],
+            "node 1's third large batch opens a second message"
+        );
+        assert!(messages.iter().all(|(_, m)| m.len() <= MESSAGE_BYTES_MAX));
+        let mut split = Vec::new();
+        for (node, message) in &messages {
+            for (to, range) in message_batches(message).unwrap() {
+                let part = message[range].to_vec();
+                assert_eq!(split_header(&part).unwrap().2, to.0);
+                split.push((*node, part));
+            }
+        }
+        let mut expected = batches;
+        expected.swap(1, 2); // node 1's first message, then node 2's, then node 1's second
+        expected.swap(2, 3);
+        assert_eq!(split, expected);
+
+        // A message cut short, or carrying a batch of another version, is refused whole.
+        let (_, message) = &messages[0];
+        for cut in [0, 3, 4, 20, message.len() - 1] {
+            assert!(message_batches(&message[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut other = message.clone();
+        other[4] = WIRE_VERSION + 1;
+        assert!(matches!(
+            message_batches(&other),
+            Err(WireError::Version(_))
+        ));
     }
 }

@@ -46,7 +46,7 @@ use hermod_shards::cluster::{ClusterMap, NodeSpec};
 use hermod_shards::engine::{Config, Output};
 use hermod_shards::ids::{ConnId, ConvId, Placement, ShardId, UserId};
 use hermod_shards::mail::Mail;
-use hermod_shards::remote::{RemoteEvent, Remotes, Tuning};
+use hermod_shards::remote::{message_batches, pack, RemoteEvent, Remotes, Tuning};
 use hermod_shards::storage::{
     keys, Flags, FriendRecord, FriendState, GroupMember, MemStorage, MessageKind, MessageRecord,
     Storage,
@@ -193,11 +193,14 @@ struct Sim {
     mail: HashMap<(usize, usize), VecDeque<Mail>>,
     /// Each shard's links to the other node's shards.
     remotes: Vec<Remotes>,
-    /// Batches in flight between nodes: (due at ms, to shard, batch). Kept across a crash:
+    /// NATS messages in flight between nodes (each the batches of one shard for the shards of
+    /// one node, `remote::pack`): (due at ms, message). Kept across a crash:
     /// frames of the earlier life arrive after the restart and must be dropped.
-    net: Vec<(u64, usize, Vec<u8>)>,
+    net: Vec<(u64, Vec<u8>)>,
     /// The next incarnation (grows across restarts, as start times do).
     next_inc: u64,
+    net_messages: u64,
+    /// Batches they carried (several per message for a node of several shards).
     net_batches: u64,
     net_lost: u64,
     commits: Vec<Option<hermod_shards::storage::Commit>>,
@@ -337,6 +340,7 @@ impl Sim {
             remotes: Vec::new(),
             net: Vec::new(),
             next_inc: 1_000,
+            net_messages: 0,
             net_batches: 0,
             net_lost: 0,
             commits: (0..SHARDS).map(|_| None).collect(),
@@ -392,10 +396,20 @@ impl Sim {
             self.remotes[s].handle_timeout(now, false);
         }
         for s in 0..SHARDS {
-            for (_, batch) in self.remotes[s].poll_transmit(now) {
-                let to = batch_target(&batch);
-                self.receive(to, &batch);
+            for (_, message) in pack(self.remotes[s].poll_transmit(now)) {
+                self.receive_message(&message);
             }
+        }
+    }
+
+    /// A NATS message from the network: each of its batches at its shard.
+    fn receive_message(&mut self, message: &[u8]) {
+        let batches = match message_batches(message) {
+            Ok(batches) => batches,
+            Err(e) => self.fail(format!("a message refused: {e}")),
+        };
+        for (to, range) in batches {
+            self.receive(to.0 as usize, &message[range]);
         }
     }
 
@@ -420,9 +434,10 @@ impl Sim {
     /// Every shard's due frames onto the network: some lost, some twice, each delayed.
     fn transmit(&mut self) {
         for s in 0..SHARDS {
-            for (_, batch) in self.remotes[s].poll_transmit(self.now_ms) {
-                self.net_batches += 1;
-                let to = batch_target(&batch);
+            let batches = self.remotes[s].poll_transmit(self.now_ms);
+            self.net_batches += batches.len() as u64;
+            for (_, message) in pack(batches) {
+                self.net_messages += 1;
                 let copies = if self.rng.gen_bool(NET_LOSS) {
                     self.net_lost += 1;
                     0
@@ -433,7 +448,7 @@ impl Sim {
                 };
                 for _ in 0..copies {
                     let due = self.now_ms + self.rng.gen_range(0..NET_DELAY_MS);
-                    self.net.push((due, to, batch.clone()));
+                    self.net.push((due, message.clone()));
                 }
             }
         }
@@ -1498,8 +1513,8 @@ impl Sim {
                     .partition(|b| b.0 <= self.now_ms);
                 self.net = later;
                 while !due.is_empty() {
-                    let (_, to, batch) = due.swap_remove(self.rng.gen_range(0..due.len()));
-                    self.receive(to, &batch);
+                    let (_, message) = due.swap_remove(self.rng.gen_range(0..due.len()));
+                    self.receive_message(&message);
                 }
             }
             10..=34 => {
@@ -1796,13 +1811,6 @@ impl Sim {
     }
 }
 
-/// The shard a batch is for.
-fn batch_target(batch: &[u8]) -> usize {
-    hermod_shards::remote::batch_destination(batch)
-        .expect("batches this simulation made")
-        .0 as usize
-}
-
 fn run(seed: u64, steps: usize) -> Sim {
     let mut sim = Sim::new(seed);
     // Phase 1: everyone registers, logs in and opens conversations, with random scheduling.
@@ -1903,7 +1911,7 @@ fn simulation_keeps_every_invariant() {
     let (mut admin_answered, mut notice_convs, mut revoked) = (0, 0, 0);
     let (mut crashes, mut reads, mut histories, mut amends, mut blocks) = (0, 0, 0, 0, 0);
     let (mut torn, mut raced) = (0, 0);
-    let (mut net_batches, mut net_lost, mut net_mails) = (0, 0, 0);
+    let (mut net_messages, mut net_batches, mut net_lost, mut net_mails) = (0, 0, 0, 0);
     for seed in seeds {
         let sim = run(seed, 6_000);
         assert!(
@@ -1927,6 +1935,7 @@ fn simulation_keeps_every_invariant() {
         blocks += sim.blocks.len();
         torn += sim.friend_torn.len();
         raced += sim.friend_raced.len();
+        net_messages += sim.net_messages;
         net_batches += sim.net_batches;
         net_lost += sim.net_lost;
         net_mails += sim
@@ -1937,7 +1946,8 @@ fn simulation_keeps_every_invariant() {
             .sum::<u64>();
     }
     println!(
-        "{net_mails} mails between nodes in this life of the links, {net_batches} batches \
+        "{net_mails} mails between nodes in this life of the links, {net_messages} messages \
+         carrying {net_batches} batches \
          ({net_lost} lost, more duplicated and reordered)"
     );
     println!(
