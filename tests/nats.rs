@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::nats::{Nats, PASSWORD};
+use common::nats::{Nats, Tls, PASSWORD};
 use hermod::nats::{Bridge, NatsConfig, Outgoing};
 use hermod_shards::link::{Frame, Link, LinkEvent};
 
@@ -127,6 +127,54 @@ fn an_nkey_logs_in_and_another_is_refused() {
         err.to_string().to_lowercase().contains("authorization"),
         "{err}"
     );
+}
+
+/// NATS requiring TLS and a client certificate: the bridge connects with the CA and its
+/// certificate and carries mail; without the certificate, or without the CA (an unknown
+/// issuer), it is refused.
+#[test]
+fn tls_with_a_client_certificate_connects_and_the_rest_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let tls = Tls::generate(dir.path());
+    let nats = Nats::start_tls(dir.path(), &tls);
+    let with_tls = |name: &str| NatsConfig {
+        tls: true,
+        tls_ca: Some(tls.ca.clone()),
+        tls_client: Some((tls.client_cert.clone(), tls.client_key.clone())),
+        ..nats.config(name, PASSWORD)
+    };
+    let a = Bridge::start(with_tls("a"), vec!["hermod.a".into()], 64).unwrap();
+    let b = Bridge::start(with_tls("b"), vec!["hermod.b".into()], 64).unwrap();
+    let (got, a, b) = on_glommio(move || {
+        Box::pin(async move {
+            // Core NATS may drop the first messages while the subscription settles: resend
+            // until one arrives (bounded).
+            let mut got = None;
+            for i in 0..50 {
+                a.out.send(numbered("hermod.b", i)).await.unwrap();
+                got = next(&b, Duration::from_millis(100)).await;
+                if got.is_some() {
+                    break;
+                }
+            }
+            (got, a, b)
+        })
+    });
+    assert!(got.is_some(), "a message crossed NATS over TLS");
+    drop((a, b));
+
+    let no_client_cert = NatsConfig {
+        tls_client: None,
+        connect_timeout: Duration::from_secs(2),
+        ..with_tls("c")
+    };
+    assert!(Bridge::start(no_client_cert, vec![], 16).is_err());
+    let unknown_issuer = NatsConfig {
+        tls_ca: None,
+        connect_timeout: Duration::from_secs(2),
+        ..with_tls("d")
+    };
+    assert!(Bridge::start(unknown_issuer, vec![], 16).is_err());
 }
 
 #[test]

@@ -10,7 +10,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::nats::{free_port, Nats, PASSWORD, USER};
+use common::nats::{free_port, Nats, Tls, PASSWORD, USER};
 use common::{create, http_get, next_msg, open, send, sync_all, Client, Server};
 use hermod_bench::conn::Target;
 use hermod_bench::scenario::{self, DirectParams, Timing};
@@ -25,6 +25,8 @@ struct Cluster {
     /// Node `i` lists only NATS server `i` (it learns the others from the cluster), so killing
     /// server `i` forces node `i` to reconnect elsewhere; otherwise every node lists all three.
     pinned: bool,
+    /// NATS requires TLS with client certificates, and the nodes' configs carry them.
+    tls: Option<Tls>,
     dir: tempfile::TempDir,
     nats: Vec<Nats>,
     map: ClusterMap,
@@ -40,8 +42,13 @@ impl Cluster {
     }
 
     fn start_with(names: &[&str], pinned: bool) -> Cluster {
+        Cluster::start_full(names, pinned, false)
+    }
+
+    fn start_full(names: &[&str], pinned: bool, tls: bool) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
-        let nats = Nats::cluster(dir.path());
+        let tls = tls.then(|| Tls::generate(dir.path()));
+        let nats = Nats::cluster_with(dir.path(), tls.as_ref());
         let ports: Vec<u16> = names.iter().map(|_| free_port()).collect();
         let map = ClusterMap {
             version: 1,
@@ -57,6 +64,7 @@ impl Cluster {
         };
         let mut cluster = Cluster {
             pinned,
+            tls,
             dir,
             nats,
             map,
@@ -91,6 +99,9 @@ impl Cluster {
             map.version,
             urls.join(", ")
         );
+        if let Some(tls) = &self.tls {
+            text += &tls.config_lines();
+        }
         for n in &map.nodes {
             text += &format!(
                 "\n[[cluster.nodes]]\nid = {:?}\nurl = {:?}\nshards = {}\n",
@@ -420,6 +431,20 @@ fn a_node_on_another_placement_map_is_never_linked() {
     assert!(page.contains("links up 0/4"), "{page}");
     let page = http_get(c.nodes[0].addr, "/readyz");
     assert!(page.contains("links up 0/4"), "{page}");
+}
+
+/// The nodes' NATS connections over TLS with client certificates, from the config file
+/// (`tls`, `tls_ca_file`, `tls_cert_file`, `tls_key_file`): they link, and mail crosses.
+#[test]
+fn nodes_link_over_nats_with_tls_and_client_certificates() {
+    let c = Cluster::start_full(&["a", "b"], false, true);
+    let alice = c.name("alice", |n| c.home(n) == 0);
+    let bob = c.name("bob", |n| c.home(n) == 1 && c.owner(&alice, n) == 1);
+    let (mut a, _) = c.user(&alice);
+    let (mut b, _) = c.user(&bob);
+    let conv = open(&mut a, &bob);
+    assert_eq!(send(&mut a, &conv, "over tls")["seq"], 1);
+    assert_eq!(next_msg(&mut b)["body"]["text"], "over tls");
 }
 
 #[test]

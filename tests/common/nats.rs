@@ -65,8 +65,24 @@ impl Nats {
         Nats::run(conf, port)
     }
 
+    /// One server requiring TLS with a client certificate signed by `tls`'s CA (and the
+    /// password, as every other here).
+    pub fn start_tls(dir: &Path, tls: &Tls) -> Nats {
+        let auth = format!(
+            "authorization {{ user: {USER}, password: \"{PASSWORD}\" }}\n{}",
+            tls.server_block()
+        );
+        Nats::alone(dir, "nats-tls.conf", &auth)
+    }
+
     /// Three servers routed to each other (explicit routes, as docs/cluster.md shows).
     pub fn cluster(dir: &Path) -> Vec<Nats> {
+        Nats::cluster_with(dir, None)
+    }
+
+    /// `cluster`, its client port requiring TLS with client certificates when `tls` is given
+    /// (the routes between the servers stay plain: loopback).
+    pub fn cluster_with(dir: &Path, tls: Option<&Tls>) -> Vec<Nats> {
         let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
         let routes: Vec<String> = ports
             .iter()
@@ -79,8 +95,9 @@ impl Nats {
                 let conf = dir.join(format!("nats-{i}.conf"));
                 let text = format!(
                     "server_name: n{i}\nlisten: 127.0.0.1:{port}\n\
-                     authorization {{ user: {USER}, password: \"{PASSWORD}\" }}\n\
+                     authorization {{ user: {USER}, password: \"{PASSWORD}\" }}\n{}\n\
                      cluster {{\n  name: hermod-test\n  listen: 127.0.0.1:{cport}\n  routes: [{}]\n}}\n",
+                    tls.map(Tls::server_block).unwrap_or_default(),
                     routes.join(", ")
                 );
                 std::fs::write(&conf, text).unwrap();
@@ -139,5 +156,64 @@ impl Drop for Nats {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A test CA, a server certificate for 127.0.0.1 and a client certificate it signed, as PEM
+/// files in a directory (generated with rcgen, so no `openssl` is needed).
+pub struct Tls {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+impl Tls {
+    pub fn generate(dir: &Path) -> Tls {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca_params, ca_key);
+        let signed = |names: Vec<String>| {
+            let key = KeyPair::generate().unwrap();
+            let cert = CertificateParams::new(names)
+                .unwrap()
+                .signed_by(&key, &issuer)
+                .unwrap();
+            (cert.pem(), key.serialize_pem())
+        };
+        let (server_cert, server_key) = signed(vec!["127.0.0.1".into(), "localhost".into()]);
+        let (client_cert, client_key) = signed(vec!["hermod-node".into()]);
+        let write = |name: &str, text: &str| {
+            let path = dir.join(name);
+            std::fs::write(&path, text).unwrap();
+            path
+        };
+        Tls {
+            ca: write("ca.pem", &ca_cert.pem()),
+            server_cert: write("server.pem", &server_cert),
+            server_key: write("server.key", &server_key),
+            client_cert: write("client.pem", &client_cert),
+            client_key: write("client.key", &client_key),
+        }
+    }
+
+    /// nats-server's `tls` block: this certificate, and client certificates required.
+    fn server_block(&self) -> String {
+        format!(
+            "tls {{\n  cert_file: {:?}\n  key_file: {:?}\n  ca_file: {:?}\n  verify: true\n  timeout: 2\n}}",
+            self.server_cert, self.server_key, self.ca
+        )
+    }
+
+    /// `[cluster.nats]` lines of a Hermod config file that use it.
+    pub fn config_lines(&self) -> String {
+        format!(
+            "tls = true\ntls_ca_file = {:?}\ntls_cert_file = {:?}\ntls_key_file = {:?}\n",
+            self.ca, self.client_cert, self.client_key
+        )
     }
 }
