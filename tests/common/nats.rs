@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 use hermod::nats::NatsConfig;
 
 pub const USER: &str = "hermod";
+/// Starts tried with fresh ports before a test gives up.
+const ATTEMPTS: usize = 5;
 pub const PASSWORD: &str = "a-test-password";
 
 /// A `nats-server` with user/password auth on a free loopback port; killed on drop.
@@ -55,14 +57,19 @@ impl Nats {
 
     /// One server on a free port, configured by `file` in `dir` with this `authorization`.
     fn alone(dir: &Path, file: &str, authorization: &str) -> Nats {
-        let port = free_port();
-        let conf = dir.join(file);
-        std::fs::write(
-            &conf,
-            format!("listen: 127.0.0.1:{port}\n{authorization}\n"),
-        )
-        .unwrap();
-        Nats::run(conf, port)
+        for _ in 0..ATTEMPTS {
+            let port = free_port();
+            let conf = dir.join(file);
+            std::fs::write(
+                &conf,
+                format!("listen: 127.0.0.1:{port}\n{authorization}\n"),
+            )
+            .unwrap();
+            if let Some(nats) = Nats::try_run(conf, port) {
+                return nats;
+            }
+        }
+        panic!("nats-server did not start in {ATTEMPTS} attempts");
     }
 
     /// One server requiring TLS with a client certificate signed by `tls`'s CA (and the
@@ -83,30 +90,43 @@ impl Nats {
     /// `cluster`, its client port requiring TLS with client certificates when `tls` is given
     /// (the routes between the servers stay plain: loopback).
     pub fn cluster_with(dir: &Path, tls: Option<&Tls>) -> Vec<Nats> {
-        let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
-        let routes: Vec<String> = ports
-            .iter()
-            .map(|(_, c)| format!("nats-route://127.0.0.1:{c}"))
-            .collect();
-        ports
-            .iter()
-            .enumerate()
-            .map(|(i, (port, cport))| {
-                let conf = dir.join(format!("nats-{i}.conf"));
-                let text = format!(
-                    "server_name: n{i}\nlisten: 127.0.0.1:{port}\n\
-                     authorization {{ user: {USER}, password: \"{PASSWORD}\" }}\n{}\n\
-                     cluster {{\n  name: hermod-test\n  listen: 127.0.0.1:{cport}\n  routes: [{}]\n}}\n",
-                    tls.map(Tls::server_block).unwrap_or_default(),
-                    routes.join(", ")
-                );
-                std::fs::write(&conf, text).unwrap();
-                Nats::run(conf, *port)
-            })
-            .collect()
+        for _ in 0..ATTEMPTS {
+            let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
+            let routes: Vec<String> = ports
+                .iter()
+                .map(|(_, c)| format!("nats-route://127.0.0.1:{c}"))
+                .collect();
+            let servers: Option<Vec<Nats>> = ports
+                .iter()
+                .enumerate()
+                .map(|(i, (port, cport))| {
+                    let conf = dir.join(format!("nats-{i}.conf"));
+                    let text = format!(
+                        "server_name: n{i}\nlisten: 127.0.0.1:{port}\n\
+                         authorization {{ user: {USER}, password: \"{PASSWORD}\" }}\n{}\n\
+                         cluster {{\n  name: hermod-test\n  listen: 127.0.0.1:{cport}\n  routes: [{}]\n}}\n",
+                        tls.map(Tls::server_block).unwrap_or_default(),
+                        routes.join(", ")
+                    );
+                    std::fs::write(&conf, text).unwrap();
+                    Nats::try_run(conf, *port)
+                })
+                .collect();
+            if let Some(servers) = servers {
+                return servers;
+            }
+        }
+        panic!("a nats-server cluster did not start in {ATTEMPTS} attempts");
     }
 
+    /// Starts `nats-server -c conf` and waits for it to listen on `port`.
     pub fn run(conf: PathBuf, port: u16) -> Nats {
+        Nats::try_run(conf, port).expect("nats-server starts and listens")
+    }
+
+    /// `run`, or `None` if the server exited first: a port picked free was taken meanwhile
+    /// (tests run in parallel, and outgoing connections draw from the same ports).
+    fn try_run(conf: PathBuf, port: u16) -> Option<Nats> {
         let child = Command::new(nats_server_bin())
             .arg("-c")
             .arg(&conf)
@@ -114,16 +134,21 @@ impl Nats {
             .stderr(Stdio::null())
             .spawn()
             .expect("start nats-server");
+        // Killed on drop if it does not come up.
+        let mut nats = Nats { child, port, conf };
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         let deadline = Instant::now() + Duration::from_secs(10);
         while TcpStream::connect(addr).is_err() {
+            if nats.child.try_wait().ok().flatten().is_some() {
+                return None;
+            }
             assert!(
                 Instant::now() < deadline,
                 "nats-server did not listen on {addr}"
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        Nats { child, port, conf }
+        Some(nats)
     }
 
     pub fn url(&self) -> String {
