@@ -64,6 +64,31 @@ fn echo_scenario_answers_every_ping() {
     assert_eq!(f["errors"], 0, "{f}");
 }
 
+/// The ceilings run without a server: frames cross the loopback sockets and round trips
+/// complete (a short run; core 0 exists on every machine).
+#[test]
+fn ceiling_scenarios_move_frames_without_a_server() {
+    for mode in [scenario::CeilingMode::Fanout, scenario::CeilingMode::Echo] {
+        let params = scenario::CeilingParams {
+            mode,
+            conns: 20,
+            frame_bytes: 200,
+            batch: 2,
+            window: 2,
+            warmup_s: 0.1,
+            duration_s: 0.3,
+            server_core: 0,
+        };
+        let report = runtime().block_on(scenario::ceiling(params)).unwrap();
+        let f = &report.figures;
+        let moved = match mode {
+            scenario::CeilingMode::Fanout => &f["frames_written_per_s"],
+            scenario::CeilingMode::Echo => &f["round_trips_per_s"],
+        };
+        assert!(moved.as_f64().unwrap() > 100.0, "{f}");
+    }
+}
+
 #[test]
 fn idle_scenario_holds_its_connections() {
     let server = Server::start(&[]);

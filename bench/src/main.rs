@@ -188,6 +188,33 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         report: Option<PathBuf>,
     },
+    /// What this host's kernel allows without Hermod, for the other figures to be read as a
+    /// share of: `fanout` (one core writing frames to N sockets) or `echo` (one core echoing
+    /// on N sockets). The server side is a thread pinned to --server-core.
+    Ceiling {
+        #[arg(long, value_enum)]
+        mode: scenario::CeilingMode,
+        #[arg(long, default_value_t = 1000)]
+        conns: usize,
+        /// Payload bytes per WebSocket frame.
+        #[arg(long, default_value_t = 200)]
+        frame_bytes: usize,
+        /// fanout: frames per write(2) to one socket.
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        /// echo: frames in flight per connection.
+        #[arg(long, default_value_t = 1)]
+        window: usize,
+        #[arg(long, default_value_t = 1.0)]
+        warmup: f64,
+        #[arg(long, default_value_t = 5.0)]
+        duration: f64,
+        #[arg(long, default_value_t = 0)]
+        server_core: usize,
+        /// Write the JSON report here.
+        #[arg(long, value_name = "FILE")]
+        report: Option<PathBuf>,
+    },
     /// Print the figures of two reports side by side with their change.
     Compare { a: PathBuf, b: PathBuf },
 }
@@ -254,6 +281,34 @@ fn run() -> anyhow::Result<ExitCode> {
             if let Some(temp) = temp {
                 let _ = std::fs::remove_dir_all(temp);
             }
+            return finish(&result?, report.as_ref());
+        }
+        Command::Ceiling {
+            mode,
+            conns,
+            frame_bytes,
+            batch,
+            window,
+            warmup,
+            duration,
+            server_core,
+            report,
+        } => {
+            raise_nofile_limit();
+            let params = scenario::CeilingParams {
+                mode,
+                conns,
+                frame_bytes,
+                batch,
+                window,
+                warmup_s: warmup,
+                duration_s: duration,
+                server_core,
+            };
+            let result = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(scenario::ceiling(params));
             return finish(&result?, report.as_ref());
         }
         Command::Direct {

@@ -5,7 +5,8 @@
 //! | --- | --- |
 //! | `direct.rs` | `direct`: one-to-one messages at a fixed total rate |
 //! | `group.rs` | `group`: group messages at a fixed total rate, deliveries per second |
-//! | `echo.rs` | `echo`: `ping` round trips, the ceiling the others are compared with |
+//! | `echo.rs` | `echo`: `ping` round trips, Hermod's cheapest request |
+//! | `ceiling.rs` | `ceiling`: the kernel's fan-out and request/response ceilings, no Hermod |
 //! | `idle.rs` | `idle`: held connections, server memory per connection |
 //! | `connect.rs` | `connect`: a storm of new connections resuming with tokens |
 //! | `sync.rs` | `sync`: devices paging in what piled up while they were away |
@@ -13,6 +14,7 @@
 //!
 //! `presence` and `crash` are scenarios too, in their own modules of the crate.
 
+mod ceiling;
 mod connect;
 mod direct;
 mod echo;
@@ -21,6 +23,7 @@ mod idle;
 mod open_loop;
 mod sync;
 
+pub use ceiling::{ceiling, CeilingMode, CeilingParams};
 pub use connect::{connect, ConnectParams};
 pub use direct::{direct, DirectParams};
 pub use echo::{echo, EchoParams};
