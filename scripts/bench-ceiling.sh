@@ -46,6 +46,11 @@ for rate in 80000 120000; do
   run "echo-$rate" echo --url ws://127.0.0.1:7450/ws --conns 50 --rate "$rate" --duration 5 --warmup 1
   stop
 done
+for rate in 20000 30000; do
+  serve
+  run "direct-$rate" direct --url ws://127.0.0.1:7450/ws --users 200 --peers 4 --rate "$rate" --duration 5 --warmup 1
+  stop
+done
 for rate in 10 20; do
   serve
   run "group-5000-$rate" group --url ws://127.0.0.1:7450/ws --users 5000 --groups 1 --members 5000 \
