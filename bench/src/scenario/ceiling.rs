@@ -243,22 +243,19 @@ async fn fanout(
         Ok(())
     });
     let window = Window::new(p);
+    let counters = || {
+        (
+            read.load(Ordering::Relaxed),
+            written.load(Ordering::Relaxed),
+            writes.load(Ordering::Relaxed),
+            blocked.load(Ordering::Relaxed),
+            server.cpu(),
+        )
+    };
     tokio::time::sleep_until(window.start.into()).await;
-    let (read0, written0, writes0, blocked0, cpu0) = (
-        read.load(Ordering::Relaxed),
-        written.load(Ordering::Relaxed),
-        writes.load(Ordering::Relaxed),
-        blocked.load(Ordering::Relaxed),
-        server.cpu(),
-    );
+    let (read0, written0, writes0, blocked0, cpu0) = counters();
     tokio::time::sleep_until(window.end.into()).await;
-    let (read1, written1, writes1, blocked1, cpu1) = (
-        read.load(Ordering::Relaxed),
-        written.load(Ordering::Relaxed),
-        writes.load(Ordering::Relaxed),
-        blocked.load(Ordering::Relaxed),
-        server.cpu(),
-    );
+    let (read1, written1, writes1, blocked1, cpu1) = counters();
     server.finish()?;
     for r in readers {
         r.abort();

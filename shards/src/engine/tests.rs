@@ -2,6 +2,20 @@
 //! through `poll_timeout`/`handle_timeout` (`deadlines`). The simulation of several engines is
 //! `shards/tests/sim.rs`.
 
+/// The map of two one-shard nodes, `a` (shard 0) and `b` (shard 1).
+fn two_one_shard_nodes() -> std::sync::Arc<crate::cluster::ClusterMap> {
+    use crate::cluster::{ClusterMap, NodeSpec};
+    let node = |id: &str| NodeSpec {
+        id: id.into(),
+        url: format!("ws://{id}/ws"),
+        shards: 1,
+    };
+    std::sync::Arc::new(ClusterMap {
+        version: 1,
+        nodes: vec![node("a"), node("b")],
+    })
+}
+
 mod fuzz {
     //! Seeded random and mutated frames through a real engine (a stable-toolchain stand-in for
     //! cargo-fuzz): no panic, and every frame that carries a rid is answered exactly once or
@@ -217,18 +231,9 @@ mod deadlines {
     /// Shard 0 of a cluster of two one-shard nodes, with `user…` logged in on `ConnId(1)`;
     /// also returns a one-to-one conversation of that user owned by node b's shard.
     fn node_a_with_a_user() -> (Shard<MemStorage>, MemStorage, crate::ids::ConvId) {
-        use crate::cluster::{ClusterMap, NodeSpec};
         use crate::ids::{ConvId, UserId};
 
-        let node = |id: &str| NodeSpec {
-            id: id.into(),
-            url: format!("ws://{id}/ws"),
-            shards: 1,
-        };
-        let map = std::sync::Arc::new(ClusterMap {
-            version: 1,
-            nodes: vec![node("a"), node("b")],
-        });
+        let map = super::two_one_shard_nodes();
         let mut cfg = Config::in_cluster(ShardId(0), map.clone(), 0, [1; 32]);
         cfg.hash_cost = crate::auth::HashCost {
             memory_kib: 8,
@@ -371,7 +376,7 @@ mod torn {
     //! Relations kept on two shards, cut between their two sides — the second side's mail
     //! lost, as it is to a crash or a node lost between them — and what completes them.
     use super::super::*;
-    use crate::cluster::{ClusterMap, NodeSpec};
+    use crate::cluster::ClusterMap;
     use crate::ids::{ConvId, UserId};
     use crate::mail::Mail;
     use crate::storage::{keys, FriendRecord, FriendState, MemStorage, Storage};
@@ -396,15 +401,7 @@ mod torn {
 
     impl Two {
         fn new() -> Two {
-            let node = |id: &str| NodeSpec {
-                id: id.into(),
-                url: format!("ws://{id}/ws"),
-                shards: 1,
-            };
-            let map = std::sync::Arc::new(ClusterMap {
-                version: 1,
-                nodes: vec![node("a"), node("b")],
-            });
+            let map = super::two_one_shard_nodes();
             let stores = vec![MemStorage::default(), MemStorage::default()];
             let shards = (0..2)
                 .map(|i| Shard::new(config(&map, i), stores[usize::from(i)].clone()))
