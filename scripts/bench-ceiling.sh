@@ -40,6 +40,10 @@ stop() {
 run ceiling-fanout-5000 ceiling --mode fanout --conns 5000 --duration 5 --warmup 1
 run ceiling-fanout-9000 ceiling --mode fanout --conns 9000 --duration 5 --warmup 1
 run ceiling-fanout-5000-batch4 ceiling --mode fanout --conns 5000 --batch 4 --duration 5 --warmup 1
+for rounds in 2 10 20; do
+  run "ceiling-fanout-5000-rounds$rounds" ceiling --mode fanout --conns 5000 --rounds-per-s "$rounds" \
+    --duration 5 --warmup 1
+done
 run ceiling-echo-50 ceiling --mode echo --conns 50 --duration 5 --warmup 1
 for rate in 80000 120000; do
   serve
@@ -51,7 +55,7 @@ for rate in 20000 30000; do
   run "direct-$rate" direct --url ws://127.0.0.1:7450/ws --users 200 --peers 4 --rate "$rate" --duration 5 --warmup 1
   stop
 done
-for rate in 10 20; do
+for rate in 2 10 20; do
   serve
   run "group-5000-$rate" group --url ws://127.0.0.1:7450/ws --users 5000 --groups 1 --members 5000 \
     --senders 10 --rate "$rate" --duration 5 --warmup 1 --drain 20

@@ -68,13 +68,19 @@ fn echo_scenario_answers_every_ping() {
 /// complete (a short run; core 0 exists on every machine).
 #[test]
 fn ceiling_scenarios_move_frames_without_a_server() {
-    for mode in [scenario::CeilingMode::Fanout, scenario::CeilingMode::Echo] {
+    let paced = |rounds| (scenario::CeilingMode::Fanout, Some(rounds));
+    for (mode, rounds_per_s) in [
+        (scenario::CeilingMode::Fanout, None),
+        paced(50.0),
+        (scenario::CeilingMode::Echo, None),
+    ] {
         let params = scenario::CeilingParams {
             mode,
             conns: 20,
             frame_bytes: 200,
             batch: 2,
             window: 2,
+            rounds_per_s,
             warmup_s: 0.1,
             duration_s: 0.3,
             server_core: 0,
@@ -86,6 +92,11 @@ fn ceiling_scenarios_move_frames_without_a_server() {
             scenario::CeilingMode::Echo => &f["round_trips_per_s"],
         };
         assert!(moved.as_f64().unwrap() > 100.0, "{f}");
+        if rounds_per_s.is_some() {
+            // 50 rounds a second over the 0.3 s window: about 15, each timed.
+            let rounds = f["round"]["count"].as_u64().unwrap();
+            assert!((5..=20).contains(&rounds), "{f}");
+        }
     }
 }
 

@@ -205,6 +205,10 @@ enum Command {
         /// echo: frames in flight per connection.
         #[arg(long, default_value_t = 1)]
         window: usize,
+        /// fanout: one frame to every socket this many times a second (a message to a group
+        /// of --conns at that pace), reporting how long each round takes; default flat out.
+        #[arg(long)]
+        rounds_per_s: Option<f64>,
         #[arg(long, default_value_t = 1.0)]
         warmup: f64,
         #[arg(long, default_value_t = 5.0)]
@@ -289,6 +293,7 @@ fn run() -> anyhow::Result<ExitCode> {
             frame_bytes,
             batch,
             window,
+            rounds_per_s,
             warmup,
             duration,
             server_core,
@@ -301,6 +306,7 @@ fn run() -> anyhow::Result<ExitCode> {
                 frame_bytes,
                 batch,
                 window,
+                rounds_per_s,
                 warmup_s: warmup,
                 duration_s: duration,
                 server_core,

@@ -10,6 +10,10 @@
 //!   `--conns` open sockets as fast as it can, `--batch` frames per `write(2)` (1: one write per
 //!   delivery, as a push to each member of a group costs). The load side reads and counts. The
 //!   figure: frames written per second by one core. `group` is compared with it.
+//!   With `--rounds-per-s R` it writes instead one frame to every socket R times a second (a
+//!   message to a group of N, its readers idle in between, as at a group's usual pace): the
+//!   figure is how long one core takes for a round — the floor of the time a message takes to
+//!   reach a group's last member, which `group`'s end-to-end latency is compared with.
 //! - `echo`: the server thread echoes whatever it reads on `--conns` sockets (a tokio
 //!   current-thread loop: read, then write back); the load side keeps `--window` frames in
 //!   flight per connection, closed loop. The figure: round trips per second by one core, and
@@ -51,6 +55,8 @@ pub struct CeilingParams {
     pub batch: usize,
     /// `echo`: frames in flight per connection.
     pub window: usize,
+    /// `fanout`: one frame to every socket this many times a second, instead of flat out.
+    pub rounds_per_s: Option<f64>,
     pub warmup_s: f64,
     pub duration_s: f64,
     /// The core the server thread pins itself to.
@@ -219,12 +225,18 @@ async fn fanout(
     }
     let chunk = frame.repeat(p.batch);
     let (w, wb, b) = (writes.clone(), written.clone(), blocked.clone());
+    // Each paced round: when it started and how long it took.
+    let rounds = Arc::new(std::sync::Mutex::new(Vec::<(Instant, Duration)>::new()));
+    let (pace, rounds_out) = (p.rounds_per_s, rounds.clone());
     let server = ServerThread::spawn(p.server_core, move |stop| {
         let mut servers = servers;
         for s in &servers {
             s.set_nonblocking(true)?;
         }
+        let period = pace.map(|r| Duration::from_secs_f64(1.0 / r));
+        let mut next = Instant::now();
         while !stop.load(Ordering::Relaxed) {
+            let round = Instant::now();
             for s in &mut servers {
                 // A partial write leaves a frame cut; the reader counts bytes, so the
                 // figure holds (frames = bytes / frame size).
@@ -238,6 +250,14 @@ async fn fanout(
                     }
                     Err(e) => return Err(e.into()),
                 }
+            }
+            if let Some(period) = period {
+                let took = round.elapsed();
+                if let Ok(mut rounds) = rounds_out.lock() {
+                    rounds.push((round, took));
+                }
+                next += period;
+                std::thread::sleep(next.saturating_duration_since(Instant::now()));
             }
         }
         Ok(())
@@ -262,6 +282,13 @@ async fn fanout(
     }
     let secs = p.duration_s;
     let frames = |bytes: u64| bytes as f64 / frame.len() as f64 / secs;
+    let mut round_h = histogram();
+    let rounds = rounds.lock().map(|r| r.clone()).unwrap_or_default();
+    for &(at, took) in &rounds {
+        if at >= window.start && at < window.end {
+            record(&mut round_h, took);
+        }
+    }
     // Written is exact for the window; read lags it by what sits in socket buffers at each
     // end of the window (up to a few MB over thousands of sockets), so it is shown beside.
     let figures = json!({
@@ -272,8 +299,10 @@ async fn fanout(
         "bytes_per_s": (read1 - read0) as f64 / secs,
         "server_core_busy": (cpu1 - cpu0).as_secs_f64() / secs,
         "frame_wire_bytes": frame.len(),
+        "round": Summary::of(&round_h),
+        "round_us_per_frame": Summary::of(&round_h).mean_us / p.conns as f64,
     });
-    Report::new("ceiling-fanout", p, figures, &[])
+    Report::new("ceiling-fanout", p, figures, &[("round", &round_h)])
 }
 
 async fn echo(
