@@ -26,6 +26,7 @@ fn direct_scenario_accounts_for_every_message() {
             warmup_s: 0.2,
             duration_s: 1.0,
             drain_s: 10.0,
+            ack_delay_ms: 20,
         },
         body_bytes: 32,
         prefix: "smoke".into(),
@@ -54,6 +55,7 @@ fn echo_scenario_answers_every_ping() {
             warmup_s: 0.2,
             duration_s: 1.0,
             drain_s: 10.0,
+            ack_delay_ms: 20,
         },
         prefix: "echo".into(),
     };
@@ -200,6 +202,7 @@ fn group_scenario_accounts_for_every_delivery() {
             warmup_s: 0.2,
             duration_s: 1.0,
             drain_s: 10.0,
+            ack_delay_ms: 20,
         },
         body_bytes: 16,
         prefix: "bg".into(),

@@ -466,6 +466,7 @@ fn a_nats_server_dying_under_load_loses_nothing_between_nodes() {
             warmup_s: 0.5,
             duration_s: 3.0,
             drain_s: 20.0,
+            ack_delay_ms: 20,
         },
         body_bytes: 32,
         prefix: "natskill".into(),

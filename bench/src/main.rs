@@ -38,6 +38,10 @@ struct Common {
     /// Longest wait after the last send for outstanding acks and deliveries.
     #[arg(long, default_value_t = 10.0)]
     drain: f64,
+    /// How long a connection holds its pushes' acks to send them together (1-2500 ms):
+    /// how often the modelled client acks (docs/protocol.md, `ack`).
+    #[arg(long, default_value_t = 20)]
+    ack_delay_ms: u64,
     /// Local source addresses, spread round-robin: comma-separated addresses or IPv4 ranges
     /// (`127.0.0.1-127.0.0.8`). Needed past ~28k connections per source (local ports).
     #[arg(long, value_name = "ADDRS")]
@@ -475,6 +479,7 @@ fn timing(common: &Common) -> Timing {
         warmup_s: common.warmup,
         duration_s: common.duration,
         drain_s: common.drain,
+        ack_delay_ms: common.ack_delay_ms,
     }
 }
 

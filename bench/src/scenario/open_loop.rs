@@ -25,14 +25,11 @@ use crate::stats::{histogram, record, Correctness, Summary};
 /// Request ids of the measured phase start here, so `rid - RID_BASE` is the send's index.
 pub(super) const RID_BASE: u64 = 1 << 32;
 
-/// Pushes are acked in batches of this many, or after `ACK_DELAY`.
+/// Pushes are acked in batches of this many, or after `Timing::ack_delay_ms`.
 pub(super) const ACK_BATCH: usize = 64;
 
 /// How often an idle reader re-checks whether the run has drained.
 pub(super) const IDLE_TICK: Duration = Duration::from_millis(250);
-
-/// Well under the server's push retry interval (5 s), so batching never causes a resend.
-pub(super) const ACK_DELAY: Duration = Duration::from_millis(20);
 
 /// The fixed send times of one connection.
 #[derive(Clone, Copy)]
@@ -147,6 +144,10 @@ pub struct Timing {
     pub duration_s: f64,
     /// Longest wait after the last send for acks and deliveries.
     pub drain_s: f64,
+    /// How long a connection holds its pushes' acks to send them together (or until
+    /// `ACK_BATCH` wait): how often a client acks. Under the server's push retry interval
+    /// (5 s), so batching never causes a resend.
+    pub ack_delay_ms: u64,
 }
 
 impl Timing {
@@ -154,6 +155,10 @@ impl Timing {
         anyhow::ensure!(
             self.rate > 0.0 && self.duration_s > 0.0,
             "rate and duration must be positive"
+        );
+        anyhow::ensure!(
+            (1..=2_500).contains(&self.ack_delay_ms),
+            "the ack delay must be 1-2500 ms: under half the server's push retry interval"
         );
         Ok(())
     }
@@ -210,6 +215,7 @@ pub(super) async fn drive<P: Serialize>(
                 (warm_end, sends_end, deadline),
                 pad,
                 (progress, all_sent, n as u64, fanout),
+                Duration::from_millis(t.ack_delay_ms),
             )
             .await
         }));
@@ -325,6 +331,7 @@ pub(super) async fn direct_conn(
     (warm_end, sends_end, deadline): (Instant, Instant, Instant),
     pad: String,
     (progress, all_sent, conns, fanout): (Arc<Progress>, Arc<AtomicU64>, u64, u64),
+    ack_delay: Duration,
 ) -> anyhow::Result<DirectConn> {
     let (mut tx, mut rx) = conn.split();
     let (ack_tx, mut ack_rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u64>>();
@@ -398,7 +405,7 @@ pub(super) async fn direct_conn(
         if drained || Instant::now() >= deadline {
             break;
         }
-        if !pids.is_empty() && (pids.len() >= ACK_BATCH || last_ack.elapsed() >= ACK_DELAY) {
+        if !pids.is_empty() && (pids.len() >= ACK_BATCH || last_ack.elapsed() >= ack_delay) {
             let _ = ack_tx.send(std::mem::take(&mut pids));
             last_ack = Instant::now();
         }
@@ -408,7 +415,7 @@ pub(super) async fn direct_conn(
         let wait = if pids.is_empty() {
             IDLE_TICK
         } else {
-            ACK_DELAY
+            ack_delay
         };
         let text = match tokio::time::timeout(wait, rx.next()).await {
             Err(_) => continue, // nothing for a while: re-check acks and the drain
