@@ -11,7 +11,7 @@ use crate::ws::{Decoder, Message};
 
 /// What decoding a byte stream produced: its messages, then the close code of the violation
 /// that stopped it, if any.
-type Outcome = (Vec<Message>, Option<u16>);
+type Outcome = (Vec<Message<'static>>, Option<u16>);
 
 /// The largest message the harness allows (small, so the 1009 paths run often).
 const FUZZ_MESSAGE_BYTES_MAX: usize = 256;
@@ -29,9 +29,10 @@ fn decode_reads(stream: &[u8], cuts: &[usize], suspend_after: Option<usize>) -> 
         start = end;
         let mut used = 0;
         loop {
+            let len = inbuf.len();
             match decoder.decode(&mut inbuf[used..], FUZZ_MESSAGE_BYTES_MAX) {
                 Ok((msg, n)) => {
-                    assert!(used + n <= inbuf.len(), "consumed more than it was given");
+                    assert!(used + n <= len, "consumed more than it was given");
                     used += n;
                     match msg {
                         Some(Message::Close(Some(code))) => {
@@ -40,9 +41,9 @@ fn decode_reads(stream: &[u8], cuts: &[usize], suspend_after: Option<usize>) -> 
                         }
                         Some(Message::Text(t)) => {
                             assert!(t.len() <= FUZZ_MESSAGE_BYTES_MAX);
-                            msgs.push(Message::Text(t));
+                            msgs.push(Message::Text(t.into_owned().into()));
                         }
-                        Some(m) => msgs.push(m),
+                        Some(m) => msgs.push(m.into_owned()),
                         None => break,
                     }
                 }

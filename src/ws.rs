@@ -21,12 +21,16 @@
 //! Fragments are consumed from the caller's buffer as they arrive (the decoder keeps the
 //! message so far), so a fragmented message may span any number of socket reads.
 
+use std::borrow::Cow;
+
 use hermod_shards::protocol::close;
 
 /// What one complete client message or control frame was.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Message {
-    Text(String),
+pub enum Message<'a> {
+    /// An unfragmented message is borrowed from the connection's buffer (unmasked in place):
+    /// no allocation or copy per frame. A reassembled one is owned.
+    Text(Cow<'a, str>),
     Ping(Vec<u8>),
     Pong,
     /// A close frame with its (valid) code, if it had one.
@@ -34,6 +38,18 @@ pub enum Message {
 }
 
 /// A framing violation, with the close code it earns.
+impl Message<'_> {
+    /// The message, no longer borrowing the connection's buffer.
+    pub fn into_owned(self) -> Message<'static> {
+        match self {
+            Message::Text(text) => Message::Text(Cow::Owned(text.into_owned())),
+            Message::Ping(payload) => Message::Ping(payload),
+            Message::Pong => Message::Pong,
+            Message::Close(code) => Message::Close(code),
+        }
+    }
+}
+
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 #[error("websocket {reason} (close {code})")]
 pub struct WsError {
@@ -94,19 +110,22 @@ impl Decoder {
     /// and how many bytes of `buf` were consumed. Bytes are consumed even without a message
     /// (the fragments of a message still in progress, now held by the decoder), so the caller
     /// must always drop the consumed bytes. Unmasks in place.
-    pub fn decode(
+    pub fn decode<'a>(
         &mut self,
-        buf: &mut [u8],
+        buf: &'a mut [u8],
         max_message_bytes: usize,
-    ) -> Result<(Option<Message>, usize), WsError> {
+    ) -> Result<(Option<Message<'a>>, usize), WsError> {
         let mut used = 0;
-        loop {
+        // Where a whole unfragmented text message lies in `buf`: borrowed after the loop,
+        // once the loop's mutable borrows of `buf` are over.
+        let text = loop {
             // A fragment may add only what is left of the message's allowance.
             let held = self.partial.as_ref().map_or(0, |p| p.payload.len());
             let Some(frame) = next_frame(&mut buf[used..], max_message_bytes - held)? else {
                 return Ok((None, used));
             };
-            let data = &buf[used + frame.start..used + frame.start + frame.len];
+            let range = used + frame.start..used + frame.start + frame.len;
+            let data = &buf[range.clone()];
             used += frame.total;
             match frame.opcode {
                 OP_CLOSE | OP_PING | OP_PONG => {
@@ -126,10 +145,7 @@ impl Decoder {
                         return fail(close::UNSUPPORTED_DATA, "text frames only");
                     }
                     if frame.fin {
-                        return match std::str::from_utf8(data) {
-                            Ok(text) => Ok((Some(Message::Text(text.to_owned())), used)),
-                            Err(_) => fail(close::INVALID_PAYLOAD, "text is not UTF-8"),
-                        };
+                        break range;
                     }
                     let mut partial = Partial {
                         payload: data.to_vec(),
@@ -151,12 +167,17 @@ impl Decoder {
                         }
                         let text = String::from_utf8(partial.payload)
                             .expect("every byte was checked as it arrived");
-                        return Ok((Some(Message::Text(text)), used));
+                        return Ok((Some(Message::Text(Cow::Owned(text))), used));
                     }
                 }
                 _ => return fail(close::PROTOCOL_ERROR, "unknown opcode"),
             }
             // A non-final fragment was absorbed: keep going while whole frames remain.
+        };
+        let buf: &'a [u8] = buf;
+        match std::str::from_utf8(&buf[text]) {
+            Ok(text) => Ok((Some(Message::Text(Cow::Borrowed(text))), used)),
+            Err(_) => fail(close::INVALID_PAYLOAD, "text is not UTF-8"),
         }
     }
 
@@ -326,7 +347,7 @@ mod tests {
 
     /// Decodes `buf` delivered in `reads` the way the connection loop does (append, decode
     /// until nothing more, drop what was consumed): the messages, then the error if any.
-    fn run(reads: &[&[u8]], max: usize) -> (Vec<Message>, Option<u16>) {
+    fn run(reads: &[&[u8]], max: usize) -> (Vec<Message<'static>>, Option<u16>) {
         let mut d = Decoder::default();
         let mut inbuf = Vec::new();
         let mut msgs = Vec::new();
@@ -338,7 +359,7 @@ mod tests {
                     Ok((msg, n)) => {
                         used += n;
                         match msg {
-                            Some(m) => msgs.push(m),
+                            Some(m) => msgs.push(m.into_owned()),
                             None => break,
                         }
                     }
@@ -460,8 +481,9 @@ mod tests {
     fn suspend_carries_a_fragment_in_progress() {
         let mut buf = frame(false, OP_TEXT, &[b'x', 0xE2]);
         let mut d = Decoder::default();
+        let len = buf.len();
         let (msg, used) = d.decode(&mut buf, 100).unwrap();
-        assert_eq!((msg, used), (None, buf.len()), "the fragment is consumed");
+        assert_eq!((msg, used), (None, len), "the fragment is consumed");
         let rest = frame(true, OP_CONT, &[0x82, 0xAC]);
         let moved = d.suspend(rest);
         assert_eq!(
