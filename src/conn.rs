@@ -300,9 +300,6 @@ async fn ws_loop(
 ) -> std::io::Result<Option<TcpStream>> {
     let mut decoder = Decoder::default();
     let mut out = Vec::new();
-    // Dropped before `stream` (a parameter, dropped last) at every return: no write through
-    // the fd once it is closed or handed off.
-    let _write_through = outbox.write_through(stream.as_raw_fd());
     loop {
         // Everything complete in the buffer first; stop at a hand-off, leaving the rest raw.
         let mut used = 0;
@@ -350,7 +347,6 @@ async fn ws_loop(
         let bytes = !out.is_empty();
         if bytes {
             stream.write_all(&out).await?;
-            outbox.written();
             out.clear();
             if out.capacity() > KEEP_BUFFER_BYTES {
                 out = Vec::new();
