@@ -27,6 +27,14 @@ use crate::storage::{
     StorageError,
 };
 
+/// Blocks (and unblocks) recorded on the blocker's home whose copy at the conversation's
+/// owner — the one that refuses sends — is not yet confirmed. Each is also a `BLOCK_SYNC`
+/// key, so a crash or a lost node between the two writes cannot leave the block shown to its
+/// user but not enforced: the pair is sent again at start and when a link is back, until the
+/// owner confirms (`Mail::BlockSynced`).
+#[derive(Default)]
+pub(super) struct BlockSyncs(HashSet<(UserId, UserId)>);
+
 /// Two friend operations on one pair can cross, each deciding the other user's side first:
 /// - both ask at once: each side first records the other's request (`incoming`), or already
 ///   the friendship, then its own answer arrives — both asked, so both are friends;
@@ -42,14 +50,6 @@ use crate::storage::{
 /// finds nothing to undo), and so does the other user's next operation on the pair (an accept
 /// of a request the asker's side lost stands). Other crossings (a decline racing a new
 /// request) can still disagree: see docs/protocol.md, Friends.
-/// Blocks (and unblocks) recorded on the blocker's home whose copy at the conversation's
-/// owner — the one that refuses sends — is not yet confirmed. Each is also a `BLOCK_SYNC`
-/// key, so a crash or a lost node between the two writes cannot leave the block shown to its
-/// user but not enforced: the pair is sent again at start and when a link is back, until the
-/// owner confirms (`Mail::BlockSynced`).
-#[derive(Default)]
-pub(super) struct BlockSyncs(HashSet<(UserId, UserId)>);
-
 #[derive(Default)]
 pub(super) struct FriendRaces {
     /// (requester, other) → requests sent, second side not yet written.
@@ -533,11 +533,8 @@ impl<S: Storage> Shard<S> {
                 }
             };
             for (key, _) in rows {
-                let blocker = key.get(3..11).and_then(|b| b.try_into().ok());
-                let other = keys::other_of_user_pair(&key);
-                if let (Some(blocker), Some(other)) = (blocker, other) {
-                    let blocker = UserId(u64::from_be_bytes(blocker));
-                    self.block_syncs.0.insert((blocker, other));
+                if let Some(pair) = keys::users_of_user_pair(&key) {
+                    self.block_syncs.0.insert(pair);
                 }
             }
         }

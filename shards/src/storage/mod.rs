@@ -201,6 +201,12 @@ pub mod keys {
         Some(UserId(u64::from_be_bytes(tail)))
     }
 
+    /// Both users of a `user_pair` key: (user, other).
+    pub fn users_of_user_pair(key: &[u8]) -> Option<(UserId, UserId)> {
+        let user: [u8; 8] = key.get(3..3 + 8)?.try_into().ok()?;
+        Some((UserId(u64::from_be_bytes(user)), other_of_user_pair(key)?))
+    }
+
     pub const FRIEND: u8 = b'F';
     pub const BLOCK: u8 = b'B';
     /// A block (or unblock) whose copy at the conversation's owner is not yet confirmed: an
