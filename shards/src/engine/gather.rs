@@ -12,7 +12,7 @@ use std::fmt::Write as _;
 use super::timers::Timer;
 use super::Shard;
 use crate::ids::{ConnId, ConvId, Seq, ShardId, UserId};
-use crate::limits::{CONV_LIST_MAX, CROSS_NODE_WAIT_MS, PAGE_BYTES_MAX, PAGE_MAX, SYNC_CONVS_MAX};
+use crate::limits::{CONV_LIST_MAX, PAGE_BYTES_MAX, PAGE_MAX, SYNC_CONVS_MAX};
 use crate::mail::{ConvSummary, GatherRef, Mail, Page, PresenceInfo};
 use crate::protocol::{self as p, error_frame, push_json_str, ErrorCode};
 use crate::storage::{keys, Storage, UserConv};
@@ -52,10 +52,7 @@ impl<S: Storage> Shard<S> {
     pub(super) fn gather(&mut self, conn: ConnId, rid: u64, left: usize, kind: Kind) -> u64 {
         self.gathers.next_id += 1;
         let id = self.gathers.next_id;
-        if self.cfg.is_clustered() {
-            let at = self.now_ms + CROSS_NODE_WAIT_MS;
-            self.timers.at(at, Timer::Gather(id));
-        }
+        self.cross_node_deadline(Timer::Gather(id));
         self.gathers.map.insert(
             id,
             Gather {

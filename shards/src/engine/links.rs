@@ -61,6 +61,15 @@ impl<S: Storage> Shard<S> {
         }
     }
 
+    /// Arms `timer` `CROSS_NODE_WAIT_MS` from now, in a cluster of several nodes: the wait it
+    /// ends may be on mail another node took and died with. Within one node nothing is lost,
+    /// so no deadline is armed.
+    pub(super) fn cross_node_deadline(&mut self, timer: Timer) {
+        if self.cfg.is_clustered() {
+            self.timers.at(self.now_ms + CROSS_NODE_WAIT_MS, timer);
+        }
+    }
+
     /// `mail` leaves for shard `to`: if `to` is another node's and the mail carries a client
     /// request made here, its answer is awaited with a deadline.
     pub(super) fn await_remote(&mut self, to: ShardId, mail: &Mail) {
@@ -73,8 +82,7 @@ impl<S: Storage> Shard<S> {
                 .insert((reply.conn, reply.rid), false)
                 .is_none()
         {
-            let at = self.now_ms + CROSS_NODE_WAIT_MS;
-            self.timers.at(at, Timer::Reply(reply.conn, reply.rid));
+            self.cross_node_deadline(Timer::Reply(reply.conn, reply.rid));
         }
     }
 
@@ -97,7 +105,7 @@ impl<S: Storage> Shard<S> {
         }
     }
 
-    pub(super) fn reply_expired(&mut self, now_ms: u64, conn: ConnId, rid: u64) {
+    pub(super) fn reply_expired(&mut self, conn: ConnId, rid: u64) {
         match self.remote_waits.get(&(conn, rid)) {
             Some(false) => {
                 // Removed first, so this answer is not taken for a late one and dropped.
@@ -107,8 +115,7 @@ impl<S: Storage> Shard<S> {
                 self.error(conn, Some(rid), ErrorCode::Unavailable, why);
                 // Remember it a while longer, so a late answer is dropped, not sent twice.
                 self.remote_waits.insert((conn, rid), true);
-                self.timers
-                    .at(now_ms + CROSS_NODE_WAIT_MS, Timer::Reply(conn, rid));
+                self.cross_node_deadline(Timer::Reply(conn, rid));
             }
             Some(true) => {
                 self.remote_waits.remove(&(conn, rid));

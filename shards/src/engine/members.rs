@@ -15,7 +15,6 @@ use super::group::{AddHow, Adding, Moves, Refusal, DISBANDED, NOT_MEMBER};
 use super::timers::Timer;
 use super::Shard;
 use crate::ids::{ConvId, Seq, ShardId, UserId};
-use crate::limits::CROSS_NODE_WAIT_MS;
 use crate::mail::{Mail, Named, ReplyTo};
 use crate::protocol::{event_push, ok_frame, ErrorCode};
 use crate::storage::{
@@ -57,10 +56,7 @@ impl<S: Storage> Shard<S> {
                 missing: HashSet::new(),
             },
         );
-        if self.cfg.is_clustered() {
-            let at = self.now_ms + CROSS_NODE_WAIT_MS;
-            self.timers.at(at, Timer::Add(conv, op));
-        }
+        self.cross_node_deadline(Timer::Add(conv, op));
         for (home, users) in by_home {
             let mail = Mail::Index {
                 conv,

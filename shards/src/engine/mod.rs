@@ -400,7 +400,7 @@ impl<S: Storage> Shard<S> {
                 Timer::Retry(conn) => self.retry_pushes(now_ms, conn),
                 Timer::Gather(id) => self.gather_expired(id),
                 Timer::Add(conv, op) => self.add_expired(now_ms, conv, op),
-                Timer::Reply(conn, rid) => self.reply_expired(now_ms, conn, rid),
+                Timer::Reply(conn, rid) => self.reply_expired(conn, rid),
             }
         }
         if self.flush_at().is_some_and(|at| at <= now_ms) {
