@@ -30,14 +30,16 @@ const LINK_CHANNEL_BATCHES: usize = 1024;
 /// glommio registers this much io memory per ring (3 rings per executor) and locks it; all
 /// executors together must fit RLIMIT_MEMLOCK (often 8 MiB).
 const IO_MEMORY_MAX: usize = 512 * 1024;
+const IO_MEMORY_MIN: usize = 64 * 1024;
+
 /// Submission entries of each executor's io_uring (glommio's default is 128). The kernel sizes
 /// its table of armed polls from the ring (cq entries / 32 buckets, at most 256), and every
-/// async cancel — glommio issues them for its timers — walks a bucket of it. With 128 entries
+/// async cancel walks a bucket of it; glommio issues one per reactor turn, replacing its
+/// preemption timer. With 128 entries
 /// that is 8 buckets for every idle connection's armed read: 17% of a shard's CPU in
 /// `io_poll_find` with 5,000 connections (perf, docs/benchmarks.md "Ceilings"). 4,096 gives
 /// 256 buckets.
 const RING_DEPTH: usize = 4096;
-const IO_MEMORY_MIN: usize = 64 * 1024;
 
 pub fn run(cfg: Config) -> anyhow::Result<()> {
     let filter = EnvFilter::try_from_env("HERMOD_LOG")
