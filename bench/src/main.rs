@@ -196,29 +196,8 @@ enum Command {
     /// share of: `fanout` (one core writing frames to N sockets) or `echo` (one core echoing
     /// on N sockets). The server side is a thread pinned to --server-core.
     Ceiling {
-        #[arg(long, value_enum)]
-        mode: scenario::CeilingMode,
-        #[arg(long, default_value_t = 1000)]
-        conns: usize,
-        /// Payload bytes per WebSocket frame.
-        #[arg(long, default_value_t = 200)]
-        frame_bytes: usize,
-        /// fanout: frames per write(2) to one socket.
-        #[arg(long, default_value_t = 1)]
-        batch: usize,
-        /// echo: frames in flight per connection.
-        #[arg(long, default_value_t = 1)]
-        window: usize,
-        /// fanout: one frame to every socket this many times a second (a message to a group
-        /// of --conns at that pace), reporting how long each round takes; default flat out.
-        #[arg(long)]
-        rounds_per_s: Option<f64>,
-        #[arg(long, default_value_t = 1.0)]
-        warmup: f64,
-        #[arg(long, default_value_t = 5.0)]
-        duration: f64,
-        #[arg(long, default_value_t = 0)]
-        server_core: usize,
+        #[command(flatten)]
+        params: scenario::CeilingParams,
         /// Write the JSON report here.
         #[arg(long, value_name = "FILE")]
         report: Option<PathBuf>,
@@ -291,30 +270,8 @@ fn run() -> anyhow::Result<ExitCode> {
             }
             return finish(&result?, report.as_ref());
         }
-        Command::Ceiling {
-            mode,
-            conns,
-            frame_bytes,
-            batch,
-            window,
-            rounds_per_s,
-            warmup,
-            duration,
-            server_core,
-            report,
-        } => {
+        Command::Ceiling { params, report } => {
             raise_nofile_limit();
-            let params = scenario::CeilingParams {
-                mode,
-                conns,
-                frame_bytes,
-                batch,
-                window,
-                rounds_per_s,
-                warmup_s: warmup,
-                duration_s: duration,
-                server_core,
-            };
             let result = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?

@@ -45,21 +45,35 @@ pub enum CeilingMode {
     Echo,
 }
 
-#[derive(Clone, Debug, Serialize)]
+/// The ceiling's parameters, which are also its command-line options.
+#[derive(Clone, Debug, Serialize, clap::Args)]
 pub struct CeilingParams {
+    #[arg(long, value_enum)]
     pub mode: CeilingMode,
+    /// Connections (loopback socket pairs, both ends in this process).
+    #[arg(long, default_value_t = 1000)]
     pub conns: usize,
     /// Payload bytes of each WebSocket frame (a push of a short message is ~200).
+    #[arg(long, default_value_t = 200)]
     pub frame_bytes: usize,
-    /// `fanout`: frames per write(2) to one socket.
+    /// fanout: frames per write(2) to one socket.
+    #[arg(long, default_value_t = 1)]
     pub batch: usize,
-    /// `echo`: frames in flight per connection.
+    /// echo: frames in flight per connection.
+    #[arg(long, default_value_t = 1)]
     pub window: usize,
-    /// `fanout`: one frame to every socket this many times a second, instead of flat out.
+    /// fanout: one frame to every socket this many times a second (a message to a group of
+    /// --conns at that pace), reporting how long each round takes; default flat out.
+    #[arg(long)]
     pub rounds_per_s: Option<f64>,
+    /// Seconds before measuring.
+    #[arg(long = "warmup", default_value_t = 1.0)]
     pub warmup_s: f64,
+    /// Measured seconds.
+    #[arg(long = "duration", default_value_t = 5.0)]
     pub duration_s: f64,
     /// The core the server thread pins itself to.
+    #[arg(long, default_value_t = 0)]
     pub server_core: usize,
 }
 
@@ -118,18 +132,18 @@ fn ws_frame(len: usize) -> Vec<u8> {
     frame
 }
 
-/// The server thread: pinned, its tid published for CPU sampling.
-struct ServerThread {
+/// The server thread: pinned, its tid published for CPU sampling; `T` is what it returns.
+struct ServerThread<T> {
     tid: Arc<AtomicI32>,
     stop: Arc<AtomicBool>,
-    handle: std::thread::JoinHandle<anyhow::Result<()>>,
+    handle: std::thread::JoinHandle<anyhow::Result<T>>,
 }
 
-impl ServerThread {
+impl<T: Send + 'static> ServerThread<T> {
     fn spawn(
         core: usize,
-        body: impl FnOnce(&AtomicBool) -> anyhow::Result<()> + Send + 'static,
-    ) -> ServerThread {
+        body: impl FnOnce(&AtomicBool) -> anyhow::Result<T> + Send + 'static,
+    ) -> ServerThread<T> {
         let tid = Arc::new(AtomicI32::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let (t, s) = (tid.clone(), stop.clone());
@@ -148,7 +162,7 @@ impl ServerThread {
         thread_cpu(tid).unwrap_or_default()
     }
 
-    fn finish(self) -> anyhow::Result<()> {
+    fn finish(self) -> anyhow::Result<T> {
         self.stop.store(true, Ordering::Relaxed);
         self.handle
             .join()
@@ -184,7 +198,8 @@ fn thread_cpu(tid: i32) -> Option<Duration> {
     Some(Duration::from_micros(ticks * 1_000_000 / hz))
 }
 
-/// Counters sampled at the start and the end of the measured window.
+/// The measured window: after the warm-up, for the duration.
+#[derive(Clone, Copy)]
 struct Window {
     start: Instant,
     end: Instant,
@@ -225,10 +240,10 @@ async fn fanout(
     }
     let chunk = frame.repeat(p.batch);
     let (w, wb, b) = (writes.clone(), written.clone(), blocked.clone());
-    // Each paced round: when it started and how long it took.
-    let rounds = Arc::new(std::sync::Mutex::new(Vec::<(Instant, Duration)>::new()));
-    let (pace, rounds_out) = (p.rounds_per_s, rounds.clone());
+    let (pace, window) = (p.rounds_per_s, Window::new(p));
+    // Returns how long each paced round in the window took.
     let server = ServerThread::spawn(p.server_core, move |stop| {
+        let mut rounds = histogram();
         let mut servers = servers;
         for s in &servers {
             s.set_nonblocking(true)?;
@@ -252,17 +267,15 @@ async fn fanout(
                 }
             }
             if let Some(period) = period {
-                let took = round.elapsed();
-                if let Ok(mut rounds) = rounds_out.lock() {
-                    rounds.push((round, took));
+                if round >= window.start && round < window.end {
+                    record(&mut rounds, round.elapsed());
                 }
                 next += period;
                 std::thread::sleep(next.saturating_duration_since(Instant::now()));
             }
         }
-        Ok(())
+        Ok(rounds)
     });
-    let window = Window::new(p);
     let counters = || {
         (
             read.load(Ordering::Relaxed),
@@ -276,19 +289,13 @@ async fn fanout(
     let (read0, written0, writes0, blocked0, cpu0) = counters();
     tokio::time::sleep_until(window.end.into()).await;
     let (read1, written1, writes1, blocked1, cpu1) = counters();
-    server.finish()?;
+    let rounds = server.finish()?;
     for r in readers {
         r.abort();
     }
     let secs = p.duration_s;
     let frames = |bytes: u64| bytes as f64 / frame.len() as f64 / secs;
-    let mut round_h = histogram();
-    let rounds = rounds.lock().map(|r| r.clone()).unwrap_or_default();
-    for &(at, took) in &rounds {
-        if at >= window.start && at < window.end {
-            record(&mut round_h, took);
-        }
-    }
+    let round = Summary::of(&rounds);
     // Written is exact for the window; read lags it by what sits in socket buffers at each
     // end of the window (up to a few MB over thousands of sockets), so it is shown beside.
     let figures = json!({
@@ -299,10 +306,10 @@ async fn fanout(
         "bytes_per_s": (read1 - read0) as f64 / secs,
         "server_core_busy": (cpu1 - cpu0).as_secs_f64() / secs,
         "frame_wire_bytes": frame.len(),
-        "round": Summary::of(&round_h),
-        "round_us_per_frame": Summary::of(&round_h).mean_us / p.conns as f64,
+        "round_us_per_frame": round.mean_us / p.conns as f64,
+        "round": round,
     });
-    Report::new("ceiling-fanout", p, figures, &[("round", &round_h)])
+    Report::new("ceiling-fanout", p, figures, &[("round", &rounds)])
 }
 
 async fn echo(
