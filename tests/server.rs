@@ -4,10 +4,10 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{http_get, open, send, seqs, Server};
-use serde_json::json;
+use serde_json::{json, Value};
 use tungstenite::Message;
 
 #[test]
@@ -271,19 +271,16 @@ fn one_to_one_send_ack_push_ack_and_retry() {
     );
     assert_eq!(push["msg"]["id"], ack["id"]);
 
-    // Not acked: the same push (same pid) comes again.
+    // Not acked: the same push, byte for byte, comes again.
     let again = bob
         .push_within(Duration::from_secs(3))
         .expect("an unacked push is retried");
-    assert_eq!(again["pid"], push["pid"]);
+    assert_eq!(again, push, "a retry is the same frame");
     bob.ack(&again);
     // Acked: no more retries (drain any retry that raced the ack).
     std::thread::sleep(Duration::from_millis(800));
     while let Some(extra) = bob.push_within(Duration::from_millis(100)) {
-        assert_eq!(
-            extra["pid"], push["pid"],
-            "only the acked push may still be in flight"
-        );
+        assert_eq!(extra, push, "only the acked push may still be in flight");
     }
     assert!(
         bob.push_within(Duration::from_millis(1200)).is_none(),
@@ -300,6 +297,60 @@ fn one_to_one_send_ack_push_ack_and_retry() {
     assert_eq!(
         hist["msgs"][1]["body"],
         json!({ "ct": "AAEC/w==", "n": [1, 2.5, null] })
+    );
+}
+
+#[test]
+fn acks_are_cumulative_per_conversation() {
+    let server = Server::start(&["--push-retry-ms", "300"]);
+    let (mut alice, _) = server.user("alice", "pc");
+    let (mut bob, _) = server.user("bob", "pc");
+    let conv = open(&mut alice, "bob");
+    // An ack is cumulative per conversation: acking seq 3 acks 2 as well; seq 4, not acked,
+    // is retried alone. A malformed conversation in an ack is skipped, not an error.
+    for text in ["one", "two", "three", "four"] {
+        send(&mut alice, &conv, text);
+    }
+    let first = bob.push();
+    assert_eq!(first["msg"]["seq"], 1);
+    bob.ack(&first);
+    // The first arrival of each of 2, 3, 4 (a retry repeats an earlier frame; 300 ms retries
+    // may interleave on a slow machine).
+    let mut pushes: Vec<Value> = Vec::new();
+    while pushes.len() < 3 {
+        let p = bob.push();
+        if p["msg"]["seq"] != 1 && !pushes.contains(&p) {
+            pushes.push(p);
+        }
+    }
+    let pushed: Vec<u64> = pushes
+        .iter()
+        .map(|p| p["msg"]["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(pushed, [2, 3, 4]);
+    bob.send_json(&json!({ "op": "ack", "seqs": { conv.as_str(): 3, "not-a-conv": 9 } }));
+    // Retries of 2 and 3 that raced the ack may still arrive; then only 4's (300 ms apart).
+    std::thread::sleep(Duration::from_millis(700));
+    while let Some(extra) = bob.push_within(Duration::from_millis(100)) {
+        assert!(pushes.contains(&extra), "{extra}");
+    }
+    let started = Instant::now();
+    let mut retried = 0;
+    while started.elapsed() < Duration::from_millis(1500) {
+        if let Some(p) = bob.push_within(Duration::from_millis(200)) {
+            assert_eq!(p, pushes[2], "only seq 4 was left unacked");
+            retried += 1;
+        }
+    }
+    assert!(retried >= 2, "seq 4 keeps being retried ({retried})");
+    bob.ack(&pushes[2]);
+    std::thread::sleep(Duration::from_millis(800));
+    while let Some(extra) = bob.push_within(Duration::from_millis(100)) {
+        assert_eq!(extra, pushes[2], "only seq 4 may still be in flight");
+    }
+    assert!(
+        bob.push_within(Duration::from_millis(1200)).is_none(),
+        "a cumulative ack stops every retry it covers"
     );
 }
 

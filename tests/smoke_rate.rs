@@ -42,7 +42,7 @@ fn smoke_send_push_rate() {
 
     let receiver = std::thread::spawn(move || {
         let mut last = 0u64;
-        let mut pids = Vec::new();
+        let mut unacked = 0;
         let mut first: Option<Instant> = None;
         while last < n {
             let p = bob.push();
@@ -52,10 +52,10 @@ fn smoke_send_push_rate() {
                 assert_eq!(seq, last + 1, "pushes arrive in order without gaps");
                 last = seq;
             }
-            pids.push(p["pid"].as_u64().unwrap());
-            if pids.len() >= 128 {
-                bob.send_json(&json!({ "op": "ack", "pids": pids }));
-                pids.clear();
+            unacked += 1;
+            if unacked >= 128 {
+                bob.ack(&p); // and every earlier push of the conversation
+                unacked = 0;
             }
         }
         Instant::now()

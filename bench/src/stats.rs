@@ -54,7 +54,7 @@ pub struct Correctness {
     pub delivered: u64,
     /// Acked but never delivered to the recipient.
     pub lost: u64,
-    /// Delivered twice under different push ids (a retry of one pid is not a duplicate).
+    /// Delivered twice as a new push (a retry repeats an earlier seq: not a duplicate).
     pub duplicated: u64,
     /// First deliveries on one connection that went back in seq within a conversation.
     pub reordered: u64,

@@ -100,7 +100,7 @@ impl Harness {
                         serde_json::from_str::<serde_json::Value>(&frame)
                             .unwrap_or_else(|e| panic!("a frame that is not JSON ({e}): {frame}"));
                         if conn == self.conn {
-                            sent.push(frame);
+                            sent.push(frame.to_string());
                         }
                     }
                     Output::Close { conn, .. } if conn == self.conn => closed = true,
@@ -170,7 +170,7 @@ pub const SEEDS: &[&str] = &[
     r#"{"op":"send","rid":1,"conv":"d.1.2","id":"0190b2a4-8c6e-7d3e-9b1a-2f4c6d8e0a1b","body":{"t":"x"}}"#,
     r#"{"op":"sync","rid":1,"convs":[{"conv":"d.1.2","after":3}],"limit":10}"#,
     r#"{"op":"history","rid":1,"conv":"d.1.2","before":9,"limit":0}"#,
-    r#"{"op":"ack","pids":[1,2,3]}"#,
+    r#"{"op":"ack","seqs":{"d.1.2":3,"g.5":1}}"#,
     r#"{"op":"read","rid":1,"conv":"d.1.2","seq":4}"#,
     r#"{"op":"convs","rid":1}"#,
     r#"{"op":"open","rid":1,"user":"bob"}"#,

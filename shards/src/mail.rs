@@ -383,7 +383,8 @@ pub enum Mail {
         seq: Seq,
         /// When the owner assigned `seq`: the home shard measures delivery latency from it.
         ts_ms: u64,
-        msg: Arc<str>,
+        /// The whole `msg` push frame, built once by the owner and sent as is to every device.
+        frame: Arc<str>,
         recipients: Arc<[UserId]>,
         skip: Option<ConnId>,
     },

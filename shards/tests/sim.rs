@@ -38,7 +38,7 @@
 //! friends, blocks, crashes) is one struct whose every check reads all of it, and the steps
 //! and checks are read together when a seed fails; split, each part would need the whole.
 
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 
 use hermod_shards::admin::{AdminOp, NoticeTo};
 use hermod_shards::auth::{HashCost, Job};
@@ -173,14 +173,16 @@ struct Device {
     next_rid: u64,
     waiting: HashMap<u64, Req>,
     seen: HashMap<ConvId, BTreeSet<u64>>,
-    /// Per connection: pids seen and the last first-time push seq per conversation.
-    pids: HashSet<u64>,
+    /// Per connection: the pushes seen (a retry repeats one) and the last first-time push seq
+    /// per conversation.
+    pushes_here: HashSet<(ConvId, u64)>,
     last_push: HashMap<ConvId, u64>,
     /// Every first-time push: (conversation, seq), for the group membership check.
     pushed: Vec<(ConvId, u64)>,
     /// Sends not yet acked: retried with the same id after a reconnect.
     unacked_sends: Vec<(ConvId, uuid::Uuid)>,
-    to_ack: Vec<u64>,
+    /// Per conversation, the highest seq pushed since the last ack.
+    to_ack: BTreeMap<ConvId, u64>,
     syncing: bool,
 }
 
@@ -322,11 +324,11 @@ impl Sim {
                 next_rid: 1,
                 waiting: HashMap::new(),
                 seen: HashMap::new(),
-                pids: HashSet::new(),
+                pushes_here: HashSet::new(),
                 last_push: HashMap::new(),
                 pushed: Vec::new(),
                 unacked_sends: Vec::new(),
-                to_ack: Vec::new(),
+                to_ack: BTreeMap::new(),
                 syncing: false,
             })
             .collect();
@@ -544,7 +546,7 @@ impl Sim {
         dev.conn = None;
         dev.authed = false;
         dev.waiting.clear();
-        dev.pids.clear();
+        dev.pushes_here.clear();
         dev.last_push.clear();
         dev.to_ack.clear();
         dev.syncing = false;
@@ -567,12 +569,11 @@ impl Sim {
         let v: Value = serde_json::from_str(text)
             .unwrap_or_else(|e| self.fail(format!("server sent invalid JSON {text}: {e}")));
         if v["push"] == "msg" {
-            let pid = v["pid"].as_u64().expect("pid");
             let msg = &v["msg"];
             let conv = ConvId::parse(msg["conv"].as_str().expect("conv")).expect("conv id");
             let seq = msg["seq"].as_u64().expect("seq");
             let dev = &mut self.devices[d];
-            if dev.pids.insert(pid) {
+            if dev.pushes_here.insert((conv, seq)) {
                 let last = dev.last_push.entry(conv).or_insert(0);
                 if seq <= *last {
                     let last = *last;
@@ -584,7 +585,8 @@ impl Sim {
                 dev.pushed.push((conv, seq));
             }
             dev.seen.entry(conv).or_default().insert(seq);
-            dev.to_ack.push(pid);
+            let acked = dev.to_ack.entry(conv).or_insert(0);
+            *acked = (*acked).max(seq);
             return;
         }
         if v.get("push").is_some() {
@@ -1019,10 +1021,14 @@ impl Sim {
             0..=4 => self.drop_conn(d),
             5..=14 => self.sync(d),
             15..=29 => {
-                let pids = std::mem::take(&mut self.devices[d].to_ack);
+                let acks = std::mem::take(&mut self.devices[d].to_ack);
                 if let Some((s, conn)) = self.devices[d].conn {
-                    if !pids.is_empty() {
-                        let frame = json!({ "op": "ack", "pids": pids }).to_string();
+                    if !acks.is_empty() {
+                        let seqs: serde_json::Map<String, Value> = acks
+                            .iter()
+                            .map(|(conv, seq)| (conv.to_string(), json!(seq)))
+                            .collect();
+                        let frame = json!({ "op": "ack", "seqs": seqs }).to_string();
                         self.shards[s].handle_frame(self.now_ms, conn, &frame);
                     }
                 }

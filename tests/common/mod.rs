@@ -317,9 +317,11 @@ impl Client {
             .expect("a push within the timeout")
     }
 
+    /// Acks a `msg` push, and with it every earlier push of its conversation.
     pub fn ack(&mut self, push: &Value) {
-        let pid = push["pid"].as_u64().expect("pid");
-        self.send_json(&json!({ "op": "ack", "pids": [pid] }));
+        let conv = push["msg"]["conv"].as_str().expect("conv");
+        let seq = push["msg"]["seq"].as_u64().expect("seq");
+        self.send_json(&json!({ "op": "ack", "seqs": { conv: seq } }));
     }
 
     /// The close code among the raw bytes left on the socket, read without a WebSocket client:

@@ -295,8 +295,6 @@ pub(super) async fn drive<P: Serialize>(
 pub(super) struct Incoming<'a> {
     #[serde(borrow, default)]
     push: Option<std::borrow::Cow<'a, str>>,
-    #[serde(default)]
-    pid: Option<u64>,
     #[serde(borrow, default)]
     msg: Option<PushedMsg<'a>>,
 }
@@ -334,7 +332,8 @@ pub(super) async fn direct_conn(
     ack_delay: Duration,
 ) -> anyhow::Result<DirectConn> {
     let (mut tx, mut rx) = conn.split();
-    let (ack_tx, mut ack_rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u64>>();
+    // Per conversation, the highest seq to ack (an ack covers every earlier push of it).
+    let (ack_tx, mut ack_rx) = tokio::sync::mpsc::unbounded_channel::<HashMap<String, u64>>();
     let sent_here = Arc::new(AtomicU64::new(0));
     let done_sending = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let start = schedule.start;
@@ -374,9 +373,9 @@ pub(super) async fn direct_conn(
                         }
                         tx.flush().await?;
                     }
-                    pids = ack_rx.recv() => match pids {
-                        Some(pids) => {
-                            tx.send(Message::text(json!({ "op": "ack", "pids": pids }).to_string())).await?;
+                    acks = ack_rx.recv() => match acks {
+                        Some(seqs) => {
+                            tx.send(Message::text(json!({ "op": "ack", "seqs": seqs }).to_string())).await?;
                         }
                         None => break, // the reader finished
                     },
@@ -389,9 +388,10 @@ pub(super) async fn direct_conn(
 
     let mut out = DirectConn::new();
     let mut answered_here = 0u64;
-    let mut pids: Vec<u64> = Vec::new();
+    let mut acks: HashMap<String, u64> = HashMap::new();
+    // Pushes received since the last ack.
+    let mut unacked = 0usize;
     let mut last_ack = Instant::now();
-    let mut seen_pids: HashSet<u64> = HashSet::new();
     let mut last_seq: HashMap<String, u64> = HashMap::new();
     loop {
         // Done when every connection has sent everything, every send is answered, and every
@@ -405,18 +405,15 @@ pub(super) async fn direct_conn(
         if drained || Instant::now() >= deadline {
             break;
         }
-        if !pids.is_empty() && (pids.len() >= ACK_BATCH || last_ack.elapsed() >= ack_delay) {
-            let _ = ack_tx.send(std::mem::take(&mut pids));
+        if unacked > 0 && (unacked >= ACK_BATCH || last_ack.elapsed() >= ack_delay) {
+            let _ = ack_tx.send(std::mem::take(&mut acks));
+            unacked = 0;
             last_ack = Instant::now();
         }
         // Wake for the ack batch when pushes wait to be acked; otherwise only now and then, to
         // notice the end of the drain: with 10,000 idle receivers, a 20 ms tick each would
         // be half a million timer wake-ups a second on the load generator's core.
-        let wait = if pids.is_empty() {
-            IDLE_TICK
-        } else {
-            ack_delay
-        };
+        let wait = if unacked == 0 { IDLE_TICK } else { ack_delay };
         let text = match tokio::time::timeout(wait, rx.next()).await {
             Err(_) => continue, // nothing for a while: re-check acks and the drain
             Ok(Some(Ok(Message::Text(t)))) => t,
@@ -428,11 +425,14 @@ pub(super) async fn direct_conn(
         // Typed and borrowed: this runs once per delivery, the load generator's hottest path
         // (a `Value` tree per frame cost a third of the bench's core in the group scenario).
         let frame: Incoming = serde_json::from_str(&text)?;
-        if let (Some("msg"), Some(pid), Some(msg)) = (frame.push.as_deref(), frame.pid, &frame.msg)
-        {
-            pids.push(pid);
-            if !seen_pids.insert(pid) {
-                continue; // a retry of a push already counted
+        if let (Some("msg"), Some(msg)) = (frame.push.as_deref(), &frame.msg) {
+            let seq = msg.seq;
+            unacked += 1;
+            match acks.get_mut(msg.conv.as_ref()) {
+                Some(acked) => *acked = (*acked).max(seq),
+                None => {
+                    acks.insert(msg.conv.to_string(), seq);
+                }
             }
             let Some(body) = serde_json::from_str::<BenchBody>(msg.body.get())
                 .ok()
@@ -441,12 +441,14 @@ pub(super) async fn direct_conn(
                 continue; // not a benchmark message (a set-up system message): acked only
             };
             let id = uuid::Uuid::parse_str(&msg.id).map_or(0, |u| u.as_u128());
-            let seq = msg.seq;
             let last = match last_seq.get_mut(msg.conv.as_ref()) {
                 Some(last) => last,
                 None => last_seq.entry(msg.conv.to_string()).or_insert(0),
             };
             if seq <= *last {
+                if out.delivered_ids.contains(&id) {
+                    continue; // a retry of a push already counted (same conversation and seq)
+                }
                 out.reordered += 1;
             }
             *last = (*last).max(seq);

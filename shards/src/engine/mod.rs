@@ -154,11 +154,48 @@ impl Config {
     }
 }
 
+/// A text frame to send: a reply or notice built for one connection, or a `msg` push built
+/// once per message and shared by every connection it goes to (fan-out copies no text).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    Owned(String),
+    Shared(Arc<str>),
+}
+
+impl std::ops::Deref for Frame {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        match self {
+            Frame::Owned(s) => s,
+            Frame::Shared(s) => s,
+        }
+    }
+}
+
+impl std::fmt::Display for Frame {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self)
+    }
+}
+
+impl From<String> for Frame {
+    fn from(s: String) -> Frame {
+        Frame::Owned(s)
+    }
+}
+
+impl From<Arc<str>> for Frame {
+    fn from(s: Arc<str>) -> Frame {
+        Frame::Shared(s)
+    }
+}
+
 /// What the engine asks the driver to do.
 #[derive(Debug)]
 pub enum Output {
     /// Send a text frame.
-    Send { conn: ConnId, frame: String },
+    Send { conn: ConnId, frame: Frame },
     /// Send a WebSocket ping (liveness probe).
     Ping { conn: ConnId },
     /// Close the connection with this code after flushing what is queued. The engine has
@@ -589,14 +626,15 @@ impl<S: Storage> Shard<S> {
                 action,
             } => self.account_action(reply, user, action),
             Mail::Deliver {
+                conv,
+                seq,
                 ts_ms,
-                msg,
+                frame,
                 recipients,
                 skip,
-                ..
             } => {
                 self.stats.delivery_ms.observe(now_ms.saturating_sub(ts_ms));
-                self.home_deliver(now_ms, &msg, &recipients, skip)
+                self.home_deliver(now_ms, (conv, seq), &frame, &recipients, skip)
             }
             Mail::RangeDone { gather, page } => self.gather_range_done(gather, page),
             Mail::LastSeqsDone { gather, seqs } => self.gather_last_seqs_done(gather, seqs),
@@ -624,7 +662,10 @@ impl<S: Storage> Shard<S> {
             return; // a late answer: the client was told `unavailable` already
         }
         if self.sessions.conns.contains_key(&conn) {
-            self.out.push_back(Output::Send { conn, frame });
+            self.out.push_back(Output::Send {
+                conn,
+                frame: frame.into(),
+            });
         } else if self.admin.is_request(conn) {
             self.admin_frame(conn, frame);
         }

@@ -23,7 +23,7 @@ use super::group::Group;
 use super::Shard;
 use crate::ids::{ConvId, Seq, UserId};
 use crate::mail::{Mail, ReplyTo};
-use crate::protocol::{ok_frame, ErrorCode};
+use crate::protocol::{message_push, ok_frame, ErrorCode};
 use crate::storage::{
     keys, ConvBlocks, ConvMeta, DedupRecord, Flags, MessageKind, MessageRecord, Storage,
     StorageError,
@@ -427,15 +427,19 @@ impl<S: Storage> Shard<S> {
         state
     }
 
-    /// One `Deliver` mail per destination shard.
+    /// One `Deliver` mail per destination shard, all sharing one push frame.
     fn deliver(
         &mut self,
         conv: ConvId,
         (seq, ts_ms): (Seq, u64),
-        msg: &Arc<str>,
+        msg: &str,
         fanout: &Fanout,
         sender: Option<ReplyTo>,
     ) {
+        if fanout.is_empty() {
+            return;
+        }
+        let frame: Arc<str> = message_push(msg).into();
         for (to, recipients) in fanout.iter() {
             let skip = sender.filter(|s| s.shard == *to).map(|s| s.conn);
             self.stats.fanout_mails += 1;
@@ -445,7 +449,7 @@ impl<S: Storage> Shard<S> {
                     conv,
                     seq,
                     ts_ms,
-                    msg: msg.clone(),
+                    frame: frame.clone(),
                     recipients: recipients.clone(),
                     skip,
                 },

@@ -15,9 +15,9 @@ use serde::Deserialize;
 
 use super::timers::Timer;
 use super::{Output, Shard};
-use crate::ids::{ConnId, UserId};
+use crate::ids::{ConnId, ConvId, Seq, UserId};
 use crate::limits::{HELD_FRAMES_MAX, UNACKED_PUSHES_MAX};
-use crate::protocol::{self as p, close, message_push, moved_frame, ErrorCode, Op, Request};
+use crate::protocol::{self as p, close, moved_frame, ErrorCode, Op, Request};
 use crate::storage::Storage;
 
 /// What moves with a connection from the accepting shard to the home shard (the driver adds
@@ -36,10 +36,10 @@ pub(crate) struct Session {
     pub device: String,
 }
 
-/// A push awaiting its ack. Holds the message JSON shared by every recipient (one allocation
-/// per message, not per push); a retry rebuilds the small push envelope around it.
+/// A push awaiting its ack: the frame shared by every recipient of the message (one
+/// allocation per message, not per push), resent as is by a retry.
 struct Unacked {
-    msg: Arc<str>,
+    frame: Arc<str>,
     sent_ms: u64,
 }
 
@@ -59,7 +59,9 @@ pub(super) struct Conn {
     pub(super) away: bool,
     window_start_ms: u64,
     window_requests: u32,
-    unacked: BTreeMap<u64, Unacked>,
+    /// By conversation and seq: an ack names a conversation and the highest seq it covers,
+    /// which is one range of this map. Bounded by `UNACKED_PUSHES_MAX`.
+    unacked: BTreeMap<(ConvId, Seq), Unacked>,
     /// A `Retry` deadline is scheduled for this connection (at most one is).
     retry_armed: bool,
 }
@@ -80,7 +82,6 @@ pub(super) struct Sessions {
     pub presence_sent: HashMap<UserId, (&'static str, String)>,
     /// When each device last sent a frame, for devices that disconnected since start-up.
     pub last_seen: HashMap<(UserId, String), u64>,
-    next_pid: u64,
 }
 
 /// The `rid` of a frame that failed to parse as a whole, for its error reply.
@@ -201,7 +202,7 @@ impl<S: Storage> Shard<S> {
         let op = Op::from_name(&head.op);
         if op == Some(Op::Ack) {
             return match (Request::parse(Op::Ack, text), session) {
-                (Ok(Request::Ack(ack)), Some(_)) => self.ack(now_ms, conn, &ack.pids),
+                (Ok(Request::Ack(ack)), Some(_)) => self.ack(now_ms, conn, &ack),
                 (Err(e), _) => self.error(conn, None, ErrorCode::BadRequest, &e),
                 _ => self.error(conn, None, ErrorCode::NotAuthenticated, "log in first"),
             };
@@ -277,22 +278,24 @@ impl<S: Storage> Shard<S> {
 
     // ---- pushes ----
 
-    /// Fan-out arriving at a home shard: push to every online device of each recipient.
+    /// Fan-out arriving at a home shard: push `frame` (message `at`) to every online device of
+    /// each recipient.
     pub(super) fn home_deliver(
         &mut self,
         now_ms: u64,
-        msg: &Arc<str>,
+        at: (ConvId, Seq),
+        frame: &Arc<str>,
         recipients: &[UserId],
         skip: Option<ConnId>,
     ) {
+        let mut targets = Vec::new();
         for user in recipients {
-            let Some(conns) = self.sessions.online.get(user) else {
-                continue;
-            };
-            let targets: Vec<ConnId> = conns.iter().copied().filter(|&c| Some(c) != skip).collect();
-            for conn in targets {
-                self.push(now_ms, conn, msg);
+            if let Some(conns) = self.sessions.online.get(user) {
+                targets.extend(conns.iter().copied().filter(|&c| Some(c) != skip));
             }
+        }
+        for conn in targets {
+            self.push(now_ms, conn, at, frame);
         }
     }
 
@@ -314,13 +317,13 @@ impl<S: Storage> Shard<S> {
             for &conn in conns {
                 self.out.push_back(Output::Send {
                     conn,
-                    frame: frame.to_string(),
+                    frame: frame.clone().into(),
                 });
             }
         }
     }
 
-    pub(super) fn push(&mut self, now_ms: u64, conn: ConnId, msg: &Arc<str>) {
+    fn push(&mut self, now_ms: u64, conn: ConnId, at: (ConvId, Seq), frame: &Arc<str>) {
         let Some(c) = self.sessions.conns.get_mut(&conn) else {
             return;
         };
@@ -328,13 +331,10 @@ impl<S: Storage> Shard<S> {
             // The device is not keeping up. Everything is stored: it will sync on reconnect.
             return self.close(conn, close::SLOW_CONSUMER, close::reason::UNACKED_PUSHES);
         }
-        self.sessions.next_pid += 1;
-        let pid = self.sessions.next_pid;
-        let frame = message_push(pid, msg);
         c.unacked.insert(
-            pid,
+            at,
             Unacked {
-                msg: msg.clone(),
+                frame: frame.clone(),
                 sent_ms: now_ms,
             },
         );
@@ -344,18 +344,31 @@ impl<S: Storage> Shard<S> {
                 .at(now_ms + self.cfg.push_retry_ms, Timer::Retry(conn));
         }
         self.stats.pushes += 1;
-        self.out.push_back(Output::Send { conn, frame });
+        self.out.push_back(Output::Send {
+            conn,
+            frame: frame.clone().into(),
+        });
     }
 
-    pub(super) fn ack(&mut self, now_ms: u64, conn: ConnId, pids: &[u64]) {
+    /// Every push of each named conversation up to the named seq is acked. Cumulative is
+    /// exact: a connection gets a conversation's first pushes in seq order over one TCP stream,
+    /// so a device that has seq `n` has every earlier push sent to it. Conversations that are
+    /// malformed or have nothing unacked are skipped: the ack is a notification, and a stale
+    /// one (after a retry crossed it) is normal.
+    pub(super) fn ack(&mut self, now_ms: u64, conn: ConnId, ack: &p::Ack) {
         let Some(c) = self.sessions.conns.get_mut(&conn) else {
             return;
         };
-        for pid in pids.iter().take(UNACKED_PUSHES_MAX) {
-            if let Some(acked) = c.unacked.remove(pid) {
-                self.stats
-                    .push_ack_ms
-                    .observe(now_ms.saturating_sub(acked.sent_ms));
+        for (conv, &upto) in ack.seqs.iter().take(UNACKED_PUSHES_MAX) {
+            let Some(conv) = ConvId::parse(conv) else {
+                continue;
+            };
+            while let Some((&at, _)) = c.unacked.range((conv, 0)..=(conv, upto)).next() {
+                if let Some(acked) = c.unacked.remove(&at) {
+                    self.stats
+                        .push_ack_ms
+                        .observe(now_ms.saturating_sub(acked.sent_ms));
+                }
             }
         }
     }
@@ -394,13 +407,13 @@ impl<S: Storage> Shard<S> {
             return;
         };
         let mut next: Option<u64> = None;
-        for (&pid, unacked) in c.unacked.iter_mut() {
+        for unacked in c.unacked.values_mut() {
             if now_ms.saturating_sub(unacked.sent_ms) >= retry {
                 unacked.sent_ms = now_ms;
                 self.stats.push_retries += 1;
                 self.out.push_back(Output::Send {
                     conn,
-                    frame: message_push(pid, &unacked.msg),
+                    frame: unacked.frame.clone().into(),
                 });
             }
             let due = unacked.sent_ms + retry;

@@ -31,7 +31,7 @@ mod fuzz {
         r#"{"op":"login","rid":1,"username":"alice","password":"password123","device":"pc"}"#,
         r#"{"op":"sync","rid":1,"convs":[{"conv":"d.1.2","after":3}],"limit":10}"#,
         r#"{"op":"history","rid":1,"conv":"d.1.2","before":9}"#,
-        r#"{"op":"ack","pids":[1,2,3]}"#,
+        r#"{"op":"ack","seqs":{"d.1.2":3}}"#,
         r#"{"op":"read","rid":1,"conv":"d.1.2","seq":4}"#,
         r#"{"op":"open","rid":1,"user":"bob"}"#,
         r#"{"op":"resume","rid":1,"token":"AAAA.BBBB"}"#,
@@ -103,7 +103,7 @@ mod fuzz {
             while let Some(out) = shard.poll_output() {
                 progressed = true;
                 match out {
-                    Output::Send { frame, .. } => sent.push(frame),
+                    Output::Send { frame, .. } => sent.push(frame.to_string()),
                     Output::Job { id, job, .. } => {
                         let result = job.run(HashCost {
                             memory_kib: 8,
@@ -286,7 +286,7 @@ mod deadlines {
                         };
                         shard.handle_job_done(now, id, job.run(cost));
                     }
-                    Output::Send { frame, .. } => frames.push(frame),
+                    Output::Send { frame, .. } => frames.push(frame.to_string()),
                     _ => {} // mail to node b: taken, never answered (it died)
                 }
             }
@@ -433,7 +433,9 @@ mod torn {
                                 let cost = self.shards[i].config().hash_cost;
                                 self.shards[i].handle_job_done(now, id, job.run(cost));
                             }
-                            Output::Send { conn, frame } => self.frames.push((i, conn, frame)),
+                            Output::Send { conn, frame } => {
+                                self.frames.push((i, conn, frame.to_string()))
+                            }
                             Output::Mail { to, mail } if !lose(&mail) => {
                                 self.shards[usize::from(to.0)].handle_mail(now, mail)
                             }

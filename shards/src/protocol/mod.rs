@@ -338,10 +338,12 @@ pub fn event_push(kind: &str, conv: &str, user: &str, seq: Option<u64>) -> Strin
     out
 }
 
-/// A push of one message to one device; `pid` is what the device acks.
-pub fn message_push(pid: u64, message_json: &str) -> String {
-    let mut out = String::with_capacity(message_json.len() + 40);
-    let _ = write!(out, "{{\"push\":\"msg\",\"pid\":{pid},\"msg\":");
+/// The push of one message, the same frame for every device it goes to: a device acks it by
+/// its conversation and seq (inside `message_json`), so nothing in it is per device.
+pub fn message_push(message_json: &str) -> String {
+    const HEAD: &str = "{\"push\":\"msg\",\"msg\":";
+    let mut out = String::with_capacity(HEAD.len() + message_json.len() + 1);
+    out.push_str(HEAD);
     out.push_str(message_json);
     out.push('}');
     out
@@ -393,8 +395,9 @@ mod tests {
         assert_eq!(v["from"], "al\"ice");
         assert_eq!(v["body"]["n"][1], 2);
         assert_eq!(v["id"], id.to_string());
-        let push: serde_json::Value = serde_json::from_str(&message_push(3, &text)).unwrap();
-        assert_eq!(push["pid"], 3);
+        let push: serde_json::Value = serde_json::from_str(&message_push(&text)).unwrap();
+        assert_eq!(push["push"], "msg");
+        assert!(push.get("pid").is_none(), "one frame for every device");
         assert_eq!(push["msg"]["conv"], "d.1.2");
         let edit = message_json(
             "g.1",

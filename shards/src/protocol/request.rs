@@ -10,6 +10,7 @@
 //! engine's dispatch, its handler, its section in `docs/protocol.md` and a test.
 
 use std::borrow::Cow;
+use std::collections::BTreeMap;
 
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -57,8 +58,10 @@ pub struct Send<'a> {
 }
 
 #[derive(Debug, Deserialize)]
-pub struct Ack {
-    pub pids: Vec<u64>,
+pub struct Ack<'a> {
+    /// Per conversation, the highest seq acked: every push of it up to there.
+    #[serde(borrow)]
+    pub seqs: BTreeMap<Cow<'a, str>, u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -294,7 +297,7 @@ requests! {
     /// Forget this device (its token stops working) and close.
     "logout" => Logout,
     /// The one notification: no `rid`, no reply.
-    "ack" => Ack(Ack),
+    "ack" => Ack(Ack<'a>),
     "open" => Open(Open),
     "send" => Send(Send<'a>),
     "convs" => Convs,

@@ -102,7 +102,7 @@ impl<S: Storage> Shard<S> {
                 Ok(())
             }
             Request::Ack(ack) => {
-                self.ack(now_ms, conn, &ack.pids);
+                self.ack(now_ms, conn, &ack);
                 Ok(())
             }
 
