@@ -2,7 +2,7 @@
 //! and a reader half (a task that sorts replies and pushes).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -297,6 +297,27 @@ impl Conn {
 
     pub fn split(self) -> (Writer, Reader) {
         self.ws.split()
+    }
+
+    /// The socket under the WebSocket, for a reader that frames by hand (see
+    /// `open_loop::receiver_conn`). Only between requests, when the server has nothing more
+    /// to send: bytes the WebSocket client had read ahead stay behind with it (the runs'
+    /// lost/duplicated accounting would show it). The client has no `into_inner`, so the fd is
+    /// duplicated and the client dropped (dropping it sends no close frame).
+    pub fn into_tcp(self) -> anyhow::Result<TcpStream> {
+        let MaybeTlsStream::Plain(s) = self.ws.get_ref() else {
+            bail!("not a plain TCP connection");
+        };
+        // SAFETY: dup of an fd the client owns; the result is a fresh fd owned by nothing else.
+        let fd = unsafe { libc::dup(s.as_raw_fd()) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error()).context("dup");
+        }
+        // SAFETY: `fd` is a valid, open, unowned descriptor (checked above).
+        let std = unsafe { std::net::TcpStream::from_raw_fd(fd) };
+        drop(self);
+        std.set_nonblocking(true)?;
+        Ok(TcpStream::from_std(std)?)
     }
 }
 

@@ -203,10 +203,18 @@ pub(super) async fn drive<P: Serialize>(
     let mut sender_index = 0;
     for (conn, convs) in conns {
         let schedule = Schedule::new(start, t.rate, senders, sender_index);
-        if !convs.is_empty() {
-            sender_index += 1;
-        }
         let (progress, all_sent, pad) = (progress.clone(), all_sent.clone(), pad.clone());
+        if convs.is_empty() {
+            let stream = conn.into_tcp()?;
+            tasks.push(tokio::spawn(receiver_conn(
+                stream,
+                (start, warm_end, sends_end, deadline),
+                (progress, all_sent, n as u64, fanout),
+                Duration::from_millis(t.ack_delay_ms),
+            )));
+            continue;
+        }
+        sender_index += 1;
         tasks.push(tokio::spawn(async move {
             direct_conn(
                 conn,
@@ -319,6 +327,215 @@ pub(super) struct BenchBody {
     a: Option<u64>,
 }
 
+/// A connection's `msg` pushes: the acks owed and the accounting of each delivery.
+#[derive(Default)]
+pub(super) struct Pushes {
+    /// Per conversation, the highest seq received since the last ack (an ack covers every
+    /// earlier push of that conversation on this connection).
+    acks: HashMap<String, u64>,
+    /// Pushes received since the last ack.
+    unacked: usize,
+    last_seq: HashMap<String, u64>,
+}
+
+impl Pushes {
+    /// Accounts for one `msg` push that arrived at `now` (the run's clock: `start`, and the
+    /// measured window from `warm_end` to `sends_end`).
+    fn on_msg(
+        &mut self,
+        msg: &PushedMsg,
+        now: Instant,
+        out: &mut DirectConn,
+        progress: &Progress,
+        (start, warm_end, sends_end): (Instant, Instant, Instant),
+    ) {
+        let seq = msg.seq;
+        self.unacked += 1;
+        match self.acks.get_mut(msg.conv.as_ref()) {
+            Some(acked) => *acked = (*acked).max(seq),
+            None => {
+                self.acks.insert(msg.conv.to_string(), seq);
+            }
+        }
+        let Some(body) = serde_json::from_str::<BenchBody>(msg.body.get())
+            .ok()
+            .filter(|b| b.t.is_some())
+        else {
+            return; // not a benchmark message (a set-up system message): acked only
+        };
+        let id = uuid::Uuid::parse_str(&msg.id).map_or(0, |u| u.as_u128());
+        let last = match self.last_seq.get_mut(msg.conv.as_ref()) {
+            Some(last) => last,
+            None => self.last_seq.entry(msg.conv.to_string()).or_insert(0),
+        };
+        if seq <= *last {
+            if out.delivered_ids.contains(&id) {
+                return; // a retry of a push already counted (same conversation and seq)
+            }
+            out.reordered += 1;
+        }
+        *last = (*last).max(seq);
+        if !out.delivered_ids.insert(id) {
+            out.duplicated += 1;
+            return;
+        }
+        progress.delivered.fetch_add(1, Ordering::Relaxed);
+        if now >= warm_end && now <= sends_end {
+            out.arrived_in_window += 1;
+        }
+        let intended = start + Duration::from_micros(body.t.unwrap_or(0));
+        if intended >= warm_end && intended <= sends_end {
+            out.delivered_in_window += 1;
+            out.e2e.push(now.saturating_duration_since(intended));
+            let actual = start + Duration::from_micros(body.a.unwrap_or(0));
+            out.e2e_service.push(now.saturating_duration_since(actual));
+        }
+    }
+
+    /// The acks to send now, if `ACK_BATCH` pushes or `ack_delay` have passed since the last.
+    fn ack_due(
+        &mut self,
+        last_ack: &mut Instant,
+        ack_delay: Duration,
+    ) -> Option<HashMap<String, u64>> {
+        if self.unacked == 0 || (self.unacked < ACK_BATCH && last_ack.elapsed() < ack_delay) {
+            return None;
+        }
+        self.unacked = 0;
+        *last_ack = Instant::now();
+        Some(std::mem::take(&mut self.acks))
+    }
+
+    /// How long a reader may wait for bytes: until the ack batch is due when pushes wait to be
+    /// acked; otherwise only now and then, to notice the end of the drain (with 10,000 idle
+    /// receivers, a 20 ms tick each would be half a million timer wake-ups a second on the
+    /// load generator's core).
+    fn wait(&self, ack_delay: Duration) -> Duration {
+        if self.unacked == 0 {
+            IDLE_TICK
+        } else {
+            ack_delay
+        }
+    }
+}
+
+/// A connection that only receives (a group member that does not send). The WebSocket
+/// client's framing is replaced by a hand-written reader of the server's frames (unmasked,
+/// unfragmented: docs/protocol.md) on the bare socket, one task, no split halves and many
+/// frames per read: the load generator spends its core on the accounting, so in a fan-out
+/// run it is not what limits the figures (the client library cost ~25–34 µs a delivery).
+async fn receiver_conn(
+    mut stream: tokio::net::TcpStream,
+    (start, warm_end, sends_end, deadline): (Instant, Instant, Instant, Instant),
+    (progress, all_sent, conns, fanout): (Arc<Progress>, Arc<AtomicU64>, u64, u64),
+    ack_delay: Duration,
+) -> anyhow::Result<DirectConn> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    all_sent.fetch_add(1, Ordering::Relaxed); // it has nothing to send
+    let mut out = DirectConn::new();
+    let mut pushes = Pushes::default();
+    let mut last_ack = Instant::now();
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut filled = 0;
+    'run: loop {
+        let drained = all_sent.load(Ordering::Relaxed) == conns
+            && progress.answered.load(Ordering::Relaxed) == progress.sent.load(Ordering::Relaxed)
+            && progress.delivered.load(Ordering::Relaxed)
+                >= progress.acked.load(Ordering::Relaxed) * fanout;
+        if drained || Instant::now() >= deadline {
+            break;
+        }
+        if let Some(seqs) = pushes.ack_due(&mut last_ack, ack_delay) {
+            let text = json!({ "op": "ack", "seqs": seqs }).to_string();
+            stream
+                .write_all(&client_frame(OP_TEXT, text.as_bytes()))
+                .await?;
+        }
+        if filled == buf.len() {
+            buf.resize(buf.len() * 2, 0); // a frame larger than the buffer
+        }
+        let n = match tokio::time::timeout(pushes.wait(ack_delay), stream.read(&mut buf[filled..]))
+            .await
+        {
+            Err(_) => continue, // nothing for a while: re-check acks and the drain
+            Ok(Ok(0)) => break,
+            Ok(Ok(n)) => n,
+            Ok(Err(e)) => return Err(e.into()),
+        };
+        filled += n;
+        let now = Instant::now();
+        let mut at = 0;
+        while let Some((opcode, payload)) = server_frame(&buf[at..filled])? {
+            let frame = &buf[at + payload.start..at + payload.end];
+            at += payload.end;
+            match opcode {
+                OP_TEXT => {
+                    let incoming: Incoming = serde_json::from_slice(frame)?;
+                    if let (Some("msg"), Some(msg)) = (incoming.push.as_deref(), &incoming.msg) {
+                        pushes.on_msg(msg, now, &mut out, &progress, (start, warm_end, sends_end));
+                    } // other pushes are ephemeral; a receiver sends no requests
+                }
+                OP_PING => {
+                    let pong = client_frame(OP_PONG, frame);
+                    stream.write_all(&pong).await?;
+                }
+                OP_CLOSE => break 'run,
+                _ => {}
+            }
+        }
+        buf.copy_within(at..filled, 0);
+        filled -= at;
+    }
+    Ok(out)
+}
+
+const OP_TEXT: u8 = 0x1;
+const OP_CLOSE: u8 = 0x8;
+const OP_PING: u8 = 0x9;
+const OP_PONG: u8 = 0xA;
+
+/// The whole server frame at the start of `buf`: its opcode and where its payload lies, or
+/// `None` while incomplete. Server frames are never masked; Hermod never fragments them.
+fn server_frame(buf: &[u8]) -> anyhow::Result<Option<(u8, std::ops::Range<usize>)>> {
+    let [b0, b1, rest @ ..] = buf else {
+        return Ok(None);
+    };
+    anyhow::ensure!(b0 & 0x80 != 0, "a fragmented frame from the server");
+    anyhow::ensure!(b1 & 0x80 == 0, "a masked frame from the server");
+    let (len, head) = match b1 & 0x7f {
+        126 if rest.len() >= 2 => (u16::from_be_bytes([rest[0], rest[1]]) as usize, 4),
+        127 if rest.len() >= 8 => {
+            let mut n = [0; 8];
+            n.copy_from_slice(&rest[..8]);
+            (usize::try_from(u64::from_be_bytes(n))?, 10)
+        }
+        126 | 127 => return Ok(None),
+        n => (n as usize, 2),
+    };
+    Ok((buf.len() >= head + len).then(|| (b0 & 0x0f, head..head + len)))
+}
+
+/// A client frame (masked, as RFC 6455 requires of clients) of one whole message.
+fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(payload.len() + 14);
+    out.push(0x80 | opcode);
+    match payload.len() {
+        n if n < 126 => out.push(0x80 | n as u8),
+        n if n <= 0xFFFF => {
+            out.push(0x80 | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(0x80 | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    let key: [u8; 4] = rand::random();
+    out.extend_from_slice(&key);
+    out.extend(payload.iter().zip(key.iter().cycle()).map(|(b, k)| b ^ k));
+    out
+}
+
 /// One user's connection: a writer task follows the send schedule (and sends the acks the
 /// reader asks for); a reader task sorts replies and pushes. Two tasks, so a read is never
 /// cancelled by a timer firing in the same `select!`.
@@ -388,11 +605,8 @@ pub(super) async fn direct_conn(
 
     let mut out = DirectConn::new();
     let mut answered_here = 0u64;
-    let mut acks: HashMap<String, u64> = HashMap::new();
-    // Pushes received since the last ack.
-    let mut unacked = 0usize;
+    let mut pushes = Pushes::default();
     let mut last_ack = Instant::now();
-    let mut last_seq: HashMap<String, u64> = HashMap::new();
     loop {
         // Done when every connection has sent everything, every send is answered, and every
         // acked message has been delivered somewhere: then nothing is in flight to this one.
@@ -405,15 +619,10 @@ pub(super) async fn direct_conn(
         if drained || Instant::now() >= deadline {
             break;
         }
-        if unacked > 0 && (unacked >= ACK_BATCH || last_ack.elapsed() >= ack_delay) {
-            let _ = ack_tx.send(std::mem::take(&mut acks));
-            unacked = 0;
-            last_ack = Instant::now();
+        if let Some(seqs) = pushes.ack_due(&mut last_ack, ack_delay) {
+            let _ = ack_tx.send(seqs);
         }
-        // Wake for the ack batch when pushes wait to be acked; otherwise only now and then, to
-        // notice the end of the drain: with 10,000 idle receivers, a 20 ms tick each would
-        // be half a million timer wake-ups a second on the load generator's core.
-        let wait = if unacked == 0 { IDLE_TICK } else { ack_delay };
+        let wait = pushes.wait(ack_delay);
         let text = match tokio::time::timeout(wait, rx.next()).await {
             Err(_) => continue, // nothing for a while: re-check acks and the drain
             Ok(Some(Ok(Message::Text(t)))) => t,
@@ -422,51 +631,9 @@ pub(super) async fn direct_conn(
             Ok(Some(Err(e))) => return Err(e.into()),
         };
         let now = Instant::now();
-        // Typed and borrowed: this runs once per delivery, the load generator's hottest path
-        // (a `Value` tree per frame cost a third of the bench's core in the group scenario).
         let frame: Incoming = serde_json::from_str(&text)?;
         if let (Some("msg"), Some(msg)) = (frame.push.as_deref(), &frame.msg) {
-            let seq = msg.seq;
-            unacked += 1;
-            match acks.get_mut(msg.conv.as_ref()) {
-                Some(acked) => *acked = (*acked).max(seq),
-                None => {
-                    acks.insert(msg.conv.to_string(), seq);
-                }
-            }
-            let Some(body) = serde_json::from_str::<BenchBody>(msg.body.get())
-                .ok()
-                .filter(|b| b.t.is_some())
-            else {
-                continue; // not a benchmark message (a set-up system message): acked only
-            };
-            let id = uuid::Uuid::parse_str(&msg.id).map_or(0, |u| u.as_u128());
-            let last = match last_seq.get_mut(msg.conv.as_ref()) {
-                Some(last) => last,
-                None => last_seq.entry(msg.conv.to_string()).or_insert(0),
-            };
-            if seq <= *last {
-                if out.delivered_ids.contains(&id) {
-                    continue; // a retry of a push already counted (same conversation and seq)
-                }
-                out.reordered += 1;
-            }
-            *last = (*last).max(seq);
-            if !out.delivered_ids.insert(id) {
-                out.duplicated += 1;
-                continue;
-            }
-            progress.delivered.fetch_add(1, Ordering::Relaxed);
-            if now >= warm_end && now <= sends_end {
-                out.arrived_in_window += 1;
-            }
-            let intended = start + Duration::from_micros(body.t.unwrap_or(0));
-            if intended >= warm_end && intended <= sends_end {
-                out.delivered_in_window += 1;
-                out.e2e.push(now.saturating_duration_since(intended));
-                let actual = start + Duration::from_micros(body.a.unwrap_or(0));
-                out.e2e_service.push(now.saturating_duration_since(actual));
-            }
+            pushes.on_msg(msg, now, &mut out, &progress, (start, warm_end, sends_end));
             continue;
         }
         let v: Value = serde_json::from_str(&text)?;
@@ -496,4 +663,47 @@ pub(super) async fn direct_conn(
     out.sent = sent_here.load(Ordering::Relaxed);
     out.unacked += out.sent - answered_here;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_frames_are_cut_whole_or_not_at_all() {
+        let small = [&[0x81, 3][..], b"abc"].concat();
+        assert_eq!(server_frame(&small).unwrap(), Some((OP_TEXT, 2..5)));
+        assert_eq!(
+            server_frame(&small[..4]).unwrap(),
+            None,
+            "payload incomplete"
+        );
+        let mut large = vec![0x81, 126, 0x01, 0x00];
+        large.resize(4 + 256, b'x');
+        assert_eq!(server_frame(&large).unwrap(), Some((OP_TEXT, 4..260)));
+        assert_eq!(
+            server_frame(&large[..3]).unwrap(),
+            None,
+            "length incomplete"
+        );
+        assert!(server_frame(&[0x01, 1, b'a']).is_err(), "fragment");
+        assert!(
+            server_frame(&[0x81, 0x81, 0, 0, 0, 0, b'a']).is_err(),
+            "masked"
+        );
+    }
+
+    #[test]
+    fn client_frames_are_masked_and_unmask_to_the_payload() {
+        let payload = vec![b'y'; 300];
+        let frame = client_frame(OP_TEXT, &payload);
+        assert_eq!(frame[..4], [0x81, 0x80 | 126, 0x01, 0x2c]);
+        let key = &frame[4..8];
+        let unmasked: Vec<u8> = frame[8..]
+            .iter()
+            .zip(key.iter().cycle())
+            .map(|(b, k)| b ^ k)
+            .collect();
+        assert_eq!(unmasked, payload);
+    }
 }
