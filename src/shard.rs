@@ -98,9 +98,8 @@ pub async fn run(p: Params) {
         board,
         admin_token,
     } = p;
-    // glommio's bind sets SO_REUSEPORT: every shard listens on the same address(es).
     let bind = |addr| {
-        TcpListener::bind(addr).map_err(|e| format!("shard {}: binding {addr}: {e}", engine.id().0))
+        listen_on(addr).map_err(|e| format!("shard {}: binding {addr}: {e}", engine.id().0))
     };
     let listeners = bind(listen).and_then(|public| {
         let admin = admin_listen.map(bind).transpose()?;
@@ -317,4 +316,23 @@ fn accept(ctx: &Ctx, listener: TcpListener, surface: Surface) -> glommio::Task<(
             }
         }
     })
+}
+
+/// Connections the kernel queues for one shard's listener before `accept` takes them; past
+/// it, SYNs are dropped and the client retries after a second (RFC 6298's initial RTO). The
+/// kernel caps it at `net.core.somaxconn` (4096 on current kernels; tuning.md). glommio's
+/// own `bind` asks for 1024, which a storm of 20,000 connections/s overflowed on one shard
+/// (`TcpExtListenOverflows` in `nstat`; set-up p99 1.1 s).
+const LISTEN_BACKLOG: i32 = 65_535;
+
+/// A listener on `addr` shared by every shard (SO_REUSEPORT: the kernel spreads new
+/// connections over them) with a `LISTEN_BACKLOG`-deep accept queue.
+fn listen_on(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_port(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    // SAFETY: a bound, listening socket whose fd nothing else owns (released just above).
+    Ok(unsafe { TcpListener::from_raw_fd(socket.into_raw_fd()) })
 }
