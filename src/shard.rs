@@ -98,9 +98,8 @@ pub async fn run(p: Params) {
         board,
         admin_token,
     } = p;
-    let bind = |addr| {
-        listen_on(addr).map_err(|e| format!("shard {}: binding {addr}: {e}", engine.id().0))
-    };
+    let bind =
+        |addr| listen_on(addr).map_err(|e| format!("shard {}: binding {addr}: {e}", engine.id().0));
     let listeners = bind(listen).and_then(|public| {
         let admin = admin_listen.map(bind).transpose()?;
         Ok((public, admin))

@@ -83,7 +83,7 @@ impl Target {
 
     /// Opens a TCP connection to the next node (in turn), from the next source address (or
     /// the kernel's choice). Returns the stream and that node's URL.
-    async fn dial(&self) -> anyhow::Result<(TcpStream, &str)> {
+    pub(crate) async fn dial(&self) -> anyhow::Result<(TcpStream, &str)> {
         let nodes = &self.inner.nodes;
         let (url, addr) =
             &nodes[self.inner.next_node.fetch_add(1, Ordering::Relaxed) % nodes.len()];

@@ -489,14 +489,14 @@ async fn receiver_conn(
     Ok(out)
 }
 
-const OP_TEXT: u8 = 0x1;
+pub(super) const OP_TEXT: u8 = 0x1;
 const OP_CLOSE: u8 = 0x8;
 const OP_PING: u8 = 0x9;
 const OP_PONG: u8 = 0xA;
 
 /// The whole server frame at the start of `buf`: its opcode and where its payload lies, or
 /// `None` while incomplete. Server frames are never masked; Hermod never fragments them.
-fn server_frame(buf: &[u8]) -> anyhow::Result<Option<(u8, std::ops::Range<usize>)>> {
+pub(super) fn server_frame(buf: &[u8]) -> anyhow::Result<Option<(u8, std::ops::Range<usize>)>> {
     let [b0, b1, rest @ ..] = buf else {
         return Ok(None);
     };
@@ -516,7 +516,7 @@ fn server_frame(buf: &[u8]) -> anyhow::Result<Option<(u8, std::ops::Range<usize>
 }
 
 /// A client frame (masked, as RFC 6455 requires of clients) of one whole message.
-fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+pub(super) fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(payload.len() + 14);
     out.push(0x80 | opcode);
     match payload.len() {
