@@ -10,7 +10,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::nats::{free_port, Nats, Tls, PASSWORD, USER};
+use common::nats::{free_port, unique_name, Nats, Tls, PASSWORD, USER};
 use common::{create, http_get, next_msg, open, send, sync_all, Client, Server};
 use hermod_bench::conn::Target;
 use hermod_bench::scenario::{self, DirectParams, Timing};
@@ -31,6 +31,9 @@ struct Cluster {
     nats: Vec<Nats>,
     map: ClusterMap,
     ports: Vec<u16>,
+    /// This cluster's NATS subject prefix, unique to the test: a test's nodes never read
+    /// another's mail, even through NATS servers that joined by a port collision.
+    subjects: String,
     nodes: Vec<Server>,
     /// Nodes replaced by a restart: kept so their drop does not remove the data dir in use.
     replaced: Vec<Server>,
@@ -69,6 +72,7 @@ impl Cluster {
             nats,
             map,
             ports,
+            subjects: unique_name("t"),
             nodes: Vec::new(),
             replaced: Vec::new(),
         };
@@ -94,10 +98,12 @@ impl Cluster {
             .collect();
         let mut text = format!(
             "[cluster]\nnode = {:?}\nversion = {}\nhello_ms = 100\nsilent_ms = 1000\n\n\
-             [cluster.nats]\nurls = [{}]\nuser = {USER:?}\npassword = {PASSWORD:?}\n",
+             [cluster.nats]\nurls = [{}]\nuser = {USER:?}\npassword = {PASSWORD:?}\n\
+             subject_prefix = {:?}\n",
             map.nodes[i].id,
             map.version,
-            urls.join(", ")
+            urls.join(", "),
+            self.subjects
         );
         if let Some(tls) = &self.tls {
             text += &tls.config_lines();

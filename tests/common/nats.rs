@@ -34,6 +34,13 @@ pub fn nats_server_bin() -> PathBuf {
     panic!("nats-server is not installed: scripts/test.sh installs it (scripts/nats-deps.sh)");
 }
 
+/// `prefix-<pid>-<n>`, unique among the tests of this run.
+pub fn unique_name(prefix: &str) -> String {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{prefix}-{}-{n}", std::process::id())
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -90,6 +97,9 @@ impl Nats {
     /// `cluster`, its client port requiring TLS with client certificates when `tls` is given
     /// (the routes between the servers stay plain: loopback).
     pub fn cluster_with(dir: &Path, tls: Option<&Tls>) -> Vec<Nats> {
+        // A name of its own: tests run in parallel and pick free ports independently, so a
+        // route may name another test's cluster port; NATS joins only clusters of one name.
+        let name = unique_name("hermod-test");
         for _ in 0..ATTEMPTS {
             let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
             let routes: Vec<String> = ports
@@ -104,7 +114,7 @@ impl Nats {
                     let text = format!(
                         "server_name: n{i}\nlisten: 127.0.0.1:{port}\n\
                          authorization {{ user: {USER}, password: \"{PASSWORD}\" }}\n{}\n\
-                         cluster {{\n  name: hermod-test\n  listen: 127.0.0.1:{cport}\n  routes: [{}]\n}}\n",
+                         cluster {{\n  name: {name}\n  listen: 127.0.0.1:{cport}\n  routes: [{}]\n}}\n",
                         tls.map(Tls::server_block).unwrap_or_default(),
                         routes.join(", ")
                     );
