@@ -432,6 +432,14 @@ fn a_node_on_another_placement_map_is_never_linked() {
     // links with it: its batches are refused, and it sees no peer.
     let fresh = c.dir.path().join("data-other");
     let stranger = Server::start_on(Path::new(&fresh), &["--config", &config]);
+    // Node a sees b's links go down 1 s after b's last hello (silent_ms), and its /readyz
+    // shows that at its next metrics tick: poll, then check it stays so while the stranger
+    // keeps sending hellos.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !http_get(c.nodes[0].addr, "/readyz").contains("links up 0/4") {
+        assert!(Instant::now() < deadline, "node a still sees b's links up");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     std::thread::sleep(Duration::from_millis(1500));
     let page = http_get(stranger.addr, "/readyz");
     assert!(page.contains("links up 0/4"), "{page}");

@@ -63,6 +63,17 @@ pub(super) struct Progress {
     delivered: AtomicU64,
 }
 
+impl Progress {
+    /// Every one of `conns` connections has sent everything (`all_sent` counts them), every
+    /// send is answered, and every acked message has reached its `fanout` connections: nothing
+    /// is in flight any more.
+    fn drained(&self, all_sent: &AtomicU64, conns: u64, fanout: u64) -> bool {
+        all_sent.load(Ordering::Relaxed) == conns
+            && self.answered.load(Ordering::Relaxed) == self.sent.load(Ordering::Relaxed)
+            && self.delivered.load(Ordering::Relaxed) >= self.acked.load(Ordering::Relaxed) * fanout
+    }
+}
+
 pub(super) fn progress_line(
     progress: Arc<Progress>,
     start: Instant,
@@ -438,11 +449,7 @@ async fn receiver_conn(
     let mut buf = vec![0u8; 16 * 1024];
     let mut filled = 0;
     'run: loop {
-        let drained = all_sent.load(Ordering::Relaxed) == conns
-            && progress.answered.load(Ordering::Relaxed) == progress.sent.load(Ordering::Relaxed)
-            && progress.delivered.load(Ordering::Relaxed)
-                >= progress.acked.load(Ordering::Relaxed) * fanout;
-        if drained || Instant::now() >= deadline {
+        if progress.drained(&all_sent, conns, fanout) || Instant::now() >= deadline {
             break;
         }
         if let Some(seqs) = pushes.ack_due(&mut last_ack, ack_delay) {
@@ -612,10 +619,7 @@ pub(super) async fn direct_conn(
         // acked message has been delivered somewhere: then nothing is in flight to this one.
         let drained = done_sending.load(Ordering::Relaxed)
             && answered_here == sent_here.load(Ordering::Relaxed)
-            && all_sent.load(Ordering::Relaxed) == conns
-            && progress.answered.load(Ordering::Relaxed) == progress.sent.load(Ordering::Relaxed)
-            && progress.delivered.load(Ordering::Relaxed)
-                >= progress.acked.load(Ordering::Relaxed) * fanout;
+            && progress.drained(&all_sent, conns, fanout);
         if drained || Instant::now() >= deadline {
             break;
         }
