@@ -464,3 +464,97 @@ fn the_tools_client_drives_every_action() {
     let err = wrong.stats().unwrap_err().to_string();
     assert!(err.contains("unauthorized"), "{err}");
 }
+
+/// `push_register` / `push_unregister` (docs/protocol.md, "Push tokens"): validated, shown by
+/// `devices`, replaced, removed; all dropped by a disable (seen through a resume after
+/// re-enabling, which drops nothing). The drops with the device (`logout`, `device_logout`,
+/// a new login) are checked on the stored keys in the engine's tests (`push_tokens`).
+#[test]
+fn push_tokens_are_per_device_and_dropped_with_it() {
+    let server = admin_server();
+    let (mut pc, pc_token) = server.user("alice", "pc");
+    let (mut phone, phone_token) = server.user("alice", "phone");
+    let push_of = |c: &mut Client, device: &str| -> Value {
+        let list = c.ok("devices", json!({}));
+        let row = list["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["device"] == device)
+            .cloned()
+            .unwrap_or_else(|| panic!("no device {device}: {list}"));
+        row["push"].clone()
+    };
+
+    for (fields, why) in [
+        (
+            json!({ "platform": "pager", "token": "x" }),
+            "unknown platform",
+        ),
+        (json!({ "platform": "apns", "token": "" }), "empty token"),
+        (
+            json!({ "platform": "apns", "token": "a\nb" }),
+            "control character",
+        ),
+        (
+            json!({ "platform": "fcm", "token": "x".repeat(4097) }),
+            "over 4096 bytes",
+        ),
+        (json!({ "platform": "fcm" }), "no token"),
+    ] {
+        let r = phone.request("push_register", fields);
+        assert_eq!(r["error"]["code"], "bad_request", "{why}: {r}");
+    }
+    assert_eq!(push_of(&mut pc, "phone"), Value::Null);
+    let ok = phone.ok(
+        "push_register",
+        json!({ "platform": "apns", "token": "a".repeat(64) }),
+    );
+    assert_eq!(ok, json!({ "platform": "apns" }));
+    assert_eq!(push_of(&mut pc, "phone"), "apns");
+    assert_eq!(push_of(&mut pc, "pc"), Value::Null, "per device");
+    phone.ok(
+        "push_register",
+        json!({ "platform": "fcm", "token": "f".repeat(4096) }),
+    );
+    assert_eq!(
+        push_of(&mut pc, "phone"),
+        "fcm",
+        "a new token replaces the old"
+    );
+    assert_eq!(phone.ok("push_unregister", json!({})), json!({}));
+    assert_eq!(push_of(&mut pc, "phone"), Value::Null);
+    assert_eq!(
+        phone.ok("push_unregister", json!({})),
+        json!({}),
+        "idempotent"
+    );
+
+    // A disable drops every token of the account; after enable, resumed sessions have none.
+    phone.ok(
+        "push_register",
+        json!({ "platform": "webpush", "token": "{\"endpoint\":\"https://x\"}" }),
+    );
+    pc.ok(
+        "push_register",
+        json!({ "platform": "other", "token": "t" }),
+    );
+    let (status, _) = admin(&server, "POST", "/admin/users/alice/disable", None);
+    assert_eq!(status, 200);
+    let (status, _) = admin(&server, "POST", "/admin/users/alice/enable", None);
+    assert_eq!(status, 200);
+    let mut pc = server.client();
+    pc.ok("resume", json!({ "token": pc_token }));
+    let mut phone = server.client();
+    phone.ok("resume", json!({ "token": phone_token }));
+    assert_eq!(
+        push_of(&mut pc, "pc"),
+        Value::Null,
+        "dropped by the disable"
+    );
+    assert_eq!(
+        push_of(&mut pc, "phone"),
+        Value::Null,
+        "dropped by the disable"
+    );
+}

@@ -171,6 +171,7 @@ pub const SEEDS: &[&str] = &[
     r#"{"op":"sync","rid":1,"convs":[{"conv":"d.1.2","after":3}],"limit":10}"#,
     r#"{"op":"history","rid":1,"conv":"d.1.2","before":9,"limit":0}"#,
     r#"{"op":"ack","seqs":{"d.1.2":3,"g.5":1}}"#,
+    r#"{"op":"push_register","rid":1,"platform":"fcm","token":"abc"}"#,
     r#"{"op":"read","rid":1,"conv":"d.1.2","seq":4}"#,
     r#"{"op":"convs","rid":1}"#,
     r#"{"op":"open","rid":1,"user":"bob"}"#,

@@ -118,6 +118,10 @@ pub const STATUS_BYTES_MAX: usize = 140;
 pub const DISPLAY_NAME_BYTES_MAX: usize = 64;
 pub const AVATAR_URL_BYTES_MAX: usize = 512;
 pub const BIO_BYTES_MAX: usize = 1_024;
+/// A device's push token (`push_register`): APNs tokens are 32 bytes (64 hex), FCM
+/// registration tokens ~160–250 characters, a Web Push subscription (JSON with its endpoint
+/// and keys) up to ~1 KB; 4 KiB leaves room for all three and refuses abuse.
+pub const PUSH_TOKEN_BYTES_MAX: usize = 4_096;
 
 /// Usernames: length bounds, in bytes (ASCII only).
 pub const USERNAME_BYTES_MIN: usize = 3;

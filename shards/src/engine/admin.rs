@@ -422,6 +422,9 @@ impl<S: Storage> Shard<S> {
                 return self.reply_to(reply, ok_frame(reply.rid, &answer));
             }
             AccountAction::Disable(true) => {
+                if let Err(e) = self.drop_push_tokens(id) {
+                    return self.storage_error_to(reply, &e);
+                }
                 self.put(keys::disabled(id), Vec::new());
                 let conns = self.sessions.online.get(&id).cloned().unwrap_or_default();
                 let answer = json!({ "user": name, "disabled": true, "closed": conns.len() });
@@ -449,6 +452,7 @@ impl<S: Storage> Shard<S> {
                     let stored = matches!(self.get_latest(&keys::device(id, &device)), Ok(Some(_)));
                     if stored || !online.is_empty() {
                         self.delete(keys::device(id, &device));
+                        self.delete(keys::push_token(id, &device));
                         conns.extend(online);
                         known.push(device);
                     }

@@ -22,8 +22,8 @@ use crate::mail::{GatherRef, Mail, Named, PresenceInfo, ReplyTo};
 use crate::model::Presence;
 use crate::protocol::{ok_frame, push_json_str, ErrorCode};
 use crate::storage::{
-    keys, scan_records, DeviceRecord, FriendRecord, FriendState, ProfileRecord, Storage,
-    StorageError,
+    keys, scan_records, DeviceRecord, FriendRecord, FriendState, ProfileRecord, PushTokenRecord,
+    Storage, StorageError,
 };
 
 impl<S: Storage> Shard<S> {
@@ -346,9 +346,39 @@ impl<S: Storage> Shard<S> {
             .collect())
     }
 
+    /// Deletes every push token of `user`: those stored, and those of its connected devices (a
+    /// `push_register` not yet durable is one of theirs). A disabled account gets no pushes.
+    pub(super) fn drop_push_tokens(&mut self, user: UserId) -> Result<(), StorageError> {
+        let prefix = keys::push_token_prefix(user);
+        let mut devices: Vec<String> =
+            scan_records::<PushTokenRecord>(&self.storage, &prefix, 1_000)?
+                .into_iter()
+                .filter_map(|(k, _)| keys::device_of_key(&k))
+                .collect();
+        devices.extend(
+            self.sessions
+                .online
+                .get(&user)
+                .into_iter()
+                .flatten()
+                .filter_map(|c| self.sessions.conns.get(c))
+                .filter_map(|c| c.session.as_ref().map(|s| s.device.clone())),
+        );
+        for device in devices {
+            self.delete(keys::push_token(user, &device));
+        }
+        Ok(())
+    }
+
     /// A user's devices as `devices` lists them (also the admin API's account view).
     pub(super) fn devices_json(&self, user: UserId) -> Result<Vec<Value>, StorageError> {
         let rows = self.device_records(user)?;
+        // Devices with a push token, and its platform.
+        let push: BTreeMap<String, String> =
+            scan_records::<PushTokenRecord>(&self.storage, &keys::push_token_prefix(user), 1_000)?
+                .into_iter()
+                .filter_map(|(k, rec)| Some((keys::device_of_key(&k)?, rec.platform)))
+                .collect();
         // Connected devices with whether each said it is away.
         let online: Vec<(String, bool)> = self
             .sessions
@@ -374,6 +404,7 @@ impl<S: Storage> Shard<S> {
                 "state": state,
                 "created": rec.created_ms,
                 "last_seen": last_seen,
+                "push": push.get(&name),
             }));
         }
         Ok(list)
@@ -394,6 +425,7 @@ impl<S: Storage> Shard<S> {
             Err(_) => return Err((ErrorCode::Internal, "storage read failed".into())),
         }
         self.delete(key);
+        self.delete(keys::push_token(user, device));
         for victim in self.device_conns(user, device) {
             self.close(
                 victim,

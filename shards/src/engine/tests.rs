@@ -641,3 +641,126 @@ mod torn {
         assert!(refused.contains(r#""code":"blocked""#), "{refused}");
     }
 }
+
+mod push_tokens {
+    //! A device's push token lives and dies with the device: `logout`, `device_logout` and a
+    //! new login under the same device name each delete the stored token.
+    use super::super::*;
+    use crate::auth::HashCost;
+    use crate::storage::{keys, MemStorage, Storage};
+
+    struct Alice {
+        shard: Shard<MemStorage>,
+        store: MemStorage,
+        next_conn: u64,
+    }
+
+    impl Alice {
+        fn new() -> Alice {
+            let store = MemStorage::default();
+            let mut cfg = Config::new(ShardId(0), 1, [1; 32]);
+            cfg.hash_cost = HashCost {
+                memory_kib: 8,
+                passes: 1,
+            };
+            let mut alice = Alice {
+                shard: Shard::new(cfg, store.clone()),
+                store,
+                next_conn: 0,
+            };
+            let conn = alice.connect();
+            alice.ask(
+                conn,
+                r#"{"op":"register","rid":1,"username":"alice","password":"password123"}"#,
+            );
+            alice
+        }
+
+        fn connect(&mut self) -> ConnId {
+            self.next_conn += 1;
+            let conn = ConnId(self.next_conn);
+            self.shard.handle_connect(0, conn);
+            conn
+        }
+
+        /// Sends `frame` on `conn` and runs jobs and commits until quiet: the frames sent.
+        fn ask(&mut self, conn: ConnId, frame: &str) -> Vec<String> {
+            self.shard.handle_frame(0, conn, frame);
+            let mut sent = Vec::new();
+            loop {
+                let mut progressed = false;
+                while let Some(out) = self.shard.poll_output() {
+                    progressed = true;
+                    match out {
+                        Output::Send { frame, .. } => sent.push(frame.to_string()),
+                        Output::Job { id, job, .. } => {
+                            let result = job.run(HashCost {
+                                memory_kib: 8,
+                                passes: 1,
+                            });
+                            self.shard.handle_job_done(0, id, result);
+                        }
+                        _ => {}
+                    }
+                }
+                if let Some(commit) = self.shard.poll_commit() {
+                    progressed = true;
+                    self.store.apply(&commit.ops);
+                    self.shard.handle_commit_done(0, commit.id, Ok(()));
+                }
+                if !progressed {
+                    return sent;
+                }
+            }
+        }
+
+        fn login(&mut self, device: &str) -> ConnId {
+            let conn = self.connect();
+            let login = format!(
+                r#"{{"op":"login","rid":2,"username":"alice","password":"password123","device":"{device}"}}"#
+            );
+            let sent = self.ask(conn, &login);
+            assert!(sent.iter().any(|f| f.contains("token")), "{sent:?}");
+            conn
+        }
+
+        fn register_token(&mut self, conn: ConnId) {
+            let sent = self.ask(
+                conn,
+                r#"{"op":"push_register","rid":3,"platform":"apns","token":"abc"}"#,
+            );
+            assert!(sent.iter().any(|f| f.contains(r#""ok""#)), "{sent:?}");
+        }
+
+        fn has_token(&self, device: &str) -> bool {
+            let key = keys::push_token(UserId::from_username("alice"), device);
+            self.store.get(&key).unwrap().is_some()
+        }
+    }
+
+    #[test]
+    fn logout_device_logout_and_a_new_login_drop_the_token() {
+        let mut a = Alice::new();
+        let pc = a.login("pc");
+        let phone = a.login("phone");
+        a.register_token(phone);
+        assert!(a.has_token("phone") && !a.has_token("pc"));
+
+        a.ask(pc, r#"{"op":"device_logout","rid":4,"device":"phone"}"#);
+        assert!(!a.has_token("phone"), "device_logout drops it");
+
+        let phone = a.login("phone");
+        a.register_token(phone);
+        a.ask(phone, r#"{"op":"logout","rid":5}"#);
+        assert!(!a.has_token("phone"), "logout drops it");
+
+        let phone = a.login("phone");
+        a.register_token(phone);
+        assert!(a.has_token("phone"));
+        a.login("phone");
+        assert!(
+            !a.has_token("phone"),
+            "a new login on the device name drops it"
+        );
+    }
+}

@@ -210,6 +210,13 @@ pub struct PresenceSet {
     pub status: Option<String>,
 }
 
+/// `push_register`: this device's push token.
+#[derive(Debug, Deserialize)]
+pub struct PushRegister {
+    pub platform: String,
+    pub token: String,
+}
+
 /// `profile_set`: fields to change; absent ones stay.
 #[derive(Debug, Deserialize)]
 pub struct ProfileSet {
@@ -337,6 +344,8 @@ requests! {
     "profile_set" => ProfileSet(ProfileSet),
     "devices" => Devices,
     "device_logout" => DeviceLogout(DeviceArg),
+    "push_register" => PushRegister(PushRegister),
+    "push_unregister" => PushUnregister,
 }
 
 impl Op {
@@ -359,6 +368,20 @@ mod tests {
         let names: std::collections::HashSet<_> = Op::ALL.iter().map(|o| o.name()).collect();
         assert_eq!(names.len(), Op::ALL.len());
         assert_eq!(Op::from_name("Send"), None, "names are case-sensitive");
+    }
+
+    /// The docs are the contract: every op the server parses is documented, by name in
+    /// backquotes or in an example frame.
+    #[test]
+    fn every_op_is_in_the_protocol_document() {
+        let doc = include_str!("../../../docs/protocol.md");
+        for &op in Op::ALL {
+            let name = op.name();
+            assert!(
+                doc.contains(&format!("`{name}`")) || doc.contains(&format!("\"op\": \"{name}\"")),
+                "{name} is not in docs/protocol.md"
+            );
+        }
     }
 
     #[test]

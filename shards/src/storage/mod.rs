@@ -114,7 +114,21 @@ pub mod keys {
         k
     }
 
-    /// The device name at the end of a `device` key.
+    /// A device's push token (`push_register`), dropped with the device.
+    pub fn push_token(user: UserId, device: &str) -> Vec<u8> {
+        let mut k = push_token_prefix(user);
+        k.extend_from_slice(device.as_bytes());
+        k
+    }
+
+    /// Every push-token key of `user` starts with this.
+    pub fn push_token_prefix(user: UserId) -> Vec<u8> {
+        let mut k = head(user.slot().0, b'T', 8);
+        k.extend_from_slice(&user.0.to_be_bytes());
+        k
+    }
+
+    /// The device name at the end of a `device` (or `push_token`) key.
     pub fn device_of_key(key: &[u8]) -> Option<String> {
         String::from_utf8(key.get(3 + 8..)?.to_vec()).ok()
     }
@@ -326,6 +340,17 @@ pub struct DeviceRecord {
     pub created_ms: u64,
 }
 record!(DeviceRecord);
+
+/// A device's push token: where the operator's push gateway reaches the app when the device
+/// is not connected. One per device; replaced by a new `push_register`.
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct PushTokenRecord {
+    /// `apns`, `fcm`, `webpush` or `other`.
+    pub platform: String,
+    pub token: String,
+    pub registered_ms: u64,
+}
+record!(PushTokenRecord);
 
 #[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct UserConv {

@@ -343,6 +343,9 @@ impl<S: Storage> Shard<S> {
                     device: device.clone(),
                 };
                 let token = self.tokens.mint(&claims);
+                // A new session on this device name: whatever app registered a push token
+                // under the old one registers again (apps do so at every start).
+                self.delete(keys::push_token(user, &device));
                 self.put(
                     keys::device(user, &device),
                     DeviceRecord {
@@ -438,6 +441,7 @@ impl<S: Storage> Shard<S> {
 
     pub(in crate::engine) fn logout(&mut self, conn: ConnId, rid: u64, s: &Session) {
         self.delete(keys::device(s.user, &s.device));
+        self.delete(keys::push_token(s.user, &s.device));
         self.defer(Deferred::LoggedOut { conn, rid });
     }
 

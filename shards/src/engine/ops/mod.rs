@@ -10,7 +10,7 @@
 //! | `account.rs` | `register`, `login`, `resume`, `logout`, and the password jobs they wait on |
 //! | `conv.rs` | `open`, `send`, `read`, `recall`, `edit`, `receipts`, `typing` |
 //! | `group.rs` | `group_*` |
-//! | `social.rs` | friends, blocks, presence, profiles, devices |
+//! | `social.rs` | friends, blocks, presence, profiles, devices, push tokens |
 //!
 //! `convs`, `sync` and `history` go straight to `gather.rs`; `ping` and `ack` are answered here
 //! and in `session.rs`.
@@ -168,6 +168,8 @@ impl<S: Storage> Shard<S> {
             Request::ProfileSet(r) => self.profile_change(by, r),
             Request::Devices => self.devices_list(conn, rid, s.user).map_err(storage_failed),
             Request::DeviceLogout(r) => self.device_logout_other(by, r),
+            Request::PushRegister(r) => self.push_register(now_ms, by, r),
+            Request::PushUnregister => self.push_unregister(by),
         }
     }
 

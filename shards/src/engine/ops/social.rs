@@ -1,16 +1,23 @@
-//! Friends, blocks, presence, profiles and devices, from the requester's side: checked for
-//! shape here, run by `engine/social.rs` on the requester's home shard (with one hop to the
-//! other user's home shard or the conversation's owner where needed).
+//! Friends, blocks, presence, profiles, devices and push tokens, from the requester's side:
+//! checked for shape here, run by `engine/social.rs` on the requester's home shard (with one
+//! hop to the other user's home shard or the conversation's owner where needed). Push tokens
+//! are this device's own record, written here.
 
+use serde_json::json;
+
+use super::super::effects::Deferred;
 use super::super::Shard;
 use super::{bad, resolve, resolve_lenient, storage_failed, Asker, Outcome};
 use crate::limits::{
     AVATAR_URL_BYTES_MAX, BIO_BYTES_MAX, DISPLAY_NAME_BYTES_MAX, PRESENCE_PULL_MAX,
-    STATUS_BYTES_MAX,
+    PUSH_TOKEN_BYTES_MAX, STATUS_BYTES_MAX,
 };
 use crate::mail::{FriendOp, Mail, Named};
-use crate::protocol as p;
-use crate::storage::Storage;
+use crate::protocol::{self as p, ok_frame};
+use crate::storage::{keys, PushTokenRecord, Storage};
+
+/// The push services a token may be for (`push_register`'s `platform`).
+const PUSH_PLATFORMS: [&str; 4] = ["apns", "fcm", "webpush", "other"];
 
 impl<S: Storage> Shard<S> {
     /// The `friend_*` ops; `op` is `None` for `friend_request`, whose message is checked here.
@@ -105,6 +112,55 @@ impl<S: Storage> Shard<S> {
         }
         self.profile_set(by.conn, by.rid, by.session.user, req)
             .map_err(storage_failed)
+    }
+
+    /// `push_register`: stores (or replaces) this device's push token; answered once durable.
+    pub(in crate::engine) fn push_register(
+        &mut self,
+        now_ms: u64,
+        by: Asker,
+        req: p::PushRegister,
+    ) -> Outcome {
+        if !PUSH_PLATFORMS.contains(&req.platform.as_str()) {
+            return Err(bad(format!(
+                "platform must be one of {}",
+                PUSH_PLATFORMS.join(", ")
+            )));
+        }
+        if req.token.is_empty()
+            || req.token.len() > PUSH_TOKEN_BYTES_MAX
+            || req.token.chars().any(char::is_control)
+        {
+            return Err(bad(format!(
+                "token must be 1-{PUSH_TOKEN_BYTES_MAX} bytes without control characters"
+            )));
+        }
+        let s = by.session;
+        let record = PushTokenRecord {
+            platform: req.platform,
+            token: req.token,
+            registered_ms: now_ms,
+        };
+        self.put(keys::push_token(s.user, &s.device), record.encode());
+        let frame = ok_frame(by.rid, &json!({ "platform": record.platform }));
+        self.defer(Deferred::Reply {
+            conn: by.conn,
+            rid: by.rid,
+            frame,
+        });
+        Ok(())
+    }
+
+    /// `push_unregister`: forgets this device's push token (none is fine: idempotent).
+    pub(in crate::engine) fn push_unregister(&mut self, by: Asker) -> Outcome {
+        self.delete(keys::push_token(by.session.user, &by.session.device));
+        let frame = ok_frame(by.rid, &json!({}));
+        self.defer(Deferred::Reply {
+            conn: by.conn,
+            rid: by.rid,
+            frame,
+        });
+        Ok(())
     }
 
     /// Another device of the same user; this one uses `logout`.
