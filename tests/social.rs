@@ -384,3 +384,109 @@ fn presence_of_strangers_when_configured_public() {
         "unknown users read as offline"
     );
 }
+
+/// `conv_mute` and `dnd_set` (docs/protocol.md, "Notification settings"): the user's own
+/// settings, shown by `convs`, validated, and kept across a restart.
+#[test]
+fn mutes_and_do_not_disturb_are_the_users_own_and_listed_by_convs() {
+    let mut server = Server::start(&[]);
+    let now_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
+    };
+    let (mut alice, token) = server.user("alice", "pc");
+    let (mut bob, _) = server.user("bob", "pc");
+    let with_bob = open(&mut alice, "bob");
+    let team = alice.ok(
+        "group_create",
+        json!({ "name": "team", "members": ["bob"] }),
+    )["conv"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let list = alice.ok("convs", json!({}));
+    assert_eq!(list["dnd_until"], Value::Null);
+    assert!(
+        list["convs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|c| c["muted"] == false),
+        "{list}"
+    );
+
+    let ok = alice.ok("conv_mute", json!({ "conv": team, "muted": true }));
+    assert_eq!(ok, json!({ "conv": team, "muted": true }));
+    let until = now_ms() + 3_600_000;
+    assert_eq!(
+        alice.ok("dnd_set", json!({ "until": until })),
+        json!({ "until": until })
+    );
+    for (fields, why) in [
+        (
+            json!({ "conv": "x.1", "muted": true }),
+            "malformed conversation",
+        ),
+        (json!({ "conv": team }), "muted missing"),
+    ] {
+        let r = alice.request("conv_mute", fields);
+        assert_eq!(r["error"]["code"], "bad_request", "{why}: {r}");
+    }
+    for (fields, why) in [
+        (json!({ "until": 1 }), "in the past"),
+        (
+            json!({ "until": now_ms() + 400 * 86_400_000 }),
+            "over a year ahead",
+        ),
+        (json!({}), "until missing"),
+    ] {
+        let r = alice.request("dnd_set", fields);
+        assert_eq!(r["error"]["code"], "bad_request", "{why}: {r}");
+    }
+
+    let muted = |c: &mut Client| -> Vec<(String, bool)> {
+        let list = c.ok("convs", json!({}));
+        let mut rows: Vec<(String, bool)> = list["convs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| {
+                (
+                    c["conv"].as_str().unwrap().to_owned(),
+                    c["muted"].as_bool().unwrap(),
+                )
+            })
+            .collect();
+        rows.sort();
+        rows
+    };
+    let mut want = vec![(with_bob.clone(), false), (team.clone(), true)];
+    want.sort();
+    assert_eq!(muted(&mut alice), want);
+    assert!(
+        muted(&mut bob).iter().all(|(_, m)| !m),
+        "alice's mute is hers alone"
+    );
+    assert_eq!(bob.ok("convs", json!({}))["dnd_until"], Value::Null);
+
+    // Durable: still there after a restart.
+    drop(alice);
+    drop(bob);
+    assert!(server.stop().success());
+    let data = server.data.clone();
+    let server = Server::start_on(&data, &[]);
+    let mut alice = server.client();
+    alice.ok("resume", json!({ "token": token }));
+    assert_eq!(muted(&mut alice), want);
+    assert_eq!(alice.ok("convs", json!({}))["dnd_until"], until);
+
+    alice.ok("conv_mute", json!({ "conv": team, "muted": false }));
+    assert_eq!(
+        alice.ok("dnd_set", json!({ "until": null })),
+        json!({ "until": null })
+    );
+    assert!(muted(&mut alice).iter().all(|(_, m)| !m));
+    assert_eq!(alice.ok("convs", json!({}))["dnd_until"], Value::Null);
+}

@@ -172,6 +172,8 @@ pub const SEEDS: &[&str] = &[
     r#"{"op":"history","rid":1,"conv":"d.1.2","before":9,"limit":0}"#,
     r#"{"op":"ack","seqs":{"d.1.2":3,"g.5":1}}"#,
     r#"{"op":"push_register","rid":1,"platform":"fcm","token":"abc"}"#,
+    r#"{"op":"conv_mute","rid":1,"conv":"g.5","muted":true}"#,
+    r#"{"op":"dnd_set","rid":1,"until":null}"#,
     r#"{"op":"read","rid":1,"conv":"d.1.2","seq":4}"#,
     r#"{"op":"convs","rid":1}"#,
     r#"{"op":"open","rid":1,"user":"bob"}"#,

@@ -122,6 +122,8 @@ pub const BIO_BYTES_MAX: usize = 1_024;
 /// registration tokens ~160–250 characters, a Web Push subscription (JSON with its endpoint
 /// and keys) up to ~1 KB; 4 KiB leaves room for all three and refuses abuse.
 pub const PUSH_TOKEN_BYTES_MAX: usize = 4_096;
+/// How far ahead `dnd_set` may reach: a year (a longer silence is muting, not a pause).
+pub const DND_MS_MAX: u64 = 366 * 24 * 3600 * 1000;
 
 /// Usernames: length bounds, in bytes (ASCII only).
 pub const USERNAME_BYTES_MIN: usize = 3;

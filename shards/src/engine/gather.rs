@@ -6,7 +6,7 @@
 //! `unavailable` (a list missing some conversations would read as having left them). A gather
 //! whose connection closed still completes and its reply is dropped.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
 
 use super::timers::Timer;
@@ -36,6 +36,10 @@ pub(super) enum Kind {
     Convs {
         entries: Vec<(ConvId, UserConv)>,
         last: Vec<ConvSummary>,
+        /// The user's own settings, read with the list: muted conversations, and the end of
+        /// a do-not-disturb still running.
+        muted: HashSet<ConvId>,
+        dnd_until: Option<u64>,
     },
     Pages {
         convs: Vec<ConvId>,
@@ -66,7 +70,7 @@ impl<S: Storage> Shard<S> {
         id
     }
 
-    pub(super) fn start_convs(&mut self, conn: ConnId, rid: u64, user: UserId) {
+    pub(super) fn start_convs(&mut self, now_ms: u64, conn: ConnId, rid: u64, user: UserId) {
         let prefix = keys::user_conv_prefix(user);
         let rows =
             match self
@@ -92,7 +96,17 @@ impl<S: Storage> Shard<S> {
                 .push((i, *conv));
         }
         let last = vec![ConvSummary::default(); entries.len()];
-        let id = self.gather(conn, rid, by_owner.len(), Kind::Convs { entries, last });
+        let (muted, dnd_until) = match self.notify_settings(now_ms, user) {
+            Ok(settings) => settings,
+            Err(e) => return self.internal_error(conn, Some(rid), &e),
+        };
+        let kind = Kind::Convs {
+            entries,
+            last,
+            muted,
+            dnd_until,
+        };
+        let id = self.gather(conn, rid, by_owner.len(), kind);
         if by_owner.is_empty() {
             return self.finish_gather(id);
         }
@@ -292,7 +306,12 @@ impl<S: Storage> Shard<S> {
             return self.error(g.conn, Some(g.rid), ErrorCode::Unavailable, why);
         }
         let frame = match g.kind {
-            Kind::Convs { entries, last } => convs_frame(g.rid, &entries, &last),
+            Kind::Convs {
+                entries,
+                last,
+                muted,
+                dnd_until,
+            } => convs_frame(g.rid, &entries, &last, (&muted, dnd_until)),
             Kind::Pages {
                 convs,
                 mut pages,
@@ -374,7 +393,12 @@ fn sync_frame(rid: u64, convs: &[ConvId], pages: &[Option<Page>]) -> String {
     out
 }
 
-fn convs_frame(rid: u64, entries: &[(ConvId, UserConv)], last: &[ConvSummary]) -> String {
+fn convs_frame(
+    rid: u64,
+    entries: &[(ConvId, UserConv)],
+    last: &[ConvSummary],
+    (muted, dnd_until): (&HashSet<ConvId>, Option<u64>),
+) -> String {
     let mut out = String::with_capacity(64 + entries.len() * 96);
     let _ = write!(out, "{{\"rid\":{rid},\"ok\":{{\"convs\":[");
     let mut total_unread = 0u64;
@@ -410,9 +434,16 @@ fn convs_frame(rid: u64, entries: &[(ConvId, UserConv)], last: &[ConvSummary]) -
         }
         let _ = write!(
             out,
-            ",\"last_seq\":{last_seq},\"read_seq\":{read_seq},\"unread\":{unread}}}"
+            ",\"last_seq\":{last_seq},\"read_seq\":{read_seq},\"unread\":{unread},\"muted\":{}}}",
+            muted.contains(conv)
         );
     }
-    let _ = write!(out, "],\"total_unread\":{total_unread}}}}}");
+    let _ = write!(out, "],\"total_unread\":{total_unread},\"dnd_until\":");
+    match dnd_until {
+        Some(until) => {
+            let _ = write!(out, "{until}}}}}");
+        }
+        None => out.push_str("null}}"),
+    }
     out
 }

@@ -7,7 +7,7 @@
 //! Profiles change without pushes: friends' home shards record the new version, and friends
 //! learn of it by pulling with versions.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
 use serde_json::{json, Value};
@@ -16,14 +16,14 @@ use super::effects::Deferred;
 use super::fanout::by_shard;
 use super::gather::Kind;
 use super::Shard;
-use crate::ids::{ConnId, UserId};
-use crate::limits::FRIENDS_MAX;
+use crate::ids::{ConnId, ConvId, UserId};
+use crate::limits::{CONV_LIST_MAX, FRIENDS_MAX};
 use crate::mail::{GatherRef, Mail, Named, PresenceInfo, ReplyTo};
 use crate::model::Presence;
 use crate::protocol::{ok_frame, push_json_str, ErrorCode};
 use crate::storage::{
-    keys, scan_records, DeviceRecord, FriendRecord, FriendState, ProfileRecord, PushTokenRecord,
-    Storage, StorageError,
+    keys, scan_records, DeviceRecord, DndRecord, FriendRecord, FriendState, ProfileRecord,
+    PushTokenRecord, Storage, StorageError,
 };
 
 impl<S: Storage> Shard<S> {
@@ -368,6 +368,27 @@ impl<S: Storage> Shard<S> {
             self.delete(keys::push_token(user, &device));
         }
         Ok(())
+    }
+
+    /// `user`'s notification settings: the conversations they muted (`conv_mute`, durable
+    /// ones) and the end of a do-not-disturb still running at `now_ms` (`dnd_set`).
+    pub(super) fn notify_settings(
+        &self,
+        now_ms: u64,
+        user: UserId,
+    ) -> Result<(HashSet<ConvId>, Option<u64>), StorageError> {
+        let prefix = keys::conv_mute_prefix(user);
+        let muted = self
+            .storage
+            .scan(&prefix, &keys::prefix_end(&prefix), CONV_LIST_MAX, false)?
+            .into_iter()
+            .filter_map(|(k, _)| keys::conv_of_user_conv(&k))
+            .collect();
+        let dnd = self
+            .latest::<DndRecord>(&keys::dnd(user))?
+            .map(|d| d.until_ms)
+            .filter(|&until| until > now_ms);
+        Ok((muted, dnd))
     }
 
     /// A user's devices as `devices` lists them (also the admin API's account view).

@@ -210,6 +210,28 @@ pub struct PresenceSet {
     pub status: Option<String>,
 }
 
+/// `conv_mute`: stop (or resume) notifications of one conversation for this user.
+#[derive(Debug, Deserialize)]
+pub struct ConvMute<'a> {
+    #[serde(borrow)]
+    pub conv: Cow<'a, str>,
+    pub muted: bool,
+}
+
+/// `dnd_set`: no notifications until `until` (ms since the epoch); `null` turns it off.
+/// `until` must be present: a frame without it is a mistake, not a request to turn it off.
+#[derive(Debug, Deserialize)]
+pub struct DndSet {
+    #[serde(default, deserialize_with = "present")]
+    pub until: Option<Option<u64>>,
+}
+
+/// A field that may be `null` but must be there: absent reads as `None`, `null` as
+/// `Some(None)`.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<u64>>, D::Error> {
+    Option::<u64>::deserialize(d).map(Some)
+}
+
 /// `push_register`: this device's push token.
 #[derive(Debug, Deserialize)]
 pub struct PushRegister {
@@ -346,6 +368,8 @@ requests! {
     "device_logout" => DeviceLogout(DeviceArg),
     "push_register" => PushRegister(PushRegister),
     "push_unregister" => PushUnregister,
+    "conv_mute" => ConvMute(ConvMute<'a>),
+    "dnd_set" => DndSet(DndSet),
 }
 
 impl Op {

@@ -145,7 +145,28 @@ pub mod keys {
         k
     }
 
-    /// The conversation id at the end of a `user_conv` key.
+    /// `user` muted `conv` (`conv_mute`): present means muted; the value is empty.
+    pub fn conv_mute(user: UserId, conv: ConvId) -> Vec<u8> {
+        let mut k = conv_mute_prefix(user);
+        k.extend_from_slice(&conv.to_bytes());
+        k
+    }
+
+    /// Every `conv_mute` key of `user` starts with this.
+    pub fn conv_mute_prefix(user: UserId) -> Vec<u8> {
+        let mut k = head(user.slot().0, b'N', 8 + 17);
+        k.extend_from_slice(&user.0.to_be_bytes());
+        k
+    }
+
+    /// `user`'s do-not-disturb (`dnd_set`).
+    pub fn dnd(user: UserId) -> Vec<u8> {
+        let mut k = head(user.slot().0, b'Z', 8);
+        k.extend_from_slice(&user.0.to_be_bytes());
+        k
+    }
+
+    /// The conversation id at the end of a `user_conv` (or `conv_mute`) key.
     pub fn conv_of_user_conv(key: &[u8]) -> Option<ConvId> {
         ConvId::from_bytes(key.get(3 + 8..)?)
     }
@@ -351,6 +372,13 @@ pub struct PushTokenRecord {
     pub registered_ms: u64,
 }
 record!(PushTokenRecord);
+
+/// A user's do-not-disturb: no push notification until `until_ms` (messages still arrive).
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct DndRecord {
+    pub until_ms: u64,
+}
+record!(DndRecord);
 
 #[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct UserConv {

@@ -10,7 +10,7 @@
 //! | `account.rs` | `register`, `login`, `resume`, `logout`, and the password jobs they wait on |
 //! | `conv.rs` | `open`, `send`, `read`, `recall`, `edit`, `receipts`, `typing` |
 //! | `group.rs` | `group_*` |
-//! | `social.rs` | friends, blocks, presence, profiles, devices, push tokens |
+//! | `social.rs` | friends, blocks, presence, profiles, devices, push tokens, mutes, DND |
 //!
 //! `convs`, `sync` and `history` go straight to `gather.rs`; `ping` and `ack` are answered here
 //! and in `session.rs`.
@@ -115,7 +115,7 @@ impl<S: Storage> Shard<S> {
             Request::Typing(r) => self.typing_notice(now_ms, by, r),
 
             Request::Convs => {
-                self.start_convs(conn, rid, s.user);
+                self.start_convs(now_ms, conn, rid, s.user);
                 Ok(())
             }
             Request::Sync(r) => {
@@ -170,6 +170,8 @@ impl<S: Storage> Shard<S> {
             Request::DeviceLogout(r) => self.device_logout_other(by, r),
             Request::PushRegister(r) => self.push_register(now_ms, by, r),
             Request::PushUnregister => self.push_unregister(by),
+            Request::ConvMute(r) => self.conv_mute(by, r),
+            Request::DndSet(r) => self.dnd_set(now_ms, by, r),
         }
     }
 

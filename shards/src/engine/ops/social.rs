@@ -8,13 +8,14 @@ use serde_json::json;
 use super::super::effects::Deferred;
 use super::super::Shard;
 use super::{bad, resolve, resolve_lenient, storage_failed, Asker, Outcome};
+use crate::ids::ConvId;
 use crate::limits::{
-    AVATAR_URL_BYTES_MAX, BIO_BYTES_MAX, DISPLAY_NAME_BYTES_MAX, PRESENCE_PULL_MAX,
+    AVATAR_URL_BYTES_MAX, BIO_BYTES_MAX, DISPLAY_NAME_BYTES_MAX, DND_MS_MAX, PRESENCE_PULL_MAX,
     PUSH_TOKEN_BYTES_MAX, STATUS_BYTES_MAX,
 };
 use crate::mail::{FriendOp, Mail, Named};
 use crate::protocol::{self as p, ok_frame};
-use crate::storage::{keys, PushTokenRecord, Storage};
+use crate::storage::{keys, DndRecord, PushTokenRecord, Storage};
 
 /// The push services a token may be for (`push_register`'s `platform`).
 const PUSH_PLATFORMS: [&str; 4] = ["apns", "fcm", "webpush", "other"];
@@ -155,6 +156,58 @@ impl<S: Storage> Shard<S> {
     pub(in crate::engine) fn push_unregister(&mut self, by: Asker) -> Outcome {
         self.delete(keys::push_token(by.session.user, &by.session.device));
         let frame = ok_frame(by.rid, &json!({}));
+        self.defer(Deferred::Reply {
+            conn: by.conn,
+            rid: by.rid,
+            frame,
+        });
+        Ok(())
+    }
+
+    /// `conv_mute`: this user's own notification setting for one conversation, stored on
+    /// their home shard (where notifications for them are decided). Membership is not
+    /// checked: it is a preference about yourself, shown only for conversations you are in.
+    pub(in crate::engine) fn conv_mute(&mut self, by: Asker, req: p::ConvMute) -> Outcome {
+        let Some(conv) = ConvId::parse(&req.conv) else {
+            return Err(bad(format!("malformed conversation id {:?}", req.conv)));
+        };
+        let key = keys::conv_mute(by.session.user, conv);
+        if req.muted {
+            self.put(key, Vec::new());
+        } else {
+            self.delete(key);
+        }
+        let frame = ok_frame(
+            by.rid,
+            &json!({ "conv": conv.to_string(), "muted": req.muted }),
+        );
+        self.defer(Deferred::Reply {
+            conn: by.conn,
+            rid: by.rid,
+            frame,
+        });
+        Ok(())
+    }
+
+    /// `dnd_set`: no notifications for this user until `until`; `null` ends it now.
+    pub(in crate::engine) fn dnd_set(&mut self, now_ms: u64, by: Asker, req: p::DndSet) -> Outcome {
+        let key = keys::dnd(by.session.user);
+        let Some(until) = req.until else {
+            return Err(bad(
+                "until is required: a time, or null to turn it off".into()
+            ));
+        };
+        match until {
+            None => self.delete(key),
+            Some(until) if until <= now_ms || until - now_ms > DND_MS_MAX => {
+                return Err(bad(format!(
+                    "until must be in the future and within {} days; null turns it off",
+                    DND_MS_MAX / 86_400_000
+                )));
+            }
+            Some(until) => self.put(key, DndRecord { until_ms: until }.encode()),
+        }
+        let frame = ok_frame(by.rid, &json!({ "until": until }));
         self.defer(Deferred::Reply {
             conn: by.conn,
             rid: by.rid,
