@@ -1,6 +1,11 @@
-//! The engine's own tests: seeded random frames through a real engine (`fuzz`), and time
-//! through `poll_timeout`/`handle_timeout` (`deadlines`). The simulation of several engines is
+//! The engine's own tests: seeded random frames through a real engine (`fuzz`), time through
+//! `poll_timeout`/`handle_timeout` (`deadlines`), multi-step protocols cut between two nodes
+//! (`torn`), and what a push token's life ends with (`push_tokens`). The simulation of several engines is
 //! `shards/tests/sim.rs`.
+
+use super::{Output, Shard};
+use crate::auth::HashCost;
+use crate::storage::MemStorage;
 
 /// The map of two one-shard nodes, `a` (shard 0) and `b` (shard 1).
 fn two_one_shard_nodes() -> std::sync::Arc<crate::cluster::ClusterMap> {
@@ -16,6 +21,37 @@ fn two_one_shard_nodes() -> std::sync::Arc<crate::cluster::ClusterMap> {
     })
 }
 
+/// Runs the engine's jobs (inline) and commits until nothing is pending; returns the frames
+/// sent. Mail is taken and dropped: a test that needs it delivered routes it itself.
+fn pump(shard: &mut Shard<MemStorage>, store: &MemStorage, now: u64) -> Vec<String> {
+    let mut sent = Vec::new();
+    loop {
+        let mut progressed = false;
+        while let Some(out) = shard.poll_output() {
+            progressed = true;
+            match out {
+                Output::Send { frame, .. } => sent.push(frame.to_string()),
+                Output::Job { id, job, .. } => {
+                    let result = job.run(HashCost {
+                        memory_kib: 8,
+                        passes: 1,
+                    });
+                    shard.handle_job_done(now, id, result);
+                }
+                _ => {}
+            }
+        }
+        if let Some(commit) = shard.poll_commit() {
+            progressed = true;
+            store.apply(&commit.ops);
+            shard.handle_commit_done(now, commit.id, Ok(()));
+        }
+        if !progressed {
+            return sent;
+        }
+    }
+}
+
 mod fuzz {
     //! Seeded random and mutated frames through a real engine (a stable-toolchain stand-in for
     //! cargo-fuzz): no panic, and every frame that carries a rid is answered exactly once or
@@ -23,6 +59,7 @@ mod fuzz {
     use rand::{Rng, SeedableRng};
 
     use super::super::*;
+    use super::pump;
     use crate::auth::HashCost;
     use crate::storage::MemStorage;
 
@@ -92,36 +129,6 @@ mod fuzz {
                 "frame {frame:?} got {replies} replies"
             );
             shard.handle_disconnect(round, conn);
-        }
-    }
-
-    /// Runs the engine's jobs and commits until nothing is pending; returns frames sent.
-    fn pump(shard: &mut Shard<MemStorage>, store: &MemStorage, now: u64) -> Vec<String> {
-        let mut sent = Vec::new();
-        loop {
-            let mut progressed = false;
-            while let Some(out) = shard.poll_output() {
-                progressed = true;
-                match out {
-                    Output::Send { frame, .. } => sent.push(frame.to_string()),
-                    Output::Job { id, job, .. } => {
-                        let result = job.run(HashCost {
-                            memory_kib: 8,
-                            passes: 1,
-                        });
-                        shard.handle_job_done(now, id, result);
-                    }
-                    _ => {}
-                }
-            }
-            if let Some(commit) = shard.poll_commit() {
-                progressed = true;
-                store.apply(&commit.ops);
-                shard.handle_commit_done(now, commit.id, Ok(()));
-            }
-            if !progressed {
-                return sent;
-            }
         }
     }
 
@@ -251,12 +258,12 @@ mod deadlines {
         let auth =
             format!(r#"{{"op":"register","rid":1,"username":"{me}","password":"password123"}}"#);
         shard.handle_frame(1_000, conn, &auth);
-        settle(&mut shard, &store, 1_000);
+        super::pump(&mut shard, &store, 1_000);
         let login = format!(
             r#"{{"op":"login","rid":2,"username":"{me}","password":"password123","device":"pc"}}"#
         );
         shard.handle_frame(1_000, conn, &login);
-        let replies = settle(&mut shard, &store, 1_000);
+        let replies = super::pump(&mut shard, &store, 1_000);
         assert!(
             replies.iter().any(|r| r.contains(r#""rid":2,"ok""#)),
             "{replies:?}"
@@ -271,36 +278,6 @@ mod deadlines {
         (shard, store, conv)
     }
 
-    /// Runs the engine's outputs to rest (jobs inline, commits applied); the frames sent.
-    fn settle(shard: &mut Shard<MemStorage>, store: &MemStorage, now: u64) -> Vec<String> {
-        let mut frames = Vec::new();
-        loop {
-            let mut idle = true;
-            while let Some(out) = shard.poll_output() {
-                idle = false;
-                match out {
-                    Output::Job { id, job, .. } => {
-                        let cost = crate::auth::HashCost {
-                            memory_kib: 8,
-                            passes: 1,
-                        };
-                        shard.handle_job_done(now, id, job.run(cost));
-                    }
-                    Output::Send { frame, .. } => frames.push(frame.to_string()),
-                    _ => {} // mail to node b: taken, never answered (it died)
-                }
-            }
-            if let Some(c) = shard.poll_commit() {
-                idle = false;
-                store.apply(&c.ops);
-                shard.handle_commit_done(now, c.id, Ok(()));
-            }
-            if idle {
-                return frames;
-            }
-        }
-    }
-
     /// In a cluster, a gather whose part went to a node that took the mail and died (never
     /// answering) fails with `unavailable` at `CROSS_NODE_WAIT_MS`, not never.
     #[test]
@@ -310,14 +287,14 @@ mod deadlines {
         let now = 2_000;
         let sync = format!(r#"{{"op":"sync","rid":3,"convs":[{{"conv":"{conv}","after":0}}]}}"#);
         shard.handle_frame(now, ConnId(1), &sync);
-        assert!(settle(&mut shard, &store, now).is_empty());
+        assert!(super::pump(&mut shard, &store, now).is_empty());
         shard.handle_timeout(now + CROSS_NODE_WAIT_MS - 1);
         assert!(
-            settle(&mut shard, &store, now).is_empty(),
+            super::pump(&mut shard, &store, now).is_empty(),
             "not before the deadline"
         );
         shard.handle_timeout(now + CROSS_NODE_WAIT_MS);
-        let replies = settle(&mut shard, &store, now);
+        let replies = super::pump(&mut shard, &store, now);
         assert!(
             replies
                 .iter()
@@ -339,11 +316,11 @@ mod deadlines {
         );
         shard.handle_frame(now, ConnId(1), &send);
         assert!(
-            settle(&mut shard, &store, now).is_empty(),
+            super::pump(&mut shard, &store, now).is_empty(),
             "forwarded to its owner"
         );
         shard.handle_timeout(now + CROSS_NODE_WAIT_MS);
-        let replies = settle(&mut shard, &store, now);
+        let replies = super::pump(&mut shard, &store, now);
         assert_eq!(replies.len(), 1, "{replies:?}");
         assert!(replies[0].starts_with(r#"{"rid":4,"error":{"code":"unavailable""#));
         let late = Mail::Reply {
@@ -352,21 +329,21 @@ mod deadlines {
         };
         shard.handle_mail(now + CROSS_NODE_WAIT_MS + 5, late);
         assert!(
-            settle(&mut shard, &store, now).is_empty(),
+            super::pump(&mut shard, &store, now).is_empty(),
             "the late answer is dropped"
         );
         // Answered in time, a forwarded request's reply goes through and arms nothing more.
         shard.handle_frame(now, ConnId(1), &send.replace(r#""rid":4"#, r#""rid":5"#));
-        settle(&mut shard, &store, now);
+        super::pump(&mut shard, &store, now);
         let answer = Mail::Reply {
             conn: ConnId(1),
             frame: r#"{"rid":5,"ok":{"seq":1}}"#.into(),
         };
         shard.handle_mail(now + 10, answer);
-        assert_eq!(settle(&mut shard, &store, now).len(), 1);
+        assert_eq!(super::pump(&mut shard, &store, now).len(), 1);
         shard.handle_timeout(now + 3 * CROSS_NODE_WAIT_MS);
         assert!(
-            settle(&mut shard, &store, now).is_empty(),
+            super::pump(&mut shard, &store, now).is_empty(),
             "no unavailable after an answer"
         );
     }
@@ -686,32 +663,7 @@ mod push_tokens {
         /// Sends `frame` on `conn` and runs jobs and commits until quiet: the frames sent.
         fn ask(&mut self, conn: ConnId, frame: &str) -> Vec<String> {
             self.shard.handle_frame(0, conn, frame);
-            let mut sent = Vec::new();
-            loop {
-                let mut progressed = false;
-                while let Some(out) = self.shard.poll_output() {
-                    progressed = true;
-                    match out {
-                        Output::Send { frame, .. } => sent.push(frame.to_string()),
-                        Output::Job { id, job, .. } => {
-                            let result = job.run(HashCost {
-                                memory_kib: 8,
-                                passes: 1,
-                            });
-                            self.shard.handle_job_done(0, id, result);
-                        }
-                        _ => {}
-                    }
-                }
-                if let Some(commit) = self.shard.poll_commit() {
-                    progressed = true;
-                    self.store.apply(&commit.ops);
-                    self.shard.handle_commit_done(0, commit.id, Ok(()));
-                }
-                if !progressed {
-                    return sent;
-                }
-            }
+            super::pump(&mut self.shard, &self.store, 0)
         }
 
         fn login(&mut self, device: &str) -> ConnId {
