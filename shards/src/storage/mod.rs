@@ -7,6 +7,9 @@
 //! | --- | --- | --- |
 //! | `slot 'U' user` | [`UserRecord`] | user's home shard |
 //! | `slot 'D' user device` | [`DeviceRecord`] | user's home shard |
+//! | `slot 'T' user device` | [`PushTokenRecord`] (the device's push token) | user's home shard |
+//! | `slot 'N' user conv` | empty: the user muted the conversation's notifications | user's home shard |
+//! | `slot 'Z' user` | [`DndRecord`] (do-not-disturb until) | user's home shard |
 //! | `slot 'F' user other` | [`FriendRecord`] (this user's side of a friendship or request) | user's home shard |
 //! | `slot 'B' user other` | [`BlockRecord`] (this user blocks `other`) | user's home shard |
 //! | `slot 'P' user` | [`ProfileRecord`] (display name, avatar URL, bio, version) | user's home shard |
