@@ -5,7 +5,6 @@
 
 use serde_json::json;
 
-use super::super::effects::Deferred;
 use super::super::Shard;
 use super::{bad, resolve, resolve_lenient, storage_failed, Asker, Outcome};
 use crate::ids::ConvId;
@@ -144,11 +143,7 @@ impl<S: Storage> Shard<S> {
         };
         self.put(keys::push_token(s.user, &s.device), record.encode());
         let frame = ok_frame(by.rid, &json!({ "platform": record.platform }));
-        self.defer(Deferred::Reply {
-            conn: by.conn,
-            rid: by.rid,
-            frame,
-        });
+        self.reply_when_durable(by.reply_to(self.cfg.shard), frame);
         Ok(())
     }
 
@@ -156,11 +151,7 @@ impl<S: Storage> Shard<S> {
     pub(in crate::engine) fn push_unregister(&mut self, by: Asker) -> Outcome {
         self.delete(keys::push_token(by.session.user, &by.session.device));
         let frame = ok_frame(by.rid, &json!({}));
-        self.defer(Deferred::Reply {
-            conn: by.conn,
-            rid: by.rid,
-            frame,
-        });
+        self.reply_when_durable(by.reply_to(self.cfg.shard), frame);
         Ok(())
     }
 
@@ -181,11 +172,7 @@ impl<S: Storage> Shard<S> {
             by.rid,
             &json!({ "conv": conv.to_string(), "muted": req.muted }),
         );
-        self.defer(Deferred::Reply {
-            conn: by.conn,
-            rid: by.rid,
-            frame,
-        });
+        self.reply_when_durable(by.reply_to(self.cfg.shard), frame);
         Ok(())
     }
 
@@ -208,11 +195,7 @@ impl<S: Storage> Shard<S> {
             Some(until) => self.put(key, DndRecord { until_ms: until }.encode()),
         }
         let frame = ok_frame(by.rid, &json!({ "until": until }));
-        self.defer(Deferred::Reply {
-            conn: by.conn,
-            rid: by.rid,
-            frame,
-        });
+        self.reply_when_durable(by.reply_to(self.cfg.shard), frame);
         Ok(())
     }
 
