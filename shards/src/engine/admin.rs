@@ -451,8 +451,7 @@ impl<S: Storage> Shard<S> {
                     let online = self.device_conns(id, &device);
                     let stored = matches!(self.get_latest(&keys::device(id, &device)), Ok(Some(_)));
                     if stored || !online.is_empty() {
-                        self.delete(keys::device(id, &device));
-                        self.delete(keys::push_token(id, &device));
+                        self.forget_device(id, &device);
                         conns.extend(online);
                         known.push(device);
                     }

@@ -346,6 +346,13 @@ impl<S: Storage> Shard<S> {
             .collect())
     }
 
+    /// Deletes a device's records: its token stops working (the nonce is gone) and its push
+    /// token with it. Every way a device ends (`logout`, `device_logout`, a kick) comes here.
+    pub(super) fn forget_device(&mut self, user: UserId, device: &str) {
+        self.delete(keys::device(user, device));
+        self.delete(keys::push_token(user, device));
+    }
+
     /// Deletes every push token of `user`: those stored, and those of its connected devices (a
     /// `push_register` not yet durable is one of theirs). A disabled account gets no pushes.
     pub(super) fn drop_push_tokens(&mut self, user: UserId) -> Result<(), StorageError> {
@@ -445,8 +452,7 @@ impl<S: Storage> Shard<S> {
             Ok(None) => return Err((ErrorCode::NoSuchDevice, "no such device".into())),
             Err(_) => return Err((ErrorCode::Internal, "storage read failed".into())),
         }
-        self.delete(key);
-        self.delete(keys::push_token(user, device));
+        self.forget_device(user, device);
         for victim in self.device_conns(user, device) {
             self.close(
                 victim,

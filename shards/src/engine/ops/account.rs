@@ -440,8 +440,7 @@ impl<S: Storage> Shard<S> {
     }
 
     pub(in crate::engine) fn logout(&mut self, conn: ConnId, rid: u64, s: &Session) {
-        self.delete(keys::device(s.user, &s.device));
-        self.delete(keys::push_token(s.user, &s.device));
+        self.forget_device(s.user, &s.device);
         self.defer(Deferred::LoggedOut { conn, rid });
     }
 
