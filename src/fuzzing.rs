@@ -41,7 +41,7 @@ fn decode_reads(stream: &[u8], cuts: &[usize], suspend_after: Option<usize>) -> 
                         }
                         Some(Message::Text(t)) => {
                             assert!(t.len() <= FUZZ_MESSAGE_BYTES_MAX);
-                            msgs.push(Message::Text(t.into_owned().into()));
+                            msgs.push(Message::Text(t).into_owned());
                         }
                         Some(m) => msgs.push(m.into_owned()),
                         None => break,

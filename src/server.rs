@@ -35,10 +35,9 @@ const IO_MEMORY_MIN: usize = 64 * 1024;
 /// Submission entries of each executor's io_uring (glommio's default is 128). The kernel sizes
 /// its table of armed polls from the ring (cq entries / 32 buckets, at most 256), and every
 /// async cancel walks a bucket of it; glommio issues one per reactor turn, replacing its
-/// preemption timer. With 128 entries
-/// that is 8 buckets for every idle connection's armed read: 17% of a shard's CPU in
-/// `io_poll_find` with 5,000 connections (perf, docs/benchmarks.md "Ceilings"). 4,096 gives
-/// 256 buckets.
+/// preemption timer. With 128 entries that is 8 buckets for every idle connection's armed
+/// read: 17% of a shard's CPU in `io_poll_find` with 5,000 connections (perf,
+/// docs/benchmarks.md "Ceilings"). 4,096 gives 256 buckets.
 const RING_DEPTH: usize = 4096;
 
 pub fn run(cfg: Config) -> anyhow::Result<()> {

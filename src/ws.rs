@@ -37,7 +37,6 @@ pub enum Message<'a> {
     Close(Option<u16>),
 }
 
-/// A framing violation, with the close code it earns.
 impl Message<'_> {
     /// The message, no longer borrowing the connection's buffer.
     pub fn into_owned(self) -> Message<'static> {
@@ -50,6 +49,7 @@ impl Message<'_> {
     }
 }
 
+/// A framing violation, with the close code it earns.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 #[error("websocket {reason} (close {code})")]
 pub struct WsError {
