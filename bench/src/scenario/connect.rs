@@ -124,7 +124,7 @@ pub(super) async fn login_devices(
 /// library cost the load generator's core as much as the server spent on the same connection,
 /// so the storm's rate was the generator's; this keeps the generator's side to the syscalls.
 async fn resume_raw(target: &Target, token: &str) -> anyhow::Result<tokio::net::TcpStream> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let (mut stream, url) = target.dial().await?;
     stream.set_nodelay(true)?;
     let rest = url.strip_prefix("ws://").context("a ws:// URL")?;
@@ -139,15 +139,10 @@ async fn resume_raw(target: &Target, token: &str) -> anyhow::Result<tokio::net::
     let mut buf = vec![0u8; 4096];
     let mut filled = 0;
     let head_end = loop {
-        let n = tokio::time::timeout(REPLY_TIMEOUT, stream.read(&mut buf[filled..]))
-            .await
-            .context("upgrade timed out")??;
-        anyhow::ensure!(n > 0, "closed during the upgrade");
-        filled += n;
+        read_more(&mut stream, &mut buf, &mut filled, "the upgrade response").await?;
         if let Some(at) = buf[..filled].windows(4).position(|w| w == b"\r\n\r\n") {
             break at + 4;
         }
-        anyhow::ensure!(filled < buf.len(), "upgrade response too long");
     };
     anyhow::ensure!(
         buf.starts_with(b"HTTP/1.1 101"),
@@ -170,12 +165,7 @@ async fn resume_raw(target: &Target, token: &str) -> anyhow::Result<tokio::net::
             filled -= payload.end;
             continue;
         }
-        anyhow::ensure!(filled < buf.len(), "resume reply too long");
-        let n = tokio::time::timeout(REPLY_TIMEOUT, stream.read(&mut buf[filled..]))
-            .await
-            .context("resume timed out")??;
-        anyhow::ensure!(n > 0, "closed before the resume reply");
-        filled += n;
+        read_more(&mut stream, &mut buf, &mut filled, "the resume reply").await?;
     };
     anyhow::ensure!(reply.get("ok").is_some(), "resume failed: {reply}");
     Ok(stream)
@@ -183,6 +173,24 @@ async fn resume_raw(target: &Target, token: &str) -> anyhow::Result<tokio::net::
 
 /// How long the storm waits for the upgrade response, and then for the resume reply.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Reads more of `what` into `buf` after its first `filled` bytes, within `REPLY_TIMEOUT`;
+/// an error if the buffer is full, the read times out or the server closed.
+async fn read_more(
+    stream: &mut tokio::net::TcpStream,
+    buf: &mut [u8],
+    filled: &mut usize,
+    what: &str,
+) -> anyhow::Result<()> {
+    use tokio::io::AsyncReadExt;
+    anyhow::ensure!(*filled < buf.len(), "{what} is too long");
+    let n = tokio::time::timeout(REPLY_TIMEOUT, stream.read(&mut buf[*filled..]))
+        .await
+        .with_context(|| format!("{what} timed out"))??;
+    anyhow::ensure!(n > 0, "closed before {what}");
+    *filled += n;
+    Ok(())
+}
 
 async fn storm(p: &ConnectParams, tokens: Vec<String>) -> anyhow::Result<Report> {
     let start = Instant::now() + Duration::from_millis(200);
