@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 use hermod::nats::NatsConfig;
 
 pub const USER: &str = "hermod";
+pub const PASSWORD: &str = "a-test-password";
 /// Starts tried with fresh ports before a test gives up.
 const ATTEMPTS: usize = 5;
-pub const PASSWORD: &str = "a-test-password";
 
 /// A `nats-server` with user/password auth on a free loopback port; killed on drop.
 pub struct Nats {
