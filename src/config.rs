@@ -13,9 +13,12 @@ use hermod_shards::storage::Durability;
 use serde::Deserialize;
 
 use crate::nats::NatsConfig;
+use crate::push::PushConfig;
 
 /// Shortest admin token accepted: a guessable one would hand out every account.
 const ADMIN_TOKEN_BYTES_MIN: usize = 16;
+/// Shortest push webhook secret: the gateway trusts what it signs.
+const PUSH_SECRET_BYTES_MIN: usize = 16;
 
 /// Flags of `hermod serve`. Every one overrides the same key of the config file.
 #[derive(Debug, Default, Args)]
@@ -103,6 +106,23 @@ struct FileConfig {
     admin_token: Option<String>,
     log: Option<String>,
     cluster: Option<ClusterFile>,
+    push: Option<PushFile>,
+}
+
+/// `[push]`: the offline-notification webhook (docs/admin.md, "Push webhook").
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PushFile {
+    webhook_url: String,
+    /// The HMAC key; the HERMOD_PUSH_SECRET environment variable overrides it (prefer that:
+    /// this file is world-readable in the package).
+    secret: Option<String>,
+    coalesce_ms: Option<u64>,
+    preview: Option<bool>,
+    queue: Option<usize>,
+    workers: Option<usize>,
+    timeout_ms: Option<u64>,
+    attempts: Option<u32>,
 }
 
 /// The `[cluster]` section: this node's id and the placement map (docs/cluster.md).
@@ -193,6 +213,8 @@ pub struct Config {
     pub log: String,
     /// `None`: a single node (the one-node map).
     pub cluster: Option<Cluster>,
+    /// `None`: no push webhook, no offline notifications.
+    pub push: Option<PushConfig>,
 }
 
 impl Config {
@@ -207,6 +229,7 @@ impl Config {
         };
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u16;
         let cluster = file.cluster.map(resolve_cluster).transpose()?;
+        let push = file.push.map(resolve_push).transpose()?;
         // A cluster node's shard count is the map's; a flag or key may only repeat it.
         let asked = args.shards.or(file.shards);
         let shards = match &cluster {
@@ -290,6 +313,7 @@ impl Config {
                 .or(file.log)
                 .unwrap_or_else(|| "info".into()),
             cluster,
+            push,
         };
         cfg.check()?;
         Ok(cfg)
@@ -335,6 +359,41 @@ impl Config {
         }
         Ok(())
     }
+}
+
+fn resolve_push(file: PushFile) -> anyhow::Result<PushConfig> {
+    let url = file.webhook_url;
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        bail!("[push] webhook_url must be an http:// or https:// URL, not {url:?}");
+    }
+    let secret = std::env::var("HERMOD_PUSH_SECRET")
+        .ok()
+        .or(file.secret)
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default();
+    if secret.len() < PUSH_SECRET_BYTES_MIN {
+        bail!("[push] needs a secret of at least {PUSH_SECRET_BYTES_MIN} characters (HERMOD_PUSH_SECRET, or `secret`)");
+    }
+    let cfg = PushConfig {
+        url,
+        secret: secret.into_bytes().into(),
+        coalesce_ms: file.coalesce_ms.unwrap_or(1_000),
+        preview: file.preview.unwrap_or(false),
+        queue: file.queue.unwrap_or(10_000),
+        workers: file.workers.unwrap_or(4),
+        timeout: std::time::Duration::from_millis(file.timeout_ms.unwrap_or(5_000)),
+        attempts: file.attempts.unwrap_or(3),
+    };
+    if cfg.coalesce_ms > 60_000 {
+        bail!("[push] coalesce_ms must be at most 60000");
+    }
+    if !(1..=1_000_000).contains(&cfg.queue) || !(1..=64).contains(&cfg.workers) {
+        bail!("[push] queue must be 1..=1000000 and workers 1..=64");
+    }
+    if cfg.timeout.is_zero() || !(1..=10).contains(&cfg.attempts) {
+        bail!("[push] timeout_ms must be at least 1 and attempts 1..=10");
+    }
+    Ok(cfg)
 }
 
 fn resolve_cluster(file: ClusterFile) -> anyhow::Result<Cluster> {
@@ -428,6 +487,50 @@ fn resolve_cluster(file: ClusterFile) -> anyhow::Result<Cluster> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn resolve_text(text: &str) -> anyhow::Result<Config> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hermod.toml");
+        std::fs::write(&path, text).unwrap();
+        let args = ServeArgs {
+            config: Some(path),
+            ..ServeArgs::default()
+        };
+        Config::resolve(&args)
+    }
+
+    #[test]
+    fn push_section_is_checked() {
+        let ok = "[push]\nwebhook_url = \"https://gw.example/h\"\nsecret = \"0123456789abcdef\"\n";
+        let cfg = resolve_text(ok).unwrap();
+        let push = cfg.push.unwrap();
+        assert_eq!(
+            (push.coalesce_ms, push.preview, push.attempts),
+            (1_000, false, 3)
+        );
+        for (bad, why) in [
+            (
+                "webhook_url = \"ftp://gw/h\"\nsecret = \"0123456789abcdef\"",
+                "http",
+            ),
+            (
+                "webhook_url = \"http://gw/h\"\nsecret = \"short\"",
+                "secret",
+            ),
+            ("webhook_url = \"http://gw/h\"", "secret"),
+            (
+                "webhook_url = \"http://gw/h\"\nsecret = \"0123456789abcdef\"\nqueue = 0",
+                "queue",
+            ),
+            (
+                "webhook_url = \"http://gw/h\"\nsecret = \"0123456789abcdef\"\nattempts = 0",
+                "attempts",
+            ),
+        ] {
+            let e = resolve_text(&format!("[push]\n{bad}\n")).unwrap_err();
+            assert!(format!("{e:#}").contains(why), "{bad}: {e:#}");
+        }
+    }
 
     /// The shipped config files parse (unknown keys are refused) and pass the checks.
     #[test]

@@ -72,6 +72,8 @@ pub struct ShardCtx {
     pub(crate) remotes: RefCell<Remotes>,
     /// Wakes the link task: frames are due out. One slot.
     pub(crate) transmit: LocalSender<()>,
+    /// Where offline notifications go (`Output::Notify`); `None` when no webhook is set.
+    pub(crate) pusher: Option<crate::push::Pusher>,
 }
 
 pub(crate) struct Peer {
@@ -177,6 +179,11 @@ pub fn dispatch(ctx: &Ctx) {
                 if let Some(waiter) = ctx.admin_waiters.borrow_mut().remove(&conn) {
                     // One slot, one answer per request: cannot be full.
                     let _ = waiter.try_send((status, body));
+                }
+            }
+            Output::Notify { body } => {
+                if let Some(pusher) = &ctx.pusher {
+                    pusher.offer(body);
                 }
             }
             Output::Handoff { conn, to, handoff } => {

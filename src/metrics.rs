@@ -17,7 +17,7 @@ use hermod_store::StoreStats;
 
 /// How many per-shard families `FAMILIES` lists; `publish` fills exactly this many values, in
 /// the same order (a fixed-size array, so the compiler holds the two in step).
-const FAMILY_COUNT: usize = 21;
+const FAMILY_COUNT: usize = 24;
 
 /// One value per shard, by name, with its help text and Prometheus type.
 const FAMILIES: [(&str, &str, &str); FAMILY_COUNT] = [
@@ -98,6 +98,21 @@ const FAMILIES: [(&str, &str, &str); FAMILY_COUNT] = [
         "Writes in those commits (ops / commits is the mean batch size).",
     ),
     ("hermod_errors_total", "counter", "Error replies sent."),
+    (
+        "hermod_notify_out_total",
+        "counter",
+        "Offline notifications decided and handed to the push webhook's queue.",
+    ),
+    (
+        "hermod_notify_coalesced_total",
+        "counter",
+        "Messages folded into an offline notification already pending for their recipient.",
+    ),
+    (
+        "hermod_notify_suppressed_total",
+        "counter",
+        "Messages that notified no one: a muted conversation or a do-not-disturb.",
+    ),
     (
         "hermod_store_keys_estimate",
         "gauge",
@@ -376,6 +391,10 @@ pub struct Board {
     links: Vec<Vec<LinkSlot>>,
     /// Set when a shutdown starts: `/readyz` answers 503 so balancers stop sending.
     pub stopping: AtomicBool,
+    /// The push webhook's figures (process-wide: its workers serve every shard).
+    pub push: crate::push::PushStats,
+    /// Each POST to the push gateway, in ms.
+    push_gateway_ms: Hist,
 }
 
 /// What a shard publishes each tick.
@@ -413,6 +432,8 @@ impl Board {
                 })
                 .collect(),
             stopping: AtomicBool::new(false),
+            push: Default::default(),
+            push_gateway_ms: Hist::default(),
         })
     }
 
@@ -507,6 +528,9 @@ impl Board {
             st.commits,
             st.commit_ops,
             st.errors,
+            st.notify_out,
+            st.notify_coalesced,
+            st.notify_suppressed,
             s.store.keys_estimate,
             s.store.live_data_bytes,
             s.store.sst_bytes,
@@ -521,6 +545,70 @@ impl Board {
         }
         slot.delivery_ms.store(&st.delivery_ms);
         slot.push_ack_ms.store(&st.push_ack_ms);
+    }
+
+    /// One POST to the push gateway took `ms` (called by the webhook's workers).
+    pub fn observe_gateway(&self, ms: u64) {
+        self.push_gateway_ms.observe(&LATENCY_BOUNDS_MS, ms);
+    }
+
+    /// The push webhook's counters, queue and gateway latency (process-wide, no shard label).
+    fn render_push(&self, out: &mut String) {
+        let p = &self.push;
+        let _ = writeln!(
+            out,
+            "# HELP hermod_push_notifications_total Offline notifications by outcome: sent (2xx), failed (refused, or every attempt failed), dropped (the queue was full)."
+        );
+        let _ = writeln!(out, "# TYPE hermod_push_notifications_total counter");
+        for (outcome, cell) in [
+            ("sent", &p.sent),
+            ("failed", &p.failed),
+            ("dropped", &p.dropped),
+        ] {
+            let v = cell.load(Ordering::Relaxed);
+            let _ = writeln!(
+                out,
+                "hermod_push_notifications_total{{outcome=\"{outcome}\"}} {v}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP hermod_push_gateway_retries_total POSTs to the push gateway that were retries."
+        );
+        let _ = writeln!(out, "# TYPE hermod_push_gateway_retries_total counter");
+        let _ = writeln!(
+            out,
+            "hermod_push_gateway_retries_total {}",
+            p.retries.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP hermod_push_queue Notifications queued for the push gateway or being sent."
+        );
+        let _ = writeln!(out, "# TYPE hermod_push_queue gauge");
+        let _ = writeln!(
+            out,
+            "hermod_push_queue {}",
+            p.pending.load(Ordering::Relaxed)
+        );
+        let h = &self.push_gateway_ms;
+        let name = "hermod_push_gateway_seconds";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Each POST to the push gateway, answered or not."
+        );
+        let _ = writeln!(out, "# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (i, cell) in h.buckets.iter().enumerate() {
+            cumulative += cell.load(Ordering::Relaxed);
+            let le = LATENCY_BOUNDS_MS
+                .get(i)
+                .map_or("+Inf".to_owned(), |b| format!("{}", *b as f64 * 1e-3));
+            let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
+        }
+        let sum = h.sum.load(Ordering::Relaxed) as f64 * 1e-3;
+        let _ = writeln!(out, "{name}_sum {sum}");
+        let _ = writeln!(out, "{name}_count {}", h.count.load(Ordering::Relaxed));
     }
 
     /// One group commit of `ops` writes took `micros` (called by its shard only).
@@ -624,6 +712,7 @@ impl Board {
             |s| &s.push_ack_ms,
         );
         self.render_links(&mut out);
+        self.render_push(&mut out);
         let _ = writeln!(
             out,
             "# HELP hermod_ready Whether every shard is serving (1) or not (0)."
@@ -793,7 +882,11 @@ mod tests {
         assert!(text.contains("hermod_connections{shard=\"1\"} 3"));
         assert!(text.contains("hermod_connections{shard=\"0\"} 0"));
         assert!(text.contains("hermod_store_keys_estimate{shard=\"1\"} 11"));
-        assert_eq!(text.matches("# TYPE").count(), FAMILIES.len() + 9);
+        // + errors by code, closes, peer closes, refusals, 4 histograms, readiness, and the
+        // push webhook's 4 (notifications, retries, queue, gateway latency).
+        assert_eq!(text.matches("# TYPE").count(), FAMILIES.len() + 13);
+        assert!(text.contains("hermod_push_notifications_total{outcome=\"dropped\"} 0"));
+        assert!(text.contains("hermod_push_gateway_seconds_bucket{le=\"+Inf\"} 0"));
         board.count_close(1, 1008, close::reason::REQUEST_FLOOD);
         board.count_close(1, 4001, close::reason::OUTBOX_FULL);
         board.count_close(1, 1001, "server shutting down");

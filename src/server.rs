@@ -10,7 +10,7 @@ use anyhow::{bail, Context};
 use glommio::{LocalExecutorBuilder, Placement, PoolPlacement};
 use hermod_shards::auth::HashCost;
 use hermod_shards::cluster::ClusterMap;
-use hermod_shards::engine::Config as EngineConfig;
+use hermod_shards::engine::{Config as EngineConfig, NotifyConfig};
 use hermod_shards::remote::Remotes;
 use hermod_shards::storage::Durability;
 use hermod_shards::{Shard, ShardId};
@@ -83,6 +83,12 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         .map_or(1, |d| d.as_micros() as u64);
     let tuning = cfg.cluster.as_ref().map(|c| c.tuning).unwrap_or_default();
     let (bridge, mut link_ios) = start_bridge(&cfg, &map, node_index)?;
+    let pusher = cfg
+        .push
+        .as_ref()
+        .map(|push| crate::push::Pusher::start(push, board.clone()))
+        .transpose()
+        .context("starting the push webhook's workers")?;
     let map = Arc::new(map);
     let mut handles = Vec::new();
     for i in (0..cfg.shards as usize).rev() {
@@ -105,6 +111,10 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             passes: cfg.argon2_passes,
         };
         engine_cfg.seed = rand::rngs::OsRng.next_u64();
+        engine_cfg.notify = cfg.push.as_ref().map(|p| NotifyConfig {
+            coalesce_ms: p.coalesce_ms,
+            preview: p.preview,
+        });
         let store = RocksStorage::new(db.clone(), i as u16);
         let durability: Durability = cfg.durability;
         let shutdown = shutdown.clone();
@@ -112,6 +122,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         let hash_cost = engine_cfg.hash_cost;
         let board = board.clone();
         let admin_token = cfg.admin_token.clone();
+        let pusher = pusher.clone();
         let handle = LocalExecutorBuilder::new(Placement::Fixed(i % cores))
             .name(&format!("hermod-shard-{i}"))
             .io_memory(io_memory)
@@ -134,6 +145,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
                     shutdown,
                     board,
                     admin_token,
+                    pusher,
                 })
                 .await
             })

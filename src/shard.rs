@@ -78,6 +78,8 @@ pub struct Params {
     pub shutdown: Arc<AtomicBool>,
     pub board: Arc<Board>,
     pub admin_token: Option<Arc<str>>,
+    /// The push webhook's queue, if one is configured.
+    pub pusher: Option<crate::push::Pusher>,
 }
 
 /// The shard's main future: runs until shutdown is requested and drained.
@@ -97,6 +99,7 @@ pub async fn run(p: Params) {
         shutdown,
         board,
         admin_token,
+        pusher,
     } = p;
     let bind =
         |addr| listen_on(addr).map_err(|e| format!("shard {}: binding {addr}: {e}", engine.id().0));
@@ -167,6 +170,7 @@ pub async fn run(p: Params) {
         wake,
         remotes: RefCell::new(remotes),
         transmit,
+        pusher,
     });
     let link_tasks =
         link_io.map(|io| crate::links::spawn(&ctx, io.inbox, io.out, io.subjects, transmit_woken));

@@ -124,6 +124,9 @@ pub const BIO_BYTES_MAX: usize = 1_024;
 pub const PUSH_TOKEN_BYTES_MAX: usize = 4_096;
 /// How far ahead `dnd_set` may reach: a year (a longer silence is muting, not a pause).
 pub const DND_MS_MAX: u64 = 366 * 24 * 3600 * 1000;
+/// Conversations an offline notification names (`convs`); messages of further ones in the
+/// same window still count in its `count`.
+pub const NOTIFY_CONVS_MAX: usize = 16;
 
 /// Usernames: length bounds, in bytes (ASCII only).
 pub const USERNAME_BYTES_MIN: usize = 3;

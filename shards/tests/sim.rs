@@ -538,6 +538,8 @@ impl Sim {
             Output::AdminReply { conn, status, body } => {
                 self.on_admin_reply(s, conn, status, &body)
             }
+            // Notifications are off in the simulation (no webhook configured).
+            Output::Notify { .. } => unreachable!("notify is not configured here"),
         }
     }
 

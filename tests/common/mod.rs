@@ -13,6 +13,7 @@ use serde_json::{json, Value};
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::{Message, WebSocket};
 
+pub mod gateway;
 pub mod nats;
 
 pub const TIMEOUT: Duration = Duration::from_secs(10);

@@ -1,5 +1,7 @@
 //! Requests a home shard answers by gathering parts from owner shards: the conversation
-//! list (`convs`), `sync` over many conversations, and `history` of one. Each part is a mail
+//! list (`convs`), `sync` over many conversations, and `history` of one; and the one gather no
+//! client waits for, a notification's badge (the user's unread total, counted as `convs`
+//! counts it: `notify.rs`). Each part is a mail
 //! to the owner; the reply goes out when the last part is in. Parts cannot be lost within a
 //! node (mail is reliable within the process); a part for an owner on another node that cannot
 //! be reached comes back through `gather_part_failed`, and the request fails with
@@ -9,13 +11,14 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
 
+use super::notify::Note;
 use super::timers::Timer;
 use super::Shard;
 use crate::ids::{ConnId, ConvId, Seq, ShardId, UserId};
 use crate::limits::{CONV_LIST_MAX, PAGE_BYTES_MAX, PAGE_MAX, SYNC_CONVS_MAX};
 use crate::mail::{ConvSummary, GatherRef, Mail, Page, PresenceInfo};
 use crate::protocol::{self as p, error_frame, push_json_str, ErrorCode};
-use crate::storage::{keys, Storage, UserConv};
+use crate::storage::{keys, Storage, StorageError, UserConv};
 
 #[derive(Default)]
 pub(super) struct Gathers {
@@ -24,8 +27,8 @@ pub(super) struct Gathers {
 }
 
 struct Gather {
-    conn: ConnId,
-    rid: u64,
+    /// The connection and request waiting for the answer; `None` for a badge.
+    client: Option<(ConnId, u64)>,
     left: usize,
     /// A part could not reach its owner: the reply is `unavailable`.
     failed: bool,
@@ -34,13 +37,14 @@ struct Gather {
 
 pub(super) enum Kind {
     Convs {
-        entries: Vec<(ConvId, UserConv)>,
-        last: Vec<ConvSummary>,
+        unread: Unread,
         /// The user's own settings, read with the list: muted conversations, and the end of
         /// a do-not-disturb still running.
         muted: HashSet<ConvId>,
         dnd_until: Option<u64>,
     },
+    /// A notification waiting for its badge: `unread.total()`.
+    Badge { unread: Unread, note: Box<Note> },
     Pages {
         convs: Vec<ConvId>,
         pages: Vec<Option<Page>>,
@@ -52,16 +56,49 @@ pub(super) enum Kind {
     },
 }
 
+/// A user's conversations and, once gathered, each one's summary from its owner.
+pub(super) struct Unread {
+    entries: Vec<(ConvId, UserConv)>,
+    last: Vec<ConvSummary>,
+}
+
+impl Unread {
+    /// The conversations the user is (still) a member of, each with its summary, its read
+    /// seq and its unread count as of the gather.
+    fn counts(&self) -> impl Iterator<Item = (&(ConvId, UserConv), &ConvSummary, Seq, u64)> {
+        self.entries
+            .iter()
+            .zip(&self.last)
+            .filter(|(_, summary)| summary.member)
+            .map(|(entry, summary)| {
+                // The cursor is the home's or the owner's copy, whichever is ahead (sends move
+                // only the owner's), shown as of the same moment as `last_seq`: a `read`
+                // answered while this list was being gathered may already be past it.
+                let read_seq = entry.1.read_seq.max(summary.own_read).min(summary.last_seq);
+                let unread = summary.last_seq.saturating_sub(read_seq.max(summary.floor));
+                (entry, summary, read_seq, unread)
+            })
+    }
+
+    /// The sum of the unread counts: `convs`' `total_unread`, a notification's badge.
+    pub(super) fn total(&self) -> u64 {
+        self.counts().map(|(_, _, _, unread)| unread).sum()
+    }
+}
+
 impl<S: Storage> Shard<S> {
     pub(super) fn gather(&mut self, conn: ConnId, rid: u64, left: usize, kind: Kind) -> u64 {
+        self.gather_for(Some((conn, rid)), left, kind)
+    }
+
+    fn gather_for(&mut self, client: Option<(ConnId, u64)>, left: usize, kind: Kind) -> u64 {
         self.gathers.next_id += 1;
         let id = self.gathers.next_id;
         self.cross_node_deadline(Timer::Gather(id));
         self.gathers.map.insert(
             id,
             Gather {
-                conn,
-                rid,
+                client,
                 left,
                 failed: false,
                 kind,
@@ -71,21 +108,37 @@ impl<S: Storage> Shard<S> {
     }
 
     pub(super) fn start_convs(&mut self, now_ms: u64, conn: ConnId, rid: u64, user: UserId) {
+        let started = self
+            .notify_settings(now_ms, user)
+            .and_then(|(muted, dnd_until)| {
+                self.start_unread(Some((conn, rid)), user, |unread| Kind::Convs {
+                    unread,
+                    muted,
+                    dnd_until,
+                })
+            });
+        if let Err(e) = started {
+            self.internal_error(conn, Some(rid), &e);
+        }
+    }
+
+    /// Gathers the summary of each of `user`'s conversations from its owner, for `client`'s
+    /// `convs` or (no client) a notification's badge.
+    pub(super) fn start_unread(
+        &mut self,
+        client: Option<(ConnId, u64)>,
+        user: UserId,
+        kind: impl FnOnce(Unread) -> Kind,
+    ) -> Result<(), StorageError> {
         let prefix = keys::user_conv_prefix(user);
-        let rows =
-            match self
-                .storage
-                .scan(&prefix, &keys::prefix_end(&prefix), CONV_LIST_MAX, false)
-            {
-                Ok(rows) => rows,
-                Err(e) => return self.internal_error(conn, Some(rid), &e),
-            };
+        let rows = self
+            .storage
+            .scan(&prefix, &keys::prefix_end(&prefix), CONV_LIST_MAX, false)?;
         let mut entries = Vec::with_capacity(rows.len());
         for (k, v) in rows {
-            match (keys::conv_of_user_conv(&k), UserConv::decode(&k, &v)) {
-                (Some(conv), Ok(entry)) => entries.push((conv, entry)),
-                (_, Err(e)) => return self.internal_error(conn, Some(rid), &e),
-                (None, _) => {}
+            let entry = UserConv::decode(&k, &v)?;
+            if let Some(conv) = keys::conv_of_user_conv(&k) {
+                entries.push((conv, entry));
             }
         }
         let mut by_owner: BTreeMap<ShardId, Vec<(usize, ConvId)>> = BTreeMap::new();
@@ -96,19 +149,10 @@ impl<S: Storage> Shard<S> {
                 .push((i, *conv));
         }
         let last = vec![ConvSummary::default(); entries.len()];
-        let (muted, dnd_until) = match self.notify_settings(now_ms, user) {
-            Ok(settings) => settings,
-            Err(e) => return self.internal_error(conn, Some(rid), &e),
-        };
-        let kind = Kind::Convs {
-            entries,
-            last,
-            muted,
-            dnd_until,
-        };
-        let id = self.gather(conn, rid, by_owner.len(), kind);
+        let id = self.gather_for(client, by_owner.len(), kind(Unread { entries, last }));
         if by_owner.is_empty() {
-            return self.finish_gather(id);
+            self.finish_gather(id);
+            return Ok(());
         }
         let me = self.cfg.shard;
         for (owner, convs) in by_owner {
@@ -125,6 +169,7 @@ impl<S: Storage> Shard<S> {
                 },
             );
         }
+        Ok(())
     }
 
     pub(super) fn start_sync(&mut self, conn: ConnId, rid: u64, user: UserId, req: p::Sync) {
@@ -240,9 +285,9 @@ impl<S: Storage> Shard<S> {
         let Some(g) = self.gathers.map.get_mut(&gather.id) else {
             return;
         };
-        if let Kind::Convs { last, .. } = &mut g.kind {
+        if let Kind::Convs { unread, .. } | Kind::Badge { unread, .. } = &mut g.kind {
             for (i, seq) in seqs {
-                if let Some(slot) = last.get_mut(i) {
+                if let Some(slot) = unread.last.get_mut(i) {
                     *slot = seq;
                 }
             }
@@ -301,31 +346,38 @@ impl<S: Storage> Shard<S> {
         let Some(g) = self.gathers.map.remove(&id) else {
             return;
         };
+        if let Kind::Badge { unread, note } = g.kind {
+            // A part lost on another node: the notification goes without a badge.
+            return self.notify_send(*note, (!g.failed).then(|| unread.total()));
+        }
+        let Some((conn, rid)) = g.client else {
+            return; // only badges have no client
+        };
         if g.failed {
             let why = "a node holding part of this answer is unreachable; retry shortly";
-            return self.error(g.conn, Some(g.rid), ErrorCode::Unavailable, why);
+            return self.error(conn, Some(rid), ErrorCode::Unavailable, why);
         }
         let frame = match g.kind {
             Kind::Convs {
-                entries,
-                last,
+                unread,
                 muted,
                 dnd_until,
-            } => convs_frame(g.rid, &entries, &last, (&muted, dnd_until)),
+            } => convs_frame(rid, &unread, (&muted, dnd_until)),
+            Kind::Badge { .. } => return,
             Kind::Pages {
                 convs,
                 mut pages,
                 history: true,
             } => match pages.pop().flatten() {
-                Some(Ok((msgs, more))) => page_frame(g.rid, convs[0], &msgs, more),
-                Some(Err(code)) => error_frame(Some(g.rid), code, "cannot read this conversation"),
-                None => error_frame(Some(g.rid), ErrorCode::Internal, "missing page"),
+                Some(Ok((msgs, more))) => page_frame(rid, convs[0], &msgs, more),
+                Some(Err(code)) => error_frame(Some(rid), code, "cannot read this conversation"),
+                None => error_frame(Some(rid), ErrorCode::Internal, "missing page"),
             },
             Kind::Pages {
                 convs,
                 pages,
                 history: false,
-            } => sync_frame(g.rid, &convs, &pages),
+            } => sync_frame(rid, &convs, &pages),
             Kind::Presence { names, states } => {
                 // Users one may not see (not friends) read as "hidden", never as offline.
                 let list: Vec<serde_json::Value> = names
@@ -338,10 +390,10 @@ impl<S: Storage> Shard<S> {
                         None => serde_json::json!({ "user": name, "state": "hidden" }),
                     })
                     .collect();
-                p::ok_frame(g.rid, &serde_json::json!({ "users": list }))
+                p::ok_frame(rid, &serde_json::json!({ "users": list }))
             }
         };
-        self.send(g.conn, frame);
+        self.send(conn, frame);
     }
 }
 
@@ -395,28 +447,19 @@ fn sync_frame(rid: u64, convs: &[ConvId], pages: &[Option<Page>]) -> String {
 
 fn convs_frame(
     rid: u64,
-    entries: &[(ConvId, UserConv)],
-    last: &[ConvSummary],
+    all: &Unread,
     (muted, dnd_until): (&HashSet<ConvId>, Option<u64>),
 ) -> String {
-    let mut out = String::with_capacity(64 + entries.len() * 96);
+    let mut out = String::with_capacity(64 + all.entries.len() * 96);
     let _ = write!(out, "{{\"rid\":{rid},\"ok\":{{\"convs\":[");
     let mut total_unread = 0u64;
     let mut first = true;
-    for ((conv, entry), summary) in entries.iter().zip(last) {
-        if !summary.member {
-            continue;
-        }
+    for ((conv, entry), summary, read_seq, unread) in all.counts() {
         if !first {
             out.push(',');
         }
         first = false;
         let last_seq: Seq = summary.last_seq;
-        // The cursor is the home's or the owner's copy, whichever is ahead (sends move only
-        // the owner's), shown as of the same moment as `last_seq`: a `read` answered while
-        // this list was being gathered may already be past the `last_seq` gathered.
-        let read_seq = entry.read_seq.max(summary.own_read).min(last_seq);
-        let unread = last_seq.saturating_sub(read_seq.max(summary.floor));
         total_unread += unread;
         let _ = write!(out, "{{\"conv\":\"{conv}\",");
         match &summary.title {

@@ -16,7 +16,8 @@
 //! | `social.rs` | friends and requests, blocks (on each user's home shard) |
 //! | `presence.rs` | presence, profiles, devices (on each user's home shard) |
 //! | `admin.rs` | operator requests: bulk accounts, disable, kick, notices (the admin API) |
-//! | `gather.rs` | requests that need several shards' answers: `convs`, `sync`, `history` |
+//! | `gather.rs` | requests that need several shards' answers: `convs`, `sync`, `history`, a notification's badge |
+//! | `notify.rs` | offline notifications: who gets one, coalescing, mute and do-not-disturb, the webhook's body |
 //! | `effects.rs` | what runs once a batch is durable, or fails with it: one `Deferred` per post-commit step |
 //! | `commit.rs` | group commit mechanics: the open batch, the one in flight, reads through both |
 //! | `fanout.rs`, `event.rs` | leaves: recipients by home shard; a timeline entry the owner writes itself |
@@ -43,6 +44,7 @@ mod gather;
 mod group;
 mod links;
 mod members;
+mod notify;
 mod ops;
 mod owner;
 mod presence;
@@ -68,6 +70,7 @@ pub use crate::storage::Durability;
 use crate::storage::{Commit, Storage};
 
 use crate::admin::AdminOp;
+pub use notify::NotifyConfig;
 pub use session::Handoff;
 pub use stats::{Histogram, Stats, ERROR_CODES, LATENCY_BOUNDS_MS};
 use timers::Timer;
@@ -103,6 +106,8 @@ pub struct Config {
     /// another node is told to connect there (`moved`). One node by default.
     pub cluster: Arc<ClusterMap>,
     pub node: usize,
+    /// Offline notifications for the push webhook (`Output::Notify`); `None`: off.
+    pub notify: Option<NotifyConfig>,
 }
 
 impl Config {
@@ -124,6 +129,7 @@ impl Config {
             seed: 0,
             cluster: Arc::new(ClusterMap::single(shards)),
             node: 0,
+            notify: None,
         }
     }
 
@@ -223,6 +229,9 @@ pub enum Output {
         status: u16,
         body: String,
     },
+    /// A notification for the push webhook (a JSON body: docs/protocol.md, "Offline
+    /// notifications"). Only with `Config::notify`.
+    Notify { body: Arc<str> },
 }
 
 pub struct Shard<S: Storage> {
@@ -253,6 +262,7 @@ pub struct Shard<S: Storage> {
     /// Friend requests this shard's users sent whose second side is not yet written, and
     /// those the other user declined meanwhile: see `social::friend_answer`.
     friend_races: social::FriendRaces,
+    notifier: notify::Notifier,
     /// Blocks whose owner's copy is not yet confirmed: see `social::BlockSyncs`.
     block_syncs: social::BlockSyncs,
 }
@@ -281,6 +291,7 @@ impl<S: Storage> Shard<S> {
             local_mail: VecDeque::new(),
             sessions: session::Sessions::default(),
             friend_races: social::FriendRaces::default(),
+            notifier: notify::Notifier::default(),
             block_syncs: social::BlockSyncs::default(),
             owned: owner::Owned::default(),
             gathers: gather::Gathers::default(),
@@ -298,6 +309,7 @@ impl<S: Storage> Shard<S> {
         // lost between the two) is sent again now, and again whenever a link comes back.
         shard.load_block_syncs();
         shard.resend_block_syncs(None);
+        shard.load_push_tokens();
         shard
     }
 
@@ -438,6 +450,7 @@ impl<S: Storage> Shard<S> {
                 Timer::Gather(id) => self.gather_expired(id),
                 Timer::Add(conv, op) => self.add_expired(now_ms, conv, op),
                 Timer::Reply(conn, rid) => self.reply_expired(conn, rid),
+                Timer::Notify(user) => self.notify_flush(now_ms, user),
             }
         }
         if self.flush_at().is_some_and(|at| at <= now_ms) {

@@ -350,7 +350,7 @@ impl<S: Storage> Shard<S> {
     /// token with it. Every way a device ends (`logout`, `device_logout`, a kick) comes here.
     pub(super) fn forget_device(&mut self, user: UserId, device: &str) {
         self.delete(keys::device(user, device));
-        self.delete(keys::push_token(user, device));
+        self.forget_push_token(user, device);
     }
 
     /// Deletes every push token of `user`: those stored, and those of its connected devices (a
@@ -372,7 +372,7 @@ impl<S: Storage> Shard<S> {
                 .filter_map(|c| c.session.as_ref().map(|s| s.device.clone())),
         );
         for device in devices {
-            self.delete(keys::push_token(user, &device));
+            self.forget_push_token(user, &device);
         }
         Ok(())
     }

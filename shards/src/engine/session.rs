@@ -41,6 +41,8 @@ pub(crate) struct Session {
 struct Unacked {
     frame: Arc<str>,
     sent_ms: u64,
+    /// Retried at least once: the device is treated as asleep for it (`notify_asleep`).
+    retried: bool,
 }
 
 pub(super) struct Conn {
@@ -297,6 +299,7 @@ impl<S: Storage> Shard<S> {
         for conn in targets {
             self.push(now_ms, conn, at, frame);
         }
+        self.notify_offline(at, frame, recipients);
     }
 
     /// An ephemeral push (typing, read receipt) to the online devices of `recipients`.
@@ -336,6 +339,7 @@ impl<S: Storage> Shard<S> {
             Unacked {
                 frame: frame.clone(),
                 sent_ms: now_ms,
+                retried: false,
             },
         );
         if !c.retry_armed {
@@ -407,8 +411,15 @@ impl<S: Storage> Shard<S> {
             return;
         };
         let mut next: Option<u64> = None;
-        for unacked in c.unacked.values_mut() {
+        // Pushes unacked for a whole retry interval for the first time: an app asleep with
+        // its socket open may need waking by a notification.
+        let mut asleep = Vec::new();
+        for (at, unacked) in c.unacked.iter_mut() {
             if now_ms.saturating_sub(unacked.sent_ms) >= retry {
+                if !unacked.retried {
+                    unacked.retried = true;
+                    asleep.push((*at, unacked.frame.clone()));
+                }
                 unacked.sent_ms = now_ms;
                 self.stats.push_retries += 1;
                 self.out.push_back(Output::Send {
@@ -422,6 +433,11 @@ impl<S: Storage> Shard<S> {
         c.retry_armed = next.is_some();
         if let Some(at) = next {
             self.timers.at(at, Timer::Retry(conn));
+        }
+        if let Some(session) = c.session.clone().filter(|_| !asleep.is_empty()) {
+            for (at, frame) in asleep {
+                self.notify_asleep(session.user, &session.device, at, &frame);
+            }
         }
     }
 }

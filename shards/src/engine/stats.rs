@@ -22,6 +22,12 @@ pub struct Stats {
     pub errors: u64,
     /// Error replies by code, indexed by `ErrorCode as usize` (see `ErrorCode::ALL`).
     pub errors_by_code: [u64; ERROR_CODES],
+    /// Offline notifications handed to the webhook's queue (`Output::Notify`).
+    pub notify_out: u64,
+    /// Messages folded into a notification already pending for their recipient.
+    pub notify_coalesced: u64,
+    /// Messages that notified no one: muted conversation, or do-not-disturb.
+    pub notify_suppressed: u64,
     /// Mails for another node's shard handed back by its link (down or reset).
     pub mail_undeliverable: u64,
     /// From a seq's assignment by its owner to its `Deliver` mail reaching a home shard
@@ -70,6 +76,9 @@ impl Default for Stats {
             commit_ops: 0,
             errors: 0,
             errors_by_code: [0; ERROR_CODES],
+            notify_out: 0,
+            notify_coalesced: 0,
+            notify_suppressed: 0,
             mail_undeliverable: 0,
             delivery_ms: Histogram::default(),
             push_ack_ms: Histogram::default(),

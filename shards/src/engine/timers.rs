@@ -7,13 +7,13 @@
 //! closed connection's entries are skipped, a heartbeat that saw activity since reschedules
 //! itself. Each connection has at most one heartbeat and one retry entry live, so the heap
 //! holds at most two entries per connection (plus those of connections closed within the last
-//! heartbeat interval). In a cluster of several nodes, each gather and each group addition also
+//! heartbeat interval), plus one per user with an offline notification pending. In a cluster of several nodes, each gather and each group addition also
 //! gets one entry (`CROSS_NODE_WAIT_MS`), a no-op if it completed in time.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 
-use crate::ids::{ConnId, ConvId};
+use crate::ids::{ConnId, ConvId, UserId};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub(super) enum Timer {
@@ -29,6 +29,8 @@ pub(super) enum Timer {
     /// A client request forwarded to another node's shard: answer `unavailable` if it is still
     /// unanswered; once more, a wait later, forget it.
     Reply(ConnId, u64),
+    /// The coalescing window of a user's offline notification closed: send it.
+    Notify(UserId),
 }
 
 #[derive(Default)]

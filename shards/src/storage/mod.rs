@@ -126,9 +126,17 @@ pub mod keys {
 
     /// Every push-token key of `user` starts with this.
     pub fn push_token_prefix(user: UserId) -> Vec<u8> {
-        let mut k = head(user.slot().0, b'T', 8);
+        let mut k = head(user.slot().0, PUSH_TOKEN, 8);
         k.extend_from_slice(&user.0.to_be_bytes());
         k
+    }
+
+    pub const PUSH_TOKEN: u8 = b'T';
+
+    /// The user and device of a `push_token` key.
+    pub fn user_device_of_push_token(key: &[u8]) -> Option<(UserId, String)> {
+        let user: [u8; 8] = key.get(3..3 + 8)?.try_into().ok()?;
+        Some((UserId(u64::from_be_bytes(user)), device_of_key(key)?))
     }
 
     /// The device name at the end of a `device` (or `push_token`) key.

@@ -345,7 +345,7 @@ impl<S: Storage> Shard<S> {
                 let token = self.tokens.mint(&claims);
                 // A new session on this device name: whatever app registered a push token
                 // under the old one registers again (apps do so at every start).
-                self.delete(keys::push_token(user, &device));
+                self.forget_push_token(user, &device);
                 self.put(
                     keys::device(user, &device),
                     DeviceRecord {

@@ -141,7 +141,7 @@ impl<S: Storage> Shard<S> {
             token: req.token,
             registered_ms: now_ms,
         };
-        self.put(keys::push_token(s.user, &s.device), record.encode());
+        self.set_push_token(s.user, &s.device, &record);
         let frame = ok_frame(by.rid, &json!({ "platform": record.platform }));
         self.reply_when_durable(by.reply_to(self.cfg.shard), frame);
         Ok(())
@@ -149,7 +149,7 @@ impl<S: Storage> Shard<S> {
 
     /// `push_unregister`: forgets this device's push token (none is fine: idempotent).
     pub(in crate::engine) fn push_unregister(&mut self, by: Asker) -> Outcome {
-        self.delete(keys::push_token(by.session.user, &by.session.device));
+        self.forget_push_token(by.session.user, &by.session.device);
         let frame = ok_frame(by.rid, &json!({}));
         self.reply_when_durable(by.reply_to(self.cfg.shard), frame);
         Ok(())
