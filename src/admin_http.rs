@@ -1,6 +1,7 @@
-//! The admin API's HTTP side: authentication (bearer token, compared in constant time), then
-//! the request runs as a pseudo-connection of the engine and this waits for its answer (at
-//! most `ADMIN_TIMEOUT`). What the requests are is `hermod_shards::admin`; `docs/admin.md`.
+//! The HTTP APIs answered by the engine: the admin API (bearer token compared in constant
+//! time; `hermod_shards::admin`, `docs/admin.md`) and the bots' `POST /bot/api` (the engine
+//! checks the bot token; `docs/bots.md`). Each request runs as a pseudo-connection of the
+//! engine and this waits for its one answer (at most `ADMIN_TIMEOUT` or `BOT_TIMEOUT`).
 
 use std::time::Duration;
 
@@ -55,12 +56,54 @@ pub async fn admin(ctx: &Ctx, req: &http::AdminRequest, body: &[u8]) -> AdminAns
         Err((code, message)) => return error(status_of(Some(code)), code.as_str(), &message),
     };
     tracing::info!(shard = %ctx.id, op = %op.summary(), "admin request");
-    // The answer arrives through `dispatch` (Output::AdminReply) on a one-slot channel: an
-    // admin request needs no outbox, so connections carry no field for it.
+    answer_of(ctx, ADMIN_TIMEOUT, |engine, conn| {
+        engine.handle_admin(now_ms(), conn, op)
+    })
+    .await
+}
+
+/// A bot's request carries a bearer token (whether it is a valid bot token, the engine says).
+pub fn bot_auth(req: &http::AdminRequest) -> Result<(), AdminAnswer> {
+    match req.bearer.as_deref() {
+        Some(token) if !token.is_empty() => Ok(()),
+        _ => Err(admin_error(
+            401,
+            "bad_credentials",
+            "send the bot token as Authorization: Bearer <token>",
+        )),
+    }
+}
+
+/// Runs one bot request (`POST /bot/api`): its body is one request frame, answered with the
+/// reply frame a WebSocket client would get.
+pub async fn bot_call(ctx: &Ctx, req: &http::AdminRequest, body: &[u8]) -> AdminAnswer {
+    let Ok(frame) = std::str::from_utf8(body) else {
+        return admin_error(400, "bad_json", "the body is not UTF-8");
+    };
+    let token = req.bearer.clone().unwrap_or_default();
+    let frame = frame.to_owned();
+    answer_of(ctx, BOT_TIMEOUT, |engine, conn| {
+        engine.handle_bot_http(now_ms(), conn, &token, frame)
+    })
+    .await
+}
+
+/// Longest a bot's HTTP request may wait: the cross-node deadline's order, with room.
+const BOT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Starts a request of the engine's on a fresh pseudo-connection and waits (at most
+/// `timeout`) for its one answer, which arrives through `dispatch` (`Output::AdminReply`) on a
+/// one-slot channel: such a request needs no outbox, so connections carry no field for it.
+async fn answer_of(
+    ctx: &Ctx,
+    timeout: Duration,
+    start: impl FnOnce(&mut hermod_shards::Shard<hermod_store::RocksStorage>, hermod_shards::ConnId),
+) -> AdminAnswer {
+    let error = admin_error;
     let conn = ctx.new_conn_id();
     let (answer_tx, answer_rx) = local_channel::new_bounded(1);
     ctx.admin_waiters.borrow_mut().insert(conn, answer_tx);
-    ctx.engine.borrow_mut().handle_admin(now_ms(), conn, op);
+    start(&mut ctx.engine.borrow_mut(), conn);
     dispatch(ctx);
     let answered = async {
         answer_rx
@@ -69,7 +112,7 @@ pub async fn admin(ctx: &Ctx, req: &http::AdminRequest, body: &[u8]) -> AdminAns
             .unwrap_or_else(|| error(500, "internal", "the request was dropped unanswered"))
     };
     let timeout = async {
-        glommio::timer::sleep(ADMIN_TIMEOUT).await;
+        glommio::timer::sleep(timeout).await;
         error(
             504,
             "timeout",

@@ -13,7 +13,7 @@ use hermod_shards::storage::Durability;
 use serde::Deserialize;
 
 use crate::nats::NatsConfig;
-use crate::push::PushConfig;
+use crate::webhook::PushConfig;
 
 /// Shortest admin token accepted: a guessable one would hand out every account.
 const ADMIN_TOKEN_BYTES_MIN: usize = 16;

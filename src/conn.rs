@@ -20,7 +20,7 @@ use hermod_shards::engine::Handoff;
 use hermod_shards::protocol::close;
 use hermod_shards::{ConnId, ShardId};
 
-use crate::admin_http::{admin, admin_auth, admin_error};
+use crate::admin_http::{admin, admin_auth, admin_error, bot_auth, bot_call};
 use crate::ctx::{dispatch, now_ms, Ctx};
 use crate::http::{self, Route};
 use crate::mesh::Envelope;
@@ -112,7 +112,7 @@ impl Surface {
                 "admin_elsewhere",
                 "the admin API is served on the admin address (admin_listen)",
             ),
-            (Surface::Admin, Route::Respond(_) | Route::Upgrade { .. }) => (
+            (Surface::Admin, Route::Respond(_) | Route::Upgrade { .. } | Route::Bot(_)) => (
                 "unknown_op",
                 "the admin address serves /admin/ and the status pages only",
             ),
@@ -219,9 +219,15 @@ async fn serve_http(
             stream.write_all(&http::status(page, &ctx.board)).await?;
             stream.close().await.map(|()| None)
         }
-        Route::Admin(req) => {
+        Route::Admin(req) | Route::Bot(req) => {
+            let bot = req.path == "/bot/api";
             // Refused before the body is read: an unauthenticated client costs no buffer.
-            if let Err((status, body)) = admin_auth(ctx, &req) {
+            let refused = if bot {
+                bot_auth(&req)
+            } else {
+                admin_auth(ctx, &req)
+            };
+            if let Err((status, body)) = refused {
                 stream.write_all(&http::json(status, &body)).await?;
                 return stream.close().await.map(|()| None);
             }
@@ -233,7 +239,12 @@ async fn serve_http(
                     Event::Failed(e) => return Err(e),
                 }
             }
-            let (status, body) = admin(ctx, &req, &inbuf[req.head_len..wanted]).await;
+            let body = &inbuf[req.head_len..wanted];
+            let (status, body) = if bot {
+                bot_call(ctx, &req, body).await
+            } else {
+                admin(ctx, &req, body).await
+            };
             stream.write_all(&http::json(status, &body)).await?;
             stream.close().await.map(|()| None)
         }

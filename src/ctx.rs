@@ -73,7 +73,9 @@ pub struct ShardCtx {
     /// Wakes the link task: frames are due out. One slot.
     pub(crate) transmit: LocalSender<()>,
     /// Where offline notifications go (`Output::Notify`); `None` when no webhook is set.
-    pub(crate) pusher: Option<crate::push::Pusher>,
+    pub(crate) pusher: Option<crate::webhook::Pusher>,
+    /// Where messages for bots' webhooks go (`Output::BotHook`).
+    pub(crate) bot_hooks: crate::webhook::BotHooks,
 }
 
 pub(crate) struct Peer {
@@ -186,6 +188,17 @@ pub fn dispatch(ctx: &Ctx) {
                     pusher.offer(body);
                 }
             }
+            Output::BotHook {
+                bot,
+                url,
+                secret,
+                body,
+            } => ctx.bot_hooks.offer(crate::webhook::BotJob {
+                bot,
+                url,
+                secret,
+                body,
+            }),
             Output::Handoff { conn, to, handoff } => {
                 if let Some(outbox) = ctx.conns.borrow().get(&conn) {
                     outbox.hand_off(to, handoff);

@@ -1,6 +1,6 @@
 //! The HTTP/1.1 in front of the WebSocket: `GET /` serves the web chat page, `GET /ws`
 //! upgrades, `GET /metrics`, `/healthz` and `/readyz` report on the server, `/admin/…` is the
-//! operator's API (`docs/admin.md`), anything else gets 404 (405 for other methods). Requests
+//! operator's API (`docs/admin.md`), `POST /bot/api` the bots' (`docs/bots.md`), anything else gets 404 (405 for other methods). Requests
 //! are parsed with `httparse`; one request per connection (`Connection: close`) except the
 //! upgrade.
 
@@ -28,6 +28,9 @@ pub enum Route {
     Status(StatusPage),
     /// `/admin/…`: read `body_len` more bytes after the head, then authenticate and run it.
     Admin(AdminRequest),
+    /// `POST /bot/api`: a bot's request frame, `body_len` bytes after the head; the engine
+    /// checks the bearer token.
+    Bot(AdminRequest),
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -98,6 +101,36 @@ pub fn route(buf: &[u8]) -> Option<Route> {
             .and_then(|h| std::str::from_utf8(h.value).ok())
     };
     let path = req.path.unwrap_or("/").split('?').next().unwrap_or("/");
+    if path == "/bot/api" {
+        if req.method != Some("POST") {
+            return Some(Route::Respond(simple(
+                405,
+                "Method Not Allowed",
+                "only POST\n",
+            )));
+        }
+        let route = admin_route(
+            "POST",
+            path,
+            head_len,
+            [
+                header("content-length"),
+                header("transfer-encoding"),
+                header("authorization"),
+            ],
+        );
+        return Some(match route {
+            Route::Admin(req) if req.body_len > hermod_shards::limits::FRAME_BYTES_MAX => {
+                Route::Respond(simple(
+                    413,
+                    "Payload Too Large",
+                    "a bot request is one frame (at most 64 KiB)\n",
+                ))
+            }
+            Route::Admin(req) => Route::Bot(req),
+            other => other,
+        });
+    }
     if path.starts_with("/admin/") {
         return Some(admin_route(
             req.method.unwrap_or("GET"),

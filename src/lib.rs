@@ -13,7 +13,7 @@
 //! | `mesh` | the shard↔shard channels and the one envelope type they carry |
 //! | `http`, `ws` | sans-IO HTTP routing and WebSocket framing |
 //! | `fuzzing` | the fuzz harnesses of `ws` and `http` (run by `fuzz/` and by seeded tests) |
-//! | `push` | the push webhook: a bounded queue and worker threads POSTing signed offline notifications |
+//! | `webhook` | outgoing webhooks (push gateway, bots): bounded queues and worker threads POSTing signed requests |
 //! | `metrics` | per-shard counters published every 250 ms; `/metrics`, `/healthz`, `/readyz` |
 //!
 //! The decisions (what a frame means, who owns what, when to ack) are all in the
@@ -34,7 +34,7 @@ pub mod mesh;
 pub mod metrics;
 pub mod nats;
 pub mod outbox;
-pub mod push;
 pub mod server;
 pub mod shard;
+pub mod webhook;
 pub mod ws;

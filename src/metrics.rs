@@ -17,7 +17,7 @@ use hermod_store::StoreStats;
 
 /// How many per-shard families `FAMILIES` lists; `publish` fills exactly this many values, in
 /// the same order (a fixed-size array, so the compiler holds the two in step).
-const FAMILY_COUNT: usize = 24;
+const FAMILY_COUNT: usize = 26;
 
 /// One value per shard, by name, with its help text and Prometheus type.
 const FAMILIES: [(&str, &str, &str); FAMILY_COUNT] = [
@@ -112,6 +112,16 @@ const FAMILIES: [(&str, &str, &str); FAMILY_COUNT] = [
         "hermod_notify_suppressed_total",
         "counter",
         "Messages that notified no one: a muted conversation or a do-not-disturb.",
+    ),
+    (
+        "hermod_bot_calls_total",
+        "counter",
+        "Requests bots made over HTTP that passed the token and rate checks (on the bots' home shards).",
+    ),
+    (
+        "hermod_bot_hooks_total",
+        "counter",
+        "Messages handed over for POSTing to bots' webhooks.",
     ),
     (
         "hermod_store_keys_estimate",
@@ -392,7 +402,9 @@ pub struct Board {
     /// Set when a shutdown starts: `/readyz` answers 503 so balancers stop sending.
     pub stopping: AtomicBool,
     /// The push webhook's figures (process-wide: its workers serve every shard).
-    pub push: crate::push::PushStats,
+    pub push: crate::webhook::HookStats,
+    /// The bots' webhooks' figures (process-wide, like the push webhook's).
+    pub bot_hooks: crate::webhook::HookStats,
     /// Each POST to the push gateway, in ms.
     push_gateway_ms: Hist,
 }
@@ -433,6 +445,7 @@ impl Board {
                 .collect(),
             stopping: AtomicBool::new(false),
             push: Default::default(),
+            bot_hooks: Default::default(),
             push_gateway_ms: Hist::default(),
         })
     }
@@ -531,6 +544,8 @@ impl Board {
             st.notify_out,
             st.notify_coalesced,
             st.notify_suppressed,
+            st.bot_calls,
+            st.bot_hooks,
             s.store.keys_estimate,
             s.store.live_data_bytes,
             s.store.sst_bytes,
@@ -552,45 +567,46 @@ impl Board {
         self.push_gateway_ms.observe(&LATENCY_BOUNDS_MS, ms);
     }
 
-    /// The push webhook's counters, queue and gateway latency (process-wide, no shard label).
+    /// The webhooks' counters and queues, and the push gateway's latency (process-wide, no
+    /// shard label).
     fn render_push(&self, out: &mut String) {
-        let p = &self.push;
-        let _ = writeln!(
-            out,
-            "# HELP hermod_push_notifications_total Offline notifications by outcome: sent (2xx), failed (refused, or every attempt failed), dropped (the queue was full)."
-        );
-        let _ = writeln!(out, "# TYPE hermod_push_notifications_total counter");
-        for (outcome, cell) in [
-            ("sent", &p.sent),
-            ("failed", &p.failed),
-            ("dropped", &p.dropped),
+        for ((total, retries, queue), what, stats) in [
+            (
+                (
+                    "hermod_push_notifications_total",
+                    "hermod_push_gateway_retries_total",
+                    "hermod_push_queue",
+                ),
+                "Offline notifications",
+                &self.push,
+            ),
+            (
+                (
+                    "hermod_bot_webhook_total",
+                    "hermod_bot_webhook_retries_total",
+                    "hermod_bot_webhook_queue",
+                ),
+                "Messages POSTed to bots",
+                &self.bot_hooks,
+            ),
         ] {
-            let v = cell.load(Ordering::Relaxed);
-            let _ = writeln!(
-                out,
-                "hermod_push_notifications_total{{outcome=\"{outcome}\"}} {v}"
-            );
+            let _ = writeln!(out, "# HELP {total} {what} by outcome: sent (2xx), failed (refused, or every attempt failed), dropped (queue full).");
+            let _ = writeln!(out, "# TYPE {total} counter");
+            for (outcome, cell) in [
+                ("sent", &stats.sent),
+                ("failed", &stats.failed),
+                ("dropped", &stats.dropped),
+            ] {
+                let v = cell.load(Ordering::Relaxed);
+                let _ = writeln!(out, "{total}{{outcome=\"{outcome}\"}} {v}");
+            }
+            let _ = writeln!(out, "# HELP {retries} POSTs that were retries.");
+            let _ = writeln!(out, "# TYPE {retries} counter");
+            let _ = writeln!(out, "{retries} {}", stats.retries.load(Ordering::Relaxed));
+            let _ = writeln!(out, "# HELP {queue} Queued or being sent.");
+            let _ = writeln!(out, "# TYPE {queue} gauge");
+            let _ = writeln!(out, "{queue} {}", stats.pending.load(Ordering::Relaxed));
         }
-        let _ = writeln!(
-            out,
-            "# HELP hermod_push_gateway_retries_total POSTs to the push gateway that were retries."
-        );
-        let _ = writeln!(out, "# TYPE hermod_push_gateway_retries_total counter");
-        let _ = writeln!(
-            out,
-            "hermod_push_gateway_retries_total {}",
-            p.retries.load(Ordering::Relaxed)
-        );
-        let _ = writeln!(
-            out,
-            "# HELP hermod_push_queue Notifications queued for the push gateway or being sent."
-        );
-        let _ = writeln!(out, "# TYPE hermod_push_queue gauge");
-        let _ = writeln!(
-            out,
-            "hermod_push_queue {}",
-            p.pending.load(Ordering::Relaxed)
-        );
         let h = &self.push_gateway_ms;
         let name = "hermod_push_gateway_seconds";
         let _ = writeln!(
@@ -883,8 +899,8 @@ mod tests {
         assert!(text.contains("hermod_connections{shard=\"0\"} 0"));
         assert!(text.contains("hermod_store_keys_estimate{shard=\"1\"} 11"));
         // + errors by code, closes, peer closes, refusals, 4 histograms, readiness, and the
-        // push webhook's 4 (notifications, retries, queue, gateway latency).
-        assert_eq!(text.matches("# TYPE").count(), FAMILIES.len() + 13);
+        // webhooks' 7 (notifications, retries and queue of each; the gateway's latency).
+        assert_eq!(text.matches("# TYPE").count(), FAMILIES.len() + 16);
         assert!(text.contains("hermod_push_notifications_total{outcome=\"dropped\"} 0"));
         assert!(text.contains("hermod_push_gateway_seconds_bucket{le=\"+Inf\"} 0"));
         board.count_close(1, 1008, close::reason::REQUEST_FLOOD);

@@ -86,9 +86,11 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     let pusher = cfg
         .push
         .as_ref()
-        .map(|push| crate::push::Pusher::start(push, board.clone()))
+        .map(|push| crate::webhook::Pusher::start(push, board.clone()))
         .transpose()
         .context("starting the push webhook's workers")?;
+    let bot_hooks = crate::webhook::BotHooks::start(board.clone())
+        .context("starting the bots' webhook workers")?;
     let map = Arc::new(map);
     let mut handles = Vec::new();
     for i in (0..cfg.shards as usize).rev() {
@@ -123,6 +125,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         let board = board.clone();
         let admin_token = cfg.admin_token.clone();
         let pusher = pusher.clone();
+        let bot_hooks = bot_hooks.clone();
         let handle = LocalExecutorBuilder::new(Placement::Fixed(i % cores))
             .name(&format!("hermod-shard-{i}"))
             .io_memory(io_memory)
@@ -146,6 +149,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
                     board,
                     admin_token,
                     pusher,
+                    bot_hooks,
                 })
                 .await
             })

@@ -79,7 +79,8 @@ pub struct Params {
     pub board: Arc<Board>,
     pub admin_token: Option<Arc<str>>,
     /// The push webhook's queue, if one is configured.
-    pub pusher: Option<crate::push::Pusher>,
+    pub pusher: Option<crate::webhook::Pusher>,
+    pub bot_hooks: crate::webhook::BotHooks,
 }
 
 /// The shard's main future: runs until shutdown is requested and drained.
@@ -100,6 +101,7 @@ pub async fn run(p: Params) {
         board,
         admin_token,
         pusher,
+        bot_hooks,
     } = p;
     let bind =
         |addr| listen_on(addr).map_err(|e| format!("shard {}: binding {addr}: {e}", engine.id().0));
@@ -171,6 +173,7 @@ pub async fn run(p: Params) {
         remotes: RefCell::new(remotes),
         transmit,
         pusher,
+        bot_hooks,
     });
     let link_tasks =
         link_io.map(|io| crate::links::spawn(&ctx, io.inbox, io.out, io.subjects, transmit_woken));

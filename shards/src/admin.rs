@@ -11,6 +11,7 @@ use serde_json::value::RawValue;
 use crate::auth;
 use crate::ids::ConvId;
 use crate::limits::{ADMIN_CREATE_MAX, DEVICE_BYTES_MAX};
+use crate::mail::BotAction;
 use crate::protocol::ErrorCode;
 
 /// One operator request.
@@ -32,6 +33,9 @@ pub enum AdminOp {
     },
     /// `POST /admin/notice`: a message from the server (`hermod`) to a user or into a group.
     Notice { to: NoticeTo, body: String },
+    /// `POST /admin/bots` (create, owned by the operator), `POST /admin/bots/{name}/token`,
+    /// `…/revoke`, `…/webhook`: any bot, whoever owns it.
+    Bot { name: String, action: BotAction },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -62,6 +66,15 @@ impl AdminOp {
                 format!("kick {user}/{}", device.as_deref().unwrap_or("*"))
             }
             AdminOp::Notice { to, body } => format!("notice to {to:?} ({} bytes)", body.len()),
+            AdminOp::Bot { name, action } => {
+                let what = match action {
+                    BotAction::Create { .. } => "create",
+                    BotAction::Token => "new token for",
+                    BotAction::Revoke => "revoke",
+                    BotAction::Webhook(_) => "set the webhook of",
+                };
+                format!("{what} bot {name}")
+            }
         }
     }
 
@@ -162,9 +175,44 @@ impl AdminOp {
                     body: raw.to_owned(),
                 })
             }
+            ("POST", ["bots"]) => {
+                #[derive(Deserialize)]
+                struct Create {
+                    name: String,
+                    webhook: Option<String>,
+                }
+                let req: Create = json(body)?;
+                Ok(AdminOp::Bot {
+                    name: req.name,
+                    action: BotAction::Create {
+                        webhook: req.webhook,
+                    },
+                })
+            }
+            ("POST", ["bots", name, action @ ("token" | "revoke")]) => Ok(AdminOp::Bot {
+                name: name.to_string(),
+                action: if *action == "token" {
+                    BotAction::Token
+                } else {
+                    BotAction::Revoke
+                },
+            }),
+            ("POST", ["bots", name, "webhook"]) => {
+                #[derive(Deserialize)]
+                struct Webhook {
+                    webhook: Option<String>,
+                }
+                let req: Webhook = json(body)?;
+                Ok(AdminOp::Bot {
+                    name: name.to_string(),
+                    action: BotAction::Webhook(req.webhook),
+                })
+            }
             (
                 _,
-                ["stats"]
+                ["bots"]
+                | ["bots", _, "token" | "revoke" | "webhook"]
+                | ["stats"]
                 | ["users"]
                 | ["users", _]
                 | ["users", _, "disable" | "enable" | "kick"]
@@ -187,7 +235,16 @@ pub fn status_of(code: Option<ErrorCode>) -> u16 {
             404
         }
         Some(ErrorCode::UsernameTaken | ErrorCode::GroupDisbanded) => 409,
-        Some(ErrorCode::Overloaded) => 503,
+        // Only the bots' HTTP API meets these.
+        Some(
+            ErrorCode::BadCredentials
+            | ErrorCode::BadToken
+            | ErrorCode::DeviceRevoked
+            | ErrorCode::TokenExpired,
+        ) => 401,
+        Some(ErrorCode::Forbidden | ErrorCode::AccountDisabled | ErrorCode::NotMember) => 403,
+        Some(ErrorCode::RateLimited) => 429,
+        Some(ErrorCode::Overloaded | ErrorCode::Unavailable) => 503,
         Some(ErrorCode::Internal) => 500,
         Some(_) => 400,
     }

@@ -124,6 +124,10 @@ pub const BIO_BYTES_MAX: usize = 1_024;
 pub const PUSH_TOKEN_BYTES_MAX: usize = 4_096;
 /// How far ahead `dnd_set` may reach: a year (a longer silence is muting, not a pause).
 pub const DND_MS_MAX: u64 = 366 * 24 * 3600 * 1000;
+/// A bot token's lifetime: bots renew by rotation (`bot_token`), not by expiry.
+pub const BOT_TOKEN_TTL_S: u64 = 10 * 366 * 24 * 3600;
+/// Longest bot webhook URL.
+pub const WEBHOOK_URL_BYTES_MAX: usize = 2_048;
 /// Conversations an offline notification names (`convs`); messages of further ones in the
 /// same window still count in its `count`.
 pub const NOTIFY_CONVS_MAX: usize = 16;

@@ -138,6 +138,20 @@ pub enum ConvOp {
     },
 }
 
+/// An action on a bot, run on the bot's home shard: by its owner (a client op) or the
+/// operator (admin API).
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub enum BotAction {
+    Create {
+        webhook: Option<String>,
+    },
+    /// A new token and webhook secret; the old ones stop working.
+    Token,
+    /// The token stops working (and the bot's connections close) until the next `Token`.
+    Revoke,
+    Webhook(Option<String>),
+}
+
 /// An operator's action on one account, run on its home shard (admin API).
 #[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub enum AccountAction {
@@ -162,6 +176,8 @@ impl Mail {
             | Mail::ProfileQuery { reply, .. }
             | Mail::CreateAccounts { reply, .. }
             | Mail::ReadUpTo { reply, .. }
+            | Mail::Bot { reply, .. }
+            | Mail::BotCall { reply, .. }
             | Mail::Account { reply, .. } => Some(*reply),
             Mail::SetBlock { reply, .. } => *reply,
             // Parts of gathers (answered by the gather), answers, and effects without a
@@ -232,6 +248,21 @@ pub enum Mail {
         actor: UserId,
         actor_name: String,
         op: ConvOp,
+    },
+    /// To the bot's home: create it, or act on it for `owner` (`None`: the operator).
+    Bot {
+        reply: ReplyTo,
+        owner: Option<UserId>,
+        bot: Named,
+        action: BotAction,
+    },
+    /// To the bot's home: a request frame a bot sent over HTTP with a token that verified
+    /// (signature, expiry) where it arrived; the home checks the nonce and runs it.
+    BotCall {
+        reply: ReplyTo,
+        user: UserId,
+        nonce: u64,
+        frame: String,
     },
     /// A friend operation from `from` (home of `from`) to the home of `to`, which applies its
     /// side first and answers with `FriendAnswer`.

@@ -538,8 +538,11 @@ impl Sim {
             Output::AdminReply { conn, status, body } => {
                 self.on_admin_reply(s, conn, status, &body)
             }
-            // Notifications are off in the simulation (no webhook configured).
-            Output::Notify { .. } => unreachable!("notify is not configured here"),
+            // Notifications are off in the simulation (no webhook configured), and it makes
+            // no bots.
+            Output::Notify { .. } | Output::BotHook { .. } => {
+                panic!("the simulation configures no webhook and makes no bots")
+            }
         }
     }
 

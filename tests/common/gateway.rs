@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -32,23 +32,35 @@ pub struct Hit {
 pub struct Gateway {
     pub addr: SocketAddr,
     mode: Arc<AtomicU8>,
+    secret: Arc<RwLock<String>>,
     hits: Receiver<Hit>,
 }
 
 impl Gateway {
-    pub fn start(secret: &'static str, mode: Mode) -> Gateway {
+    pub fn start(secret: &str, mode: Mode) -> Gateway {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind the gateway");
         let addr = listener.local_addr().expect("its address");
         let mode = Arc::new(AtomicU8::new(mode as u8));
+        let secret = Arc::new(RwLock::new(secret.to_owned()));
         let (tx, hits) = channel();
-        let m = mode.clone();
+        let (m, key) = (mode.clone(), secret.clone());
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
-                let (tx, m) = (tx.clone(), m.clone());
-                std::thread::spawn(move || serve(stream, secret, &m, &tx));
+                let (tx, m, key) = (tx.clone(), m.clone(), key.clone());
+                std::thread::spawn(move || serve(stream, &key, &m, &tx));
             }
         });
-        Gateway { addr, mode, hits }
+        Gateway {
+            addr,
+            mode,
+            secret,
+            hits,
+        }
+    }
+
+    /// The key signatures are checked with from now on (a bot's, known once it exists).
+    pub fn set_secret(&self, secret: &[u8]) {
+        *self.secret.write().unwrap() = String::from_utf8_lossy(secret).into_owned();
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -78,7 +90,7 @@ impl Gateway {
     }
 }
 
-fn serve(stream: TcpStream, secret: &str, mode: &AtomicU8, tx: &Sender<Hit>) {
+fn serve(stream: TcpStream, secret: &RwLock<String>, mode: &AtomicU8, tx: &Sender<Hit>) {
     let mut writer = match stream.try_clone() {
         Ok(w) => w,
         Err(_) => return,
@@ -116,9 +128,10 @@ fn serve(stream: TcpStream, secret: &str, mode: &AtomicU8, tx: &Sender<Hit>) {
             return;
         }
         let text = String::from_utf8_lossy(&body).into_owned();
-        let signed = ts
-            .parse()
-            .is_ok_and(|ts| hermod::push::sign(secret.as_bytes(), ts, &text) == signature);
+        let signed = ts.parse().is_ok_and(|ts| {
+            let secret = secret.read().unwrap();
+            hermod::webhook::sign(secret.as_bytes(), ts, &text) == signature
+        });
         let body = serde_json::from_str(&text).unwrap_or(Value::Null);
         let _ = tx.send(Hit { path, body, signed });
         let answer = match mode.load(Ordering::SeqCst) {

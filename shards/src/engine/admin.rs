@@ -29,7 +29,7 @@ use crate::admin::{status_of, AdminOp, NoticeTo};
 use crate::auth::{self, Job};
 use crate::ids::{ConnId, ConvId, ShardId, UserId, SYSTEM_USERNAME};
 use crate::limits::ADMIN_REQUESTS_MAX;
-use crate::mail::{AccountAction, ConvOp, Mail, Named, ReplyTo};
+use crate::mail::{AccountAction, BotAction, ConvOp, Mail, Named, ReplyTo};
 use crate::protocol::{close, ok_frame, ErrorCode};
 use crate::storage::{keys, MessageKind, Storage, UserRecord};
 
@@ -48,6 +48,9 @@ pub(super) struct Admin {
 enum Request {
     /// The next reply frame is the answer; `conv` is added to an `ok` answer.
     Waiting { conv: Option<ConvId> },
+    /// A bot's HTTP request (bots.rs): the next reply frame is the answer, as is; on the
+    /// bot's home shard, a relay that forwards it to `to`, where the HTTP request waits.
+    Relay { to: Option<ReplyTo> },
     /// A notice to a user: the conversation is being opened; the append follows.
     Opening {
         conv: ConvId,
@@ -72,6 +75,30 @@ struct Batch {
 impl Admin {
     pub(super) fn is_request(&self, conn: ConnId) -> bool {
         self.requests.contains_key(&conn)
+    }
+}
+
+impl<S: Storage> Shard<S> {
+    /// Registers a relay pseudo-connection for a bot's HTTP request (false: too many in
+    /// flight on this shard; the caller answers `overloaded`).
+    pub(super) fn admin_relay(&mut self, conn: ConnId, to: Option<ReplyTo>) -> bool {
+        if self.admin.requests.len() >= ADMIN_REQUESTS_MAX {
+            if to.is_none() {
+                self.admin_error(
+                    conn,
+                    ErrorCode::Overloaded,
+                    "too many requests in flight; retry",
+                );
+            }
+            return false;
+        }
+        self.admin.requests.insert(conn, Request::Relay { to });
+        true
+    }
+
+    /// A bot's HTTP request refused before it ran (its token did not verify).
+    pub(super) fn relay_refused(&mut self, conn: ConnId, code: ErrorCode, message: &str) {
+        self.admin_error(conn, code, message);
     }
 }
 
@@ -106,6 +133,29 @@ impl<S: Storage> Shard<S> {
             }
             AdminOp::Kick { user, device } => {
                 self.admin_account(conn, reply, &user, AccountAction::Kick { device })
+            }
+            AdminOp::Bot { name, action } => {
+                let webhook = match &action {
+                    BotAction::Create { webhook } | BotAction::Webhook(webhook) => {
+                        webhook.as_deref()
+                    }
+                    BotAction::Token | BotAction::Revoke => None,
+                };
+                if webhook.is_some_and(|url| !super::bots::webhook_ok(url)) {
+                    let (code, message) = super::bots::bad_webhook();
+                    return self.admin_error(conn, code, &message);
+                }
+                let Some(bot) = named(&name) else {
+                    return self.admin_error(
+                        conn,
+                        ErrorCode::InvalidUsername,
+                        "bot names follow the username rules",
+                    );
+                };
+                self.admin
+                    .requests
+                    .insert(conn, Request::Waiting { conv: None });
+                self.mail_bot_home(reply, None, bot, action);
             }
             AdminOp::Notice {
                 to: NoticeTo::Group(conv),
@@ -206,6 +256,17 @@ impl<S: Storage> Shard<S> {
         let Some(request) = self.admin.requests.remove(&conn) else {
             return;
         };
+        if let Request::Relay { to } = request {
+            return match to {
+                Some(to) => self.reply_to(to, frame),
+                None => {
+                    let code = serde_json::from_str::<Value>(&frame)
+                        .ok()
+                        .and_then(|v| v["error"]["code"].as_str().and_then(ErrorCode::parse));
+                    self.admin_reply(conn, status_of(code), frame)
+                }
+            };
+        }
         let Ok(mut answer) = serde_json::from_str::<Value>(&frame) else {
             // Frames are the engine's own JSON: a parse failure is a bug, but the operator
             // still gets an answer.
@@ -249,6 +310,7 @@ impl<S: Storage> Shard<S> {
                 // Creations answer with `AccountsCreated`, never a frame.
                 self.admin.requests.insert(conn, request);
             }
+            Request::Relay { .. } => {} // answered above
         }
     }
 

@@ -15,6 +15,7 @@
 //! | `members.rs` | group membership changes (two-step adds, removals) and their home side |
 //! | `social.rs` | friends and requests, blocks (on each user's home shard) |
 //! | `presence.rs` | presence, profiles, devices (on each user's home shard) |
+//! | `bots.rs` | bots: creation and owner actions, their HTTP requests, their webhooks' deliveries |
 //! | `admin.rs` | operator requests: bulk accounts, disable, kick, notices (the admin API) |
 //! | `gather.rs` | requests that need several shards' answers: `convs`, `sync`, `history`, a notification's badge |
 //! | `notify.rs` | offline notifications: who gets one, coalescing, mute and do-not-disturb, the webhook's body |
@@ -36,6 +37,7 @@
 
 mod admin;
 mod amend;
+mod bots;
 mod commit;
 mod effects;
 mod event;
@@ -70,6 +72,7 @@ pub use crate::storage::Durability;
 use crate::storage::{Commit, Storage};
 
 use crate::admin::AdminOp;
+pub use bots::BOT_DEVICE;
 pub use notify::NotifyConfig;
 pub use session::Handoff;
 pub use stats::{Histogram, Stats, ERROR_CODES, LATENCY_BOUNDS_MS};
@@ -229,6 +232,14 @@ pub enum Output {
         status: u16,
         body: String,
     },
+    /// A message for a bot's webhook: POST `body` (a `msg` push frame) to `url`, signed with
+    /// `secret`. `bot` (a user id) keys the driver's per-bot queue.
+    BotHook {
+        bot: u64,
+        url: Arc<str>,
+        secret: Arc<[u8]>,
+        body: Arc<str>,
+    },
     /// A notification for the push webhook (a JSON body: docs/protocol.md, "Offline
     /// notifications"). Only with `Config::notify`.
     Notify { body: Arc<str> },
@@ -263,6 +274,7 @@ pub struct Shard<S: Storage> {
     /// those the other user declined meanwhile: see `social::friend_answer`.
     friend_races: social::FriendRaces,
     notifier: notify::Notifier,
+    bots: bots::Bots,
     /// Blocks whose owner's copy is not yet confirmed: see `social::BlockSyncs`.
     block_syncs: social::BlockSyncs,
 }
@@ -292,6 +304,7 @@ impl<S: Storage> Shard<S> {
             sessions: session::Sessions::default(),
             friend_races: social::FriendRaces::default(),
             notifier: notify::Notifier::default(),
+            bots: bots::Bots::default(),
             block_syncs: social::BlockSyncs::default(),
             owned: owner::Owned::default(),
             gathers: gather::Gathers::default(),
@@ -310,6 +323,7 @@ impl<S: Storage> Shard<S> {
         shard.load_block_syncs();
         shard.resend_block_syncs(None);
         shard.load_push_tokens();
+        shard.load_bots();
         shard
     }
 
@@ -394,6 +408,16 @@ impl<S: Storage> Shard<S> {
     pub fn handle_admin(&mut self, now_ms: u64, conn: ConnId, op: AdminOp) {
         self.now_ms = self.now_ms.max(now_ms);
         self.admin_request(now_ms, conn, op);
+        self.drain_local(now_ms);
+    }
+
+    /// A bot's HTTP request (`POST /bot/api`) arrived on pseudo-connection `conn`: `token` from
+    /// its Authorization header, `frame` its body (one request frame). Exactly one
+    /// `Output::AdminReply` for `conn` follows, now or later, carrying the reply frame;
+    /// `handle_disconnect(conn)` when the driver is done with it.
+    pub fn handle_bot_http(&mut self, now_ms: u64, conn: ConnId, token: &str, frame: String) {
+        self.now_ms = self.now_ms.max(now_ms);
+        self.bot_http(now_ms, conn, token, frame);
         self.drain_local(now_ms);
     }
 
@@ -627,6 +651,18 @@ impl<S: Storage> Shard<S> {
                 peer,
                 peer_name,
             } => self.home_ensure_member(conv, user, peer, peer_name),
+            Mail::Bot {
+                reply,
+                owner,
+                bot,
+                action,
+            } => self.bot_action(now_ms, reply, owner, bot, action),
+            Mail::BotCall {
+                reply,
+                user,
+                nonce,
+                frame,
+            } => self.bot_call(now_ms, reply, user, nonce, frame),
             Mail::MemberEnsured { conv, user, result } => {
                 self.owner_member_ensured(now_ms, conv, user, result)
             }

@@ -107,6 +107,12 @@ struct MsgMeta<'a> {
     body: &'a serde_json::value::RawValue,
 }
 
+/// The sender of the message in a `msg` push frame, if it is one.
+pub(super) fn sender_of(frame: &str) -> Option<UserId> {
+    let push: PushFrame = serde_json::from_str(frame).ok()?;
+    Some(UserId::from_username(&push.msg.from))
+}
+
 impl<S: Storage> Shard<S> {
     /// Reads which users homed here hold push tokens (at start, when notifications are on).
     pub(super) fn load_push_tokens(&mut self) {

@@ -28,6 +28,10 @@ pub struct Stats {
     pub notify_coalesced: u64,
     /// Messages that notified no one: muted conversation, or do-not-disturb.
     pub notify_suppressed: u64,
+    /// Requests bots sent over HTTP that passed the token and rate checks.
+    pub bot_calls: u64,
+    /// Messages handed to the driver for POSTing to a bot's webhook.
+    pub bot_hooks: u64,
     /// Mails for another node's shard handed back by its link (down or reset).
     pub mail_undeliverable: u64,
     /// From a seq's assignment by its owner to its `Deliver` mail reaching a home shard
@@ -79,6 +83,8 @@ impl Default for Stats {
             notify_out: 0,
             notify_coalesced: 0,
             notify_suppressed: 0,
+            bot_calls: 0,
+            bot_hooks: 0,
             mail_undeliverable: 0,
             delivery_ms: Histogram::default(),
             push_ack_ms: Histogram::default(),

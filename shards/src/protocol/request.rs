@@ -232,6 +232,32 @@ fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<u64>>
     Option::<u64>::deserialize(d).map(Some)
 }
 
+/// `bot_create`: a bot owned by the caller, with an optional webhook for its messages.
+#[derive(Debug, Deserialize)]
+pub struct BotCreate {
+    pub name: String,
+    #[serde(default)]
+    pub webhook: Option<String>,
+}
+
+/// `bot_token`, `bot_revoke`: one of the caller's bots.
+#[derive(Debug, Deserialize)]
+pub struct BotArg {
+    pub bot: String,
+}
+
+/// `bot_webhook`: where the bot's messages go; `null` turns the webhook off. Required.
+#[derive(Debug, Deserialize)]
+pub struct BotWebhook {
+    pub bot: String,
+    #[serde(default, deserialize_with = "present_str")]
+    pub webhook: Option<Option<String>>,
+}
+
+fn present_str<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D::Error> {
+    Option::<String>::deserialize(d).map(Some)
+}
+
 /// `push_register`: this device's push token.
 #[derive(Debug, Deserialize)]
 pub struct PushRegister {
@@ -370,6 +396,10 @@ requests! {
     "push_unregister" => PushUnregister,
     "conv_mute" => ConvMute(ConvMute<'a>),
     "dnd_set" => DndSet(DndSet),
+    "bot_create" => BotCreate(BotCreate),
+    "bot_token" => BotToken(BotArg),
+    "bot_revoke" => BotRevoke(BotArg),
+    "bot_webhook" => BotWebhook(BotWebhook),
 }
 
 impl Op {

@@ -269,6 +269,19 @@ pub mod keys {
         user_prefix(b'X', user)
     }
 
+    /// The bot record of a bot account (`BotRecord`).
+    pub fn bot(user: UserId) -> Vec<u8> {
+        user_prefix(BOT, user)
+    }
+
+    pub const BOT: u8 = b'O';
+
+    /// The user of a key made by `user_prefix` (or any slot, tag, user key).
+    pub fn user_of(key: &[u8]) -> Option<UserId> {
+        let user: [u8; 8] = key.get(3..3 + 8)?.try_into().ok()?;
+        Some(UserId(u64::from_be_bytes(user)))
+    }
+
     pub fn profile(user: UserId) -> Vec<u8> {
         user_prefix(b'P', user)
     }
@@ -383,6 +396,19 @@ pub struct PushTokenRecord {
     pub registered_ms: u64,
 }
 record!(PushTokenRecord);
+
+/// A bot (`bot_create`): its owner, its webhook, the key that signs what is POSTed to it.
+/// The account itself is an ordinary `UserRecord` without a password hash.
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct BotRecord {
+    /// The creating user's id; 0 when the operator created it.
+    pub owner: u64,
+    /// Where messages to the bot are POSTed; empty: nowhere (it connects or polls).
+    pub webhook: String,
+    pub secret: Vec<u8>,
+    pub created_ms: u64,
+}
+record!(BotRecord);
 
 /// A user's do-not-disturb: no push notification until `until_ms` (messages still arrive).
 #[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]

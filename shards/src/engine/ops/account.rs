@@ -134,6 +134,10 @@ impl<S: Storage> Shard<S> {
         match self.get_latest(&keys::user(user)) {
             Ok(Some(_)) if self.is_disabled(user) => self.refuse_disabled(conn, rid),
             Ok(Some(bytes)) => match UserRecord::decode(&keys::user(user), &bytes) {
+                // A bot has no password: it authenticates with its token (`resume`).
+                Ok(rec) if rec.name == name && rec.phc.is_empty() => {
+                    self.login_failed(conn, rid, ErrorCode::BadCredentials)
+                }
                 Ok(rec) if rec.name == name => {
                     self.set_busy(conn);
                     let pending = PendingJob::Login {

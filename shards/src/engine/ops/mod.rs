@@ -12,6 +12,8 @@
 //! | `group.rs` | `group_*` |
 //! | `social.rs` | friends, blocks, presence, profiles, devices, push tokens, mutes, DND |
 //!
+//! The `bot_*` ops are handled in `engine/bots.rs`.
+//!
 //! `convs`, `sync` and `history` go straight to `gather.rs`; `ping` and `ack` are answered here
 //! and in `session.rs`.
 
@@ -44,7 +46,7 @@ pub(in crate::engine) struct Asker<'a> {
 
 impl Asker<'_> {
     /// Where the answer goes: this connection on `shard` (the asker's home shard).
-    fn reply_to(&self, shard: ShardId) -> ReplyTo {
+    pub(in crate::engine) fn reply_to(&self, shard: ShardId) -> ReplyTo {
         ReplyTo {
             shard,
             conn: self.conn,
@@ -172,6 +174,10 @@ impl<S: Storage> Shard<S> {
             Request::PushUnregister => self.push_unregister(by),
             Request::ConvMute(r) => self.conv_mute(by, r),
             Request::DndSet(r) => self.dnd_set(now_ms, by, r),
+            req @ (Request::BotCreate(_)
+            | Request::BotToken(_)
+            | Request::BotRevoke(_)
+            | Request::BotWebhook(_)) => self.bot_op(by, req),
         }
     }
 
