@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs what the browser test (tests/browser.rs) needs beyond Rust: Debian's Chromium and
+# Installs what the browser test (tests/browser.rs) needs beyond Rust (tests/client.rs needs
+# Node.js only): Debian's Chromium and
 # playwright-core from npm (pinned by tests/browser/package-lock.json). Never downloads a
 # browser from Playwright's CDN: it uses /usr/bin/chromium. Idempotent; sourced by test.sh.
 set -euo pipefail

@@ -1,5 +1,5 @@
 //! The HTTP/1.1 in front of the WebSocket: `GET /` serves the web chat page, `GET /ws`
-//! upgrades, `GET /metrics`, `/healthz` and `/readyz` report on the server, `/admin/…` is the
+//! upgrades, `GET /hermod.js` and `/hermod.d.ts` serve the client library, `GET /metrics`, `/healthz` and `/readyz` report on the server, `/admin/…` is the
 //! operator's API (`docs/admin.md`), `POST /bot/api` the bots' (`docs/bots.md`), anything else gets 404 (405 for other methods). Requests
 //! are parsed with `httparse`; one request per connection (`Connection: close`) except the
 //! upgrade.
@@ -15,6 +15,10 @@ pub const HEAD_BYTES_MAX: usize = 8 * 1024;
 pub const HEADERS_MAX: usize = 32;
 
 const INDEX_HTML: &str = include_str!("web/index.html");
+/// The client library (docs/client.md) and its TypeScript declarations, served beside the page
+/// that is built on it.
+const HERMOD_JS: &str = include_str!("web/hermod.js");
+const HERMOD_DTS: &str = include_str!("web/hermod.d.ts");
 const WS_GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 
 /// What to do with a request head.
@@ -156,6 +160,18 @@ pub fn route(buf: &[u8]) -> Option<Route> {
             "OK",
             "text/html; charset=utf-8",
             INDEX_HTML.as_bytes(),
+        ))),
+        "/hermod.js" => Some(Route::Respond(response(
+            200,
+            "OK",
+            "text/javascript; charset=utf-8",
+            HERMOD_JS.as_bytes(),
+        ))),
+        "/hermod.d.ts" => Some(Route::Respond(response(
+            200,
+            "OK",
+            "application/typescript; charset=utf-8",
+            HERMOD_DTS.as_bytes(),
         ))),
         "/metrics" => Some(Route::Status(StatusPage::Metrics)),
         "/healthz" => Some(Route::Status(StatusPage::Health)),

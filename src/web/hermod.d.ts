@@ -1,0 +1,137 @@
+// Types of hermod.js, the client library of Hermod (docs/client.md, docs/protocol.md).
+
+/** A message as the server sends it (protocol.md, "Message object"). */
+export interface Message {
+  conv: string;
+  seq: number;
+  /** The sender's UUID (client-chosen; dedups retries). */
+  id: string;
+  from: string;
+  dev: string;
+  /** Server time of the append, ms since the epoch. */
+  ts: number;
+  /** Absent for an ordinary message. */
+  kind?: "system" | "edit" | "recall";
+  /** For edits and recalls: the seq they change. */
+  target?: number;
+  recalled?: boolean;
+  edited?: boolean;
+  /** Opaque JSON (null once recalled). */
+  body: unknown;
+}
+
+/** What the library keeps of one conversation. */
+export interface Conversation {
+  id: string;
+  /** The group's name, or the peer's username. */
+  title: string;
+  kind: "direct" | "group";
+  msgs: Map<number, Message>;
+  last_seq: number;
+  read_seq: number;
+  /** In a one-to-one conversation: how far the peer has read. */
+  peer_read: number;
+  muted: boolean;
+  /** Every seq up to this one is held. */
+  synced: number;
+  /** The lowest seq held (Infinity when none). */
+  oldest: number;
+  /** `history` found nothing older. */
+  complete: boolean;
+}
+
+/** A send waiting for the server's ack. */
+export interface Outgoing {
+  id: string;
+  conv: string;
+  body: unknown;
+  ts: number;
+  state: "sending" | "failed";
+  error: ProtocolError | null;
+  done: Promise<SendAck>;
+}
+
+export interface SendAck {
+  conv: string;
+  seq: number;
+  id: string;
+  ts: number;
+}
+
+/** An error reply (protocol.md, "Errors"), or `{code: "offline"}` when not connected. */
+export interface ProtocolError {
+  code: string;
+  message: string;
+  url?: string;
+}
+
+export type State = "idle" | "connecting" | "connected" | "online" | "offline";
+
+export interface Events {
+  state: { state: State; code?: number; retryMs?: number };
+  /** No token, or it was refused: the app should ask for a login. */
+  auth: { reason: string };
+  /** Logged in and caught up (after every (re)connect). */
+  ready: { user: string; convs: Map<string, Conversation> };
+  closed: { code: number; reason: string };
+  /** A conversation's state changed (messages, cursors, title); `fresh` the first time. */
+  conv: { conv: Conversation; fresh?: boolean };
+  /** `live`: pushed now (not synced or paged). */
+  message: { conv: Conversation; msg: Message; live: boolean };
+  edit: { conv: Conversation; msg: Message; target?: Message; live: boolean };
+  recall: { conv: Conversation; msg: Message; target?: Message; live: boolean };
+  /** A group change (a `system` entry): created, added, joined, left, removed, role, … */
+  group: { conv: Conversation; msg: Message; event?: string; live: boolean };
+  /** A missing seq range was seen and is being fetched. */
+  gap: { conv: Conversation; after: number; upto: number };
+  read: { conv: string; user: string; seq: number };
+  typing: { conv: string; user: string };
+  presence: { user: string; state: "online" | "away" | "offline"; status?: string };
+  friend: { push: "friend"; user: string; state: string; message?: string };
+  group_request: { push: "group_request"; conv: string; user: string };
+  resync: { push: "resync" };
+  outbox: { id: string; state: "sending" | "sent" | "failed"; conv: string; error?: ProtocolError };
+  /** Any other push, as received. */
+  push: Record<string, unknown>;
+}
+
+export interface Options {
+  /** e.g. "ws://127.0.0.1:7400/ws" */
+  url: string;
+  device?: string;
+  storage?: { getItem(k: string): string | null; setItem(k: string, v: string): void; removeItem(k: string): void };
+  WebSocket?: typeof WebSocket;
+  ackDelayMs?: number;
+}
+
+export function uuidv7(now?: number): string;
+
+export class MemoryStorage {
+  getItem(k: string): string | null;
+  setItem(k: string, v: string): void;
+  removeItem(k: string): void;
+}
+
+export class Hermod {
+  constructor(options: Options);
+  readonly me: string | null;
+  readonly device: string;
+  readonly state: State;
+  readonly token: string | null;
+  readonly convs: Map<string, Conversation>;
+  readonly outbox: Map<string, Outgoing>;
+  on<K extends keyof Events>(type: K, fn: (detail: Events[K]) => void): () => void;
+  start(): this;
+  close(): void;
+  request<T = any>(op: string, fields?: Record<string, unknown>): Promise<T>;
+  register(username: string, password: string): Promise<{ user: string }>;
+  login(username: string, password: string): Promise<{ user: string; device: string; token: string }>;
+  resume(): Promise<{ user: string; device: string }>;
+  logout(): Promise<void>;
+  conv(id: string, title?: string, kind?: "direct" | "group"): Conversation;
+  unread(conv: Conversation): number;
+  history(conv: string, limit?: number): Promise<{ conv: string; msgs: Message[]; more: boolean }>;
+  read(conv: string, seq?: number): Promise<unknown>;
+  send(conv: string, body: unknown, id?: string): Promise<SendAck>;
+  retry(id: string): void;
+}

@@ -1,0 +1,113 @@
+// Drives hermod.js (the client library served at /hermod.js) directly in Node against a real
+// server: run by tests/client.rs as `node --experimental-websocket hermod.test.mjs <http url>`.
+// Each step prints "ok: <step>"; any failure exits non-zero with the reason.
+import assert from "node:assert/strict";
+
+const base = process.argv[2];
+// The library exactly as the server serves it, not a copy from the source tree.
+const src = await (await fetch(new URL("/hermod.js", base))).text();
+const { Hermod, MemoryStorage, uuidv7 } = await import("data:text/javascript," + encodeURIComponent(src));
+const url = base.replace(/^http/, "ws").replace(/\/$/, "") + "/ws";
+
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+async function until(what, test, ms = 10_000) {
+  const end = Date.now() + ms;
+  while (!test()) {
+    if (Date.now() > end) throw new Error("timed out waiting for " + what);
+    await sleep(20);
+  }
+}
+function client(device) {
+  return new Hermod({ url, device, storage: new MemoryStorage(), ackDelayMs: 50 });
+}
+async function user(name) {
+  const c = client("node-" + name).start();
+  await until(name + " connected", () => c.state === "connected");
+  await c.register(name, "password123");
+  await c.login(name, "password123");
+  assert.equal(c.me, name);
+  return c;
+}
+const texts = (conv) => [...conv.msgs.keys()].sort((a, b) => a - b)
+  .map((s) => conv.msgs.get(s)).filter((m) => !m.kind).map((m) => m.body.text);
+
+const alice = await user("alice");
+const bob = await user("bob");
+const events = { message: [], edit: [], recall: [], group: [], read: [], typing: [], gap: [] };
+for (const type of Object.keys(events)) alice.on(type, (d) => events[type].push(d));
+
+// Messages arrive as typed events, in seq order.
+const { conv: id } = await bob.request("open", { user: "alice" });
+for (const t of ["one", "two", "three"]) await bob.send(id, { text: t });
+await until("three messages", () => events.message.length >= 3);
+assert.deepEqual(events.message.map((e) => e.msg.body.text), ["one", "two", "three"]);
+assert.ok(events.message.every((e) => e.live));
+const a = alice.convs.get(id);
+assert.equal(a.synced, 3);
+assert.equal(alice.unread(a), 3);
+console.log("ok: messages");
+
+// Sends made while offline wait in the outbox and go, once each, when the connection returns;
+// a send whose ack was lost with the socket goes again with the same id and is not doubled.
+bob.send(id, { text: "lost ack" });
+bob.ws.close(); // the frame is out, its answer will not come back on this socket
+const offline = ["while", "offline"].map((t) => bob.send(id, { text: t }));
+assert.ok([...bob.outbox.values()].every((o) => o.state === "sending"));
+await until("bob back online", () => bob.state === "online");
+await Promise.all(offline);
+await until("the outbox to empty", () => bob.outbox.size === 0);
+await until("alice to get them", () => texts(a).includes("offline"));
+await sleep(300);
+assert.deepEqual(texts(a), ["one", "two", "three", "lost ack", "while", "offline"]);
+assert.equal(a.synced, a.last_seq, "no hole");
+console.log("ok: reconnect with unsent messages");
+
+// A hole in the seqs (pushes lost) is seen on the next push and filled by `sync`.
+const before = a.last_seq;
+for (const s of [before - 1, before]) a.msgs.delete(s);
+a.synced = before - 2;
+await bob.send(id, { text: "after the gap" });
+await until("the gap to fill", () => a.synced === before + 1);
+assert.equal(events.gap.length, 1);
+assert.deepEqual(texts(a).slice(-3), ["while", "offline", "after the gap"]);
+console.log("ok: gap then sync");
+
+// Reconnecting syncs what was missed while away, and nothing twice.
+alice.close();
+await until("alice offline", () => alice.state === "offline");
+for (const t of ["x", "y"]) await bob.send(id, { text: t });
+alice.start();
+await until("alice caught up", () => texts(a).includes("y"));
+const seqs = [...a.msgs.keys()].sort((p, q) => p - q);
+assert.deepEqual(seqs, Array.from({ length: seqs.length }, (_, i) => i + 1), "every seq once");
+console.log("ok: catch-up after reconnect");
+
+// Edits, recalls, reads, typing, group changes.
+const target = [...a.msgs.values()].find((m) => m.body && m.body.text === "one");
+await bob.request("edit", { conv: id, seq: target.seq, body: { text: "uno" } });
+await bob.request("recall", { conv: id, seq: target.seq + 1 });
+await until("edit and recall", () => events.edit.length === 1 && events.recall.length === 1);
+assert.deepEqual(a.msgs.get(target.seq).body, { text: "uno" });
+assert.equal(a.msgs.get(target.seq + 1).recalled, true);
+let peerRead = null;
+bob.on("read", (d) => { peerRead = d; });
+await alice.read(id);
+await until("bob to see the read", () => peerRead !== null);
+assert.equal(peerRead.seq, a.synced);
+assert.equal(bob.convs.get(id).peer_read, a.synced);
+await bob.request("typing", { conv: id });
+await until("typing", () => events.typing.length === 1);
+const g = await bob.request("group_create", { name: "node", members: ["alice"] });
+await until("the group event", () => events.group.some((e) => e.conv.id === g.conv && e.event === "created"));
+console.log("ok: edit, recall, read, typing, group");
+
+// A refused send stays in the outbox as failed, with the error.
+await assert.rejects(bob.send("d.0.0", { text: "nowhere" }), (e) => e.code !== "offline");
+const failed = [...bob.outbox.values()].find((o) => o.state === "failed");
+assert.ok(failed && failed.error.code, "kept with its error");
+assert.match(uuidv7(), /^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/);
+console.log("ok: failed send");
+
+alice.close();
+bob.close();
+process.exit(0);
