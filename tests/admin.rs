@@ -460,6 +460,25 @@ fn the_tools_client_drives_every_action() {
     );
     let err = client.set_disabled("nobody", true).unwrap_err().to_string();
     assert!(err.contains("no_such_user") && err.contains("404"), "{err}");
+    // Bots: created, given a new token (the old one then fails), webhook set and cleared.
+    let bot = client.create_bot("toolbot", None).unwrap();
+    let first = bot["token"].as_str().unwrap().to_owned();
+    let mut ws = server.client();
+    ws.ok("resume", json!({ "token": first }));
+    let again = client.bot_token("toolbot", false).unwrap();
+    assert_ne!(again["token"].as_str(), Some(first.as_str()));
+    assert_eq!(ws.close_code(), Some(4002));
+    let hooked = client
+        .bot_webhook("toolbot", Some("https://bots.example/t"))
+        .unwrap();
+    assert_eq!(hooked["webhook"], "https://bots.example/t");
+    assert_eq!(
+        client.bot_webhook("toolbot", None).unwrap()["webhook"],
+        Value::Null
+    );
+    assert_eq!(client.bot_token("toolbot", true).unwrap()["bot"], "toolbot");
+    let err = client.bot_token("nobot", false).unwrap_err().to_string();
+    assert!(err.contains("no_such_user"), "{err}");
     let wrong = Client::new(&format!("http://{}", server.addr), "not-the-admin-token");
     let err = wrong.stats().unwrap_err().to_string();
     assert!(err.contains("unauthorized"), "{err}");

@@ -192,6 +192,14 @@ fn bot_tokens_rotate_and_revoke_and_only_owners_manage_them() {
         "bad_request"
     );
 
+    // The owner's list (written on the owner's home once the bot is durable).
+    let end = Instant::now() + TIMEOUT;
+    while alice.ok("bots", json!({}))["bots"] != json!(["echobot"]) {
+        assert!(Instant::now() < end, "echobot never listed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(bob.ok("bots", json!({}))["bots"], json!([]));
+
     let rotated = alice.ok("bot_token", json!({ "bot": "echobot" }));
     let new = rotated["token"].as_str().unwrap().to_owned();
     assert_ne!(new, old);

@@ -126,6 +126,8 @@ pub const PUSH_TOKEN_BYTES_MAX: usize = 4_096;
 pub const DND_MS_MAX: u64 = 366 * 24 * 3600 * 1000;
 /// A bot token's lifetime: bots renew by rotation (`bot_token`), not by expiry.
 pub const BOT_TOKEN_TTL_S: u64 = 10 * 366 * 24 * 3600;
+/// Bots `bots` lists (the first, by name).
+pub const BOTS_LISTED_MAX: usize = 1_000;
 /// Longest bot webhook URL.
 pub const WEBHOOK_URL_BYTES_MAX: usize = 2_048;
 /// Conversations an offline notification names (`convs`); messages of further ones in the

@@ -199,6 +199,7 @@ impl Mail {
             | Mail::Deliver { .. }
             | Mail::RangeDone { .. }
             | Mail::LastSeqsDone { .. }
+            | Mail::BotOwned { .. }
             | Mail::BlockSynced { .. } => None,
         }
     }
@@ -255,6 +256,11 @@ pub enum Mail {
         owner: Option<UserId>,
         bot: Named,
         action: BotAction,
+    },
+    /// Bot home → owner's home, once the bot is durable: add it to the owner's list.
+    BotOwned {
+        owner: UserId,
+        bot: String,
     },
     /// To the bot's home: a request frame a bot sent over HTTP with a token that verified
     /// (signature, expiry) where it arrived; the home checks the nonce and runs it.

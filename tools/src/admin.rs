@@ -86,6 +86,30 @@ impl Client {
         self.call("POST", "notice", Some(req))
     }
 
+    /// `POST /admin/bots`: a bot owned by no user; the answer holds its token and secret.
+    pub fn create_bot(&self, name: &str, webhook: Option<&str>) -> anyhow::Result<Value> {
+        self.call(
+            "POST",
+            "bots",
+            Some(json!({ "name": name, "webhook": webhook })),
+        )
+    }
+
+    /// `POST /admin/bots/{name}/token` or `…/revoke`.
+    pub fn bot_token(&self, name: &str, revoke: bool) -> anyhow::Result<Value> {
+        let action = if revoke { "revoke" } else { "token" };
+        self.call("POST", &format!("bots/{name}/{action}"), None)
+    }
+
+    /// `POST /admin/bots/{name}/webhook`: set, or clear with `None`.
+    pub fn bot_webhook(&self, name: &str, webhook: Option<&str>) -> anyhow::Result<Value> {
+        self.call(
+            "POST",
+            &format!("bots/{name}/webhook"),
+            Some(json!({ "webhook": webhook })),
+        )
+    }
+
     /// One request; the `ok` value, or an error with the server's code and message.
     fn call(&self, method: &str, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
         let url = format!("{}/admin/{path}", self.base);

@@ -149,6 +149,11 @@ enum AdminAction {
         #[arg(long)]
         device: Option<String>,
     },
+    /// Bots (docs/bots.md): create one, give it a new token, revoke it, set its webhook.
+    Bot {
+        #[command(subcommand)]
+        action: BotAction,
+    },
     /// A message from the server (`hermod`) to a user, or a `notice` entry in a group.
     Notice {
         #[arg(long, conflicts_with = "group")]
@@ -165,6 +170,28 @@ enum AdminAction {
         /// A UUID for this notice (user notices): a retry with the same id is not sent twice.
         #[arg(long)]
         id: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum BotAction {
+    /// A bot owned by no user; prints its token and webhook secret.
+    Create {
+        name: String,
+        #[arg(long)]
+        webhook: Option<String>,
+    },
+    /// A new token and secret (the old token stops working at once).
+    Token { name: String },
+    /// The token stops working until the next `token`.
+    Revoke { name: String },
+    /// Where its messages are POSTed; `--off` stops it.
+    Webhook {
+        name: String,
+        #[arg(long, conflicts_with = "off")]
+        url: Option<String>,
+        #[arg(long)]
+        off: bool,
     },
 }
 
@@ -199,6 +226,16 @@ fn admin(url: &str, token: &str, action: AdminAction) -> anyhow::Result<serde_js
         AdminAction::Disable { user } => client.set_disabled(&user, true),
         AdminAction::Enable { user } => client.set_disabled(&user, false),
         AdminAction::Kick { user, device } => client.kick(&user, device.as_deref()),
+        AdminAction::Bot { action } => match action {
+            BotAction::Create { name, webhook } => client.create_bot(&name, webhook.as_deref()),
+            BotAction::Token { name } => client.bot_token(&name, false),
+            BotAction::Revoke { name } => client.bot_token(&name, true),
+            BotAction::Webhook { name, url, off } => match (url, off) {
+                (Some(url), false) => client.bot_webhook(&name, Some(&url)),
+                (None, true) => client.bot_webhook(&name, None),
+                _ => anyhow::bail!("give --url or --off"),
+            },
+        },
         AdminAction::Notice {
             user,
             group,

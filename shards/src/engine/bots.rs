@@ -29,7 +29,7 @@ use super::Output;
 use super::Shard;
 use crate::auth::{self, TokenClaims};
 use crate::ids::{ConnId, ConvId, Seq, Slot, UserId, SYSTEM_USERNAME};
-use crate::limits::{BOT_TOKEN_TTL_S, SLOTS, WEBHOOK_URL_BYTES_MAX};
+use crate::limits::{BOTS_LISTED_MAX, BOT_TOKEN_TTL_S, SLOTS, WEBHOOK_URL_BYTES_MAX};
 use crate::mail::{BotAction, Mail, Named, ReplyTo};
 use crate::protocol::{self as p, close, ok_frame, ErrorCode, Op, Request};
 use crate::storage::{keys, BotRecord, DeviceRecord, Storage, StorageError, UserRecord};
@@ -192,6 +192,24 @@ impl<S: Storage> Shard<S> {
         Ok(())
     }
 
+    /// `bots`: the caller's bots, by name (from its own index: `bot_owned`).
+    pub(in crate::engine) fn bots_list(&mut self, by: Asker) -> Result<(), StorageError> {
+        let prefix = keys::bot_owned_prefix(by.session.user);
+        let names: Vec<String> = self
+            .storage
+            .scan(&prefix, &keys::prefix_end(&prefix), BOTS_LISTED_MAX, false)?
+            .into_iter()
+            .filter_map(|(k, _)| String::from_utf8(k.get(prefix.len()..)?.to_vec()).ok())
+            .collect();
+        self.send(by.conn, ok_frame(by.rid, &json!({ "bots": names })));
+        Ok(())
+    }
+
+    /// On the owner's home: a bot of theirs is durable.
+    pub(super) fn bot_owned(&mut self, owner: UserId, bot: &str) {
+        self.put(keys::bot_owned(owner, bot), Vec::new());
+    }
+
     pub(super) fn mail_bot_home(
         &mut self,
         reply: ReplyTo,
@@ -289,6 +307,14 @@ impl<S: Storage> Shard<S> {
         self.put(keys::user(user), account.encode());
         self.put(keys::bot(user), rec.encode());
         self.remember_hook(user, &rec);
+        if let Some(owner) = owner {
+            let to = self.cfg.placement.home(owner);
+            let mail = Mail::BotOwned {
+                owner,
+                bot: name.clone(),
+            };
+            self.defer(super::effects::Deferred::Mail { to, mail });
+        }
         let answer = json!({
             "bot": name,
             "token": token,

@@ -657,6 +657,7 @@ impl<S: Storage> Shard<S> {
                 bot,
                 action,
             } => self.bot_action(now_ms, reply, owner, bot, action),
+            Mail::BotOwned { owner, bot } => self.bot_owned(owner, &bot),
             Mail::BotCall {
                 reply,
                 user,

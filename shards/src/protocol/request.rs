@@ -400,6 +400,8 @@ requests! {
     "bot_token" => BotToken(BotArg),
     "bot_revoke" => BotRevoke(BotArg),
     "bot_webhook" => BotWebhook(BotWebhook),
+    /// The caller's bots.
+    "bots" => Bots,
 }
 
 impl Op {

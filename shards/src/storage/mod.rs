@@ -276,6 +276,18 @@ pub mod keys {
 
     pub const BOT: u8 = b'O';
 
+    /// `owner` owns the bot `name` (its index of its bots, for `bots`); the value is empty.
+    pub fn bot_owned(owner: UserId, name: &str) -> Vec<u8> {
+        let mut k = bot_owned_prefix(owner);
+        k.extend_from_slice(name.as_bytes());
+        k
+    }
+
+    /// Every `bot_owned` key of `owner` starts with this.
+    pub fn bot_owned_prefix(owner: UserId) -> Vec<u8> {
+        user_prefix(b'Y', owner)
+    }
+
     /// The user of a key made by `user_prefix` (or any slot, tag, user key).
     pub fn user_of(key: &[u8]) -> Option<UserId> {
         let user: [u8; 8] = key.get(3..3 + 8)?.try_into().ok()?;

@@ -178,6 +178,7 @@ impl<S: Storage> Shard<S> {
             | Request::BotToken(_)
             | Request::BotRevoke(_)
             | Request::BotWebhook(_)) => self.bot_op(by, req),
+            Request::Bots => self.bots_list(by).map_err(storage_failed),
         }
     }
 
