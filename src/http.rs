@@ -161,17 +161,13 @@ pub fn route(buf: &[u8]) -> Option<Route> {
             "text/html; charset=utf-8",
             INDEX_HTML.as_bytes(),
         ))),
-        "/hermod.js" => Some(Route::Respond(response(
-            200,
-            "OK",
+        "/hermod.js" => Some(Route::Respond(library(
             "text/javascript; charset=utf-8",
-            HERMOD_JS.as_bytes(),
+            HERMOD_JS,
         ))),
-        "/hermod.d.ts" => Some(Route::Respond(response(
-            200,
-            "OK",
+        "/hermod.d.ts" => Some(Route::Respond(library(
             "application/typescript; charset=utf-8",
-            HERMOD_DTS.as_bytes(),
+            HERMOD_DTS,
         ))),
         "/metrics" => Some(Route::Status(StatusPage::Metrics)),
         "/healthz" => Some(Route::Status(StatusPage::Health)),
@@ -293,6 +289,18 @@ fn response(status: u16, reason: &str, content_type: &str, body: &[u8]) -> Vec<u
     out
 }
 
+/// The client library: readable from any origin (a module script is fetched with CORS, and an
+/// app's page is rarely served by Hermod itself); revalidated, not re-downloaded, per use.
+fn library(content_type: &str, body: &str) -> Vec<u8> {
+    let mut out = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\nAccess-Control-Allow-Origin: *\r\nCache-Control: no-cache\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    out.extend_from_slice(body.as_bytes());
+    out
+}
+
 /// The status of a response this module wrote (`Respond`), for counting refusals.
 pub fn response_status(response: &[u8]) -> Option<u16> {
     std::str::from_utf8(response.get(9..12)?).ok()?.parse().ok()
@@ -329,6 +337,29 @@ mod tests {
             panic!()
         };
         assert!(r.starts_with(b"HTTP/1.1 404"));
+        for path in ["/hermod.js", "/hermod.d.ts"] {
+            let req = format!("GET {path} HTTP/1.1\r\n\r\n");
+            let Some(Route::Respond(r)) = route(req.as_bytes()) else {
+                panic!("{path}")
+            };
+            let text = String::from_utf8_lossy(&r);
+            assert!(text.starts_with("HTTP/1.1 200"), "{path}");
+            assert!(
+                text.contains("Access-Control-Allow-Origin: *"),
+                "any origin may import it"
+            );
+            assert!(text.contains("export class Hermod"), "{path}");
+        }
+        let Some(Route::Respond(r)) =
+            route(b"POST /bot/api HTTP/1.1\r\nContent-Length: 70000\r\n\r\n")
+        else {
+            panic!()
+        };
+        assert!(r.starts_with(b"HTTP/1.1 413"), "a bot request is one frame");
+        let Some(Route::Respond(r)) = route(b"GET /bot/api HTTP/1.1\r\n\r\n") else {
+            panic!()
+        };
+        assert!(r.starts_with(b"HTTP/1.1 405"));
         for (path, page) in [
             ("/metrics", StatusPage::Metrics),
             ("/healthz", StatusPage::Health),

@@ -129,6 +129,7 @@ export class Hermod {
   resume(): Promise<{ user: string; device: string }>;
   logout(): Promise<void>;
   conv(id: string, title?: string, kind?: "direct" | "group"): Conversation;
+  open(user: string): Promise<Conversation>;
   unread(conv: Conversation): number;
   history(conv: string, limit?: number): Promise<{ conv: string; msgs: Message[]; more: boolean }>;
   read(conv: string, seq?: number): Promise<unknown>;

@@ -266,6 +266,15 @@ export class Hermod {
     return this.convs.get(id);
   }
 
+  /** Opens (creating if needed) the one-to-one conversation with `user`; its state. */
+  async open(user) {
+    const r = await this.request("open", { user });
+    const c = this.conv(r.conv, r.peer, "direct");
+    c.title = r.peer;
+    this.emit("conv", { conv: c });
+    return c;
+  }
+
   /** Unread messages of a conversation, as far as this client knows. */
   unread(c) { return Math.max(0, c.last_seq - c.read_seq); }
 
@@ -277,6 +286,10 @@ export class Hermod {
     const first = msgs[0];
     const c = this.conv(convId, first.from !== this.me ? first.from : undefined);
     if (fresh) this.emit("conv", { conv: c, fresh: true });
+    if (c.title === "?" && c.kind === "direct") {
+      const other = msgs.find((m) => m.from !== this.me);
+      if (other) c.title = other.from;
+    }
     for (const m of msgs) {
       if (c.msgs.has(m.seq)) continue; // a duplicate: crossed a sync, or a retried push
       c.msgs.set(m.seq, m);

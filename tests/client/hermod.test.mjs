@@ -37,7 +37,8 @@ const events = { message: [], edit: [], recall: [], group: [], read: [], typing:
 for (const type of Object.keys(events)) alice.on(type, (d) => events[type].push(d));
 
 // Messages arrive as typed events, in seq order.
-const { conv: id } = await bob.request("open", { user: "alice" });
+const { id } = await bob.open("alice");
+assert.equal(bob.convs.get(id).title, "alice");
 for (const t of ["one", "two", "three"]) await bob.send(id, { text: t });
 await until("three messages", () => events.message.length >= 3);
 assert.deepEqual(events.message.map((e) => e.msg.body.text), ["one", "two", "three"]);
