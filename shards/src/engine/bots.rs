@@ -28,8 +28,8 @@ use super::session::Session;
 use super::Output;
 use super::Shard;
 use crate::auth::{self, TokenClaims};
-use crate::ids::{ConnId, ConvId, Seq, Slot, UserId, SYSTEM_USERNAME};
-use crate::limits::{BOTS_LISTED_MAX, BOT_TOKEN_TTL_S, SLOTS, WEBHOOK_URL_BYTES_MAX};
+use crate::ids::{ConnId, ConvId, Seq, UserId, SYSTEM_USERNAME};
+use crate::limits::{BOTS_LISTED_MAX, BOT_TOKEN_TTL_S, WEBHOOK_URL_BYTES_MAX};
 use crate::mail::{BotAction, Mail, Named, ReplyTo};
 use crate::protocol::{self as p, close, ok_frame, ErrorCode, Op, Request};
 use crate::storage::{keys, BotRecord, DeviceRecord, Storage, StorageError, UserRecord};
@@ -100,29 +100,9 @@ fn hex(bytes: &[u8]) -> String {
 impl<S: Storage> Shard<S> {
     /// Reads the webhooks of the bots homed here (at start).
     pub(super) fn load_bots(&mut self) {
-        let me = self.cfg.shard;
-        for slot in 0..SLOTS {
-            if self.cfg.placement.shard_of(Slot(slot)) != me {
-                continue;
-            }
-            let prefix = keys::slot_tag(slot, keys::BOT);
-            let rows = match self.storage.scan(
-                &prefix,
-                &keys::prefix_end(&prefix),
-                usize::MAX,
-                false,
-            ) {
-                Ok(rows) => rows,
-                Err(e) => {
-                    tracing::error!(error = %e, slot, "bots not read: their webhooks are silent until changed");
-                    continue;
-                }
-            };
-            for (key, value) in rows {
-                let (Some(user), Ok(rec)) = (keys::user_of(&key), BotRecord::decode(&key, &value))
-                else {
-                    continue;
-                };
+        let rows = self.own_rows(keys::BOT, "bots (their webhooks are silent until changed)");
+        for (key, value) in rows {
+            if let (Some(user), Ok(rec)) = (keys::user_of(&key), BotRecord::decode(&key, &value)) {
                 self.remember_hook(user, &rec);
             }
         }

@@ -11,9 +11,10 @@
 use std::collections::HashMap;
 
 use super::Shard;
-use crate::ids::ConnId;
+use crate::ids::{ConnId, Slot};
+use crate::limits::SLOTS;
 use crate::protocol::{error_frame, ErrorCode};
-use crate::storage::{Commit, Record, Storage, StorageError, WriteOp};
+use crate::storage::{keys, Commit, Record, Storage, StorageError, WriteOp};
 
 /// Writes and the effects `E` that wait for them.
 pub(super) struct Batch<E> {
@@ -118,6 +119,27 @@ impl<S: Storage> Shard<S> {
         self.get_latest(key)?
             .map(|b| R::decode(key, &b))
             .transpose()
+    }
+
+    /// Every stored `tag` row of the slots this shard owns (read at start-up: unconfirmed
+    /// blocks, push tokens, bots). A slot that cannot be read is logged with `what` is lost
+    /// and skipped: start-up goes on without it.
+    pub(super) fn own_rows(&self, tag: u8, what: &str) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let mut out = Vec::new();
+        for slot in 0..SLOTS {
+            if self.cfg.placement.shard_of(Slot(slot)) != self.cfg.shard {
+                continue;
+            }
+            let prefix = keys::slot_tag(slot, tag);
+            match self
+                .storage
+                .scan(&prefix, &keys::prefix_end(&prefix), usize::MAX, false)
+            {
+                Ok(rows) => out.extend(rows),
+                Err(e) => tracing::error!(error = %e, slot, "{what} not read"),
+            }
+        }
+        out
     }
 
     /// The value of `key` including this shard's own writes not yet durable.

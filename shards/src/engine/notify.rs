@@ -32,8 +32,8 @@ use serde::Deserialize;
 use super::gather::Kind;
 use super::timers::Timer;
 use super::{Output, Shard};
-use crate::ids::{ConvId, Seq, Slot, UserId};
-use crate::limits::{NOTIFY_CONVS_MAX, SLOTS};
+use crate::ids::{ConvId, Seq, UserId};
+use crate::limits::NOTIFY_CONVS_MAX;
 use crate::protocol::push_json_str;
 use crate::storage::{keys, scan_records, PushTokenRecord, Storage, StorageError, UserRecord};
 
@@ -119,32 +119,17 @@ impl<S: Storage> Shard<S> {
         if self.cfg.notify.is_none() {
             return;
         }
-        let me = self.cfg.shard;
-        for slot in 0..SLOTS {
-            if self.cfg.placement.shard_of(Slot(slot)) != me {
-                continue;
-            }
-            let prefix = keys::slot_tag(slot, keys::PUSH_TOKEN);
-            let rows = match self.storage.scan(
-                &prefix,
-                &keys::prefix_end(&prefix),
-                usize::MAX,
-                false,
-            ) {
-                Ok(rows) => rows,
-                Err(e) => {
-                    tracing::error!(error = %e, slot, "push tokens not read: their devices get no notifications until they register again");
-                    continue;
-                }
-            };
-            for (key, _) in rows {
-                if let Some((user, device)) = keys::user_device_of_push_token(&key) {
-                    self.notifier
-                        .token_devices
-                        .entry(user)
-                        .or_default()
-                        .push(device.into());
-                }
+        let rows = self.own_rows(
+            keys::PUSH_TOKEN,
+            "push tokens (their devices get no notifications until they register again)",
+        );
+        for (key, _) in rows {
+            if let Some((user, device)) = keys::user_device_of_push_token(&key) {
+                self.notifier
+                    .token_devices
+                    .entry(user)
+                    .or_default()
+                    .push(device.into());
             }
         }
     }
@@ -340,7 +325,7 @@ impl<S: Storage> Shard<S> {
     }
 
     /// The names of `user`'s connected devices.
-    fn online_devices(&self, user: UserId) -> HashSet<&str> {
+    pub(super) fn online_devices(&self, user: UserId) -> HashSet<&str> {
         self.sessions
             .online
             .get(&user)

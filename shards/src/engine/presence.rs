@@ -362,15 +362,7 @@ impl<S: Storage> Shard<S> {
                 .into_iter()
                 .filter_map(|(k, _)| keys::device_of_key(&k))
                 .collect();
-        devices.extend(
-            self.sessions
-                .online
-                .get(&user)
-                .into_iter()
-                .flatten()
-                .filter_map(|c| self.sessions.conns.get(c))
-                .filter_map(|c| c.session.as_ref().map(|s| s.device.clone())),
-        );
+        devices.extend(self.online_devices(user).into_iter().map(str::to_owned));
         for device in devices {
             self.forget_push_token(user, &device);
         }

@@ -18,8 +18,8 @@ use serde_json::json;
 
 use super::effects::Deferred;
 use super::Shard;
-use crate::ids::{ConnId, ConvId, ShardId, Slot, UserId};
-use crate::limits::{FRIENDS_MAX, SLOTS};
+use crate::ids::{ConnId, ConvId, ShardId, UserId};
+use crate::limits::FRIENDS_MAX;
 use crate::mail::{FriendOp, Mail, Named, ReplyTo};
 use crate::protocol::{ok_frame, push_json_str, ErrorCode};
 use crate::storage::{
@@ -514,28 +514,10 @@ impl<S: Storage> Shard<S> {
     /// Reads every unconfirmed block of this shard's users (a handful: each lives for one
     /// round trip to the owner unless a crash or a lost node cut it).
     pub(super) fn load_block_syncs(&mut self) {
-        let me = self.cfg.shard;
-        for slot in 0..SLOTS {
-            if self.cfg.placement.shard_of(Slot(slot)) != me {
-                continue;
-            }
-            let prefix = keys::slot_tag(slot, keys::BLOCK_SYNC);
-            let rows = match self.storage.scan(
-                &prefix,
-                &keys::prefix_end(&prefix),
-                usize::MAX,
-                false,
-            ) {
-                Ok(rows) => rows,
-                Err(e) => {
-                    tracing::error!(error = %e, slot, "unconfirmed blocks not read: not resent");
-                    continue;
-                }
-            };
-            for (key, _) in rows {
-                if let Some(pair) = keys::users_of_user_pair(&key) {
-                    self.block_syncs.0.insert(pair);
-                }
+        let rows = self.own_rows(keys::BLOCK_SYNC, "unconfirmed blocks (not resent)");
+        for (key, _) in rows {
+            if let Some(pair) = keys::users_of_user_pair(&key) {
+                self.block_syncs.0.insert(pair);
             }
         }
     }
