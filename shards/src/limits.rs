@@ -126,6 +126,13 @@ pub const PUSH_TOKEN_BYTES_MAX: usize = 4_096;
 pub const DND_MS_MAX: u64 = 366 * 24 * 3600 * 1000;
 /// A bot token's lifetime: bots renew by rotation (`bot_token`), not by expiry.
 pub const BOT_TOKEN_TTL_S: u64 = 10 * 366 * 24 * 3600;
+/// A public key, signature or prekey as a client encodes it (base64 of a P-256 point is 88
+/// characters; room for larger post-quantum keys later).
+pub const KEY_TEXT_BYTES_MAX: usize = 2_048;
+/// One-time prekeys stored per device; a publish that would pass it is refused.
+pub const PREKEYS_PER_DEVICE_MAX: usize = 200;
+/// One-time prekeys per `keys_publish`.
+pub const PREKEYS_PER_PUBLISH_MAX: usize = 100;
 /// Bots `bots` lists (the first, by name).
 pub const BOTS_LISTED_MAX: usize = 1_000;
 /// Longest bot webhook URL.

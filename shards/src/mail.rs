@@ -178,6 +178,7 @@ impl Mail {
             | Mail::ReadUpTo { reply, .. }
             | Mail::Bot { reply, .. }
             | Mail::BotCall { reply, .. }
+            | Mail::KeysQuery { reply, .. }
             | Mail::Account { reply, .. } => Some(*reply),
             Mail::SetBlock { reply, .. } => *reply,
             // Parts of gathers (answered by the gather), answers, and effects without a
@@ -256,6 +257,14 @@ pub enum Mail {
         owner: Option<UserId>,
         bot: Named,
         action: BotAction,
+    },
+    /// To `user`'s home: their devices' public keys (`keys_devices`), or the same with one
+    /// one-time prekey per device taken (`keys_claim`), answered straight to the requester.
+    KeysQuery {
+        reply: ReplyTo,
+        user: Named,
+        version: Option<u64>,
+        claim: bool,
     },
     /// Bot home → owner's home, once the bot is durable: add it to the owner's list.
     BotOwned {

@@ -18,6 +18,7 @@
 //! | `bots.rs` | bots: creation and owner actions, their HTTP requests, their webhooks' deliveries |
 //! | `admin.rs` | operator requests: bulk accounts, disable, kick, notices (the admin API) |
 //! | `gather.rs` | requests that need several shards' answers: `convs`, `sync`, `history`, a notification's badge |
+//! | `keys.rs` | the device key directory for end-to-end encryption: publish, claim (each one-time prekey once), versions and the `keys` push |
 //! | `notify.rs` | offline notifications: who gets one, coalescing, mute and do-not-disturb, the webhook's body |
 //! | `effects.rs` | what runs once a batch is durable, or fails with it: one `Deferred` per post-commit step |
 //! | `commit.rs` | group commit mechanics: the open batch, the one in flight, reads through both |
@@ -44,6 +45,7 @@ mod event;
 mod fanout;
 mod gather;
 mod group;
+mod keys;
 mod links;
 mod members;
 mod notify;
@@ -658,6 +660,12 @@ impl<S: Storage> Shard<S> {
                 action,
             } => self.bot_action(now_ms, reply, owner, bot, action),
             Mail::BotOwned { owner, bot } => self.bot_owned(owner, &bot),
+            Mail::KeysQuery {
+                reply,
+                user,
+                version,
+                claim,
+            } => self.keys_query(reply, user, version, claim),
             Mail::BotCall {
                 reply,
                 user,

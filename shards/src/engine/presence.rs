@@ -346,11 +346,12 @@ impl<S: Storage> Shard<S> {
             .collect())
     }
 
-    /// Deletes a device's records: its token stops working (the nonce is gone) and its push
-    /// token with it. Every way a device ends (`logout`, `device_logout`, a kick) comes here.
+    /// Deletes a device's records: its token stops working (the nonce is gone), and its push
+    /// token and encryption keys go with it. Every way a device ends (`logout`, `device_logout`, a kick) comes here.
     pub(super) fn forget_device(&mut self, user: UserId, device: &str) {
         self.delete(keys::device(user, device));
         self.forget_push_token(user, device);
+        self.forget_device_keys(user, device);
     }
 
     /// Deletes every push token of `user`: those stored, and those of its connected devices (a

@@ -258,6 +258,38 @@ fn present_str<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<S
     Option::<String>::deserialize(d).map(Some)
 }
 
+/// `keys_publish`: this device's identity key, its signed prekey, and one-time prekeys to
+/// add. Keys are the client's own encoding (base64 of the raw public key, say).
+#[derive(Debug, Deserialize)]
+pub struct KeysPublish {
+    pub identity: String,
+    pub signed_prekey: SignedPrekey,
+    #[serde(default)]
+    pub prekeys: Vec<Prekey>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct SignedPrekey {
+    pub id: u32,
+    pub key: String,
+    pub signature: String,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Prekey {
+    pub id: u32,
+    pub key: String,
+}
+
+/// `keys_devices`, `keys_claim`: one user's devices' keys; `version` (devices only) answers
+/// `not_modified` when current.
+#[derive(Debug, Deserialize)]
+pub struct KeysUser {
+    pub user: String,
+    #[serde(default)]
+    pub version: Option<u64>,
+}
+
 /// `push_register`: this device's push token.
 #[derive(Debug, Deserialize)]
 pub struct PushRegister {
@@ -402,6 +434,11 @@ requests! {
     "bot_webhook" => BotWebhook(BotWebhook),
     /// The caller's bots.
     "bots" => Bots,
+    "keys_publish" => KeysPublish(KeysPublish),
+    /// How many one-time prekeys this device has left.
+    "keys_count" => KeysCount,
+    "keys_devices" => KeysDevices(KeysUser),
+    "keys_claim" => KeysClaim(KeysUser),
 }
 
 impl Op {

@@ -170,6 +170,39 @@ pub mod keys {
         k
     }
 
+    /// A device's public keys (`DeviceKeysRecord`).
+    pub fn device_keys(user: UserId, device: &str) -> Vec<u8> {
+        let mut k = device_keys_prefix(user);
+        k.extend_from_slice(device.as_bytes());
+        k
+    }
+
+    /// Every `device_keys` key of `user` starts with this.
+    pub fn device_keys_prefix(user: UserId) -> Vec<u8> {
+        user_prefix(b'E', user)
+    }
+
+    /// One one-time prekey of a device (`PrekeyRecord`): the device name is length-prefixed
+    /// so one device's prekeys are one range, in id order.
+    pub fn prekey(user: UserId, device: &str, id: u32) -> Vec<u8> {
+        let mut k = prekey_prefix(user, device);
+        k.extend_from_slice(&id.to_be_bytes());
+        k
+    }
+
+    /// Every `prekey` key of one device starts with this.
+    pub fn prekey_prefix(user: UserId, device: &str) -> Vec<u8> {
+        let mut k = user_prefix(b'H', user);
+        k.push(device.len() as u8);
+        k.extend_from_slice(device.as_bytes());
+        k
+    }
+
+    /// The version of `user`'s key directory entry (`KeysVersionRecord`).
+    pub fn keys_version(user: UserId) -> Vec<u8> {
+        user_prefix(b'A', user)
+    }
+
     /// `user`'s do-not-disturb (`dnd_set`).
     pub fn dnd(user: UserId) -> Vec<u8> {
         let mut k = head(user.slot().0, b'Z', 8);
@@ -421,6 +454,33 @@ pub struct BotRecord {
     pub created_ms: u64,
 }
 record!(BotRecord);
+
+/// A device's public keys for end-to-end encryption (`keys_publish`): its identity key and
+/// its current signed prekey, as the client encoded them (opaque to the server).
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct DeviceKeysRecord {
+    pub identity: String,
+    pub signed_prekey_id: u32,
+    pub signed_prekey: String,
+    pub signature: String,
+    pub published_ms: u64,
+}
+record!(DeviceKeysRecord);
+
+/// One one-time prekey of a device, handed out once (`keys_claim`).
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct PrekeyRecord {
+    pub key: String,
+}
+record!(PrekeyRecord);
+
+/// The version of a user's key directory entry: moves whenever a device's identity key
+/// appears, changes or goes (`keys_devices` answers `not_modified` at the same version).
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct KeysVersionRecord {
+    pub version: u64,
+}
+record!(KeysVersionRecord);
 
 /// A user's do-not-disturb: no push notification until `until_ms` (messages still arrive).
 #[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]

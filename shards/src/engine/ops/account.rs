@@ -350,6 +350,8 @@ impl<S: Storage> Shard<S> {
                 // A new session on this device name: whatever app registered a push token
                 // under the old one registers again (apps do so at every start).
                 self.forget_push_token(user, &device);
+                // So do its encryption keys: their private halves stayed with the old session.
+                self.forget_device_keys(user, &device);
                 self.put(
                     keys::device(user, &device),
                     DeviceRecord {

@@ -179,6 +179,10 @@ impl<S: Storage> Shard<S> {
             | Request::BotRevoke(_)
             | Request::BotWebhook(_)) => self.bot_op(by, req),
             Request::Bots => self.bots_list(by).map_err(storage_failed),
+            Request::KeysPublish(r) => self.keys_publish(now_ms, by, r),
+            Request::KeysCount => self.keys_count(by),
+            Request::KeysDevices(r) => self.keys_ask(by, r, false),
+            Request::KeysClaim(r) => self.keys_ask(by, r, true),
         }
     }
 
