@@ -264,7 +264,8 @@ pub enum Mail {
         reply: ReplyTo,
         user: Named,
         version: Option<u64>,
-        claim: bool,
+        /// `None`: list. `Some(devices)`: claim, for these devices (empty: all).
+        claim: Option<Vec<String>>,
     },
     /// Bot home → owner's home, once the bot is durable: add it to the owner's list.
     BotOwned {

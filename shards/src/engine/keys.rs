@@ -216,7 +216,7 @@ impl<S: Storage> Shard<S> {
             reply: by.reply_to(self.cfg.shard),
             user,
             version: req.version.filter(|_| !claim),
-            claim,
+            claim: claim.then(|| req.devices.unwrap_or_default()),
         };
         self.mail(home, mail);
         Ok(())
@@ -229,7 +229,7 @@ impl<S: Storage> Shard<S> {
         reply: ReplyTo,
         (user, name): Named,
         version: Option<u64>,
-        claim: bool,
+        claim: Option<Vec<String>>,
     ) {
         match self.get_latest(&keys::user(user)) {
             Ok(Some(_)) => {}
@@ -257,6 +257,12 @@ impl<S: Storage> Shard<S> {
             let Some(device) = keys::device_of_key(&k) else {
                 continue;
             };
+            if claim
+                .as_ref()
+                .is_some_and(|only| !only.is_empty() && !only.contains(&device))
+            {
+                continue;
+            }
             let mut entry = json!({
                 "device": device,
                 "identity": rec.identity,
@@ -266,7 +272,7 @@ impl<S: Storage> Shard<S> {
                     "signature": rec.signature,
                 },
             });
-            if claim {
+            if claim.is_some() {
                 entry["prekey"] = match self.take_prekey(user, &device) {
                     Ok(prekey) => prekey,
                     Err(e) => return self.storage_error_to(reply, &e),
@@ -276,7 +282,7 @@ impl<S: Storage> Shard<S> {
         }
         let answer = json!({ "user": name, "version": current, "devices": list });
         let frame = ok_frame(reply.rid, &answer);
-        if claim {
+        if claim.is_some() {
             self.reply_when_durable(reply, frame);
         } else {
             self.reply_to(reply, frame);

@@ -288,6 +288,9 @@ pub struct KeysUser {
     pub user: String,
     #[serde(default)]
     pub version: Option<u64>,
+    /// `keys_claim` only: claim for these devices (default: all of them).
+    #[serde(default)]
+    pub devices: Option<Vec<String>>,
 }
 
 /// `push_register`: this device's push token.
