@@ -1,7 +1,9 @@
 //! The client library, `hermod.js`, driven directly in Node against the real server:
 //! `tests/client/hermod.test.mjs` loads it from the server's `/hermod.js` and checks typed
 //! events, reconnecting with unsent messages (sent once each), a seq gap filled by `sync`,
-//! catch-up after a reconnect, edits, recalls, reads, typing, group events, a refused send.
+//! catch-up after a reconnect, edits, recalls, reads, typing, group events, a refused send;
+//! and `tests/client/e2e.test.mjs` its end-to-end encryption (docs/e2e.md): ciphertext on the
+//! server, both ways, history after a reload, a new device, exhausted prekeys, a changed key.
 //!
 //! Needs Node.js 20 or later (`--experimental-websocket`; `scripts/browser-deps.sh` installs
 //! it with the browser test's dependencies).
@@ -14,8 +16,41 @@ use std::process::Command;
 use common::Server;
 
 #[test]
+fn hermod_js_encrypts_end_to_end_in_node() {
+    run(
+        "e2e.test.mjs",
+        &[
+            "e2e both ways, ciphertext stored",
+            "a device without keys cannot read",
+            "history after reload",
+            "a new device",
+            "prekeys exhausted",
+            "changed key",
+            "a peer without keys",
+        ],
+    );
+}
+
+#[test]
 fn hermod_js_in_node() {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/client/hermod.test.mjs");
+    run(
+        "hermod.test.mjs",
+        &[
+            "messages",
+            "reconnect with unsent messages",
+            "gap then sync",
+            "catch-up after reconnect",
+            "edit, recall, read, typing, group",
+            "failed send",
+        ],
+    );
+}
+
+/// Runs `tests/client/<script>` against a fresh server; every step must report `ok: <step>`.
+fn run(script: &str, steps: &[&str]) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/client")
+        .join(script);
     let server = Server::start(&[]);
     let out = Command::new("node")
         .arg("--experimental-websocket")
@@ -28,17 +63,11 @@ fn hermod_js_in_node() {
     println!("{stdout}");
     assert!(
         out.status.success(),
-        "hermod.js test failed ({})\n{stdout}\n{stderr}",
+        "{} failed ({})\n{stdout}\n{stderr}",
+        script.display(),
         out.status
     );
-    for step in [
-        "messages",
-        "reconnect with unsent messages",
-        "gap then sync",
-        "catch-up after reconnect",
-        "edit, recall, read, typing, group",
-        "failed send",
-    ] {
+    for step in steps {
         assert!(
             stdout.contains(&format!("ok: {step}")),
             "step {step:?} did not report:\n{stdout}"

@@ -16,6 +16,10 @@ export interface Message {
   target?: number;
   recalled?: boolean;
   edited?: boolean;
+  /** Decrypted here (end-to-end encrypted on the wire and on the server). */
+  e2e?: boolean;
+  /** An encrypted message this device cannot read, and why. */
+  e2e_error?: string;
   /** Opaque JSON (null once recalled). */
   body: unknown;
 }
@@ -90,6 +94,11 @@ export interface Events {
   friend: { push: "friend"; user: string; state: string; message?: string };
   group_request: { push: "group_request"; conv: string; user: string };
   resync: { push: "resync" };
+  /** A user's device keys changed (`version` moved): a new device, a reinstall, a removal. */
+  keys: { push: "keys"; user: string; version: number };
+  e2e_error: { user: string; device: string; error: string };
+  /** A message to `user` went unencrypted: they have published no keys. */
+  e2e_plain: { user: string };
   outbox: { id: string; state: "sending" | "sent" | "failed"; conv: string; error?: ProtocolError };
   /** Any other push, as received. */
   push: Record<string, unknown>;
@@ -102,6 +111,18 @@ export interface Options {
   storage?: { getItem(k: string): string | null; setItem(k: string, v: string): void; removeItem(k: string): void };
   WebSocket?: typeof WebSocket;
   ackDelayMs?: number;
+  /** Encrypt one-to-one messages end to end (docs/e2e.md). */
+  e2e?: boolean;
+}
+
+/** The end-to-end layer (`client.e2e`, with `e2e: true`). */
+export interface E2E {
+  /** This device's published identity (ECDH and ECDSA public keys). */
+  readonly identity: string;
+  /** A user's devices with their published keys (cached by version). */
+  devices(user: string): Promise<Array<{ device: string; identity: string }>>;
+  /** A short fingerprint of an identity, to compare out of band. */
+  fingerprint(identity: string): Promise<string>;
 }
 
 export function uuidv7(now?: number): string;
@@ -120,6 +141,7 @@ export class Hermod {
   readonly token: string | null;
   readonly convs: Map<string, Conversation>;
   readonly outbox: Map<string, Outgoing>;
+  readonly e2e: E2E | null;
   on<K extends keyof Events>(type: K, fn: (detail: Events[K]) => void): () => void;
   start(): this;
   close(): void;
@@ -135,4 +157,6 @@ export class Hermod {
   read(conv: string, seq?: number): Promise<unknown>;
   send(conv: string, body: unknown, id?: string): Promise<SendAck>;
   retry(id: string): void;
+  /** Edits a message of yours (encrypted like a send in a one-to-one conversation with e2e). */
+  edit(conv: string, seq: number, body: unknown): Promise<unknown>;
 }

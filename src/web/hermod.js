@@ -37,6 +37,212 @@ export class MemoryStorage {
 const OFFLINE = { code: "offline", message: "not connected" };
 const SYNC_BATCH = 32; // conversations per `sync` request (the server takes up to 100)
 
+
+// ---- end-to-end encryption (opt-in: `new Hermod({ e2e: true })`; docs/e2e.md) ----
+//
+// One-to-one conversations only. Each device holds an identity (an ECDH P-256 key for
+// agreement and an ECDSA P-256 key that signs its prekeys), a signed prekey and one-time
+// prekeys, all published to the server's key directory. A sender's device agrees a session
+// key with each device of the peer and with its own other devices, X3DH-style (four ECDHs with
+// the peer's signed and one-time prekeys, through HKDF-SHA-256), once per pair of devices, and
+// keeps it. Each message has a fresh AES-GCM key that encrypts the body, wrapped for every
+// device with that device's session key (and for the sending device itself with a local key,
+// so its own history stays readable). The header that lets a receiver derive the session rides
+// along in every wrap. What this does not give: forward secrecy or post-compromise security
+// within a session (no ratchet): see docs/e2e.md.
+
+const b64 = (buf) => btoa(String.fromCharCode(...new Uint8Array(buf)));
+const unb64 = (s) => Uint8Array.from(atob(s), (c) => c.charCodeAt(0));
+const ECDH = { name: "ECDH", namedCurve: "P-256" };
+const ECDSA = { name: "ECDSA", namedCurve: "P-256" };
+const PREKEY_BATCH = 20;
+const PREKEY_LOW = 10;
+
+class E2E {
+  constructor(client) {
+    this.client = client;
+    this.state = null;       // persisted: private keys, sessions
+    this.identity = null;    // this device's published identity text
+    this.bundles = new Map(); // user -> {version, devices}
+  }
+
+  get subtle() { return globalThis.crypto.subtle; }
+  slot() { return `hermodE2E:${this.client.me}:${this.client.device}`; }
+  save() { this.client.storage.setItem(this.slot(), JSON.stringify(this.state)); }
+
+  async genEcdh() {
+    const k = await this.subtle.generateKey(ECDH, true, ["deriveBits"]);
+    return { pub: b64(await this.subtle.exportKey("raw", k.publicKey)), priv: await this.subtle.exportKey("jwk", k.privateKey) };
+  }
+  ecdhPriv(jwk) { return this.subtle.importKey("jwk", jwk, ECDH, false, ["deriveBits"]); }
+  ecdhPub(text) { return this.subtle.importKey("raw", unb64(text), ECDH, false, []); }
+  async dh(privJwk, pubText) {
+    return new Uint8Array(await this.subtle.deriveBits({ name: "ECDH", public: await this.ecdhPub(pubText) }, await this.ecdhPriv(privJwk), 256));
+  }
+  async aes(raw) { return this.subtle.importKey("raw", raw, "AES-GCM", false, ["encrypt", "decrypt"]); }
+  async seal(raw, plain) {
+    const iv = crypto.getRandomValues(new Uint8Array(12));
+    const ct = await this.subtle.encrypt({ name: "AES-GCM", iv }, await this.aes(raw), plain);
+    return { iv: b64(iv), ct: b64(ct) };
+  }
+  async open(raw, { iv, ct }) {
+    return new Uint8Array(await this.subtle.decrypt({ name: "AES-GCM", iv: unb64(iv) }, await this.aes(raw), unb64(ct)));
+  }
+  async kdf(parts) {
+    const ikm = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
+    let at = 0;
+    for (const p of parts) { ikm.set(p, at); at += p.length; }
+    const key = await this.subtle.importKey("raw", ikm, "HKDF", false, ["deriveBits"]);
+    const info = new TextEncoder().encode("hermod x3dh v1");
+    return new Uint8Array(await this.subtle.deriveBits({ name: "HKDF", hash: "SHA-256", salt: new Uint8Array(32), info }, key, 256));
+  }
+
+  /** Loads or makes this device's keys and publishes them (again: same identity keeps the
+   * version), with more one-time prekeys when the directory runs low. */
+  async init() {
+    const saved = this.client.storage.getItem(this.slot());
+    this.state = saved ? JSON.parse(saved) : null;
+    if (!this.state) {
+      const sign = await this.subtle.generateKey(ECDSA, true, ["sign", "verify"]);
+      this.state = {
+        ik: await this.genEcdh(),
+        sk: { pub: b64(await this.subtle.exportKey("raw", sign.publicKey)), priv: await this.subtle.exportKey("jwk", sign.privateKey) },
+        spk: { id: 1, ...(await this.genEcdh()) },
+        opk: {}, nextOpk: 1,
+        self: b64(crypto.getRandomValues(new Uint8Array(32))),
+        out: {}, // "user/device" -> {identity, key, h}
+        in: {},  // ik|ek -> key
+      };
+    }
+    this.identity = `${this.state.ik.pub}.${this.state.sk.pub}`;
+    const signKey = await this.subtle.importKey("jwk", this.state.sk.priv, ECDSA, false, ["sign"]);
+    const signature = b64(await this.subtle.sign({ name: "ECDSA", hash: "SHA-256" }, signKey, unb64(this.state.spk.pub)));
+    const left = saved ? (await this.client.request("keys_count")).prekeys : 0;
+    const prekeys = [];
+    if (left < PREKEY_LOW) {
+      for (let i = 0; i < PREKEY_BATCH; i++) {
+        const id = this.state.nextOpk++;
+        const k = await this.genEcdh();
+        this.state.opk[id] = k.priv;
+        prekeys.push({ id, key: k.pub });
+      }
+    }
+    this.save();
+    await this.client.request("keys_publish", {
+      identity: this.identity,
+      signed_prekey: { id: this.state.spk.id, key: this.state.spk.pub, signature },
+      prekeys,
+    });
+  }
+
+  /** A short fingerprint of an identity, to compare out of band. */
+  async fingerprint(identity) {
+    const h = new Uint8Array(await this.subtle.digest("SHA-256", new TextEncoder().encode(identity)));
+    return [...h.slice(0, 16)].map((x) => x.toString(16).padStart(2, "0")).join("").match(/.{4}/g).join(" ");
+  }
+
+  /** `user`'s devices and identities (cached by version). */
+  async devices(user) {
+    const have = this.bundles.get(user);
+    const r = await this.client.request("keys_devices", { user, version: have ? have.version : undefined });
+    if (r.not_modified) return have.devices;
+    this.bundles.set(user, { version: r.version, devices: r.devices });
+    return r.devices;
+  }
+
+  /** A user's keys changed: forget the sessions with devices whose identity is gone. */
+  forget(user) { this.bundles.delete(user); }
+
+  /** Sessions with every device of `user` (but this one), made where missing. */
+  async sessions(user) {
+    const devices = await this.devices(user);
+    const me = `${this.client.me}/${this.client.device}`;
+    const wanted = devices.filter((d) => `${user}/${d.device}` !== me);
+    const missing = wanted.filter((d) => {
+      const s = this.state.out[`${user}/${d.device}`];
+      return !s || s.identity !== d.identity;
+    });
+    if (missing.length) {
+      const claimed = await this.client.request("keys_claim", { user, devices: missing.map((d) => d.device) });
+      for (const d of claimed.devices) await this.start(user, d);
+      this.save();
+    }
+    return wanted.map((d) => [`${user}/${d.device}`, this.state.out[`${user}/${d.device}`]]).filter(([, s]) => s);
+  }
+
+  /** X3DH from this device to a claimed bundle: the session key, and the header that lets
+   * the other side derive it. A signed prekey whose signature fails is refused. */
+  async start(user, d) {
+    const [ikPub, skPub] = d.identity.split(".");
+    const verify = await this.subtle.importKey("raw", unb64(skPub), ECDSA, false, ["verify"]);
+    const ok = await this.subtle.verify({ name: "ECDSA", hash: "SHA-256" }, verify, unb64(d.signed_prekey.signature), unb64(d.signed_prekey.key));
+    if (!ok) { this.client.emit("e2e_error", { user, device: d.device, error: "bad signed prekey signature" }); return; }
+    const ek = await this.genEcdh();
+    const parts = [
+      await this.dh(this.state.ik.priv, d.signed_prekey.key),
+      await this.dh(ek.priv, ikPub),
+      await this.dh(ek.priv, d.signed_prekey.key),
+    ];
+    if (d.prekey) parts.push(await this.dh(ek.priv, d.prekey.key));
+    const key = b64(await this.kdf(parts));
+    // `to` names the recipient's identity: a device that has since changed keys (a new
+    // install under the same name) knows at once the message is not for its keys.
+    const h = { ik: this.identity, ek: ek.pub, spk: d.signed_prekey.id, opk: d.prekey ? d.prekey.id : null, to: d.identity.slice(0, 24) };
+    this.state.out[`${user}/${d.device}`] = { identity: d.identity, key, h };
+  }
+
+  /** The encrypted body of `body` for conversation peer `peer`: for each of the peer's
+   * devices, each of the sender's other devices, and this device (the local key). */
+  async encrypt(peer, body) {
+    // A peer with no published keys (a bot, a client without encryption, the server's own
+    // name) could read nothing: the message goes as it is, and `plainTo` says so.
+    const theirs = await this.devices(peer).catch((e) => { if (e.code === "no_such_user") return []; throw e; });
+    if (!theirs.length) { this.client.emit("e2e_plain", { user: peer }); return null; }
+    const msgKey = crypto.getRandomValues(new Uint8Array(32));
+    const sealed = await this.seal(msgKey, new TextEncoder().encode(JSON.stringify(body)));
+    const keys = {};
+    for (const user of new Set([peer, this.client.me])) {
+      for (const [to, s] of await this.sessions(user)) keys[to] = { h: s.h, ...(await this.seal(unb64(s.key), msgKey)) };
+    }
+    keys[`${this.client.me}/${this.client.device}`] = await this.seal(unb64(this.state.self), msgKey);
+    return { e2e: 1, ...sealed, keys };
+  }
+
+  /** The plaintext body of an encrypted message; throws if it holds nothing for this device. */
+  async decrypt(msg) {
+    const entry = msg.body.keys && msg.body.keys[`${this.client.me}/${this.client.device}`];
+    if (!entry) throw new Error("not encrypted for this device");
+    if (!entry.h) return this.unwrap(unb64(this.state.self), entry, msg);
+    const tag = entry.h.ik + "|" + entry.h.ek;
+    if (this.state.in[tag]) return this.unwrap(unb64(this.state.in[tag]), entry, msg);
+    const { ik, ek, spk, opk, to } = entry.h;
+    if (to !== this.identity.slice(0, 24)) throw new Error("encrypted for an earlier key of this device");
+    if (spk !== this.state.spk.id) throw new Error("unknown signed prekey " + spk);
+    const parts = [
+      await this.dh(this.state.spk.priv, ik.split(".")[0]),
+      await this.dh(this.state.ik.priv, ek),
+      await this.dh(this.state.spk.priv, ek),
+    ];
+    if (opk !== null) {
+      const priv = this.state.opk[opk];
+      if (!priv) throw new Error("one-time prekey " + opk + " is gone");
+      parts.push(await this.dh(priv, ek));
+    }
+    const key = await this.kdf(parts);
+    const body = await this.unwrap(key, entry, msg); // throws, consuming nothing, if wrong
+    // The session holds: keep its key, and the one-time prekey's private half goes.
+    this.state.in[tag] = b64(key);
+    if (opk !== null) delete this.state.opk[opk];
+    this.save();
+    return body;
+  }
+
+  async unwrap(key, entry, msg) {
+    const msgKey = await this.open(key, entry);
+    return JSON.parse(new TextDecoder().decode(await this.open(msgKey, msg.body)));
+  }
+}
+
 export class Hermod {
   /**
    * @param {object} options
@@ -45,6 +251,7 @@ export class Hermod {
    * @param {object} [options.storage] getItem/setItem/removeItem (default: localStorage, or memory)
    * @param {Function} [options.WebSocket] the WebSocket class (default: globalThis.WebSocket)
    * @param {number} [options.ackDelayMs] how long acks wait to leave together (default 250)
+   * @param {boolean} [options.e2e] encrypt one-to-one messages end to end (docs/e2e.md)
    */
   constructor(options) {
     this.storage = options.storage || (globalThis.localStorage ?? new MemoryStorage());
@@ -73,6 +280,8 @@ export class Hermod {
     this.ackTimer = null;
     this.syncing = new Set();
     this.moving = false;
+    /** End-to-end encryption of one-to-one messages (see `E2E`), when asked for. */
+    this.e2e = options.e2e ? new E2E(this) : null;
   }
 
   // ---- events ----
@@ -231,6 +440,7 @@ export class Hermod {
   async ready(user) {
     this.me = user;
     this.setState("online");
+    if (this.e2e) await this.e2e.init();
     const list = await this.request("convs");
     for (const c of list.convs) {
       const conv = this.conv(c.conv, c.kind === "group" ? c.title : c.peer, c.kind);
@@ -300,6 +510,15 @@ export class Hermod {
       const target = m.target && c.msgs.get(m.target);
       switch (m.kind) {
         case "edit":
+          if (m.body && m.body.e2e && this.e2e) {
+            this.e2e.decrypt(m).then((body) => { m.body = body; }, (e) => { m.e2e_error = e.message; })
+              .finally(() => {
+                if (target) { target.body = m.body; target.edited = true; }
+                this.emit("edit", { conv: c, msg: m, target, live });
+                this.emit("conv", { conv: c });
+              });
+            break;
+          }
           if (target) { target.body = m.body; target.edited = true; }
           this.emit("edit", { conv: c, msg: m, target, live });
           break;
@@ -312,11 +531,22 @@ export class Hermod {
           this.emit("group", { conv: c, msg: m, event: m.body && m.body.event, live });
           break;
         default:
-          this.emit("message", { conv: c, msg: m, live });
+          if (m.body && m.body.e2e) this.decryptInto(c, m, live);
+          else this.emit("message", { conv: c, msg: m, live });
       }
     }
     if (live && c.synced < c.last_seq) this.fillGap(c);
     this.emit("conv", { conv: c });
+  }
+
+  /** Replaces an encrypted body by its plaintext (`msg.e2e` true), then emits the message;
+   * one that cannot be read keeps its ciphertext with `msg.e2e_error` set. */
+  decryptInto(c, m, live) {
+    if (!this.e2e) { m.e2e_error = "encrypted (this client does not decrypt)"; return this.emit("message", { conv: c, msg: m, live }); }
+    this.e2e.decrypt(m).then(
+      (body) => { if (!m.edited) m.body = body; m.e2e = true; }, // an edit that came first wins
+      (e) => { m.e2e_error = e.message || String(e); },
+    ).finally(() => { this.emit("message", { conv: c, msg: m, live }); this.emit("conv", { conv: c }); });
   }
 
   /** Seqs are contiguous per conversation: a hole is fetched at once (`sync` from the last
@@ -379,9 +609,11 @@ export class Hermod {
 
   async transmit(id, o) {
     try {
-      const r = await this.request("send", { conv: o.conv, id, body: o.body });
+      const c = this.conv(o.conv);
+      if (this.e2e && c.kind === "direct" && o.wire === undefined) o.wire = await this.e2e.encrypt(c.title, o.body);
+      const r = await this.request("send", { conv: o.conv, id, body: o.wire || o.body });
       this.outbox.delete(id);
-      this.add(o.conv, [{ conv: o.conv, seq: r.seq, id: r.id, from: this.me, dev: this.device, ts: r.ts, body: o.body }]);
+      this.add(o.conv, [{ conv: o.conv, seq: r.seq, id: r.id, from: this.me, dev: this.device, ts: r.ts, body: o.body, e2e: !!o.wire }]);
       this.emit("outbox", { id, state: "sent", conv: o.conv });
       o.resolve(r);
     } catch (e) {
@@ -391,6 +623,14 @@ export class Hermod {
       this.emit("outbox", { id, state: "failed", conv: o.conv, error: e });
       o.reject(e);
     }
+  }
+
+  /** Edits a message of yours: with end-to-end encryption on, the new body is encrypted like
+   * a send (an edit is a timeline entry of its own). Resolves with the server's answer. */
+  async edit(convId, seq, body) {
+    const c = this.conv(convId);
+    const wire = this.e2e && c.kind === "direct" ? await this.e2e.encrypt(c.title, body) : null;
+    return this.request("edit", { conv: convId, seq, body: wire || body });
   }
 
   /** Tries a failed send again (same id). */
@@ -422,6 +662,9 @@ export class Hermod {
       case "presence": return this.emit("presence", { user: f.user, state: f.state, status: f.status });
       case "friend": return this.emit("friend", f);
       case "group_request": return this.emit("group_request", f);
+      case "keys":
+        if (this.e2e) this.e2e.forget(f.user);
+        return this.emit("keys", f);
       case "resync": {
         // Pushes may have been lost (a link to another node was down): catch up everything.
         const all = [...this.convs.values()].map((c) => ({ conv: c.id, after: c.synced }));

@@ -103,6 +103,18 @@ async function run(browser, pages) {
     await msg(alice, "hi alice").waitFor({ timeout: WAIT });
     console.log("ok: chat both ways, unread badge, read tick");
 
+    // Encrypted end to end: both show the lock with the other's key fingerprint, and they match.
+    await alice.locator("#lock", { hasText: "🔒" }).waitFor({ timeout: WAIT });
+    await bob.locator("#lock", { hasText: "🔒" }).waitFor({ timeout: WAIT });
+    const fpOfBob = await alice.evaluate(async () => {
+      const d = await window.hermod.request("keys_devices", { user: "bob" });
+      return window.hermod.e2e.fingerprint(d.devices[0].identity);
+    });
+    const bobsOwn = await bob.evaluate(() => window.hermod.e2e.fingerprint(window.hermod.e2e.identity));
+    assert.equal(fpOfBob, bobsOwn, "alice sees bob's real key");
+    assert.ok((await alice.textContent("#lock")).includes(fpOfBob.slice(0, 19)));
+    console.log("ok: end-to-end encrypted, fingerprints shown");
+
     // A reload keeps the history (resume with the stored token, then history).
     await alice.reload();
     await conv(alice, "bob").click({ timeout: WAIT });
