@@ -28,7 +28,7 @@ use super::session::Session;
 use super::Output;
 use super::Shard;
 use crate::auth::{self, TokenClaims};
-use crate::ids::{ConnId, ConvId, Seq, UserId, SYSTEM_USERNAME};
+use crate::ids::{ConnId, UserId, SYSTEM_USERNAME};
 use crate::limits::{BOTS_LISTED_MAX, BOT_TOKEN_TTL_S, WEBHOOK_URL_BYTES_MAX};
 use crate::mail::{BotAction, Mail, Named, ReplyTo};
 use crate::protocol::{self as p, close, ok_frame, ErrorCode, Op, Request};
@@ -463,12 +463,7 @@ impl<S: Storage> Shard<S> {
 
     /// A message reached this home shard: bots among `recipients` with a webhook get it
     /// POSTed (not their own: a bot answering itself would loop).
-    pub(super) fn bot_deliver(
-        &mut self,
-        frame: &Arc<str>,
-        recipients: &[UserId],
-        _at: (ConvId, Seq),
-    ) {
+    pub(super) fn bot_deliver(&mut self, frame: &Arc<str>, recipients: &[UserId]) {
         if self.bots.hooks.is_empty() {
             return;
         }

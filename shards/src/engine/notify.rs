@@ -165,8 +165,8 @@ impl<S: Storage> Shard<S> {
             let Some(devices) = self.notifier.token_devices.get(&user) else {
                 continue;
             };
-            let online = self.online_devices(user);
-            if devices.iter().all(|d| online.contains(&**d)) {
+            // Per recipient with a token: a look at its few connections, no allocation.
+            if devices.iter().all(|d| self.device_connected(user, d)) {
                 continue;
             }
             let parsed = meta.get_or_insert_with(|| {
@@ -322,6 +322,19 @@ impl<S: Storage> Shard<S> {
             count,
             convs,
         }))
+    }
+
+    /// Whether `device` of `user` has a connection here.
+    fn device_connected(&self, user: UserId, device: &str) -> bool {
+        self.sessions.online.get(&user).is_some_and(|conns| {
+            conns.iter().any(|c| {
+                self.sessions
+                    .conns
+                    .get(c)
+                    .and_then(|c| c.session.as_ref())
+                    .is_some_and(|s| s.device == device)
+            })
+        })
     }
 
     /// The names of `user`'s connected devices.

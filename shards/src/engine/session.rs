@@ -300,7 +300,7 @@ impl<S: Storage> Shard<S> {
             self.push(now_ms, conn, at, frame);
         }
         self.notify_offline(at, frame, recipients);
-        self.bot_deliver(frame, recipients, at);
+        self.bot_deliver(frame, recipients);
     }
 
     /// An ephemeral push (typing, read receipt) to the online devices of `recipients`.
