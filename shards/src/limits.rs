@@ -133,6 +133,12 @@ pub const KEY_TEXT_BYTES_MAX: usize = 2_048;
 pub const PREKEYS_PER_DEVICE_MAX: usize = 200;
 /// One-time prekeys per `keys_publish`.
 pub const PREKEYS_PER_PUBLISH_MAX: usize = 100;
+/// Bots' HTTP requests in flight per shard (those it took, and those it relays as a bot's
+/// home); beyond: `overloaded` (503).
+pub const BOT_CALLS_IN_FLIGHT_MAX: usize = 4_096;
+/// How long a bot's HTTP request may wait for its answer in the engine (the driver's own wait
+/// is the same): then `unavailable`, and the relay is forgotten.
+pub const BOT_CALL_WAIT_MS: u64 = 30_000;
 /// Bots `bots` lists (the first, by name).
 pub const BOTS_LISTED_MAX: usize = 1_000;
 /// Longest bot webhook URL.

@@ -24,11 +24,12 @@ use serde_json::{json, Value};
 use super::effects::Deferred;
 use super::event::{uuid_v7, Event};
 use super::ops::PendingJob;
+use super::timers::Timer;
 use super::{Output, Shard};
 use crate::admin::{status_of, AdminOp, NoticeTo};
 use crate::auth::{self, Job};
 use crate::ids::{ConnId, ConvId, ShardId, UserId, SYSTEM_USERNAME};
-use crate::limits::ADMIN_REQUESTS_MAX;
+use crate::limits::{ADMIN_REQUESTS_MAX, BOT_CALLS_IN_FLIGHT_MAX, BOT_CALL_WAIT_MS};
 use crate::mail::{AccountAction, BotAction, ConvOp, Mail, Named, ReplyTo};
 use crate::protocol::{close, ok_frame, ErrorCode};
 use crate::storage::{keys, MessageKind, Storage, UserRecord};
@@ -40,6 +41,11 @@ const ADMIN_DEVICE: &str = "admin";
 pub(super) struct Admin {
     /// Operator requests taken on this shard, by pseudo-connection.
     requests: HashMap<ConnId, Request>,
+    /// Bots' HTTP requests (bots.rs), by pseudo-connection: the next reply frame is the
+    /// answer, as is. `None`: this shard took the HTTP request and answers it; `Some(to)`: a
+    /// relay on the bot's home shard that forwards the frame there. Bounded by
+    /// `BOT_CALLS_IN_FLIGHT_MAX`, each dropped at its `Timer::Relay` if never answered.
+    relays: HashMap<ConnId, Option<ReplyTo>>,
     /// Account creations running on this shard as the users' home, by batch id.
     batches: HashMap<u64, Batch>,
     next_batch: u64,
@@ -48,9 +54,6 @@ pub(super) struct Admin {
 enum Request {
     /// The next reply frame is the answer; `conv` is added to an `ok` answer.
     Waiting { conv: Option<ConvId> },
-    /// A bot's HTTP request (bots.rs): the next reply frame is the answer, as is; on the
-    /// bot's home shard, a relay that forwards it to `to`, where the HTTP request waits.
-    Relay { to: Option<ReplyTo> },
     /// A notice to a user: the conversation is being opened; the append follows.
     Opening {
         conv: ConvId,
@@ -74,7 +77,7 @@ struct Batch {
 
 impl Admin {
     pub(super) fn is_request(&self, conn: ConnId) -> bool {
-        self.requests.contains_key(&conn)
+        self.requests.contains_key(&conn) || self.relays.contains_key(&conn)
     }
 }
 
@@ -82,18 +85,28 @@ impl<S: Storage> Shard<S> {
     /// Registers a relay pseudo-connection for a bot's HTTP request (false: too many in
     /// flight on this shard; the caller answers `overloaded`).
     pub(super) fn admin_relay(&mut self, conn: ConnId, to: Option<ReplyTo>) -> bool {
-        if self.admin.requests.len() >= ADMIN_REQUESTS_MAX {
+        if self.admin.relays.len() >= BOT_CALLS_IN_FLIGHT_MAX {
             if to.is_none() {
                 self.admin_error(
                     conn,
                     ErrorCode::Overloaded,
-                    "too many requests in flight; retry",
+                    "too many bot requests in flight on this shard; retry",
                 );
             }
             return false;
         }
-        self.admin.requests.insert(conn, Request::Relay { to });
+        self.admin.relays.insert(conn, to);
+        self.timers
+            .at(self.now_ms + BOT_CALL_WAIT_MS, Timer::Relay(conn));
         true
+    }
+
+    /// `Timer::Relay`: a bot's request still unanswered (its home's node died with it, say).
+    /// The HTTP side answers `unavailable`; a relay is forgotten.
+    pub(super) fn relay_expired(&mut self, conn: ConnId) {
+        if let Some(None) = self.admin.relays.remove(&conn) {
+            self.admin_error(conn, ErrorCode::Unavailable, "no answer in time; retry");
+        }
     }
 
     /// A bot's HTTP request refused before it ran (its token did not verify).
@@ -253,10 +266,7 @@ impl<S: Storage> Shard<S> {
 
     /// A reply frame addressed to admin pseudo-connection `conn`: the result of its step.
     pub(super) fn admin_frame(&mut self, conn: ConnId, frame: String) {
-        let Some(request) = self.admin.requests.remove(&conn) else {
-            return;
-        };
-        if let Request::Relay { to } = request {
+        if let Some(to) = self.admin.relays.remove(&conn) {
             return match to {
                 Some(to) => self.reply_to(to, frame),
                 None => {
@@ -267,6 +277,9 @@ impl<S: Storage> Shard<S> {
                 }
             };
         }
+        let Some(request) = self.admin.requests.remove(&conn) else {
+            return;
+        };
         let Ok(mut answer) = serde_json::from_str::<Value>(&frame) else {
             // Frames are the engine's own JSON: a parse failure is a bug, but the operator
             // still gets an answer.
@@ -310,7 +323,6 @@ impl<S: Storage> Shard<S> {
                 // Creations answer with `AccountsCreated`, never a frame.
                 self.admin.requests.insert(conn, request);
             }
-            Request::Relay { .. } => {} // answered above
         }
     }
 
@@ -372,6 +384,7 @@ impl<S: Storage> Shard<S> {
     /// The driver is done with an admin pseudo-connection (answered, or its client left).
     pub(super) fn forget_admin(&mut self, conn: ConnId) {
         self.admin.requests.remove(&conn);
+        self.admin.relays.remove(&conn);
     }
 
     // ---- on the users' home shards ----

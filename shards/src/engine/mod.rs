@@ -477,6 +477,7 @@ impl<S: Storage> Shard<S> {
                 Timer::Add(conv, op) => self.add_expired(now_ms, conv, op),
                 Timer::Reply(conn, rid) => self.reply_expired(conn, rid),
                 Timer::Notify(user) => self.notify_flush(now_ms, user),
+                Timer::Relay(conn) => self.relay_expired(conn),
             }
         }
         if self.flush_at().is_some_and(|at| at <= now_ms) {

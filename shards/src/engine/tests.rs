@@ -1,6 +1,7 @@
 //! The engine's own tests: seeded random frames through a real engine (`fuzz`), time through
 //! `poll_timeout`/`handle_timeout` (`deadlines`), multi-step protocols cut between two nodes
-//! (`torn`), and what a push token's life ends with (`push_tokens`). The simulation of several engines is
+//! (`torn`) — a bot request unanswered by its home among them — and what a push token's life
+//! ends with (`push_tokens`). The simulation of several engines is
 //! `shards/tests/sim.rs`.
 
 use super::{Output, Shard};
@@ -346,6 +347,52 @@ mod deadlines {
             super::pump(&mut shard, &store, now).is_empty(),
             "no unavailable after an answer"
         );
+    }
+
+    /// A bot's HTTP request whose home shard never answers (its mail is dropped here) gets one
+    /// answer, `unavailable`, at `BOT_CALL_WAIT_MS`; a token that does not verify is refused at
+    /// once. (Across nodes the shorter `CROSS_NODE_WAIT_MS` answers first, as for any request.)
+    #[test]
+    fn a_bot_request_unanswered_by_its_home_fails_at_its_deadline() {
+        use crate::auth::TokenClaims;
+        use crate::engine::BOT_DEVICE;
+        use crate::ids::UserId;
+        use crate::limits::BOT_CALL_WAIT_MS;
+        let mut shard = Shard::new(Config::new(ShardId(0), 2, [1; 32]), MemStorage::default());
+        let bot = (0..)
+            .map(|i| UserId::from_username(&format!("bot{i}")))
+            .find(|u| shard.home_of(*u) == ShardId(1))
+            .unwrap();
+        let token = shard.tokens.mint(&TokenClaims {
+            user: bot,
+            nonce: 7,
+            issued_s: 1,
+            expires_s: 1_000_000,
+            device: BOT_DEVICE.into(),
+        });
+        let replies = |shard: &mut Shard<MemStorage>| -> Vec<(u16, String)> {
+            outputs(shard)
+                .into_iter()
+                .filter_map(|o| match o {
+                    Output::AdminReply { status, body, .. } => Some((status, body)),
+                    _ => None,
+                })
+                .collect()
+        };
+        let now = 2_000;
+        shard.handle_bot_http(now, ConnId(50), "not-a-token", r#"{"op":"ping"}"#.into());
+        assert_eq!(replies(&mut shard)[0].0, 401);
+        shard.handle_bot_http(now, ConnId(51), &token, r#"{"op":"ping","rid":1}"#.into());
+        assert!(replies(&mut shard).is_empty(), "mailed to the bot's home");
+        shard.handle_timeout(now + BOT_CALL_WAIT_MS - 1);
+        assert!(replies(&mut shard).is_empty(), "not before the deadline");
+        shard.handle_timeout(now + BOT_CALL_WAIT_MS);
+        let got = replies(&mut shard);
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(got[0].0, 503);
+        assert!(got[0].1.contains("unavailable"), "{got:?}");
+        shard.handle_timeout(now + 3 * BOT_CALL_WAIT_MS);
+        assert!(replies(&mut shard).is_empty(), "one answer per request");
     }
 }
 

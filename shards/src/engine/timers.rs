@@ -7,8 +7,10 @@
 //! closed connection's entries are skipped, a heartbeat that saw activity since reschedules
 //! itself. Each connection has at most one heartbeat and one retry entry live, so the heap
 //! holds at most two entries per connection (plus those of connections closed within the last
-//! heartbeat interval), plus one per user with an offline notification pending. In a cluster of several nodes, each gather and each group addition also
-//! gets one entry (`CROSS_NODE_WAIT_MS`), a no-op if it completed in time.
+//! heartbeat interval), plus one per user with an offline notification pending and one per bot
+//! HTTP request of the last `BOT_CALL_WAIT_MS` (a no-op if it was answered). In a cluster of
+//! several nodes, each gather and each group addition also gets one entry
+//! (`CROSS_NODE_WAIT_MS`), a no-op if it completed in time.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -31,6 +33,8 @@ pub(super) enum Timer {
     Reply(ConnId, u64),
     /// The coalescing window of a user's offline notification closed: send it.
     Notify(UserId),
+    /// A bot's HTTP request (or its relay) may have waited long enough.
+    Relay(ConnId),
 }
 
 #[derive(Default)]
