@@ -1,8 +1,7 @@
 //! The engine's own tests: seeded random frames through a real engine (`fuzz`), time through
-//! `poll_timeout`/`handle_timeout` (`deadlines`), multi-step protocols cut between two nodes
-//! (`torn`) — a bot request unanswered by its home among them — and what a push token's life
-//! ends with (`push_tokens`). The simulation of several engines is
-//! `shards/tests/sim.rs`.
+//! `poll_timeout`/`handle_timeout` (`deadlines`, a bot's unanswered HTTP request among them),
+//! multi-step protocols cut between two nodes (`torn`), and what a push token's life ends with
+//! (`push_tokens`). The simulation of several engines is `shards/tests/sim.rs`.
 
 use super::{Output, Shard};
 use crate::auth::HashCost;
