@@ -95,6 +95,10 @@ enum Command {
         senders: usize,
         #[arg(long, default_value_t = 64)]
         body_bytes: usize,
+        /// Extra members of every group who are away with a push token: each message takes
+        /// the offline-notification path for them (run the server with a `[push]` section).
+        #[arg(long, default_value_t = 0)]
+        away: usize,
     },
     /// A login storm of users whose friends are online: time for friends to see each login,
     /// presence pushes per login.
@@ -304,8 +308,10 @@ fn run() -> anyhow::Result<ExitCode> {
             members,
             senders,
             body_bytes,
+            away,
         } => {
             let params = scenario::GroupParams {
+                away,
                 target: target(&common)?,
                 users,
                 groups,

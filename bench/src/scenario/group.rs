@@ -25,6 +25,10 @@ pub struct GroupParams {
     pub senders: usize,
     pub body_bytes: usize,
     pub prefix: String,
+    /// Members of every group who are away with a push token (registered, then
+    /// disconnected): each message reaches the offline-notification path for them (the server
+    /// needs a `[push]` section for it to run; docs/push.md).
+    pub away: usize,
 }
 
 /// `group`: `groups` groups of `members` online members, `senders` of each sending at a fixed
@@ -44,6 +48,7 @@ pub async fn group(p: GroupParams) -> anyhow::Result<Report> {
     let mut setup: HashMap<usize, Conn> = HashMap::new();
     let mut convs: Vec<Vec<String>> = vec![Vec::new(); p.users];
     let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(7);
+    let away = away_with_tokens(&p.target, &format!("{}-away", p.prefix), p.away).await?;
     // The invite limit per request; the creator names the first batch, then invites the rest.
     const BATCH: usize = 1000;
     for g in 0..p.groups {
@@ -81,6 +86,12 @@ pub async fn group(p: GroupParams) -> anyhow::Result<Report> {
         for &i in &members[..senders] {
             convs[i].push(conv.clone());
         }
+        for chunk in away.chunks(BATCH) {
+            creator
+                .ok("group_invite", json!({ "conv": conv, "users": chunk }))
+                .await
+                .context("group_invite (away members)")?;
+        }
     }
     // The set-up devices leave before the measured devices arrive: no pushes to them.
     drop(setup);
@@ -88,4 +99,31 @@ pub async fn group(p: GroupParams) -> anyhow::Result<Report> {
     let conns = users.into_iter().map(|u| u.conn).zip(convs).collect();
     let fanout = (p.members - 1) as u64;
     drive(conns, p.timing, p.body_bytes, fanout, ("group", &p)).await
+}
+
+/// `count` users who register a push token on their device and leave: their names.
+async fn away_with_tokens(
+    target: &Target,
+    prefix: &str,
+    count: usize,
+) -> anyhow::Result<Vec<String>> {
+    if count == 0 {
+        return Ok(Vec::new());
+    }
+    crate::provision::register(target, prefix, count, 32).await?;
+    let mut users = crate::provision::log_in(target, prefix, count, 32).await?;
+    for (i, u) in users.iter_mut().enumerate() {
+        u.conn
+            .ok(
+                "push_register",
+                json!({ "platform": "other", "token": format!("bench-{i}") }),
+            )
+            .await
+            .context("push_register")?;
+    }
+    let names = users.iter().map(|u| u.name.clone()).collect();
+    drop(users);
+    // The server notices the closes before the first message (they are only sockets closing).
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    Ok(names)
 }

@@ -232,8 +232,12 @@ impl<S: Storage> Shard<S> {
                 p
             }
             None => {
+                // Spread over a quarter of the window, by user: one group message opens the
+                // windows of all its away members at once, and their flushes (reads and a
+                // gather each) would otherwise land on the reactor in one burst.
+                let spread = user.0 % (coalesce_ms / 4 + 1);
                 self.timers
-                    .at(self.now_ms + coalesce_ms, Timer::Notify(user));
+                    .at(self.now_ms + coalesce_ms + spread, Timer::Notify(user));
                 self.notifier.pending.entry(user).or_default()
             }
         };
