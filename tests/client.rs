@@ -26,6 +26,7 @@ fn hermod_js_encrypts_end_to_end_in_node() {
             "a new device",
             "prekeys exhausted",
             "changed key",
+            "a key the directory does not list is flagged",
             "a peer without keys",
         ],
     );

@@ -20,6 +20,8 @@ export interface Message {
   e2e?: boolean;
   /** An encrypted message this device cannot read, and why. */
   e2e_error?: string;
+  /** Decrypted, and the sending device's key is the one the directory lists (false: flag it). */
+  e2e_verified?: boolean;
   /** Opaque JSON (null once recalled). */
   body: unknown;
 }

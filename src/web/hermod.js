@@ -102,6 +102,7 @@ class E2E {
   async init() {
     const saved = this.client.storage.getItem(this.slot());
     this.state = saved ? JSON.parse(saved) : null;
+    if (this.state && this.state.version !== 2) this.state = null; // an older layout: start over
     if (!this.state) {
       const sign = await this.subtle.generateKey(ECDSA, true, ["sign", "verify"]);
       this.state = {
@@ -111,7 +112,8 @@ class E2E {
         opk: {}, nextOpk: 1,
         self: b64(crypto.getRandomValues(new Uint8Array(32))),
         out: {}, // "user/device" -> {identity, key, h}
-        in: {},  // ik|ek -> key
+        in: {},  // ik|ek -> {key, verified}
+        version: 2,
       };
     }
     this.identity = `${this.state.ik.pub}.${this.state.sk.pub}`;
@@ -209,12 +211,22 @@ class E2E {
   }
 
   /** The plaintext body of an encrypted message; throws if it holds nothing for this device. */
+  /** Also sets `msg.e2e_verified`: whether the sending device's identity in the header is
+   * the one the directory lists for it (false: a key the directory does not know for that
+   * device — a device since removed or reinstalled, or a forgery). */
   async decrypt(msg) {
     const entry = msg.body.keys && msg.body.keys[`${this.client.me}/${this.client.device}`];
     if (!entry) throw new Error("not encrypted for this device");
-    if (!entry.h) return this.unwrap(unb64(this.state.self), entry, msg);
+    if (!entry.h) {
+      msg.e2e_verified = true; // this device's own message, under its local key
+      return this.unwrap(unb64(this.state.self), entry, msg);
+    }
     const tag = entry.h.ik + "|" + entry.h.ek;
-    if (this.state.in[tag]) return this.unwrap(unb64(this.state.in[tag]), entry, msg);
+    const known = this.state.in[tag];
+    if (known) {
+      msg.e2e_verified = known.verified;
+      return this.unwrap(unb64(known.key), entry, msg);
+    }
     const { ik, ek, spk, opk, to } = entry.h;
     if (to !== this.identity.slice(0, 24)) throw new Error("encrypted for an earlier key of this device");
     if (spk !== this.state.spk.id) throw new Error("unknown signed prekey " + spk);
@@ -230,8 +242,11 @@ class E2E {
     }
     const key = await this.kdf(parts);
     const body = await this.unwrap(key, entry, msg); // throws, consuming nothing, if wrong
+    const listed = (await this.devices(msg.from).catch(() => [])).find((d) => d.device === msg.dev);
+    const verified = !!listed && listed.identity === ik;
+    msg.e2e_verified = verified;
     // The session holds: keep its key, and the one-time prekey's private half goes.
-    this.state.in[tag] = b64(key);
+    this.state.in[tag] = { key: b64(key), verified };
     if (opk !== null) delete this.state.opk[opk];
     this.save();
     return body;

@@ -38,6 +38,7 @@ const conv = (await dave.open("carol")).id;
 await dave.send(conv, { text: "secret hello" });
 await until("carol to read it", () => bodyOf(carol, conv, "secret hello"));
 assert.equal(bodyOf(carol, conv, "secret hello").e2e, true);
+assert.equal(bodyOf(carol, conv, "secret hello").e2e_verified, true, "the sender's key is the listed one");
 const stored = await dave.request("history", { conv, limit: 10 });
 const raw = JSON.stringify(stored.msgs);
 assert.ok(!raw.includes("secret hello"), "the server holds no plaintext: " + raw.slice(0, 200));
@@ -93,6 +94,21 @@ await until("the new carol reads it", () => bodyOf(carolAgain, conv, "after the 
 // What was encrypted for her old keys stays unreadable, and says why.
 assert.match(bodyOf(carolAgain, conv, "after the change") && carolAgain.convs.get(conv).msgs.get(1).e2e_error, /earlier key/);
 console.log("ok: changed key");
+
+// A header naming a key the directory does not list for that device is flagged: here a
+// message from d1 whose header claims another identity (d2's, as a server could substitute).
+{
+  const real = again.e2e.state;
+  const realIdentity = again.e2e.identity;
+  again.e2e.state = { ...structuredClone(real), ik: d2.e2e.state.ik, sk: d2.e2e.state.sk, out: {} };
+  again.e2e.identity = d2.e2e.identity;
+  await again.send(conv, { text: "forged identity" });
+  again.e2e.state = real;
+  again.e2e.identity = realIdentity;
+  await until("the forged one to arrive", () => bodyOf(carolAgain, conv, "forged identity"));
+  assert.equal(bodyOf(carolAgain, conv, "forged identity").e2e_verified, false, "flagged");
+}
+console.log("ok: a key the directory does not list is flagged");
 
 // A peer without keys (a bot, a client without encryption) gets plaintext, and it is said.
 const frank = await device("frank", "f1", new MemoryStorage(), false);
