@@ -148,8 +148,18 @@ impl Nats {
         let mut nats = Nats { child, port, conf };
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(addr).is_err() {
+        loop {
             if nats.child.try_wait().ok().flatten().is_some() {
+                return None;
+            }
+            // Listening is not enough: the port picked free may have been taken by another
+            // test's listener, and then this server exits on its failed bind while that one
+            // answers. Wait for a NATS greeting, and for this server to still be running.
+            if greets_as_nats(addr) {
+                std::thread::sleep(Duration::from_millis(50));
+                if nats.child.try_wait().ok().flatten().is_none() {
+                    return Some(nats);
+                }
                 return None;
             }
             assert!(
@@ -158,7 +168,6 @@ impl Nats {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        Some(nats)
     }
 
     pub fn url(&self) -> String {
@@ -251,4 +260,15 @@ impl Tls {
             self.ca, self.client_cert, self.client_key
         )
     }
+}
+
+/// Something on `addr` sends a NATS server's `INFO` greeting.
+fn greets_as_nats(addr: SocketAddr) -> bool {
+    use std::io::Read;
+    let Ok(mut stream) = TcpStream::connect(addr) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+    let mut head = [0u8; 4];
+    stream.read_exact(&mut head).is_ok() && &head == b"INFO"
 }
