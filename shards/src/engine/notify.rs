@@ -10,7 +10,7 @@
 //! asleep), and the badge — the user's total unread count, exactly what `convs` would report
 //! as `total_unread` — is gathered from the conversations' owners like `convs` gathers it.
 //! Then one `Output::Notify` carries the JSON body; the driver queues it for the webhook
-//! (bounded, off the reactor, its own drop policy: src/push.rs).
+//! (bounded, off the reactor, its own drop policy: src/webhook.rs).
 //!
 //! Cost on the message path: nothing unless the recipient has a push token
 //! (`token_devices`, held in memory, loaded at start and kept with every token write) on a
@@ -50,7 +50,7 @@ pub struct NotifyConfig {
 #[derive(Default)]
 pub(super) struct Notifier {
     /// Users homed here with a push token, and the devices holding one. Exact: loaded at
-    /// start, changed with every token write and delete (`set_push_token`, `forget_token`).
+    /// start, changed with every token write and delete (`set_push_token`, `forget_push_token`).
     token_devices: HashMap<UserId, Vec<Box<str>>>,
     /// The notification being coalesced for each user, flushed at its `Timer::Notify`.
     pending: HashMap<UserId, Pending>,
@@ -124,7 +124,7 @@ impl<S: Storage> Shard<S> {
             "push tokens (their devices get no notifications until they register again)",
         );
         for (key, _) in rows {
-            if let Some((user, device)) = keys::user_device_of_push_token(&key) {
+            if let (Some(user), Some(device)) = (keys::user_of(&key), keys::device_of_key(&key)) {
                 self.notifier
                     .token_devices
                     .entry(user)

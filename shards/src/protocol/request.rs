@@ -228,8 +228,12 @@ pub struct DndSet {
 
 /// A field that may be `null` but must be there: absent reads as `None`, `null` as
 /// `Some(None)`.
-fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<u64>>, D::Error> {
-    Option::<u64>::deserialize(d).map(Some)
+fn present<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
 }
 
 /// `bot_create`: a bot owned by the caller, with an optional webhook for its messages.
@@ -250,12 +254,8 @@ pub struct BotArg {
 #[derive(Debug, Deserialize)]
 pub struct BotWebhook {
     pub bot: String,
-    #[serde(default, deserialize_with = "present_str")]
+    #[serde(default, deserialize_with = "present")]
     pub webhook: Option<Option<String>>,
-}
-
-fn present_str<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D::Error> {
-    Option::<String>::deserialize(d).map(Some)
 }
 
 /// `keys_publish`: this device's identity key, its signed prekey, and one-time prekeys to

@@ -112,9 +112,7 @@ pub mod keys {
 
     /// Every device key of `user` starts with this.
     pub fn device_prefix(user: UserId) -> Vec<u8> {
-        let mut k = head(user.slot().0, b'D', 8);
-        k.extend_from_slice(&user.0.to_be_bytes());
-        k
+        user_prefix(b'D', user)
     }
 
     /// A device's push token (`push_register`), dropped with the device.
@@ -126,18 +124,10 @@ pub mod keys {
 
     /// Every push-token key of `user` starts with this.
     pub fn push_token_prefix(user: UserId) -> Vec<u8> {
-        let mut k = head(user.slot().0, PUSH_TOKEN, 8);
-        k.extend_from_slice(&user.0.to_be_bytes());
-        k
+        user_prefix(PUSH_TOKEN, user)
     }
 
     pub const PUSH_TOKEN: u8 = b'T';
-
-    /// The user and device of a `push_token` key.
-    pub fn user_device_of_push_token(key: &[u8]) -> Option<(UserId, String)> {
-        let user: [u8; 8] = key.get(3..3 + 8)?.try_into().ok()?;
-        Some((UserId(u64::from_be_bytes(user)), device_of_key(key)?))
-    }
 
     /// The device name at the end of a `device` (or `push_token`) key.
     pub fn device_of_key(key: &[u8]) -> Option<String> {
@@ -205,9 +195,7 @@ pub mod keys {
 
     /// `user`'s do-not-disturb (`dnd_set`).
     pub fn dnd(user: UserId) -> Vec<u8> {
-        let mut k = head(user.slot().0, b'Z', 8);
-        k.extend_from_slice(&user.0.to_be_bytes());
-        k
+        user_prefix(b'Z', user)
     }
 
     /// The conversation id at the end of a `user_conv` (or `conv_mute`) key.
@@ -282,8 +270,7 @@ pub mod keys {
 
     /// Both users of a `user_pair` key: (user, other).
     pub fn users_of_user_pair(key: &[u8]) -> Option<(UserId, UserId)> {
-        let user: [u8; 8] = key.get(3..3 + 8)?.try_into().ok()?;
-        Some((UserId(u64::from_be_bytes(user)), other_of_user_pair(key)?))
+        Some((user_of(key)?, other_of_user_pair(key)?))
     }
 
     pub const FRIEND: u8 = b'F';
