@@ -281,6 +281,31 @@ impl Hist {
         self.count.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// The samples of one series: cumulative buckets, sum and count, each with `labels`
+    /// (`""`: none) and values scaled by `scale` (ms to seconds, say).
+    fn write(&self, out: &mut String, name: &str, labels: &str, bounds: &[u64; 10], scale: f64) {
+        let (open, sep, close) = if labels.is_empty() {
+            ("", "", "")
+        } else {
+            ("{", ",", "}")
+        };
+        let mut cumulative = 0;
+        for (i, cell) in self.buckets.iter().enumerate() {
+            cumulative += cell.load(Ordering::Relaxed);
+            let le = bounds
+                .get(i)
+                .map_or("+Inf".to_owned(), |b| format!("{}", *b as f64 * scale));
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{{labels}{sep}le=\"{le}\"}} {cumulative}"
+            );
+        }
+        let sum = self.sum.load(Ordering::Relaxed) as f64 * scale;
+        let _ = writeln!(out, "{name}_sum{open}{labels}{close} {sum}");
+        let count = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_count{open}{labels}{close} {count}");
+    }
+
     /// Takes over an engine histogram's running totals (published each tick).
     fn store(&self, h: &Histogram) {
         for (cell, v) in self.buckets.iter().zip(h.buckets) {
@@ -607,24 +632,14 @@ impl Board {
             let _ = writeln!(out, "# TYPE {queue} gauge");
             let _ = writeln!(out, "{queue} {}", stats.pending.load(Ordering::Relaxed));
         }
-        let h = &self.push_gateway_ms;
         let name = "hermod_push_gateway_seconds";
         let _ = writeln!(
             out,
             "# HELP {name} Each POST to the push gateway, answered or not."
         );
         let _ = writeln!(out, "# TYPE {name} histogram");
-        let mut cumulative = 0;
-        for (i, cell) in h.buckets.iter().enumerate() {
-            cumulative += cell.load(Ordering::Relaxed);
-            let le = LATENCY_BOUNDS_MS
-                .get(i)
-                .map_or("+Inf".to_owned(), |b| format!("{}", *b as f64 * 1e-3));
-            let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
-        }
-        let sum = h.sum.load(Ordering::Relaxed) as f64 * 1e-3;
-        let _ = writeln!(out, "{name}_sum {sum}");
-        let _ = writeln!(out, "{name}_count {}", h.count.load(Ordering::Relaxed));
+        self.push_gateway_ms
+            .write(out, name, "", &LATENCY_BOUNDS_MS, 1e-3);
     }
 
     /// One group commit of `ops` writes took `micros` (called by its shard only).
@@ -831,22 +846,7 @@ impl Board {
         let _ = writeln!(out, "# HELP {name} {help}");
         let _ = writeln!(out, "# TYPE {name} histogram");
         for (shard, slot) in self.slots.iter().enumerate() {
-            let h = pick(slot);
-            let mut cumulative = 0;
-            for (i, cell) in h.buckets.iter().enumerate() {
-                cumulative += cell.load(Ordering::Relaxed);
-                let le = bounds
-                    .get(i)
-                    .map_or("+Inf".to_owned(), |b| format!("{}", *b as f64 * scale));
-                let _ = writeln!(
-                    out,
-                    "{name}_bucket{{shard=\"{shard}\",le=\"{le}\"}} {cumulative}"
-                );
-            }
-            let sum = h.sum.load(Ordering::Relaxed) as f64 * scale;
-            let _ = writeln!(out, "{name}_sum{{shard=\"{shard}\"}} {sum}");
-            let count = h.count.load(Ordering::Relaxed);
-            let _ = writeln!(out, "{name}_count{{shard=\"{shard}\"}} {count}");
+            pick(slot).write(out, name, &format!("shard=\"{shard}\""), bounds, scale);
         }
     }
 }
