@@ -155,9 +155,10 @@ class E2E {
   /** A user's keys changed: forget the sessions with devices whose identity is gone. */
   forget(user) { this.bundles.delete(user); }
 
-  /** Sessions with every device of `user` (but this one), made where missing. */
-  async sessions(user) {
-    const devices = await this.devices(user);
+  /** Sessions with every device of `user` (but this one), made where missing; `listed`:
+   * the user's devices, when the caller has just read them. */
+  async sessions(user, listed) {
+    const devices = listed || await this.devices(user);
     const me = `${this.client.me}/${this.client.device}`;
     const wanted = devices.filter((d) => `${user}/${d.device}` !== me);
     const missing = wanted.filter((d) => {
@@ -203,9 +204,9 @@ class E2E {
     const msgKey = crypto.getRandomValues(new Uint8Array(32));
     const sealed = await this.seal(msgKey, new TextEncoder().encode(JSON.stringify(body)));
     const keys = {};
-    for (const user of new Set([peer, this.client.me])) {
-      for (const [to, s] of await this.sessions(user)) keys[to] = { h: s.h, ...(await this.seal(unb64(s.key), msgKey)) };
-    }
+    const targets = [...await this.sessions(peer, theirs)];
+    if (peer !== this.client.me) targets.push(...await this.sessions(this.client.me));
+    for (const [to, s] of targets) keys[to] = { h: s.h, ...(await this.seal(unb64(s.key), msgKey)) };
     keys[`${this.client.me}/${this.client.device}`] = await this.seal(unb64(this.state.self), msgKey);
     return { e2e: 1, ...sealed, keys };
   }
