@@ -160,6 +160,14 @@ pub fn dispatch(ctx: &Ctx) {
                     }
                 }
             }
+            Output::Offer { conn, frame } => {
+                let outbox = ctx.conns.borrow().get(&conn).cloned();
+                if let Some(outbox) = outbox {
+                    if !outbox.offer_text(&frame) {
+                        ctx.board.count_offer_dropped(ctx.local);
+                    }
+                }
+            }
             Output::Ping { conn } => {
                 if let Some(outbox) = ctx.conns.borrow().get(&conn) {
                     outbox.push_ping();

@@ -17,7 +17,7 @@ use hermod_store::StoreStats;
 
 /// How many per-shard families `FAMILIES` lists; `publish` fills exactly this many values, in
 /// the same order (a fixed-size array, so the compiler holds the two in step).
-const FAMILY_COUNT: usize = 26;
+const FAMILY_COUNT: usize = 27;
 
 /// One value per shard, by name, with its help text and Prometheus type.
 const FAMILIES: [(&str, &str, &str); FAMILY_COUNT] = [
@@ -84,7 +84,12 @@ const FAMILIES: [(&str, &str, &str); FAMILY_COUNT] = [
     (
         "hermod_fanout_mails_total",
         "counter",
-        "Deliver mails sent by owners (one per destination shard per message).",
+        "Deliver and Broadcast mails sent by owners (one per destination shard per message).",
+    ),
+    (
+        "hermod_channel_offers_total",
+        "counter",
+        "Channel posts offered to online subscribers' devices (before the outbox check).",
     ),
     (
         "hermod_presence_pushes_total",
@@ -345,6 +350,8 @@ struct Slot {
     closes: [AtomicU64; CLOSE_CODES.len() + 1],
     /// Close frames clients sent first (answered with their own code).
     peer_closes: AtomicU64,
+    /// Best-effort pushes dropped because the connection's outbox was above the offer limit.
+    offers_dropped: AtomicU64,
     refusals: [AtomicU64; Refusal::ALL.len()],
 }
 
@@ -562,6 +569,7 @@ impl Board {
             st.pushes,
             st.push_retries,
             st.fanout_mails,
+            st.channel_offers,
             st.presence_pushes,
             st.commits,
             st.commit_ops,
@@ -666,6 +674,13 @@ impl Board {
     pub fn count_peer_close(&self, shard: usize) {
         self.slots[shard]
             .peer_closes
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A best-effort push (`Output::Offer`) of shard `shard` found its outbox too full.
+    pub fn count_offer_dropped(&self, shard: usize) {
+        self.slots[shard]
+            .offers_dropped
             .fetch_add(1, Ordering::Relaxed);
     }
 
@@ -820,6 +835,15 @@ impl Board {
         }
         let _ = writeln!(
             out,
+            "# HELP hermod_offers_dropped_total Best-effort pushes (channel posts) not queued because the connection's outbox was above the offer limit; the connection stays open."
+        );
+        let _ = writeln!(out, "# TYPE hermod_offers_dropped_total counter");
+        for (shard, slot) in self.slots.iter().enumerate() {
+            let v = slot.offers_dropped.load(Ordering::Relaxed);
+            let _ = writeln!(out, "hermod_offers_dropped_total{{shard=\"{shard}\"}} {v}");
+        }
+        let _ = writeln!(
+            out,
             "# HELP hermod_refusals_total Clients refused or cut off, by reason (HTTP refusals, policy and protocol closes)."
         );
         let _ = writeln!(out, "# TYPE hermod_refusals_total counter");
@@ -908,6 +932,7 @@ mod tests {
         board.count_close(1, 1001, "server shutting down");
         board.count_close(1, 4444, "whatever");
         board.count_peer_close(0);
+        board.count_offer_dropped(1);
         board.count_refusal(0, Refusal::HttpHeadTooLarge);
         let text = board.render();
         for line in [
@@ -916,6 +941,7 @@ mod tests {
             "hermod_closes_total{shard=\"1\",code=\"other\"} 1",
             "hermod_closes_total{shard=\"0\",code=\"1009\"} 0",
             "hermod_peer_closes_total{shard=\"0\"} 1",
+            "hermod_offers_dropped_total{shard=\"1\"} 1",
             "hermod_refusals_total{shard=\"1\",reason=\"request_flood\"} 1",
             "hermod_refusals_total{shard=\"1\",reason=\"outbox_full\"} 1",
             "hermod_refusals_total{shard=\"0\",reason=\"http_head_too_large\"} 1",

@@ -3,13 +3,15 @@
 //! connection's task (which drains it to the socket). A leaf.
 //!
 //! Policy: at most `OUTBOX_BYTES_MAX` bytes queued; a push beyond it closes the connection
-//! (4001, slow consumer) — the device loses nothing, it syncs on reconnect.
+//! (4001, slow consumer) — the device loses nothing, it syncs on reconnect. A best-effort push
+//! (`offer_text`) is dropped instead once `OFFER_BYTES_MAX` bytes are queued, and the
+//! connection stays.
 
 use std::cell::RefCell;
 use std::task::Waker;
 
 use hermod_shards::engine::Handoff;
-use hermod_shards::limits::OUTBOX_BYTES_MAX;
+use hermod_shards::limits::{OFFER_BYTES_MAX, OUTBOX_BYTES_MAX};
 use hermod_shards::protocol::close;
 use hermod_shards::ShardId;
 
@@ -44,6 +46,21 @@ impl Outbox {
             });
             inner.bytes.clear();
             wake(&mut inner);
+            return false;
+        }
+        ws::encode_text(&mut inner.bytes, text);
+        wake(&mut inner);
+        true
+    }
+
+    /// Queues a best-effort text frame if at most `OFFER_BYTES_MAX` bytes are queued already;
+    /// false (and nothing else happens) if not.
+    pub fn offer_text(&self, text: &str) -> bool {
+        let mut inner = self.inner.borrow_mut();
+        if inner.close.is_some() {
+            return true;
+        }
+        if inner.bytes.len() > OFFER_BYTES_MAX {
             return false;
         }
         ws::encode_text(&mut inner.bytes, text);

@@ -86,7 +86,9 @@ pub struct GroupId(pub u64);
 
 /// A conversation. One-to-one conversations are named by their two members (lower id first),
 /// so membership is checked without a lookup and both sides derive the same id. Groups are
-/// named by their id; their owner shard holds the member list.
+/// named by their id; their owner shard holds the member list. Channels are named by an id
+/// like groups; their owner holds the publishers, and each subscriber's home shard holds the
+/// subscription (docs/channels.md).
 #[derive(
     Clone,
     Copy,
@@ -103,6 +105,7 @@ pub struct GroupId(pub u64);
 pub enum ConvId {
     Direct(UserId, UserId),
     Group(GroupId),
+    Channel(GroupId),
 }
 
 /// The server's own name: the sender of operator notices (admin API). `register` refuses it,
@@ -165,6 +168,10 @@ impl Placement {
     }
 }
 
+/// The first byte of a channel's key encoding: a user's channel subscriptions are the entries
+/// of their conversation index whose conversation key starts with it (one prefix scan).
+pub const CHANNEL_KIND: u8 = b'c';
+
 impl ConvId {
     /// The one-to-one conversation of `a` and `b`, in either order.
     pub fn direct(a: UserId, b: UserId) -> ConvId {
@@ -183,7 +190,7 @@ impl ConvId {
     pub fn direct_members(self) -> Option<[UserId; 2]> {
         match self {
             ConvId::Direct(a, b) => Some([a, b]),
-            ConvId::Group(_) => None,
+            ConvId::Group(_) | ConvId::Channel(_) => None,
         }
     }
 
@@ -193,8 +200,14 @@ impl ConvId {
         self.direct_members().is_none_or(|m| m.contains(&user))
     }
 
+    /// Whether the owner holds group state for it (a member list, roles, settings): groups
+    /// and channels (whose members are its publishers).
     pub fn is_group(self) -> bool {
-        matches!(self, ConvId::Group(_))
+        matches!(self, ConvId::Group(_) | ConvId::Channel(_))
+    }
+
+    pub fn is_channel(self) -> bool {
+        matches!(self, ConvId::Channel(_))
     }
 
     /// Fixed-width key encoding: kind byte, then the ids big-endian (so keys sort by id).
@@ -210,6 +223,10 @@ impl ConvId {
                 out[0] = b'g';
                 out[1..9].copy_from_slice(&g.0.to_be_bytes());
             }
+            ConvId::Channel(c) => {
+                out[0] = CHANNEL_KIND;
+                out[1..9].copy_from_slice(&c.0.to_be_bytes());
+            }
         }
         out
     }
@@ -223,15 +240,20 @@ impl ConvId {
         match bytes[0] {
             b'd' => (a <= b).then_some(ConvId::Direct(UserId(a), UserId(b))),
             b'g' => (b == 0).then_some(ConvId::Group(GroupId(a))),
+            CHANNEL_KIND => (b == 0).then_some(ConvId::Channel(GroupId(a))),
             _ => None,
         }
     }
 
-    /// Parses the protocol forms `d.<hex>.<hex>` and `g.<hex>`. Rejects non-canonical forms
-    /// (wrong order, upper case, leading zeros) so one conversation has exactly one name.
+    /// Parses the protocol forms `d.<hex>.<hex>`, `g.<hex>` and `c.<hex>`. Rejects
+    /// non-canonical forms (wrong order, upper case, leading zeros) so one conversation has
+    /// exactly one name.
     pub fn parse(text: &str) -> Option<ConvId> {
         if let Some(rest) = text.strip_prefix("g.") {
             return parse_hex(rest).map(|g| ConvId::Group(GroupId(g)));
+        }
+        if let Some(rest) = text.strip_prefix("c.") {
+            return parse_hex(rest).map(|c| ConvId::Channel(GroupId(c)));
         }
         let rest = text.strip_prefix("d.")?;
         let (a, b) = rest.split_once('.')?;
@@ -259,6 +281,7 @@ impl fmt::Display for ConvId {
         match self {
             ConvId::Direct(a, b) => write!(f, "d.{:x}.{:x}", a.0, b.0),
             ConvId::Group(g) => write!(f, "g.{:x}", g.0),
+            ConvId::Channel(c) => write!(f, "c.{:x}", c.0),
         }
     }
 }
@@ -292,6 +315,16 @@ mod tests {
         assert_eq!(ConvId::parse("g.0abc"), None, "leading zero");
         assert!(g.may_have_member(UserId(5)) && !c.may_have_member(UserId(5)));
         assert_eq!(ConvId::parse("d.1"), None);
+        let ch = ConvId::Channel(GroupId(0xabc));
+        assert_eq!(ch.to_string(), "c.abc");
+        assert_eq!(ConvId::parse("c.abc"), Some(ch));
+        assert_eq!(ConvId::from_bytes(&ch.to_bytes()), Some(ch));
+        assert_ne!(
+            ch.slot(),
+            g.slot(),
+            "a channel and a group of one id are apart"
+        );
+        assert!(ch.is_group() && ch.is_channel() && !g.is_channel());
     }
 
     #[test]

@@ -74,6 +74,18 @@ pub const MAIL_BACKLOG_MAX: usize = 16 * 1024;
 /// open batch, since effects already decided commit together or not at all.
 pub const COMMIT_OPS_MAX: usize = 8 * 1024;
 
+/// Channels one user may subscribe to; beyond it `subscribe` answers `limit_reached`. Each
+/// online subscriber's channels are held in memory by their home shard (loaded by one bounded
+/// scan when their first device connects).
+pub const CHANNEL_SUBSCRIPTIONS_MAX: usize = 1_000;
+
+/// Bytes a connection's outbox may already hold for a best-effort push (a channel's message,
+/// a live room's) to still be queued; above it the push is dropped for that connection and
+/// counted (`hermod_offers_dropped_total`), and the connection stays open. Below
+/// `OUTBOX_BYTES_MAX`, so best-effort traffic alone never closes a slow reader: what it
+/// skipped it reads by seq.
+pub const OFFER_BYTES_MAX: usize = OUTBOX_BYTES_MAX / 4;
+
 /// Default largest group (configurable up to `GROUP_MEMBERS_LIMIT`). Beyond it: `group_full`.
 pub const GROUP_MEMBERS_MAX: usize = 10_000;
 
@@ -181,6 +193,11 @@ const _: () = assert!(
     "an outbox holds several frames"
 );
 const _: () = assert!(MAIL_BACKLOG_MAX >= MAIL_CHANNEL_CAPACITY);
+const _: () = assert!(
+    OFFER_BYTES_MAX + FRAME_BYTES_MAX < OUTBOX_BYTES_MAX,
+    "best-effort pushes leave room for replies and acked pushes"
+);
+const _: () = assert!(CHANNEL_SUBSCRIPTIONS_MAX < CONV_LIST_MAX);
 const _: () = assert!(GROUP_MEMBERS_MAX <= GROUP_MEMBERS_LIMIT);
 const _: () = assert!(
     GROUP_INVITE_MAX * (USERNAME_BYTES_MAX + 3) < FRAME_BYTES_MAX,

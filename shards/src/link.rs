@@ -64,7 +64,7 @@ pub const RTO_BACKOFF_MAX: u64 = 16;
 /// The version of the frame encoding; a frame of another version is refused, never guessed at.
 /// 2: batches travel inside length-prefixed NATS messages per node (`remote::pack`).
 /// 3: `Mail::Deliver` carries the whole `msg` push frame (no per-device push id).
-pub const WIRE_VERSION: u8 = 3;
+pub const WIRE_VERSION: u8 = 4;
 
 /// Why bytes from the transport are not a frame.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]

@@ -179,6 +179,7 @@ impl Mail {
             | Mail::Bot { reply, .. }
             | Mail::BotCall { reply, .. }
             | Mail::KeysQuery { reply, .. }
+            | Mail::Subscribe { reply, .. }
             | Mail::Account { reply, .. } => Some(*reply),
             Mail::SetBlock { reply, .. } => *reply,
             // Parts of gathers (answered by the gather), answers, and effects without a
@@ -201,6 +202,9 @@ impl Mail {
             | Mail::RangeDone { .. }
             | Mail::LastSeqsDone { .. }
             | Mail::BotOwned { .. }
+            | Mail::SubscribeOk { .. }
+            | Mail::Subscribers { .. }
+            | Mail::Broadcast { .. }
             | Mail::BlockSynced { .. } => None,
         }
     }
@@ -348,7 +352,39 @@ pub enum Mail {
         seq: Seq,
     },
 
+    /// `user` subscribes to channel `conv`: the owner checks that it exists and answers the
+    /// home with `SubscribeOk`, which stores the subscription.
+    Subscribe {
+        reply: ReplyTo,
+        conv: ConvId,
+        user: UserId,
+    },
+    /// A home shard stored (`+1`) or dropped (`-1`) a subscription to channel `conv`, durably.
+    Subscribers {
+        conv: ConvId,
+        delta: i64,
+    },
+
     // ---- owner → home ----
+    /// The answer to `Subscribe`: the channel exists; its durable last seq and name.
+    SubscribeOk {
+        reply: ReplyTo,
+        conv: ConvId,
+        user: UserId,
+        last_seq: Seq,
+        title: String,
+    },
+    /// A channel's post or event, once durable: one mail per shard of the cluster, offered to
+    /// the online devices of the subscribers homed there. `skip`: the posting connection, when
+    /// it lives on the receiving shard (it got the ack).
+    Broadcast {
+        conv: ConvId,
+        /// When the owner assigned the seq: the home shard measures delivery latency from it.
+        ts_ms: u64,
+        /// The whole `msg` push frame, built once by the owner.
+        frame: Arc<str>,
+        skip: Option<ConnId>,
+    },
     /// The answer to `ReadUpTo`: the cursor as the owner holds it (never beyond what exists).
     ReadCapped {
         reply: ReplyTo,

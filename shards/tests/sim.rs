@@ -496,7 +496,7 @@ impl Sim {
 
     fn route(&mut self, s: usize, out: Output) {
         match out {
-            Output::Send { conn, frame } => {
+            Output::Send { conn, frame } | Output::Offer { conn, frame } => {
                 if let Some(&d) = self.owner_of.get(&(s, conn)) {
                     self.on_frame(d, &frame);
                 }

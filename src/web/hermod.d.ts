@@ -31,7 +31,7 @@ export interface Conversation {
   id: string;
   /** The group's name, or the peer's username. */
   title: string;
-  kind: "direct" | "group";
+  kind: "direct" | "group" | "channel";
   msgs: Map<number, Message>;
   last_seq: number;
   read_seq: number;
@@ -152,7 +152,7 @@ export class Hermod {
   login(username: string, password: string): Promise<{ user: string; device: string; token: string }>;
   resume(): Promise<{ user: string; device: string }>;
   logout(): Promise<void>;
-  conv(id: string, title?: string, kind?: "direct" | "group"): Conversation;
+  conv(id: string, title?: string, kind?: "direct" | "group" | "channel"): Conversation;
   open(user: string): Promise<Conversation>;
   unread(conv: Conversation): number;
   history(conv: string, limit?: number): Promise<{ conv: string; msgs: Message[]; more: boolean }>;

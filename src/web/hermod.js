@@ -459,8 +459,8 @@ export class Hermod {
     if (this.e2e) await this.e2e.init();
     const list = await this.request("convs");
     for (const c of list.convs) {
-      const conv = this.conv(c.conv, c.kind === "group" ? c.title : c.peer, c.kind);
-      if (c.kind === "group") conv.title = c.title;
+      const conv = this.conv(c.conv, c.kind === "direct" ? c.peer : c.title, c.kind);
+      if (c.kind !== "direct") conv.title = c.title;
       conv.last_seq = Math.max(conv.last_seq, c.last_seq);
       conv.read_seq = Math.max(conv.read_seq, c.read_seq, c.last_seq - c.unread);
       conv.peer_read = Math.max(conv.peer_read, c.peer_read_seq || 0);
@@ -478,7 +478,7 @@ export class Hermod {
   conv(id, title, kind) {
     if (!this.convs.has(id)) {
       this.convs.set(id, {
-        id, title: title ?? "?", kind: kind || (id.startsWith("g.") ? "group" : "direct"),
+        id, title: title ?? "?", kind: kind || (id.startsWith("g.") ? "group" : id.startsWith("c.") ? "channel" : "direct"),
         /** @type {Map<number, object>} messages by seq */
         msgs: new Map(),
         last_seq: 0, read_seq: 0, peer_read: 0, muted: false,

@@ -464,7 +464,12 @@ fn convs_frame(
         let _ = write!(out, "{{\"conv\":\"{conv}\",");
         match &summary.title {
             Some(title) => {
-                out.push_str("\"kind\":\"group\",\"title\":");
+                let kind = if conv.is_channel() {
+                    "channel"
+                } else {
+                    "group"
+                };
+                let _ = write!(out, "\"kind\":\"{kind}\",\"title\":");
                 push_json_str(&mut out, title);
             }
             None => {

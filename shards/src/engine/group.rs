@@ -32,6 +32,10 @@ pub(super) struct Group {
     pub(super) fanout: Option<Fanout>,
     /// Additions waiting for the new members' home shards to index the group.
     pub(super) adds: HashMap<u64, Adding>,
+    /// A channel (`ConvId::Channel`): the members are its publishers; anyone reads it.
+    pub(super) channel: bool,
+    /// A channel's subscribers as its subscribers' home shards reported them (0 for a group).
+    pub(super) subscribers: u64,
 }
 
 pub(super) struct Adding {
@@ -70,12 +74,19 @@ impl Group {
             &keys::join_request_prefix(conv),
             GROUP_MEMBERS_LIMIT,
         )?);
+        let subscribers = if conv.is_channel() {
+            super::channels::load_subscribers(storage, conv)?
+        } else {
+            0
+        };
         Ok(Group {
             meta,
             members,
             requests,
             fanout: None,
             adds: HashMap::new(),
+            channel: conv.is_channel(),
+            subscribers,
         })
     }
 
@@ -84,7 +95,12 @@ impl Group {
     }
 
     pub(super) fn may_send(&self, user: UserId) -> Result<(), ErrorCode> {
-        let member = self.members.get(&user).ok_or(ErrorCode::NotMember)?;
+        let member = match self.members.get(&user) {
+            Some(member) => member,
+            // A subscriber: only publishers post in a channel.
+            None if self.channel => return Err(ErrorCode::Forbidden),
+            None => return Err(ErrorCode::NotMember),
+        };
         if self.meta.disbanded {
             return Err(ErrorCode::GroupDisbanded);
         }
@@ -117,7 +133,11 @@ impl Group {
     }
 
     /// The highest seq `user` may not read (0: all history), or `None` for a non-member.
+    /// Anyone reads all of a channel: channels are public.
     pub(super) fn floor(&self, user: UserId) -> Option<Seq> {
+        if self.channel {
+            return Some(0);
+        }
         let member = self.members.get(&user)?;
         Some(if self.meta.history_visible {
             0
@@ -162,6 +182,18 @@ impl Group {
     }
 
     pub(super) fn info_json(&self, conv: ConvId) -> Value {
+        if self.channel {
+            return json!({
+                "conv": conv.to_string(),
+                "name": self.meta.name,
+                "owner": self.name_of(UserId(self.meta.owner)),
+                "channel": true,
+                "disbanded": self.meta.disbanded,
+                "publishers": self.members.len(),
+                "subscribers": self.subscribers,
+                "version": self.meta.info_version,
+            });
+        }
         json!({
             "conv": conv.to_string(),
             "name": self.meta.name,
@@ -285,6 +317,8 @@ impl<S: Storage> Shard<S> {
             requests: BTreeMap::new(),
             fanout: None,
             adds: HashMap::new(),
+            channel: conv.is_channel(),
+            subscribers: 0,
         }));
         self.start_add(conv, reply, actor, users, AddHow::Create);
     }
@@ -354,6 +388,15 @@ impl<S: Storage> Shard<S> {
         }
         if group.meta.disbanded {
             return Err(DISBANDED);
+        }
+        if group.channel {
+            match op {
+                ConvOp::Join | ConvOp::Approve { .. } | ConvOp::Decline { .. } => {
+                    return Err((ErrorCode::BadRequest, "a channel is joined by `subscribe`"))
+                }
+                ConvOp::Invite { .. } if !is_admin => return Err(NOT_ADMIN),
+                _ => {}
+            }
         }
         match op {
             ConvOp::Join => {

@@ -409,6 +409,10 @@ impl<S: Storage> Shard<S> {
                         read_seq: 0,
                     };
                     self.put(keys::user_conv(user, conv), entry.encode());
+                    if conv.is_channel() {
+                        // A channel's publishers are subscribed from the start.
+                        self.subscribed(user, conv, true);
+                    }
                     ok.push(user);
                 }
                 Err(_) => {}

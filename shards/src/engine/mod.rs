@@ -39,6 +39,7 @@
 mod admin;
 mod amend;
 mod bots;
+mod channels;
 mod commit;
 mod effects;
 mod event;
@@ -207,6 +208,10 @@ impl From<Arc<str>> for Frame {
 pub enum Output {
     /// Send a text frame.
     Send { conn: ConnId, frame: Frame },
+    /// Send a text frame if the connection's outbox holds at most `limits::OFFER_BYTES_MAX`
+    /// bytes; otherwise drop it (counted by the driver) and keep the connection. Best-effort
+    /// pushes (channels, live rooms): what a device misses it reads by seq.
+    Offer { conn: ConnId, frame: Frame },
     /// Send a WebSocket ping (liveness probe).
     Ping { conn: ConnId },
     /// Close the connection with this code after flushing what is queued. The engine has
@@ -276,6 +281,7 @@ pub struct Shard<S: Storage> {
     /// those the other user declined meanwhile: see `social::friend_answer`.
     friend_races: social::FriendRaces,
     notifier: notify::Notifier,
+    channels: channels::Channels,
     bots: bots::Bots,
     /// Blocks whose owner's copy is not yet confirmed: see `social::BlockSyncs`.
     block_syncs: social::BlockSyncs,
@@ -306,6 +312,7 @@ impl<S: Storage> Shard<S> {
             sessions: session::Sessions::default(),
             friend_races: social::FriendRaces::default(),
             notifier: notify::Notifier::default(),
+            channels: channels::Channels::default(),
             bots: bots::Bots::default(),
             block_syncs: social::BlockSyncs::default(),
             owned: owner::Owned::default(),
@@ -484,6 +491,7 @@ impl<S: Storage> Shard<S> {
             self.last_flush_ms = now_ms;
             self.flush_presence();
             self.flush_cursors();
+            self.flush_channel_counts();
         }
         self.drain_local(now_ms);
     }
@@ -508,8 +516,9 @@ impl<S: Storage> Shard<S> {
     /// When the dirty presence and cursors go out: `PRESENCE_TICK_MS` after the last flush,
     /// which coalesces a user's flapping into at most one push per window.
     fn flush_at(&self) -> Option<u64> {
-        let dirty =
-            !self.sessions.presence_dirty.is_empty() || !self.owned.cursors_dirty.is_empty();
+        let dirty = !self.sessions.presence_dirty.is_empty()
+            || !self.owned.cursors_dirty.is_empty()
+            || !self.channels.counts_dirty.is_empty();
         dirty.then_some(self.last_flush_ms + limits::PRESENCE_TICK_MS)
     }
 
@@ -521,7 +530,7 @@ impl<S: Storage> Shard<S> {
 
     pub fn poll_output(&mut self) -> Option<Output> {
         let out = self.out.pop_front();
-        if let Some(Output::Send { .. }) = out {
+        if let Some(Output::Send { .. } | Output::Offer { .. }) = out {
             self.stats.frames_out += 1;
         }
         out
@@ -694,6 +703,24 @@ impl<S: Storage> Shard<S> {
             } => {
                 self.stats.delivery_ms.observe(now_ms.saturating_sub(ts_ms));
                 self.home_deliver(now_ms, (conv, seq), &frame, &recipients, skip)
+            }
+            Mail::Subscribe { reply, conv, user } => self.owner_subscribe(reply, conv, user),
+            Mail::SubscribeOk {
+                reply,
+                conv,
+                user,
+                last_seq,
+                title,
+            } => self.home_subscribe(reply, conv, user, (last_seq, title)),
+            Mail::Subscribers { conv, delta } => self.owner_subscribers(conv, delta),
+            Mail::Broadcast {
+                conv,
+                ts_ms,
+                frame,
+                skip,
+            } => {
+                self.stats.delivery_ms.observe(now_ms.saturating_sub(ts_ms));
+                self.home_broadcast(conv, &frame, skip)
             }
             Mail::RangeDone { gather, page } => self.gather_range_done(gather, page),
             Mail::LastSeqsDone { gather, seqs } => self.gather_last_seqs_done(gather, seqs),

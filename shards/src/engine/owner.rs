@@ -155,7 +155,7 @@ impl<S: Storage> Shard<S> {
             let meta = self.storage.get(&meta_key)?;
             let exists = meta.is_some();
             let (direct, group) = match (conv, meta) {
-                (ConvId::Group(_), Some(bytes)) => (
+                (ConvId::Group(_) | ConvId::Channel(_), Some(bytes)) => (
                     None,
                     Some(Box::new(Group::load(&self.storage, conv, &bytes)?)),
                 ),
@@ -427,7 +427,8 @@ impl<S: Storage> Shard<S> {
         state
     }
 
-    /// One `Deliver` mail per destination shard, all sharing one push frame.
+    /// One `Deliver` mail per destination shard, all sharing one push frame; for a channel,
+    /// one best-effort `Broadcast` per shard instead (`engine/channels.rs`).
     fn deliver(
         &mut self,
         conv: ConvId,
@@ -436,6 +437,9 @@ impl<S: Storage> Shard<S> {
         fanout: &Fanout,
         sender: Option<ReplyTo>,
     ) {
+        if conv.is_channel() {
+            return self.broadcast(conv, ts_ms, msg, sender);
+        }
         if fanout.is_empty() {
             return;
         }
@@ -557,7 +561,9 @@ impl<S: Storage> Shard<S> {
     /// Drops `conv` from the conversation lists of `users`, one mail per home shard, except
     /// for users who are (again) members or being added.
     pub(super) fn unindex(&mut self, conv: ConvId, mut users: Vec<UserId>) {
-        if users.is_empty() {
+        // A channel's index entries are subscriptions: a publisher who leaves or is removed
+        // stays subscribed until they unsubscribe.
+        if users.is_empty() || conv.is_channel() {
             return;
         }
         // The group's state may have been dropped (a failed commit): reload it, so a member

@@ -151,6 +151,7 @@ impl<S: Storage> Shard<S> {
                 self.sessions.devices_online -= before - list.len();
                 if list.is_empty() {
                     self.sessions.online.remove(&s.user);
+                    self.channels_offline(s.user);
                 }
             }
         }

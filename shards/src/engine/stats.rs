@@ -13,7 +13,9 @@ pub struct Stats {
     pub deduplicated: u64,
     pub pushes: u64,
     pub push_retries: u64,
-    /// `Deliver` mails sent by owners (one per destination shard per message).
+    /// Channel posts offered to devices (`Output::Offer`, before the driver's outbox check).
+    pub channel_offers: u64,
+    /// `Deliver` and `Broadcast` mails sent by owners (one per destination shard per message).
     pub fanout_mails: u64,
     /// Presence pushes addressed (recipients, before the per-device fan-out).
     pub presence_pushes: u64,
@@ -75,6 +77,7 @@ impl Default for Stats {
             pushes: 0,
             push_retries: 0,
             fanout_mails: 0,
+            channel_offers: 0,
             presence_pushes: 0,
             commits: 0,
             commit_ops: 0,

@@ -69,11 +69,13 @@ pub enum ErrorCode {
     Unavailable,
     /// The user lives on another node of the cluster: connect to the URL in the error's `url`.
     Moved,
+    /// A per-user bound was reached (channel subscriptions).
+    LimitReached,
 }
 
 impl ErrorCode {
     /// Every code, in declaration order (`code as usize` indexes it).
-    pub const ALL: [ErrorCode; 34] = [
+    pub const ALL: [ErrorCode; 35] = [
         ErrorCode::BadJson,
         ErrorCode::BadRequest,
         ErrorCode::UnknownOp,
@@ -108,6 +110,7 @@ impl ErrorCode {
         ErrorCode::AccountDisabled,
         ErrorCode::Unavailable,
         ErrorCode::Moved,
+        ErrorCode::LimitReached,
     ];
 
     /// The code whose string form is `text`.
@@ -151,6 +154,7 @@ impl ErrorCode {
             ErrorCode::AccountDisabled => "account_disabled",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Moved => "moved",
+            ErrorCode::LimitReached => "limit_reached",
         }
     }
 }

@@ -109,6 +109,14 @@ pub struct GroupCreate {
     pub history_visible: bool,
 }
 
+/// `channel_create`: a name and the first publishers besides the creator (usernames).
+#[derive(Debug, Deserialize)]
+pub struct ChannelCreate {
+    pub name: String,
+    #[serde(default)]
+    pub publishers: Vec<String>,
+}
+
 /// Ops on one conversation that name nothing else (`group_join`, `group_leave`,
 /// `group_disband`, `typing`).
 #[derive(Debug, Deserialize)]
@@ -412,6 +420,9 @@ requests! {
     "group_disband" => GroupDisband(ConvOnly<'a>),
     "group_info" => GroupInfo(Versioned<'a>),
     "group_members" => GroupMembers(Versioned<'a>),
+    "channel_create" => ChannelCreate(ChannelCreate),
+    "subscribe" => Subscribe(ConvOnly<'a>),
+    "unsubscribe" => Unsubscribe(ConvOnly<'a>),
     "friend_request" => FriendRequest(UserArg),
     "friend_accept" => FriendAccept(UserArg),
     "friend_decline" => FriendDecline(UserArg),

@@ -15,9 +15,10 @@
 //! | `slot 'P' user` | [`ProfileRecord`] (display name, avatar URL, bio, version) | user's home shard |
 //! | `slot 'V' user` | [`SocialMeta`] (friend list version, status text) | user's home shard |
 //! | `slot 'K' conv` | [`ConvBlocks`] (one-to-one: who blocks whom, as applied to sends) | conversation's owner shard |
-//! | `slot 'C' user conv` | [`UserConv`] (membership index + read cursor) | user's home shard |
+//! | `slot 'C' user conv` | [`UserConv`] (membership index + read cursor; for a channel: the subscription) | user's home shard |
 //! | `slot 'M' conv` | [`ConvMeta`] (one-to-one) or [`GroupMeta`] (group) | conversation's owner shard |
-//! | `slot 'G' conv user` | [`GroupMember`] | group's owner shard |
+//! | `slot 'G' conv user` | [`GroupMember`] (a channel's: its publishers) | group's owner shard |
+//! | `slot 'S' conv` | [`ChannelStats`] (a channel's subscriber count) | channel's owner shard |
 //! | `slot 'J' conv user` | [`JoinRequest`] (awaiting approval) | group's owner shard |
 //! | `slot 'R' conv seq` | [`MessageRecord`] | conversation's owner shard |
 //! | `slot 'I' conv msg-id` | [`DedupRecord`] | conversation's owner shard |
@@ -196,6 +197,20 @@ pub mod keys {
     /// `user`'s do-not-disturb (`dnd_set`).
     pub fn dnd(user: UserId) -> Vec<u8> {
         user_prefix(b'Z', user)
+    }
+
+    /// Where `user`'s channel subscriptions are: their index entries for channels, which
+    /// sort together because a channel's key encoding starts with [`CHANNEL_KIND`].
+    pub fn user_channel_prefix(user: UserId) -> Vec<u8> {
+        let mut k = user_conv_prefix(user);
+        k.push(crate::ids::CHANNEL_KIND);
+        k
+    }
+
+    pub fn channel_stats(conv: ConvId) -> Vec<u8> {
+        let mut k = head(conv.slot().0, b'S', 17);
+        k.extend_from_slice(&conv.to_bytes());
+        k
     }
 
     /// The conversation id at the end of a `user_conv` (or `conv_mute`) key.
@@ -493,6 +508,14 @@ pub struct ConvMeta {
     pub read: [u64; 2],
 }
 record!(ConvMeta);
+
+/// A channel's subscriber count, kept by its owner from the subscribers' home shards' reports
+/// and written at most once per tick.
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct ChannelStats {
+    pub subscribers: u64,
+}
+record!(ChannelStats);
 
 /// A group's settings. `info_version` moves on every change to these fields, `members_version`
 /// on every membership or role change: clients pull with the version they hold.

@@ -412,12 +412,16 @@ impl<S: Storage> Shard<S> {
                 "this device logged in again elsewhere",
             );
         }
+        let first = !self.sessions.online.contains_key(&session.user);
         self.sessions
             .online
             .entry(session.user)
             .or_default()
             .push(conn);
         self.sessions.devices_online += 1;
+        if first {
+            self.channels_online(session.user);
+        }
         self.sessions.presence_dirty.insert(session.user);
         if let Some(c) = self.sessions.conns.get_mut(&conn) {
             c.session = Some(Rc::new(session));

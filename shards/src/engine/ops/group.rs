@@ -38,6 +38,24 @@ impl<S: Storage> Shard<S> {
         self.mail_owner(by, conv, op)
     }
 
+    /// A channel: created like a group whose members are its publishers (docs/channels.md).
+    pub(in crate::engine) fn create_channel(
+        &mut self,
+        by: Asker,
+        req: p::ChannelCreate,
+    ) -> Outcome {
+        let name = group_name(&req.name)?;
+        let members = resolve(&req.publishers)?;
+        let conv = ConvId::Channel(GroupId(self.rng.gen_range(1..=u64::MAX)));
+        let op = ConvOp::GroupCreate {
+            name,
+            members,
+            approval: false,
+            history_visible: true,
+        };
+        self.mail_owner(by, conv, op)
+    }
+
     pub(in crate::engine) fn group_invite(&mut self, by: Asker, req: p::GroupUsers) -> Outcome {
         let users = resolve(&req.users)?;
         let conv = conv_arg(&req.conv)?;

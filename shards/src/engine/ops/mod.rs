@@ -131,6 +131,9 @@ impl<S: Storage> Shard<S> {
             }
 
             Request::GroupCreate(r) => self.create_group(by, r),
+            Request::ChannelCreate(r) => self.create_channel(by, r),
+            Request::Subscribe(r) => self.subscribe(by, r),
+            Request::Unsubscribe(r) => self.unsubscribe(by, r),
             Request::GroupInvite(r) => self.group_invite(by, r),
             Request::GroupJoin(r) => self.group_plain(by, r, ConvOp::Join),
             Request::GroupLeave(r) => self.group_plain(by, r, ConvOp::Leave),
@@ -220,7 +223,7 @@ fn storage_failed(_: StorageError) -> (ErrorCode, String) {
     (ErrorCode::Internal, "storage read failed".to_owned())
 }
 
-fn conv_arg(text: &str) -> Result<ConvId, (ErrorCode, String)> {
+pub(super) fn conv_arg(text: &str) -> Result<ConvId, (ErrorCode, String)> {
     ConvId::parse(text).ok_or_else(|| bad("conv is not a conversation id".into()))
 }
 
