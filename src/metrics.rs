@@ -17,7 +17,7 @@ use hermod_store::StoreStats;
 
 /// How many per-shard families `FAMILIES` lists; `publish` fills exactly this many values, in
 /// the same order (a fixed-size array, so the compiler holds the two in step).
-const FAMILY_COUNT: usize = 27;
+const FAMILY_COUNT: usize = 30;
 
 /// One value per shard, by name, with its help text and Prometheus type.
 const FAMILIES: [(&str, &str, &str); FAMILY_COUNT] = [
@@ -87,9 +87,24 @@ const FAMILIES: [(&str, &str, &str); FAMILY_COUNT] = [
         "Deliver and Broadcast mails sent by owners (one per destination shard per message).",
     ),
     (
-        "hermod_channel_offers_total",
+        "hermod_offers_total",
         "counter",
-        "Channel posts offered to online subscribers' devices (before the outbox check).",
+        "Best-effort pushes offered to devices: channel posts, live room messages (before the outbox check).",
+    ),
+    (
+        "hermod_room_messages_total",
+        "counter",
+        "Live room messages admitted (on the rooms' owner shards).",
+    ),
+    (
+        "hermod_room_shed_sampled_total",
+        "counter",
+        "Live room messages shed by sampling while the room was offered more than its rate.",
+    ),
+    (
+        "hermod_room_shed_rate_total",
+        "counter",
+        "Live room messages shed at the room's rate cap.",
     ),
     (
         "hermod_presence_pushes_total",
@@ -569,7 +584,10 @@ impl Board {
             st.pushes,
             st.push_retries,
             st.fanout_mails,
-            st.channel_offers,
+            st.offers,
+            st.room_posts,
+            st.room_shed_sampled,
+            st.room_shed_rate,
             st.presence_pushes,
             st.commits,
             st.commit_ops,

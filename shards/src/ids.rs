@@ -106,6 +106,9 @@ pub enum ConvId {
     Direct(UserId, UserId),
     Group(GroupId),
     Channel(GroupId),
+    /// A live room (`engine/rooms.rs`): nothing of it is a stored conversation but its
+    /// settings; the id only places it.
+    Room(GroupId),
 }
 
 /// The server's own name: the sender of operator notices (admin API). `register` refuses it,
@@ -190,7 +193,7 @@ impl ConvId {
     pub fn direct_members(self) -> Option<[UserId; 2]> {
         match self {
             ConvId::Direct(a, b) => Some([a, b]),
-            ConvId::Group(_) | ConvId::Channel(_) => None,
+            ConvId::Group(_) | ConvId::Channel(_) | ConvId::Room(_) => None,
         }
     }
 
@@ -210,6 +213,10 @@ impl ConvId {
         matches!(self, ConvId::Channel(_))
     }
 
+    pub fn is_room(self) -> bool {
+        matches!(self, ConvId::Room(_))
+    }
+
     /// Fixed-width key encoding: kind byte, then the ids big-endian (so keys sort by id).
     pub fn to_bytes(self) -> [u8; 17] {
         let mut out = [0u8; 17];
@@ -227,6 +234,10 @@ impl ConvId {
                 out[0] = CHANNEL_KIND;
                 out[1..9].copy_from_slice(&c.0.to_be_bytes());
             }
+            ConvId::Room(r) => {
+                out[0] = b'r';
+                out[1..9].copy_from_slice(&r.0.to_be_bytes());
+            }
         }
         out
     }
@@ -241,11 +252,12 @@ impl ConvId {
             b'd' => (a <= b).then_some(ConvId::Direct(UserId(a), UserId(b))),
             b'g' => (b == 0).then_some(ConvId::Group(GroupId(a))),
             CHANNEL_KIND => (b == 0).then_some(ConvId::Channel(GroupId(a))),
+            b'r' => (b == 0).then_some(ConvId::Room(GroupId(a))),
             _ => None,
         }
     }
 
-    /// Parses the protocol forms `d.<hex>.<hex>`, `g.<hex>` and `c.<hex>`. Rejects
+    /// Parses the protocol forms `d.<hex>.<hex>`, `g.<hex>`, `c.<hex>` and `r.<hex>`. Rejects
     /// non-canonical forms (wrong order, upper case, leading zeros) so one conversation has
     /// exactly one name.
     pub fn parse(text: &str) -> Option<ConvId> {
@@ -254,6 +266,9 @@ impl ConvId {
         }
         if let Some(rest) = text.strip_prefix("c.") {
             return parse_hex(rest).map(|c| ConvId::Channel(GroupId(c)));
+        }
+        if let Some(rest) = text.strip_prefix("r.") {
+            return parse_hex(rest).map(|r| ConvId::Room(GroupId(r)));
         }
         let rest = text.strip_prefix("d.")?;
         let (a, b) = rest.split_once('.')?;
@@ -282,6 +297,7 @@ impl fmt::Display for ConvId {
             ConvId::Direct(a, b) => write!(f, "d.{:x}.{:x}", a.0, b.0),
             ConvId::Group(g) => write!(f, "g.{:x}", g.0),
             ConvId::Channel(c) => write!(f, "c.{:x}", c.0),
+            ConvId::Room(r) => write!(f, "r.{:x}", r.0),
         }
     }
 }
@@ -325,6 +341,10 @@ mod tests {
             "a channel and a group of one id are apart"
         );
         assert!(ch.is_group() && ch.is_channel() && !g.is_channel());
+        let r = ConvId::Room(GroupId(0xabc));
+        assert_eq!(ConvId::parse("r.abc"), Some(r));
+        assert_eq!(ConvId::from_bytes(&r.to_bytes()), Some(r));
+        assert!(r.is_room() && !r.is_group());
     }
 
     #[test]

@@ -86,6 +86,21 @@ pub const CHANNEL_SUBSCRIPTIONS_MAX: usize = 1_000;
 /// skipped it reads by seq.
 pub const OFFER_BYTES_MAX: usize = OUTBOX_BYTES_MAX / 4;
 
+/// Live rooms (`engine/rooms.rs`): messages kept for `room_join`'s recent window.
+pub const ROOM_RECENT_MAX: usize = 50;
+
+/// A live room's default and largest rate of ordinary messages per second (`room_create`'s
+/// `rate`); past the rate ordinary messages are shed (`shed`). Admins' messages are not
+/// counted against it.
+pub const ROOM_RATE_DEFAULT: u32 = 20;
+pub const ROOM_RATE_MAX: u32 = 1_000;
+
+/// Admins of one live room (besides its owner).
+pub const ROOM_ADMINS_MAX: usize = 100;
+
+/// Live rooms one connection may be in at once; past it `room_join` answers `limit_reached`.
+pub const ROOM_JOINS_MAX: usize = 16;
+
 /// Default largest group (configurable up to `GROUP_MEMBERS_LIMIT`). Beyond it: `group_full`.
 pub const GROUP_MEMBERS_MAX: usize = 10_000;
 

@@ -55,6 +55,28 @@ pub struct ConvSummary {
     pub own_read: Seq,
 }
 
+/// What a live room's owner is asked to do (`Mail::Room`).
+#[derive(Debug, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub enum RoomOp {
+    Create {
+        name: String,
+        rate: u32,
+        admins: Vec<UserId>,
+    },
+    /// The owner's: any of name, rate, admins (the whole list).
+    Update {
+        name: Option<String>,
+        rate: Option<u32>,
+        admins: Option<Vec<UserId>>,
+    },
+    Join,
+    Post {
+        device: String,
+        id: uuid::Uuid,
+        body: String,
+    },
+}
+
 /// A user named in a request, resolved by the requester's shard: id and normalised name.
 pub type Named = (UserId, String);
 
@@ -180,6 +202,7 @@ impl Mail {
             | Mail::BotCall { reply, .. }
             | Mail::KeysQuery { reply, .. }
             | Mail::Subscribe { reply, .. }
+            | Mail::Room { reply, .. }
             | Mail::Account { reply, .. } => Some(*reply),
             Mail::SetBlock { reply, .. } => *reply,
             // Parts of gathers (answered by the gather), answers, and effects without a
@@ -205,6 +228,9 @@ impl Mail {
             | Mail::SubscribeOk { .. }
             | Mail::Subscribers { .. }
             | Mail::Broadcast { .. }
+            | Mail::RoomJoined { .. }
+            | Mail::RoomLeft { .. }
+            | Mail::RoomPush { .. }
             | Mail::BlockSynced { .. } => None,
         }
     }
@@ -359,6 +385,18 @@ pub enum Mail {
         conv: ConvId,
         user: UserId,
     },
+    /// A request about live room `room`, for its owner (`engine/rooms.rs`).
+    Room {
+        reply: ReplyTo,
+        room: ConvId,
+        actor: Named,
+        op: RoomOp,
+    },
+    /// A connection of `shard` left `room` (or went away).
+    RoomLeft {
+        room: ConvId,
+        shard: ShardId,
+    },
     /// A home shard stored (`+1`) or dropped (`-1`) a subscription to channel `conv`, durably.
     Subscribers {
         conv: ConvId,
@@ -382,6 +420,19 @@ pub enum Mail {
         /// When the owner assigned the seq: the home shard measures delivery latency from it.
         ts_ms: u64,
         /// The whole `msg` push frame, built once by the owner.
+        frame: Arc<str>,
+        skip: Option<ConnId>,
+    },
+    /// The owner counted a `room_join`: bind the connection and send it `frame` (the reply).
+    RoomJoined {
+        reply: ReplyTo,
+        room: ConvId,
+        frame: String,
+    },
+    /// An admitted live room message for this shard's connections in `room`; `skip`: the
+    /// sending connection, when it lives here (it got the reply).
+    RoomPush {
+        room: ConvId,
         frame: Arc<str>,
         skip: Option<ConnId>,
     },

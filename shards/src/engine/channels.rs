@@ -191,7 +191,7 @@ impl<S: Storage> Shard<S> {
         for user in users {
             for &conn in self.sessions.online.get(user).into_iter().flatten() {
                 if Some(conn) != skip {
-                    self.stats.channel_offers += 1;
+                    self.stats.offers += 1;
                     self.out.push_back(Output::Offer {
                         conn,
                         frame: Frame::Shared(frame.clone()),

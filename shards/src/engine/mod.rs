@@ -54,6 +54,7 @@ mod ops;
 mod owner;
 mod presence;
 mod reads;
+mod rooms;
 mod session;
 mod social;
 mod stats;
@@ -282,6 +283,7 @@ pub struct Shard<S: Storage> {
     friend_races: social::FriendRaces,
     notifier: notify::Notifier,
     channels: channels::Channels,
+    rooms: rooms::Rooms,
     bots: bots::Bots,
     /// Blocks whose owner's copy is not yet confirmed: see `social::BlockSyncs`.
     block_syncs: social::BlockSyncs,
@@ -313,6 +315,7 @@ impl<S: Storage> Shard<S> {
             friend_races: social::FriendRaces::default(),
             notifier: notify::Notifier::default(),
             channels: channels::Channels::default(),
+            rooms: rooms::Rooms::default(),
             bots: bots::Bots::default(),
             block_syncs: social::BlockSyncs::default(),
             owned: owner::Owned::default(),
@@ -722,6 +725,15 @@ impl<S: Storage> Shard<S> {
                 self.stats.delivery_ms.observe(now_ms.saturating_sub(ts_ms));
                 self.home_broadcast(conv, &frame, skip)
             }
+            Mail::Room {
+                reply,
+                room,
+                actor,
+                op,
+            } => self.owner_room(now_ms, reply, room, actor, op),
+            Mail::RoomJoined { reply, room, frame } => self.home_room_joined(reply, room, frame),
+            Mail::RoomLeft { room, shard } => self.owner_room_left(room, shard),
+            Mail::RoomPush { room, frame, skip } => self.home_room_push(room, &frame, skip),
             Mail::RangeDone { gather, page } => self.gather_range_done(gather, page),
             Mail::LastSeqsDone { gather, seqs } => self.gather_last_seqs_done(gather, seqs),
         }

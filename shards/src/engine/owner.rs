@@ -162,7 +162,8 @@ impl<S: Storage> Shard<S> {
                 (ConvId::Direct(..), Some(bytes)) => {
                     (Some(ConvMeta::decode(&meta_key, &bytes)?), None)
                 }
-                (_, None) => (None, None),
+                // A live room has no timeline: it is no conversation here (`engine/rooms.rs`).
+                (_, None) | (ConvId::Room(_), _) => (None, None),
             };
             let last = self.storage.scan(
                 &keys::message(conv, 0),

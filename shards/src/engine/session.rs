@@ -140,6 +140,7 @@ impl<S: Storage> Shard<S> {
 
     fn forget(&mut self, conn: ConnId) -> Option<Conn> {
         let c = self.sessions.conns.remove(&conn)?;
+        self.rooms_gone(conn);
         if let Some(s) = &c.session {
             self.sessions.presence_dirty.insert(s.user);
             self.sessions

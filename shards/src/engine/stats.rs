@@ -13,8 +13,13 @@ pub struct Stats {
     pub deduplicated: u64,
     pub pushes: u64,
     pub push_retries: u64,
-    /// Channel posts offered to devices (`Output::Offer`, before the driver's outbox check).
-    pub channel_offers: u64,
+    /// Best-effort pushes offered to devices (`Output::Offer`: channel posts, live room
+    /// messages), before the driver's outbox check.
+    pub offers: u64,
+    /// Live room messages admitted, and shed by sampling or by the rate cap.
+    pub room_posts: u64,
+    pub room_shed_sampled: u64,
+    pub room_shed_rate: u64,
     /// `Deliver` and `Broadcast` mails sent by owners (one per destination shard per message).
     pub fanout_mails: u64,
     /// Presence pushes addressed (recipients, before the per-device fan-out).
@@ -77,7 +82,10 @@ impl Default for Stats {
             pushes: 0,
             push_retries: 0,
             fanout_mails: 0,
-            channel_offers: 0,
+            offers: 0,
+            room_posts: 0,
+            room_shed_sampled: 0,
+            room_shed_rate: 0,
             presence_pushes: 0,
             commits: 0,
             commit_ops: 0,

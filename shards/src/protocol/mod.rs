@@ -69,13 +69,15 @@ pub enum ErrorCode {
     Unavailable,
     /// The user lives on another node of the cluster: connect to the URL in the error's `url`.
     Moved,
-    /// A per-user bound was reached (channel subscriptions).
+    /// A per-user bound was reached (channel subscriptions, live rooms per connection).
     LimitReached,
+    /// A live room shed the message under load: it was not delivered.
+    Shed,
 }
 
 impl ErrorCode {
     /// Every code, in declaration order (`code as usize` indexes it).
-    pub const ALL: [ErrorCode; 35] = [
+    pub const ALL: [ErrorCode; 36] = [
         ErrorCode::BadJson,
         ErrorCode::BadRequest,
         ErrorCode::UnknownOp,
@@ -111,6 +113,7 @@ impl ErrorCode {
         ErrorCode::Unavailable,
         ErrorCode::Moved,
         ErrorCode::LimitReached,
+        ErrorCode::Shed,
     ];
 
     /// The code whose string form is `text`.
@@ -155,6 +158,7 @@ impl ErrorCode {
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Moved => "moved",
             ErrorCode::LimitReached => "limit_reached",
+            ErrorCode::Shed => "shed",
         }
     }
 }

@@ -117,6 +117,29 @@ pub struct ChannelCreate {
     pub publishers: Vec<String>,
 }
 
+/// `room_create`: a live room's name, its rate of ordinary messages per second, its admins.
+#[derive(Debug, Deserialize)]
+pub struct RoomCreate {
+    pub name: String,
+    #[serde(default)]
+    pub rate: Option<u32>,
+    #[serde(default)]
+    pub admins: Vec<String>,
+}
+
+/// `room_update`: what to change (the owner's).
+#[derive(Debug, Deserialize)]
+pub struct RoomUpdate<'a> {
+    #[serde(borrow)]
+    pub conv: Cow<'a, str>,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub rate: Option<u32>,
+    #[serde(default)]
+    pub admins: Option<Vec<String>>,
+}
+
 /// Ops on one conversation that name nothing else (`group_join`, `group_leave`,
 /// `group_disband`, `typing`).
 #[derive(Debug, Deserialize)]
@@ -423,6 +446,10 @@ requests! {
     "channel_create" => ChannelCreate(ChannelCreate),
     "subscribe" => Subscribe(ConvOnly<'a>),
     "unsubscribe" => Unsubscribe(ConvOnly<'a>),
+    "room_create" => RoomCreate(RoomCreate),
+    "room_update" => RoomUpdate(RoomUpdate<'a>),
+    "room_join" => RoomJoin(ConvOnly<'a>),
+    "room_leave" => RoomLeave(ConvOnly<'a>),
     "friend_request" => FriendRequest(UserArg),
     "friend_accept" => FriendAccept(UserArg),
     "friend_decline" => FriendDecline(UserArg),

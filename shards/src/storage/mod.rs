@@ -19,6 +19,7 @@
 //! | `slot 'M' conv` | [`ConvMeta`] (one-to-one) or [`GroupMeta`] (group) | conversation's owner shard |
 //! | `slot 'G' conv user` | [`GroupMember`] (a channel's: its publishers) | group's owner shard |
 //! | `slot 'S' conv` | [`ChannelStats`] (a channel's subscriber count) | channel's owner shard |
+//! | `slot 'W' room` | [`RoomRecord`] (a live room's settings) | room's owner shard |
 //! | `slot 'J' conv user` | [`JoinRequest`] (awaiting approval) | group's owner shard |
 //! | `slot 'R' conv seq` | [`MessageRecord`] | conversation's owner shard |
 //! | `slot 'I' conv msg-id` | [`DedupRecord`] | conversation's owner shard |
@@ -204,6 +205,12 @@ pub mod keys {
     pub fn user_channel_prefix(user: UserId) -> Vec<u8> {
         let mut k = user_conv_prefix(user);
         k.push(crate::ids::CHANNEL_KIND);
+        k
+    }
+
+    pub fn room(room: ConvId) -> Vec<u8> {
+        let mut k = head(room.slot().0, b'W', 17);
+        k.extend_from_slice(&room.to_bytes());
         k
     }
 
@@ -516,6 +523,20 @@ pub struct ChannelStats {
     pub subscribers: u64,
 }
 record!(ChannelStats);
+
+/// A live room's settings (`room_create`, `room_update`). Its members, messages and counters
+/// live in its owner's memory only.
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct RoomRecord {
+    pub name: String,
+    pub owner: u64,
+    /// Users whose messages are never shed (with the owner), by id.
+    pub admins: Vec<u64>,
+    /// Ordinary messages delivered per second, at most.
+    pub rate: u32,
+    pub created_ms: u64,
+}
+record!(RoomRecord);
 
 /// A group's settings. `info_version` moves on every change to these fields, `members_version`
 /// on every membership or role change: clients pull with the version they hold.

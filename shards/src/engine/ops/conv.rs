@@ -44,6 +44,9 @@ impl<S: Storage> Shard<S> {
     ) -> Outcome {
         let s = by.session;
         let conv = conv_arg(&req.conv)?;
+        if conv.is_room() {
+            return self.room_post(now_ms, by, conv, req);
+        }
         if !conv.may_have_member(s.user) {
             return Err((
                 ErrorCode::NotMember,
