@@ -100,6 +100,37 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         away: usize,
     },
+    /// Posts to a channel with many subscribers, some online: posts/s, deliveries/s, latency
+    /// per delivery, subscriptions/s (docs/channels.md).
+    Channel {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long, default_value_t = 1000)]
+        subscribers: usize,
+        /// Subscribers that stay connected (one connection each; the rest leave once subscribed).
+        #[arg(long, default_value_t = 100)]
+        online: usize,
+        #[arg(long, default_value_t = 64)]
+        body_bytes: usize,
+        /// Set-up requests in flight at once.
+        #[arg(long, default_value_t = 64)]
+        parallel: usize,
+    },
+    /// A live room driven over its rate: what is shed, and the latency of what is delivered.
+    Room {
+        #[command(flatten)]
+        common: Common,
+        /// Connections in the room (senders included).
+        #[arg(long, default_value_t = 100)]
+        members: usize,
+        #[arg(long, default_value_t = 10)]
+        senders: usize,
+        /// The room's rate (ordinary messages per second); --rate is what is offered.
+        #[arg(long, default_value_t = 20)]
+        room_rate: u32,
+        #[arg(long, default_value_t = 64)]
+        body_bytes: usize,
+    },
     /// A login storm of users whose friends are online: time for friends to see each login,
     /// presence pushes per login.
     Presence {
@@ -322,6 +353,44 @@ fn run() -> anyhow::Result<ExitCode> {
                 prefix: prefix(&common),
             };
             let report = runtime(&common)?.block_on(scenario::group(params))?;
+            (common, report)
+        }
+        Command::Channel {
+            common,
+            subscribers,
+            online,
+            body_bytes,
+            parallel,
+        } => {
+            let params = scenario::ChannelParams {
+                target: target(&common)?,
+                timing: timing(&common),
+                subscribers,
+                online,
+                body_bytes,
+                prefix: prefix(&common),
+                parallel,
+            };
+            let report = runtime(&common)?.block_on(scenario::channel(params))?;
+            (common, report)
+        }
+        Command::Room {
+            common,
+            members,
+            senders,
+            room_rate,
+            body_bytes,
+        } => {
+            let params = scenario::RoomParams {
+                target: target(&common)?,
+                timing: timing(&common),
+                members,
+                senders,
+                room_rate,
+                body_bytes,
+                prefix: prefix(&common),
+            };
+            let report = runtime(&common)?.block_on(scenario::room(params))?;
             (common, report)
         }
         Command::Presence {

@@ -27,7 +27,17 @@ pub async fn users(
     count: usize,
     parallel: usize,
 ) -> anyhow::Result<Vec<User>> {
-    batched(target, prefix, count, parallel, Step::RegisterAndLogin).await
+    batched(target, prefix, 0..count, parallel, Step::RegisterAndLogin).await
+}
+
+/// Registers and logs in users `<prefix>-<i>` for each `i` in `range`, `parallel` at a time.
+pub async fn users_range(
+    target: &Target,
+    prefix: &str,
+    range: std::ops::Range<usize>,
+    parallel: usize,
+) -> anyhow::Result<Vec<User>> {
+    batched(target, prefix, range, parallel, Step::RegisterAndLogin).await
 }
 
 /// Registers `count` users and closes their connections: for scenarios that set up state
@@ -38,7 +48,7 @@ pub async fn register(
     count: usize,
     parallel: usize,
 ) -> anyhow::Result<()> {
-    batched(target, prefix, count, parallel, Step::Register)
+    batched(target, prefix, 0..count, parallel, Step::Register)
         .await
         .map(drop)
 }
@@ -50,7 +60,7 @@ pub async fn log_in(
     count: usize,
     parallel: usize,
 ) -> anyhow::Result<Vec<User>> {
-    batched(target, prefix, count, parallel, Step::Login).await
+    batched(target, prefix, 0..count, parallel, Step::Login).await
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -63,12 +73,17 @@ enum Step {
 async fn batched(
     target: &Target,
     prefix: &str,
-    count: usize,
+    range: std::ops::Range<usize>,
     parallel: usize,
     step: Step,
 ) -> anyhow::Result<Vec<User>> {
-    let mut out = Vec::with_capacity(if step == Step::Register { 0 } else { count });
-    let mut next = 0;
+    let count = range.end;
+    let mut out = Vec::with_capacity(if step == Step::Register {
+        0
+    } else {
+        range.len()
+    });
+    let mut next = range.start;
     while next < count {
         let batch: Vec<_> = (next..count.min(next + parallel.max(1)))
             .map(|i| {

@@ -96,6 +96,10 @@ export interface Events {
   friend: { push: "friend"; user: string; state: string; message?: string };
   group_request: { push: "group_request"; conv: string; user: string };
   resync: { push: "resync" };
+  /** A live room's message (not stored: nothing to sync). */
+  room: { room: string; msg: Message };
+  /** Joined a live room again after a reconnect: its recent window in `info.recent`. */
+  room_joined: { room: string; info: RoomInfo };
   /** A user's device keys changed (`version` moved): a new device, a reinstall, a removal. */
   keys: { push: "keys"; user: string; version: number };
   e2e_error: { user: string; device: string; error: string };
@@ -104,6 +108,15 @@ export interface Events {
   outbox: { id: string; state: "sending" | "sent" | "failed"; conv: string; error?: ProtocolError };
   /** Any other push, as received. */
   push: Record<string, unknown>;
+}
+
+export interface RoomInfo {
+  conv: string;
+  name: string;
+  rate: number;
+  admins: number;
+  members: number;
+  recent?: Message[];
 }
 
 export interface Options {
@@ -153,6 +166,12 @@ export class Hermod {
   resume(): Promise<{ user: string; device: string }>;
   logout(): Promise<void>;
   conv(id: string, title?: string, kind?: "direct" | "group" | "channel"): Conversation;
+  subscribe(channel: string): Promise<{ conv: string; last_seq: number; read_seq: number }>;
+  unsubscribe(channel: string): Promise<{ conv: string }>;
+  joinRoom(room: string): Promise<RoomInfo>;
+  leaveRoom(room: string): Promise<{ conv: string }>;
+  /** Rejects with a ProtocolError of code "shed" when the room shed it. */
+  sendRoom(room: string, body: unknown): Promise<SendAck>;
   open(user: string): Promise<Conversation>;
   unread(conv: Conversation): number;
   history(conv: string, limit?: number): Promise<{ conv: string; msgs: Message[]; more: boolean }>;

@@ -295,6 +295,9 @@ export class Hermod {
     this.toAck = {};
     this.ackTimer = null;
     this.syncing = new Set();
+    /** Live rooms this client is in: joined again on every (re)connect (membership is per
+     * connection on the server). */
+    this.rooms = new Set();
     this.moving = false;
     /** End-to-end encryption of one-to-one messages (see `E2E`), when asked for. */
     this.e2e = options.e2e ? new E2E(this) : null;
@@ -469,7 +472,51 @@ export class Hermod {
     const wanted = [...this.convs.values()].filter((c) => c.synced < c.last_seq).map((c) => ({ conv: c.id, after: c.synced }));
     for (let i = 0; i < wanted.length; i += SYNC_BATCH) await this.syncMany(wanted.slice(i, i + SYNC_BATCH));
     for (const [id, o] of this.outbox) if (o.state === "sending") this.transmit(id, o);
+    for (const room of this.rooms) {
+      this.request("room_join", { conv: room }).then(
+        (info) => this.emit("room_joined", { room, info }),
+        () => this.rooms.delete(room), // gone or refused: no longer in it
+      );
+    }
     this.emit("ready", { user, convs: this.convs });
+  }
+
+  // ---- channels and live rooms (docs/channels.md) ----
+
+  /** Subscribes to channel `id` (`c.…`): it joins `convs`, its posts arrive as messages. */
+  async subscribe(id) {
+    const r = await this.request("subscribe", { conv: id });
+    const c = this.conv(id, undefined, "channel");
+    c.last_seq = Math.max(c.last_seq, r.last_seq);
+    c.read_seq = Math.max(c.read_seq, r.read_seq);
+    c.synced = Math.max(c.synced, r.read_seq); // history before the subscription is paged, not synced
+    this.emit("conv", { conv: c, fresh: true });
+    return r;
+  }
+
+  async unsubscribe(id) {
+    const r = await this.request("unsubscribe", { conv: id });
+    this.convs.delete(id);
+    return r;
+  }
+
+  /** Joins live room `id` (`r.…`) on this connection and again after every reconnect; the
+   * answer carries the recent window. Its messages arrive as `room` events. */
+  async joinRoom(id) {
+    const r = await this.request("room_join", { conv: id });
+    this.rooms.add(id);
+    return r;
+  }
+
+  async leaveRoom(id) {
+    this.rooms.delete(id);
+    return this.request("room_leave", { conv: id });
+  }
+
+  /** Posts to a live room: not queued or resent (a room keeps nothing); rejects with the
+   * code `shed` when the room dropped it under load. */
+  sendRoom(id, body) {
+    return this.request("send", { conv: id, id: uuidv7(), body });
   }
 
   // ---- conversations ----
@@ -664,7 +711,9 @@ export class Hermod {
   onPush(f) {
     switch (f.push) {
       case "msg":
-        this.ackLater(f.msg);
+        // Live room messages are not stored, acked or synced; channel pushes are not acked.
+        if (f.msg.conv.startsWith("r.")) return this.emit("room", { room: f.msg.conv, msg: f.msg });
+        if (!f.msg.conv.startsWith("c.")) this.ackLater(f.msg);
         return this.add(f.msg.conv, [f.msg], { live: true });
       case "read": {
         const c = this.convs.get(f.conv);

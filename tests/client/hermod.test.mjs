@@ -109,6 +109,39 @@ assert.ok(failed && failed.error.code, "kept with its error");
 assert.match(uuidv7(), /^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/);
 console.log("ok: failed send");
 
+// A channel: subscribing lists it, posts arrive as messages (not acked), gaps fill by sync.
+const ch = await bob.request("channel_create", { name: "news" });
+const sub = await alice.subscribe(ch.conv);
+assert.equal(alice.convs.get(ch.conv).kind, "channel");
+await bob.send(ch.conv, { text: "extra" });
+await until("the channel post", () => events.message.some((e) => e.conv.id === ch.conv && e.msg.body.text === "extra"));
+assert.equal(alice.unread(alice.convs.get(ch.conv)), 1);
+assert.equal(sub.read_seq, 1);
+console.log("ok: channel");
+
+// A live room: joined again after a reconnect; messages arrive as `room` events.
+const room = await alice.request("room_create", { name: "live", rate: 1 }); // bob is no admin: he can be shed
+const roomMsgs = [];
+alice.on("room", (e) => roomMsgs.push(e));
+await alice.joinRoom(room.conv);
+await bob.joinRoom(room.conv);
+await bob.sendRoom(room.conv, { text: "first" });
+await until("the room message", () => roomMsgs.length === 1);
+assert.equal(roomMsgs[0].msg.body.text, "first");
+await assert.rejects(bob.sendRoom(room.conv, { text: "over" }), (e) => e.code === "shed");
+let rejoined = null;
+alice.on("room_joined", (e) => { rejoined = e; });
+alice.ws.close(); // the connection drops: the library reconnects and joins the room again
+await until("rejoined", () => rejoined !== null);
+assert.equal(rejoined.info.recent[0].body.text, "first", "the window comes with the join");
+await sleep(1200); // the room's rate of 1/s refills
+await until("the room message after a reconnect", async () => {
+  await bob.sendRoom(room.conv, { text: "again" }).catch(() => {});
+  await sleep(100);
+  return roomMsgs.some((e) => e.msg.body.text === "again");
+});
+console.log("ok: live room");
+
 alice.close();
 bob.close();
 process.exit(0);

@@ -5,6 +5,7 @@
 //! | --- | --- |
 //! | `direct.rs` | `direct`: one-to-one messages at a fixed total rate |
 //! | `group.rs` | `group`: group messages at a fixed total rate, deliveries per second |
+//! | `channel.rs` | `channel`: posts to a channel with many subscribers; `room`: a live room over its rate |
 //! | `echo.rs` | `echo`: `ping` round trips, Hermod's cheapest request |
 //! | `ceiling.rs` | `ceiling`: the kernel's fan-out and request/response ceilings, no Hermod |
 //! | `idle.rs` | `idle`: held connections, server memory per connection |
@@ -15,6 +16,7 @@
 //! `presence` and `crash` are scenarios too, in their own modules of the crate.
 
 mod ceiling;
+mod channel;
 mod connect;
 mod direct;
 mod echo;
@@ -24,6 +26,7 @@ mod open_loop;
 mod sync;
 
 pub use ceiling::{ceiling, CeilingMode, CeilingParams};
+pub use channel::{channel, room, ChannelParams, RoomParams};
 pub use connect::{connect, ConnectParams};
 pub use direct::{direct, DirectParams};
 pub use echo::{echo, EchoParams};

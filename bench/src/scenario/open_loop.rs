@@ -404,11 +404,17 @@ impl Pushes {
     }
 
     /// The acks to send now, if `ACK_BATCH` pushes or `ack_delay` have passed since the last.
+    /// A zero `ack_delay` never acks (channels and live rooms: their pushes are not acked).
     fn ack_due(
         &mut self,
         last_ack: &mut Instant,
         ack_delay: Duration,
     ) -> Option<HashMap<String, u64>> {
+        if ack_delay.is_zero() {
+            self.unacked = 0;
+            self.acks.clear();
+            return None;
+        }
         if self.unacked == 0 || (self.unacked < ACK_BATCH && last_ack.elapsed() < ack_delay) {
             return None;
         }
@@ -422,7 +428,7 @@ impl Pushes {
     /// receivers, a 20 ms tick each would be half a million timer wake-ups a second on the
     /// load generator's core).
     fn wait(&self, ack_delay: Duration) -> Duration {
-        if self.unacked == 0 {
+        if self.unacked == 0 || ack_delay.is_zero() {
             IDLE_TICK
         } else {
             ack_delay
