@@ -345,6 +345,60 @@ fn every_operation_works_with_its_parties_on_different_nodes() {
 }
 
 #[test]
+fn channels_and_live_rooms_reach_their_audience_on_every_node() {
+    let c = Cluster::start(&["a", "b"]);
+    let alice = c.name("alice", |n| c.home(n) == 0);
+    let bob = c.name("bob", |n| c.home(n) == 1);
+    let carol = c.name("carol", |n| c.home(n) == 0);
+    let (mut a, _) = c.user(&alice);
+    let (mut b, _) = c.user(&bob);
+    let (mut ca, _) = c.user(&carol);
+
+    // A channel: its owner shard is on one node, subscribers on both; one Broadcast per shard.
+    let conv = a.ok("channel_create", json!({ "name": "news" }))["conv"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    next_msg(&mut a); // the creation entry: alice is subscribed as its publisher
+    for client in [&mut b, &mut ca] {
+        client.ok("subscribe", json!({ "conv": conv }));
+    }
+    let seq = send(&mut a, &conv, "to everyone")["seq"].as_u64().unwrap();
+    for client in [&mut b, &mut ca] {
+        let m = next_msg(client);
+        assert_eq!(
+            (m["seq"].as_u64(), m["body"]["text"].as_str()),
+            (Some(seq), Some("to everyone"))
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while a.ok("group_info", json!({ "conv": conv }))["subscribers"] != 3 {
+        assert!(
+            Instant::now() < deadline,
+            "the count reaches 3 across nodes"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // A live room: members on both nodes, one RoomPush per shard with members.
+    let room = b.ok("room_create", json!({ "name": "live" }))["conv"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for client in [&mut a, &mut b, &mut ca] {
+        client.ok("room_join", json!({ "conv": room }));
+    }
+    ca.ok(
+        "send",
+        json!({ "conv": room, "body": { "text": "hello room" } }),
+    );
+    for client in [&mut a, &mut b] {
+        let p = client.next_push_of("msg");
+        assert_eq!(p["msg"]["body"]["text"], "hello room", "{p}");
+    }
+}
+
+#[test]
 fn a_dead_node_makes_only_its_conversations_unavailable_and_loses_nothing_acked() {
     let mut c = Cluster::start(&["a", "b"]);
     let alice = c.name("alice", |n| c.home(n) == 0);
