@@ -3,7 +3,7 @@
 //! explains them.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use clap::Args;
@@ -107,6 +107,20 @@ struct FileConfig {
     log: Option<String>,
     cluster: Option<ClusterFile>,
     push: Option<PushFile>,
+    media: Option<MediaFile>,
+}
+
+/// `[media]`: the media path (docs/media.md, "Settings"); every key optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MediaFile {
+    dir: Option<PathBuf>,
+    bytes_max: Option<u64>,
+    quota_bytes: Option<u64>,
+    chunk_max: Option<usize>,
+    url_ttl_s: Option<u64>,
+    upload_ttl_s: Option<u64>,
+    gc_interval_s: Option<u64>,
 }
 
 /// `[push]`: the offline-notification webhook (docs/admin.md, "Push webhook").
@@ -215,6 +229,7 @@ pub struct Config {
     pub cluster: Option<Cluster>,
     /// `None`: no push webhook, no offline notifications.
     pub push: Option<PushConfig>,
+    pub media: crate::media::MediaConfig,
 }
 
 impl Config {
@@ -258,16 +273,18 @@ impl Config {
             "memory" => Durability::Memory,
             other => bail!("durability must be fsync, wal or memory, not {other:?}"),
         };
+        let data = args
+            .data
+            .clone()
+            .or(file.data)
+            .unwrap_or_else(|| PathBuf::from("data"));
         let cfg = Config {
             listen: args
                 .listen
                 .or(file.listen)
                 .unwrap_or_else(|| "127.0.0.1:7400".parse().expect("valid literal")),
-            data: args
-                .data
-                .clone()
-                .or(file.data)
-                .unwrap_or_else(|| PathBuf::from("data")),
+            media: resolve_media(file.media.unwrap_or_default(), &data)?,
+            data,
             shards,
             durability,
             heartbeat_timeout_ms: args
@@ -359,6 +376,32 @@ impl Config {
         }
         Ok(())
     }
+}
+
+fn resolve_media(file: MediaFile, data: &Path) -> anyhow::Result<crate::media::MediaConfig> {
+    let d = crate::media::MediaConfig::defaults(data);
+    let cfg = crate::media::MediaConfig {
+        dir: file.dir.unwrap_or(d.dir),
+        bytes_max: file.bytes_max.unwrap_or(d.bytes_max),
+        quota_bytes: file.quota_bytes.unwrap_or(d.quota_bytes),
+        chunk_max: file.chunk_max.unwrap_or(d.chunk_max),
+        url_ttl_s: file.url_ttl_s.unwrap_or(d.url_ttl_s),
+        upload_ttl_s: file.upload_ttl_s.unwrap_or(d.upload_ttl_s),
+        gc_interval_s: file.gc_interval_s.unwrap_or(d.gc_interval_s),
+    };
+    if cfg.bytes_max == 0 || cfg.quota_bytes < cfg.bytes_max {
+        bail!("[media] bytes_max must be at least 1 and quota_bytes at least bytes_max");
+    }
+    if !(1024..=crate::media::CHUNK_BYTES_LIMIT).contains(&cfg.chunk_max) {
+        bail!(
+            "[media] chunk_max must be 1024..={}",
+            crate::media::CHUNK_BYTES_LIMIT
+        );
+    }
+    if cfg.url_ttl_s == 0 || cfg.upload_ttl_s == 0 || cfg.gc_interval_s == 0 {
+        bail!("[media] url_ttl_s, upload_ttl_s and gc_interval_s must be at least 1");
+    }
+    Ok(cfg)
 }
 
 fn resolve_push(file: PushFile) -> anyhow::Result<PushConfig> {

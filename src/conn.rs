@@ -38,6 +38,8 @@ const CLOSE_LINGER_BYTES_MAX: usize = 16 * 1024 * 1024;
 /// Time allowed for the HTTP request (its head, and an admin request's body) to arrive in
 /// full, however slowly it trickles in.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a media request's body (an upload chunk) may take to arrive whole.
+const MEDIA_BODY_TIMEOUT: Duration = Duration::from_secs(60);
 /// Kept between messages only if small: an idle connection should hold (almost) nothing.
 const KEEP_BUFFER_BYTES: usize = 4 * 1024;
 
@@ -112,7 +114,10 @@ impl Surface {
                 "admin_elsewhere",
                 "the admin API is served on the admin address (admin_listen)",
             ),
-            (Surface::Admin, Route::Respond(_) | Route::Upgrade { .. } | Route::Bot(_)) => (
+            (
+                Surface::Admin,
+                Route::Respond(_) | Route::Upgrade { .. } | Route::Bot(_) | Route::Media(_),
+            ) => (
                 "unknown_op",
                 "the admin address serves /admin/ and the status pages only",
             ),
@@ -217,6 +222,41 @@ async fn serve_http(
         }
         Route::Status(page) => {
             stream.write_all(&http::status(page, &ctx.board)).await?;
+            stream.close().await.map(|()| None)
+        }
+        Route::Media(req) => {
+            // Bounded: each body is buffered whole (up to chunk_max) before it is stored.
+            let counted = usize::from(req.body_len > 0);
+            if counted == 1 && ctx.media_bodies.get() >= crate::media::BODIES_IN_FLIGHT_MAX {
+                let busy = http::head(503, &[("Retry-After", "1".into())], 0);
+                stream.write_all(busy.as_bytes()).await?;
+                return stream.close().await.map(|()| None);
+            }
+            ctx.media_bodies.set(ctx.media_bodies.get() + counted);
+            // A chunk may take longer than a request head: a minute to arrive whole.
+            let body_deadline = std::time::Instant::now() + MEDIA_BODY_TIMEOUT;
+            stream.set_read_timeout(Some(MEDIA_BODY_TIMEOUT))?;
+            let wanted = req.head_len + req.body_len;
+            let mut complete = true;
+            while inbuf.len() < wanted {
+                match next_event_by(ctx, &mut stream, &mut inbuf, &idle, body_deadline).await {
+                    Event::Readable => {}
+                    // A chunk cut short is not stored: the client resumes from the stored
+                    // offset (HEAD).
+                    Event::Eof | Event::Work | Event::Expired | Event::Failed(_) => {
+                        complete = false;
+                        break;
+                    }
+                }
+            }
+            let result = if complete {
+                let body = &inbuf[req.head_len..wanted];
+                crate::media::serve(ctx, &req, body, &mut stream).await
+            } else {
+                Ok(())
+            };
+            ctx.media_bodies.set(ctx.media_bodies.get() - counted);
+            result?;
             stream.close().await.map(|()| None)
         }
         Route::Admin(req) | Route::Bot(req) => {

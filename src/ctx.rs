@@ -76,6 +76,10 @@ pub struct ShardCtx {
     pub(crate) pusher: Option<crate::webhook::Pusher>,
     /// Where messages for bots' webhooks go (`Output::BotHook`).
     pub(crate) bot_hooks: crate::webhook::BotHooks,
+    /// The media path (docs/media.md); `None` when the store could not be opened.
+    pub(crate) media: Option<Arc<crate::media::Media>>,
+    /// Media request bodies being read on this shard (`media::BODIES_IN_FLIGHT_MAX`).
+    pub(crate) media_bodies: Cell<usize>,
 }
 
 pub(crate) struct Peer {

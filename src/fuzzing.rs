@@ -97,6 +97,7 @@ pub fn http_head(data: &[u8]) {
     let head_len = match &route {
         Route::Upgrade { head_len, .. } => Some(*head_len),
         Route::Admin(req) | Route::Bot(req) => Some(req.head_len),
+        Route::Media(req) => Some(req.head_len),
         Route::Respond(r) => {
             assert!(r.starts_with(b"HTTP/1.1 "), "a response has a status line");
             None

@@ -35,6 +35,8 @@ pub enum Route {
     /// `POST /bot/api`: a bot's request frame, `body_len` bytes after the head; the engine
     /// checks the bearer token.
     Bot(AdminRequest),
+    /// `/media/…` (docs/media.md): read `body_len` more bytes, then `media::serve`.
+    Media(crate::media::MediaRequest),
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -135,6 +137,14 @@ pub fn route(buf: &[u8]) -> Option<Route> {
             other => other,
         });
     }
+    if path.starts_with("/media/") {
+        return Some(media_route(
+            req.method.unwrap_or("GET"),
+            req.path.unwrap_or("/"),
+            head_len,
+            &header,
+        ));
+    }
     if path.starts_with("/admin/") {
         return Some(admin_route(
             req.method.unwrap_or("GET"),
@@ -199,6 +209,94 @@ pub fn route(buf: &[u8]) -> Option<Route> {
         }
         _ => Some(Route::Respond(simple(404, "Not Found", "not found\n"))),
     }
+}
+
+/// Headers every media response carries: any origin may upload and read (access is by grant,
+/// upload id and capability, never by cookie), and see the headers a resumable upload needs.
+const MEDIA_CORS: &str = "Access-Control-Allow-Origin: *\r\nAccess-Control-Expose-Headers: Upload-Offset, Upload-Length, Content-Range, ETag\r\n";
+
+/// `/media/…`: methods, body length, and the headers its handlers read.
+fn media_route<'h>(
+    method: &str,
+    target: &str,
+    head_len: usize,
+    header: &dyn Fn(&str) -> Option<&'h str>,
+) -> Route {
+    if method == "OPTIONS" {
+        let preflight = format!(
+            "HTTP/1.1 204 No Content\r\n{MEDIA_CORS}Access-Control-Allow-Methods: GET, HEAD, POST, PATCH\r\nAccess-Control-Allow-Headers: Upload-Offset, Content-Type, Range, If-None-Match\r\nAccess-Control-Max-Age: 86400\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        );
+        return Route::Respond(preflight.into_bytes());
+    }
+    if !matches!(method, "GET" | "HEAD" | "POST" | "PATCH") {
+        return Route::Respond(simple(
+            405,
+            "Method Not Allowed",
+            "GET, HEAD, POST or PATCH\n",
+        ));
+    }
+    if header("transfer-encoding").is_some() {
+        return Route::Respond(simple(
+            411,
+            "Length Required",
+            "send the body with Content-Length\n",
+        ));
+    }
+    let body_len = match header("content-length").map(|v| v.trim().parse::<usize>()) {
+        None => 0,
+        Some(Ok(n)) if n <= crate::media::CHUNK_BYTES_LIMIT => n,
+        Some(Ok(_)) => {
+            return Route::Respond(simple(
+                413,
+                "Payload Too Large",
+                "media chunks are at most chunk_max bytes\n",
+            ))
+        }
+        Some(Err(_)) => return Route::Respond(simple(400, "Bad Request", "bad Content-Length\n")),
+    };
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    Route::Media(crate::media::MediaRequest {
+        method: method.to_owned(),
+        path: path.to_owned(),
+        query: query.to_owned(),
+        head_len,
+        body_len,
+        upload_offset: header("upload-offset").map(str::to_owned),
+        range: header("range").map(str::to_owned),
+        if_none_match: header("if-none-match").map(str::to_owned),
+    })
+}
+
+/// A response head with `headers`, a body of `len` bytes to follow, and the media CORS
+/// headers; the connection closes after it.
+pub fn head(status: u16, headers: &[(&str, String)], len: u64) -> String {
+    use std::fmt::Write as _;
+    let reason = match status {
+        200 => "OK",
+        201 => "Created",
+        204 => "No Content",
+        206 => "Partial Content",
+        304 => "Not Modified",
+        400 => "Bad Request",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        409 => "Conflict",
+        413 => "Payload Too Large",
+        416 => "Range Not Satisfiable",
+        422 => "Unprocessable Content",
+        503 => "Service Unavailable",
+        _ => "Error",
+    };
+    let mut out = format!("HTTP/1.1 {status} {reason}\r\n{MEDIA_CORS}");
+    for (name, value) in headers {
+        let _ = write!(out, "{name}: {value}\r\n");
+    }
+    if status != 204 && status != 304 {
+        let _ = write!(out, "Content-Length: {len}\r\n");
+    }
+    out.push_str("Connection: close\r\n\r\n");
+    out
 }
 
 /// `/admin/…`, given the Content-Length, Transfer-Encoding and Authorization headers.

@@ -30,6 +30,7 @@ pub mod ctx;
 pub mod fuzzing;
 pub mod http;
 pub mod links;
+pub mod media;
 pub mod mesh;
 pub mod metrics;
 pub mod nats;

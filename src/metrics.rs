@@ -454,6 +454,8 @@ pub struct Board {
     pub bot_hooks: crate::webhook::HookStats,
     /// Each POST to the push gateway, in ms.
     push_gateway_ms: Hist,
+    /// The media path's figures (process-wide: the store is the node's).
+    pub media: Arc<crate::media::MediaStats>,
 }
 
 /// What a shard publishes each tick.
@@ -494,6 +496,7 @@ impl Board {
             push: Default::default(),
             bot_hooks: Default::default(),
             push_gateway_ms: Hist::default(),
+            media: Arc::default(),
         })
     }
 
@@ -777,6 +780,7 @@ impl Board {
         );
         self.render_links(&mut out);
         self.render_push(&mut out);
+        self.media.render(&mut out);
         let _ = writeln!(
             out,
             "# HELP hermod_ready Whether every shard is serving (1) or not (0)."

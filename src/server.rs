@@ -91,6 +91,14 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         .context("starting the push webhook's workers")?;
     let bot_hooks = crate::webhook::BotHooks::start(board.clone())
         .context("starting the bots' webhook workers")?;
+    let media_store = crate::media::FsStore::open(&cfg.media.dir)
+        .with_context(|| format!("opening the media store at {}", cfg.media.dir.display()))?;
+    let media = Arc::new(crate::media::Media {
+        cfg: cfg.media.clone(),
+        store: Arc::new(media_store),
+        key: hermod_shards::auth::TokenKey::new(&secret),
+        stats: board.media.clone(),
+    });
     let map = Arc::new(map);
     let mut handles = Vec::new();
     for i in (0..cfg.shards as usize).rev() {
@@ -113,6 +121,8 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             passes: cfg.argon2_passes,
         };
         engine_cfg.seed = rand::rngs::OsRng.next_u64();
+        engine_cfg.media_bytes_max = cfg.media.bytes_max;
+        engine_cfg.media_quota_bytes = cfg.media.quota_bytes;
         engine_cfg.notify = cfg.push.as_ref().map(|p| NotifyConfig {
             coalesce_ms: p.coalesce_ms,
             preview: p.preview,
@@ -126,6 +136,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         let admin_token = cfg.admin_token.clone();
         let pusher = pusher.clone();
         let bot_hooks = bot_hooks.clone();
+        let media = Some(media.clone());
         let handle = LocalExecutorBuilder::new(Placement::Fixed(i % cores))
             .name(&format!("hermod-shard-{i}"))
             .io_memory(io_memory)
@@ -150,6 +161,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
                     admin_token,
                     pusher,
                     bot_hooks,
+                    media,
                 })
                 .await
             })

@@ -81,6 +81,7 @@ pub struct Params {
     /// The push webhook's queue, if one is configured.
     pub pusher: Option<crate::webhook::Pusher>,
     pub bot_hooks: crate::webhook::BotHooks,
+    pub media: Option<Arc<crate::media::Media>>,
 }
 
 /// The shard's main future: runs until shutdown is requested and drained.
@@ -102,6 +103,7 @@ pub async fn run(p: Params) {
         admin_token,
         pusher,
         bot_hooks,
+        media,
     } = p;
     let bind =
         |addr| listen_on(addr).map_err(|e| format!("shard {}: binding {addr}: {e}", engine.id().0));
@@ -174,7 +176,13 @@ pub async fn run(p: Params) {
         transmit,
         pusher,
         bot_hooks,
+        media,
+        media_bodies: Cell::new(0),
     });
+    if local == 0 {
+        // One collector per node: the store is the node's.
+        glommio::spawn_local(crate::media::collector(ctx.clone())).detach();
+    }
     let link_tasks =
         link_io.map(|io| crate::links::spawn(&ctx, io.inbox, io.out, io.subjects, transmit_woken));
 

@@ -106,6 +106,35 @@ impl TokenKey {
         )
     }
 
+    /// `base64url(payload) "." base64url(HMAC(payload))`: the envelope of tokens, media
+    /// grants and media capabilities (`crate::media`). Kinds never collide: each payload
+    /// starts with its own version byte, checked by its parser.
+    pub fn seal(&self, payload: &[u8]) -> String {
+        let mut mac = self.mac.clone();
+        mac.update(payload);
+        let tag = mac.finalize().into_bytes();
+        format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(payload),
+            URL_SAFE_NO_PAD.encode(tag)
+        )
+    }
+
+    /// The payload of a sealed text whose signature holds (checked in constant time), if its
+    /// parts are at most `payload_max` and 64 base64 characters.
+    pub fn unseal(&self, sealed: &str, payload_max: usize) -> Option<Vec<u8>> {
+        let (payload_b64, tag_b64) = sealed.split_once('.')?;
+        if payload_b64.len() > payload_max || tag_b64.len() > 64 {
+            return None;
+        }
+        let payload = URL_SAFE_NO_PAD.decode(payload_b64).ok()?;
+        let tag = URL_SAFE_NO_PAD.decode(tag_b64).ok()?;
+        let mut mac = self.mac.clone();
+        mac.update(&payload);
+        mac.verify_slice(&tag).ok()?;
+        Some(payload)
+    }
+
     /// Checks signature first (constant time), then shape, then expiry against `now_s`.
     pub fn verify(&self, token: &str, now_s: u64) -> Result<TokenClaims, ErrorCode> {
         let (payload_b64, tag_b64) = token.split_once('.').ok_or(ErrorCode::BadToken)?;

@@ -36,6 +36,7 @@ pub mod ids;
 pub mod limits;
 pub mod link;
 pub mod mail;
+pub mod media;
 pub mod model;
 pub mod protocol;
 pub mod remote;

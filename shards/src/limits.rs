@@ -86,6 +86,13 @@ pub const CHANNEL_SUBSCRIPTIONS_MAX: usize = 1_000;
 /// skipped it reads by seq.
 pub const OFFER_BYTES_MAX: usize = OUTBOX_BYTES_MAX / 4;
 
+/// Default largest medium (`media_upload`'s `size`; configurable): past it `bad_request`.
+pub const MEDIA_BYTES_MAX: u64 = 100 * 1024 * 1024;
+
+/// Default media quota per user (configurable): the sizes of their uploads, finished or
+/// under way; past it `media_upload` answers `limit_reached`.
+pub const MEDIA_QUOTA_BYTES: u64 = 1024 * 1024 * 1024;
+
 /// Live rooms (`engine/rooms.rs`): messages kept for `room_join`'s recent window.
 pub const ROOM_RECENT_MAX: usize = 50;
 

@@ -229,6 +229,7 @@ impl Mail {
             | Mail::Subscribers { .. }
             | Mail::Broadcast { .. }
             | Mail::RoomJoined { .. }
+            | Mail::MediaReleased { .. }
             | Mail::RoomLeft { .. }
             | Mail::RoomPush { .. }
             | Mail::BlockSynced { .. } => None,
@@ -391,6 +392,12 @@ pub enum Mail {
         room: ConvId,
         actor: Named,
         op: RoomOp,
+    },
+    /// To `user`'s home: an upload of theirs was collected unfinished; `bytes` return to their
+    /// media quota.
+    MediaReleased {
+        user: UserId,
+        bytes: u64,
     },
     /// A connection of `shard` left `room` (or went away).
     RoomLeft {

@@ -48,6 +48,7 @@ mod gather;
 mod group;
 mod keys;
 mod links;
+mod media;
 mod members;
 mod notify;
 mod ops;
@@ -115,6 +116,10 @@ pub struct Config {
     pub node: usize,
     /// Offline notifications for the push webhook (`Output::Notify`); `None`: off.
     pub notify: Option<NotifyConfig>,
+    /// Largest medium one `media_upload` may announce, in bytes.
+    pub media_bytes_max: u64,
+    /// Bytes of media one user may have uploaded or be uploading (docs/media.md).
+    pub media_quota_bytes: u64,
 }
 
 impl Config {
@@ -137,6 +142,8 @@ impl Config {
             cluster: Arc::new(ClusterMap::single(shards)),
             node: 0,
             notify: None,
+            media_bytes_max: limits::MEDIA_BYTES_MAX,
+            media_quota_bytes: limits::MEDIA_QUOTA_BYTES,
         }
     }
 
@@ -433,6 +440,15 @@ impl<S: Storage> Shard<S> {
         self.drain_local(now_ms);
     }
 
+    /// The media store collected an upload of `user` that was never completed: `bytes` go back
+    /// to their quota (on their home shard).
+    pub fn handle_media_released(&mut self, now_ms: u64, user: UserId, bytes: u64) {
+        self.now_ms = self.now_ms.max(now_ms);
+        let home = self.cfg.placement.home(user);
+        self.mail(home, Mail::MediaReleased { user, bytes });
+        self.drain_local(now_ms);
+    }
+
     /// A mail from another shard.
     pub fn handle_mail(&mut self, now_ms: u64, mail: Mail) {
         self.now_ms = self.now_ms.max(now_ms);
@@ -708,6 +724,7 @@ impl<S: Storage> Shard<S> {
                 self.home_deliver(now_ms, (conv, seq), &frame, &recipients, skip)
             }
             Mail::Subscribe { reply, conv, user } => self.owner_subscribe(reply, conv, user),
+            Mail::MediaReleased { user, bytes } => self.media_released(user, bytes),
             Mail::SubscribeOk {
                 reply,
                 conv,

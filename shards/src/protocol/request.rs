@@ -117,6 +117,16 @@ pub struct ChannelCreate {
     pub publishers: Vec<String>,
 }
 
+/// `media_upload`: what the client is about to upload (docs/media.md).
+#[derive(Debug, Deserialize)]
+pub struct MediaUpload {
+    pub size: u64,
+    #[serde(rename = "type")]
+    pub mime: String,
+    /// Lower-case hex, 64 digits.
+    pub sha256: String,
+}
+
 /// `room_create`: a live room's name, its rate of ordinary messages per second, its admins.
 #[derive(Debug, Deserialize)]
 pub struct RoomCreate {
@@ -446,6 +456,7 @@ requests! {
     "channel_create" => ChannelCreate(ChannelCreate),
     "subscribe" => Subscribe(ConvOnly<'a>),
     "unsubscribe" => Unsubscribe(ConvOnly<'a>),
+    "media_upload" => MediaUpload(MediaUpload),
     "room_create" => RoomCreate(RoomCreate),
     "room_update" => RoomUpdate(RoomUpdate<'a>),
     "room_join" => RoomJoin(ConvOnly<'a>),

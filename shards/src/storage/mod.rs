@@ -19,6 +19,7 @@
 //! | `slot 'M' conv` | [`ConvMeta`] (one-to-one) or [`GroupMeta`] (group) | conversation's owner shard |
 //! | `slot 'G' conv user` | [`GroupMember`] (a channel's: its publishers) | group's owner shard |
 //! | `slot 'S' conv` | [`ChannelStats`] (a channel's subscriber count) | channel's owner shard |
+//! | `slot 'Q' user` | [`MediaUsage`] (bytes of media granted, less uploads collected unfinished) | user's home shard |
 //! | `slot 'W' room` | [`RoomRecord`] (a live room's settings) | room's owner shard |
 //! | `slot 'J' conv user` | [`JoinRequest`] (awaiting approval) | group's owner shard |
 //! | `slot 'R' conv seq` | [`MessageRecord`] | conversation's owner shard |
@@ -205,6 +206,12 @@ pub mod keys {
     pub fn user_channel_prefix(user: UserId) -> Vec<u8> {
         let mut k = user_conv_prefix(user);
         k.push(crate::ids::CHANNEL_KIND);
+        k
+    }
+
+    pub fn media_usage(user: UserId) -> Vec<u8> {
+        let mut k = head(user.slot().0, b'Q', 8);
+        k.extend_from_slice(&user.0.to_be_bytes());
         k
     }
 
@@ -523,6 +530,16 @@ pub struct ChannelStats {
     pub subscribers: u64,
 }
 record!(ChannelStats);
+
+/// A user's media quota use: the sizes granted by `media_upload`, less those of uploads
+/// collected unfinished.
+#[derive(
+    Clone, Debug, Default, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
+)]
+pub struct MediaUsage {
+    pub bytes: u64,
+}
+record!(MediaUsage);
 
 /// A live room's settings (`room_create`, `room_update`). Its members, messages and counters
 /// live in its owner's memory only.

@@ -134,6 +134,7 @@ impl<S: Storage> Shard<S> {
             Request::ChannelCreate(r) => self.create_channel(by, r),
             Request::Subscribe(r) => self.subscribe(by, r),
             Request::Unsubscribe(r) => self.unsubscribe(by, r),
+            Request::MediaUpload(r) => self.media_upload(now_ms, by, r),
             Request::RoomCreate(r) => self.room_create(by, r),
             Request::RoomUpdate(r) => self.room_update(by, r),
             Request::RoomJoin(r) => self.room_join(by, r),

@@ -1,0 +1,948 @@
+//! The media path (docs/media.md): resumable chunked uploads over HTTP on the client port,
+//! content-addressed storage with deduplication by SHA-256 (a proof of possession required),
+//! and range reads behind capability URLs. Owns the `[media]` settings, the [`MediaStore`]
+//! trait and its file-system implementation [`FsStore`], the HTTP handlers, the collection of
+//! abandoned uploads, and the media counters in `/metrics`.
+//!
+//! Every file-system call (writes, fsyncs, hashing, reads) runs on the shard's blocking pool,
+//! never on its reactor. Uploads are files any shard may touch (a client's requests land on
+//! whichever shard accepts them), so an append or a completion holds an `flock` on the upload's
+//! file — on the blocking thread — which makes "append at the stored offset" atomic.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use glommio::net::TcpStream;
+use hermod_shards::auth::TokenKey;
+use hermod_shards::media::{capability, check_capability, Grant};
+use hermod_shards::UserId;
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+use crate::ctx::{now_ms, Ctx};
+use crate::http;
+
+/// The `[media]` settings (docs/media.md, "Settings").
+#[derive(Clone, Debug)]
+pub struct MediaConfig {
+    pub dir: PathBuf,
+    pub bytes_max: u64,
+    pub quota_bytes: u64,
+    /// Largest `PATCH` body.
+    pub chunk_max: usize,
+    pub url_ttl_s: u64,
+    /// An upload not completed this long after its creation is collected.
+    pub upload_ttl_s: u64,
+    pub gc_interval_s: u64,
+}
+
+/// Hard ceiling of `chunk_max` (the HTTP layer refuses larger bodies before reading them).
+pub const CHUNK_BYTES_LIMIT: usize = 8 * 1024 * 1024;
+
+/// Bytes read from the store per write to a downloading socket.
+const READ_PIECE: u64 = 256 * 1024;
+
+/// Media bodies being read at once on one shard (each buffered whole, up to `chunk_max`);
+/// past it a request gets `503`.
+pub const BODIES_IN_FLIGHT_MAX: usize = 64;
+
+impl MediaConfig {
+    pub fn defaults(data: &Path) -> MediaConfig {
+        MediaConfig {
+            dir: data.join("media"),
+            bytes_max: hermod_shards::limits::MEDIA_BYTES_MAX,
+            quota_bytes: hermod_shards::limits::MEDIA_QUOTA_BYTES,
+            chunk_max: 1024 * 1024,
+            url_ttl_s: 30 * 24 * 3600,
+            upload_ttl_s: 24 * 3600,
+            gc_interval_s: 600,
+        }
+    }
+}
+
+/// Process-wide media figures for `/metrics`.
+#[derive(Default)]
+pub struct MediaStats {
+    pub uploads_completed: AtomicU64,
+    pub uploads_refused: AtomicU64,
+    pub dedup_hits: AtomicU64,
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
+    pub collected: AtomicU64,
+    /// Bytes of stored content (blobs), as of the last collection pass.
+    pub store_bytes: AtomicU64,
+}
+
+impl MediaStats {
+    pub fn render(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        for (name, kind, help, cell) in [
+            ("hermod_media_uploads_completed_total", "counter", "Uploads completed (deduplicated ones included).", &self.uploads_completed),
+            ("hermod_media_uploads_refused_total", "counter", "Completions refused: a hash other than the granted one, or a wrong deduplication proof.", &self.uploads_refused),
+            ("hermod_media_dedup_total", "counter", "Uploads completed without their bytes: the content was stored already.", &self.dedup_hits),
+            ("hermod_media_bytes_in_total", "counter", "Upload bytes stored.", &self.bytes_in),
+            ("hermod_media_bytes_out_total", "counter", "Media bytes sent to readers.", &self.bytes_out),
+            ("hermod_media_collected_total", "counter", "Uploads collected unfinished after upload_ttl_s.", &self.collected),
+            ("hermod_media_store_bytes", "gauge", "Bytes of stored media content, as of the last collection pass.", &self.store_bytes),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} {kind}");
+            let _ = writeln!(out, "{name} {}", cell.load(Ordering::Relaxed));
+        }
+    }
+}
+
+// ---- the store ----
+
+#[derive(Debug, thiserror::Error)]
+pub enum MediaError {
+    #[error("no such upload or medium")]
+    NotFound,
+    #[error("the upload is at offset {0}")]
+    Offset(u64),
+    #[error("past the upload's announced size")]
+    TooLarge,
+    #[error("the content's SHA-256 is not the announced one")]
+    HashMismatch,
+    #[error("the deduplication proof is wrong")]
+    BadProof,
+    #[error("a proof is required (the content is stored already)")]
+    ProofRequired,
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+/// A new upload: a fresh one (send the bytes) or a deduplication (prove possession).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Created {
+    Fresh { upload: String },
+    Dedup { upload: String, nonce: String },
+}
+
+/// A stored medium.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MediaMeta {
+    pub sha256: String,
+    pub size: u64,
+    pub mime: String,
+    pub created_ms: u64,
+}
+
+/// Where media bytes live. Every method blocks: call them on the blocking pool. The file
+/// system one is [`FsStore`]; an object store for larger deployments implements the same.
+pub trait MediaStore: Send + Sync + 'static {
+    fn create(&self, grant: &Grant, now_ms: u64) -> Result<Created, MediaError>;
+    /// The stored length and the announced size of an upload.
+    fn status(&self, upload: &str) -> Result<(u64, u64), MediaError>;
+    /// Appends `bytes` if the upload's stored length is `offset`; the new length.
+    fn append(&self, upload: &str, offset: u64, bytes: &[u8]) -> Result<u64, MediaError>;
+    /// Verifies and stores the upload as a new medium: its id and meta, and whether it was a
+    /// deduplication.
+    fn complete(
+        &self,
+        upload: &str,
+        proof: Option<&str>,
+        now_ms: u64,
+    ) -> Result<(String, MediaMeta, bool), MediaError>;
+    fn meta(&self, media: &str) -> Result<MediaMeta, MediaError>;
+    fn read(&self, meta: &MediaMeta, offset: u64, len: u64) -> Result<Vec<u8>, MediaError>;
+    /// Drops uploads created before `cutoff_ms` and never completed: their users and sizes
+    /// (for the quota), and the bytes of stored content after the pass.
+    fn collect(&self, cutoff_ms: u64) -> Result<(Vec<(UserId, u64)>, u64), MediaError>;
+}
+
+/// Ids of uploads and media: 128 random bits, as 32 lower-case hex digits. Anything else in
+/// a path is refused before it reaches the file system.
+fn new_id() -> String {
+    let mut b = [0u8; 16];
+    rand::thread_rng().fill_bytes(&mut b);
+    hex(&b)
+}
+
+pub fn valid_id(id: &str) -> bool {
+    id.len() == 32 && id.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[derive(Serialize, Deserialize)]
+struct UploadMeta {
+    user: u64,
+    size: u64,
+    sha256: String,
+    mime: String,
+    created_ms: u64,
+    /// Set for a deduplication: the proof is SHA-256(nonce ‖ content).
+    nonce: Option<String>,
+}
+
+/// Media on the node's disk, content-addressed:
+/// `uploads/<id>.json` + `uploads/<id>.part` (an upload under way), `blobs/<aa>/<sha256>`
+/// (content, once per hash), `media/<id>.json` (a medium: its hash, size, type).
+pub struct FsStore {
+    root: PathBuf,
+}
+
+impl FsStore {
+    pub fn open(root: &Path) -> io::Result<FsStore> {
+        for sub in ["uploads", "blobs", "media"] {
+            fs::create_dir_all(root.join(sub))?;
+        }
+        Ok(FsStore {
+            root: root.to_owned(),
+        })
+    }
+
+    fn upload_meta_path(&self, id: &str) -> PathBuf {
+        self.root.join("uploads").join(format!("{id}.json"))
+    }
+
+    fn part_path(&self, id: &str) -> PathBuf {
+        self.root.join("uploads").join(format!("{id}.part"))
+    }
+
+    fn blob_path(&self, sha256: &str) -> PathBuf {
+        self.root.join("blobs").join(&sha256[..2]).join(sha256)
+    }
+
+    fn media_path(&self, id: &str) -> PathBuf {
+        self.root.join("media").join(format!("{id}.json"))
+    }
+
+    fn upload(&self, id: &str) -> Result<UploadMeta, MediaError> {
+        if !valid_id(id) {
+            return Err(MediaError::NotFound);
+        }
+        match fs::read(self.upload_meta_path(id)) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| io::Error::other(e).into()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(MediaError::NotFound),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The part file, opened for appending and locked (released when the file is closed).
+    fn locked_part(&self, id: &str) -> Result<File, MediaError> {
+        let file = match OpenOptions::new()
+            .append(true)
+            .read(true)
+            .open(self.part_path(id))
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(MediaError::NotFound),
+            Err(e) => return Err(e.into()),
+        };
+        // SAFETY: flock on a descriptor this function owns; no memory is involved.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(io::Error::last_os_error().into());
+        }
+        Ok(file)
+    }
+}
+
+/// Writes `bytes` to `path` atomically and durably: a temporary file, fsynced, renamed over
+/// it, and the directory fsynced.
+fn write_durably(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut f = File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    fs::rename(&tmp, path)?;
+    sync_dir(path)
+}
+
+fn sync_dir(path: &Path) -> io::Result<()> {
+    match path.parent() {
+        Some(dir) => File::open(dir)?.sync_all(),
+        None => Ok(()),
+    }
+}
+
+fn sha256_of(mut reader: impl Read, prefix: &[u8]) -> io::Result<String> {
+    let mut h = Sha256::new();
+    h.update(prefix);
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = reader.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex(&h.finalize()))
+}
+
+impl MediaStore for FsStore {
+    fn create(&self, grant: &Grant, now_ms: u64) -> Result<Created, MediaError> {
+        let sha256 = hex(&grant.sha256);
+        let id = new_id();
+        let dedup = self.blob_path(&sha256).exists();
+        let nonce = dedup.then(new_id);
+        let meta = UploadMeta {
+            user: grant.user.0,
+            size: grant.size,
+            sha256,
+            mime: grant.mime.clone(),
+            created_ms: now_ms,
+            nonce: nonce.clone(),
+        };
+        if !dedup {
+            File::create(self.part_path(&id))?.sync_all()?;
+        }
+        let bytes = serde_json::to_vec(&meta).map_err(io::Error::other)?;
+        write_durably(&self.upload_meta_path(&id), &bytes)?;
+        Ok(match nonce {
+            Some(nonce) => Created::Dedup { upload: id, nonce },
+            None => Created::Fresh { upload: id },
+        })
+    }
+
+    fn status(&self, upload: &str) -> Result<(u64, u64), MediaError> {
+        let meta = self.upload(upload)?;
+        let len = match fs::metadata(self.part_path(upload)) {
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        };
+        Ok((len, meta.size))
+    }
+
+    fn append(&self, upload: &str, offset: u64, bytes: &[u8]) -> Result<u64, MediaError> {
+        let meta = self.upload(upload)?;
+        let mut part = self.locked_part(upload)?;
+        let len = part.metadata()?.len();
+        if len != offset {
+            return Err(MediaError::Offset(len));
+        }
+        if len + bytes.len() as u64 > meta.size {
+            return Err(MediaError::TooLarge);
+        }
+        part.write_all(bytes)?;
+        // Acknowledged means stored: a resume after a crash starts from what this returned.
+        part.sync_data()?;
+        Ok(len + bytes.len() as u64)
+    }
+
+    fn complete(
+        &self,
+        upload: &str,
+        proof: Option<&str>,
+        now_ms: u64,
+    ) -> Result<(String, MediaMeta, bool), MediaError> {
+        let meta = self.upload(upload)?;
+        let blob = self.blob_path(&meta.sha256);
+        let dedup = meta.nonce.is_some();
+        if let Some(nonce) = &meta.nonce {
+            let proof = proof.ok_or(MediaError::ProofRequired)?;
+            let want = sha256_of(File::open(&blob)?, nonce.as_bytes())?;
+            if !bool::from(subtle::ConstantTimeEq::ct_eq(
+                want.as_bytes(),
+                proof.as_bytes(),
+            )) {
+                fs::remove_file(self.upload_meta_path(upload))?;
+                return Err(MediaError::BadProof);
+            }
+        } else {
+            match self.locked_part(upload) {
+                Ok(mut part) => {
+                    let len = part.metadata()?.len();
+                    if len != meta.size {
+                        return Err(MediaError::Offset(len));
+                    }
+                    part.seek(SeekFrom::Start(0))?;
+                    if sha256_of(&mut part, b"")? != meta.sha256 {
+                        fs::remove_file(self.part_path(upload))?;
+                        fs::remove_file(self.upload_meta_path(upload))?;
+                        return Err(MediaError::HashMismatch);
+                    }
+                    fs::create_dir_all(blob.parent().expect("blobs have a directory"))?;
+                    if blob.exists() {
+                        fs::remove_file(self.part_path(upload))?; // stored meanwhile
+                    } else {
+                        fs::rename(self.part_path(upload), &blob)?;
+                        sync_dir(&blob)?;
+                    }
+                }
+                // A crash after the rename, before the medium was written: the content is in
+                // place under its hash (which is its name), so the check already passed.
+                Err(MediaError::NotFound) if blob.exists() => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let media = MediaMeta {
+            sha256: meta.sha256,
+            size: meta.size,
+            mime: meta.mime,
+            created_ms: now_ms,
+        };
+        let id = new_id();
+        let bytes = serde_json::to_vec(&media).map_err(io::Error::other)?;
+        write_durably(&self.media_path(&id), &bytes)?;
+        fs::remove_file(self.upload_meta_path(upload))?;
+        Ok((id, media, dedup))
+    }
+
+    fn meta(&self, media: &str) -> Result<MediaMeta, MediaError> {
+        if !valid_id(media) {
+            return Err(MediaError::NotFound);
+        }
+        match fs::read(self.media_path(media)) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| io::Error::other(e).into()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(MediaError::NotFound),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn read(&self, meta: &MediaMeta, offset: u64, len: u64) -> Result<Vec<u8>, MediaError> {
+        let mut f = File::open(self.blob_path(&meta.sha256))?;
+        f.seek(SeekFrom::Start(offset))?;
+        let mut out = Vec::with_capacity(len as usize);
+        f.take(len).read_to_end(&mut out)?;
+        Ok(out)
+    }
+
+    fn collect(&self, cutoff_ms: u64) -> Result<(Vec<(UserId, u64)>, u64), MediaError> {
+        let mut released = Vec::new();
+        for entry in fs::read_dir(self.root.join("uploads"))? {
+            let path = entry?.path();
+            let Some(id) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".json"))
+                .filter(|id| valid_id(id))
+            else {
+                continue;
+            };
+            let Ok(meta) = self.upload(id) else { continue };
+            if meta.created_ms < cutoff_ms {
+                let _ = fs::remove_file(self.part_path(id));
+                fs::remove_file(&path)?;
+                released.push((UserId(meta.user), meta.size));
+            }
+        }
+        let mut bytes = 0;
+        for dir in fs::read_dir(self.root.join("blobs"))? {
+            for blob in fs::read_dir(dir?.path())? {
+                bytes += blob?.metadata()?.len();
+            }
+        }
+        Ok((released, bytes))
+    }
+}
+
+// ---- HTTP ----
+
+/// A request under `/media/`, as routed (`http::route`); the body follows the head.
+#[derive(Debug, PartialEq, Eq)]
+pub struct MediaRequest {
+    pub method: String,
+    pub path: String,
+    pub query: String,
+    pub head_len: usize,
+    pub body_len: usize,
+    pub upload_offset: Option<String>,
+    pub range: Option<String>,
+    pub if_none_match: Option<String>,
+}
+
+/// The media path's shared state: settings, store, key, counters.
+pub struct Media {
+    pub cfg: MediaConfig,
+    pub store: Arc<dyn MediaStore>,
+    pub key: TokenKey,
+    pub stats: Arc<MediaStats>,
+}
+
+type Answer = (u16, Vec<(&'static str, String)>, Vec<u8>);
+
+fn error(status: u16, code: &str, message: &str) -> Answer {
+    let body = json!({ "error": { "code": code, "message": message } }).to_string();
+    (
+        status,
+        vec![("Content-Type", "application/json".into())],
+        body.into_bytes(),
+    )
+}
+
+fn ok_json(status: u16, v: serde_json::Value) -> Answer {
+    (
+        status,
+        vec![("Content-Type", "application/json".into())],
+        v.to_string().into_bytes(),
+    )
+}
+
+fn store_error(e: MediaError) -> Answer {
+    match e {
+        MediaError::NotFound => error(404, "not_found", "no such upload or medium"),
+        MediaError::Offset(at) => {
+            let mut a = error(409, "offset", &format!("the upload is at offset {at}"));
+            a.1.push(("Upload-Offset", at.to_string()));
+            a
+        }
+        MediaError::TooLarge => error(413, "too_large", "past the upload's announced size"),
+        MediaError::HashMismatch => error(
+            422,
+            "hash_mismatch",
+            "the content's SHA-256 is not the announced one; the upload was discarded",
+        ),
+        MediaError::BadProof => error(
+            403,
+            "bad_proof",
+            "the deduplication proof is wrong; the upload was discarded",
+        ),
+        MediaError::ProofRequired => error(
+            400,
+            "proof_required",
+            "this content is stored already: complete with proof = hex(SHA-256(nonce ‖ content))",
+        ),
+        MediaError::Io(e) => {
+            tracing::error!(error = %e, "media store");
+            error(500, "internal", "media store failure")
+        }
+    }
+}
+
+/// Runs `f` on the shard's blocking pool.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    glommio::executor().spawn_blocking(f).await
+}
+
+/// Answers one media request on `stream` (the body, if any, is `body`).
+pub async fn serve(
+    ctx: &Ctx,
+    req: &MediaRequest,
+    body: &[u8],
+    stream: &mut TcpStream,
+) -> io::Result<()> {
+    let Some(media) = ctx.media.clone() else {
+        return write(stream, error(404, "not_found", "media are off")).await;
+    };
+    let rest = req.path.strip_prefix("/media/").unwrap_or("");
+    let parts: Vec<&str> = rest.split('/').collect();
+    let answer = match (req.method.as_str(), parts.as_slice()) {
+        ("POST", ["uploads"]) => create(&media, body).await,
+        ("HEAD", ["uploads", id]) => {
+            let (store, id) = (media.store.clone(), id.to_string());
+            match blocking(move || store.status(&id)).await {
+                Ok((offset, size)) => (
+                    204,
+                    vec![
+                        ("Upload-Offset", offset.to_string()),
+                        ("Upload-Length", size.to_string()),
+                    ],
+                    Vec::new(),
+                ),
+                Err(e) => store_error(e),
+            }
+        }
+        ("PATCH", ["uploads", id]) => append(&media, id, req, body).await,
+        ("POST", ["uploads", id, "complete"]) => complete(&media, id, body).await,
+        ("GET" | "HEAD", [id]) => return download(&media, id, req, stream).await,
+        _ => error(
+            405,
+            "bad_method",
+            "see docs/media.md for the media endpoints",
+        ),
+    };
+    write(stream, answer).await
+}
+
+async fn write(stream: &mut TcpStream, (status, headers, body): Answer) -> io::Result<()> {
+    use futures_lite::AsyncWriteExt;
+    let head = http::head(status, &headers, body.len() as u64);
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(&body).await
+}
+
+async fn create(media: &Media, body: &[u8]) -> Answer {
+    #[derive(Deserialize)]
+    struct Req {
+        grant: String,
+    }
+    let Ok(req) = serde_json::from_slice::<Req>(body) else {
+        return error(
+            400,
+            "bad_request",
+            "the body is {\"grant\": \"…\"}, from media_upload",
+        );
+    };
+    let Some(grant) = Grant::open(&media.key, &req.grant, now_ms() / 1000) else {
+        return error(
+            403,
+            "bad_grant",
+            "the grant is not genuine or has expired: ask media_upload again",
+        );
+    };
+    let store = media.store.clone();
+    let size = grant.size;
+    match blocking(move || store.create(&grant, now_ms())).await {
+        Ok(Created::Fresh { upload }) => ok_json(
+            201,
+            json!({ "upload": upload, "offset": 0, "size": size, "chunk_max": media.cfg.chunk_max }),
+        ),
+        Ok(Created::Dedup { upload, nonce }) => ok_json(
+            201,
+            json!({ "upload": upload, "dedup": true, "nonce": nonce, "size": size }),
+        ),
+        Err(e) => store_error(e),
+    }
+}
+
+async fn append(media: &Media, id: &str, req: &MediaRequest, body: &[u8]) -> Answer {
+    let Some(offset) = req
+        .upload_offset
+        .as_deref()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+    else {
+        return error(
+            400,
+            "bad_request",
+            "send Upload-Offset: the stored length to append at",
+        );
+    };
+    if body.len() > media.cfg.chunk_max {
+        return error(
+            413,
+            "too_large",
+            &format!("chunks are at most {} bytes", media.cfg.chunk_max),
+        );
+    }
+    let (store, id, bytes) = (media.store.clone(), id.to_owned(), body.to_vec());
+    match blocking(move || store.append(&id, offset, &bytes)).await {
+        Ok(at) => {
+            media
+                .stats
+                .bytes_in
+                .fetch_add(body.len() as u64, Ordering::Relaxed);
+            (204, vec![("Upload-Offset", at.to_string())], Vec::new())
+        }
+        Err(e) => store_error(e),
+    }
+}
+
+async fn complete(media: &Media, id: &str, body: &[u8]) -> Answer {
+    #[derive(Deserialize, Default)]
+    struct Req {
+        proof: Option<String>,
+    }
+    let req: Req = if body.is_empty() {
+        Req::default()
+    } else {
+        match serde_json::from_slice(body) {
+            Ok(r) => r,
+            Err(_) => {
+                return error(
+                    400,
+                    "bad_request",
+                    "the body is empty or {\"proof\": \"…\"}",
+                )
+            }
+        }
+    };
+    let (store, id) = (media.store.clone(), id.to_owned());
+    match blocking(move || store.complete(&id, req.proof.as_deref(), now_ms())).await {
+        Ok((media_id, meta, dedup)) => {
+            media
+                .stats
+                .uploads_completed
+                .fetch_add(1, Ordering::Relaxed);
+            if dedup {
+                media.stats.dedup_hits.fetch_add(1, Ordering::Relaxed);
+            }
+            let expires = now_ms() / 1000 + media.cfg.url_ttl_s;
+            let url = format!(
+                "/media/{media_id}?{}",
+                capability(&media.key, &media_id, expires)
+            );
+            ok_json(
+                200,
+                json!({ "media": media_id, "url": url, "expires": expires, "size": meta.size,
+                        "type": meta.mime, "sha256": meta.sha256, "dedup": dedup }),
+            )
+        }
+        Err(e) => {
+            if matches!(e, MediaError::HashMismatch | MediaError::BadProof) {
+                media.stats.uploads_refused.fetch_add(1, Ordering::Relaxed);
+            }
+            store_error(e)
+        }
+    }
+}
+
+/// A `Range` header that selects nothing of the medium (answered `416`).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Unsatisfiable;
+
+/// A single byte range of a `Range` header against a body of `size` bytes: `Ok(None)` to
+/// send it whole (no header, or several ranges).
+pub fn byte_range(header: Option<&str>, size: u64) -> Result<Option<(u64, u64)>, Unsatisfiable> {
+    let Some(spec) = header.and_then(|h| h.trim().strip_prefix("bytes=")) else {
+        return Ok(None);
+    };
+    if spec.contains(',') {
+        return Ok(None);
+    }
+    let (a, b) = spec.split_once('-').ok_or(Unsatisfiable)?;
+    let (a, b) = (a.trim(), b.trim());
+    let (start, end) = match (a.is_empty(), b.is_empty()) {
+        (true, false) => {
+            let n: u64 = b.parse().map_err(|_| Unsatisfiable)?;
+            if n == 0 {
+                return Err(Unsatisfiable);
+            }
+            (size.saturating_sub(n), size.saturating_sub(1))
+        }
+        (false, _) => {
+            let start: u64 = a.parse().map_err(|_| Unsatisfiable)?;
+            let end: u64 = if b.is_empty() {
+                u64::MAX
+            } else {
+                b.parse().map_err(|_| Unsatisfiable)?
+            };
+            (start, end.min(size.saturating_sub(1)))
+        }
+        (true, true) => return Err(Unsatisfiable),
+    };
+    if start >= size || start > end {
+        return Err(Unsatisfiable);
+    }
+    Ok(Some((start, end)))
+}
+
+async fn download(
+    media: &Media,
+    id: &str,
+    req: &MediaRequest,
+    stream: &mut TcpStream,
+) -> io::Result<()> {
+    use futures_lite::AsyncWriteExt;
+    let mut expires = None;
+    let mut sig = None;
+    for pair in req.query.split('&') {
+        match pair.split_once('=') {
+            Some(("e", v)) => expires = v.parse::<u64>().ok(),
+            Some(("s", v)) => sig = Some(v),
+            _ => {}
+        }
+    }
+    let now_s = now_ms() / 1000;
+    let checked = match (expires, sig) {
+        (Some(e), Some(s)) => check_capability(&media.key, id, e, s, now_s),
+        _ => Err(false),
+    };
+    match checked {
+        Ok(()) => {}
+        Err(true) => {
+            return write(
+                stream,
+                error(
+                    403,
+                    "expired",
+                    "this media URL has expired: ask the sender for a fresh one",
+                ),
+            )
+            .await
+        }
+        Err(false) => return write(stream, error(403, "forbidden", "not a valid media URL")).await,
+    }
+    let (store, owned) = (media.store.clone(), id.to_owned());
+    let meta = match blocking(move || store.meta(&owned)).await {
+        Ok(m) => m,
+        Err(e) => return write(stream, store_error(e)).await,
+    };
+    let etag = format!("\"{}\"", meta.sha256);
+    let max_age = expires.unwrap_or(now_s).saturating_sub(now_s);
+    let inline = ["image/", "audio/", "video/"]
+        .iter()
+        .any(|p| meta.mime.starts_with(p));
+    let mut headers = vec![
+        ("Content-Type", meta.mime.clone()),
+        ("Accept-Ranges", "bytes".into()),
+        ("ETag", etag.clone()),
+        (
+            "Cache-Control",
+            format!("private, max-age={max_age}, immutable"),
+        ),
+        ("X-Content-Type-Options", "nosniff".into()),
+        // Uploaded content is served from the page's own origin: never let it run as a page.
+        (
+            "Content-Security-Policy",
+            "sandbox; default-src 'none'".into(),
+        ),
+    ];
+    if !inline {
+        headers.push(("Content-Disposition", "attachment".into()));
+    }
+    if req
+        .if_none_match
+        .as_deref()
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag))
+    {
+        return write(stream, (304, headers, Vec::new())).await;
+    }
+    let (status, start, end) = match byte_range(req.range.as_deref(), meta.size) {
+        Ok(None) => (200, 0, meta.size.saturating_sub(1)),
+        Ok(Some((a, b))) => {
+            headers.push(("Content-Range", format!("bytes {a}-{b}/{}", meta.size)));
+            (206, a, b)
+        }
+        Err(Unsatisfiable) => {
+            let mut a = error(416, "range", "the range is outside the medium");
+            a.1.push(("Content-Range", format!("bytes */{}", meta.size)));
+            return write(stream, a).await;
+        }
+    };
+    let len = if meta.size == 0 { 0 } else { end - start + 1 };
+    let head = http::head(status, &headers, len);
+    stream.write_all(head.as_bytes()).await?;
+    if req.method == "HEAD" {
+        return Ok(());
+    }
+    let mut at = start;
+    let meta = Arc::new(meta);
+    while at < start + len {
+        let n = READ_PIECE.min(start + len - at);
+        let (store, m) = (media.store.clone(), meta.clone());
+        let piece = match blocking(move || store.read(&m, at, n)).await {
+            Ok(p) if p.len() as u64 == n => p,
+            // The body was announced: cut the connection rather than send a short one.
+            Ok(_) => return Err(io::Error::other("media shorter than its meta")),
+            Err(e) => return Err(io::Error::other(e.to_string())),
+        };
+        stream.write_all(&piece).await?;
+        media.stats.bytes_out.fetch_add(n, Ordering::Relaxed);
+        at += n;
+    }
+    Ok(())
+}
+
+/// Collects abandoned uploads every `gc_interval_s` (run by one shard of the node): their
+/// sizes go back to their users' quotas.
+pub async fn collector(ctx: Ctx) {
+    let Some(media) = ctx.media.clone() else {
+        return;
+    };
+    loop {
+        glommio::timer::sleep(std::time::Duration::from_secs(
+            media.cfg.gc_interval_s.max(1),
+        ))
+        .await;
+        let cutoff = now_ms().saturating_sub(media.cfg.upload_ttl_s * 1000);
+        let store = media.store.clone();
+        match blocking(move || store.collect(cutoff)).await {
+            Ok((released, bytes)) => {
+                media.stats.store_bytes.store(bytes, Ordering::Relaxed);
+                media
+                    .stats
+                    .collected
+                    .fetch_add(released.len() as u64, Ordering::Relaxed);
+                for (user, size) in released {
+                    ctx.engine
+                        .borrow_mut()
+                        .handle_media_released(now_ms(), user, size);
+                }
+                crate::ctx::dispatch(&ctx);
+            }
+            Err(e) => tracing::error!(error = %e, "collecting media uploads"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_follow_rfc_9110() {
+        assert_eq!(byte_range(None, 10), Ok(None));
+        assert_eq!(byte_range(Some("bytes=0-3"), 10), Ok(Some((0, 3))));
+        assert_eq!(byte_range(Some("bytes=5-"), 10), Ok(Some((5, 9))));
+        assert_eq!(byte_range(Some("bytes=-3"), 10), Ok(Some((7, 9))));
+        assert_eq!(byte_range(Some("bytes=8-100"), 10), Ok(Some((8, 9))));
+        assert_eq!(
+            byte_range(Some("bytes=0-1,4-5"), 10),
+            Ok(None),
+            "several: whole"
+        );
+        assert_eq!(byte_range(Some("bytes=10-"), 10), Err(Unsatisfiable));
+        assert_eq!(byte_range(Some("bytes=5-2"), 10), Err(Unsatisfiable));
+        assert_eq!(byte_range(Some("bytes=x-"), 10), Err(Unsatisfiable));
+    }
+
+    #[test]
+    fn an_upload_resumes_completes_once_and_deduplicates_with_a_proof() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsStore::open(dir.path()).unwrap();
+        let content = b"hello media".to_vec();
+        let sha: [u8; 32] = Sha256::digest(&content).into();
+        let grant = Grant {
+            user: UserId(1),
+            size: content.len() as u64,
+            sha256: sha,
+            mime: "text/plain".into(),
+            expires_s: u64::MAX,
+        };
+        let Created::Fresh { upload } = store.create(&grant, 0).unwrap() else {
+            panic!("fresh")
+        };
+        assert_eq!(store.append(&upload, 0, &content[..5]).unwrap(), 5);
+        assert!(matches!(
+            store.append(&upload, 0, b"x"),
+            Err(MediaError::Offset(5))
+        ));
+        assert!(matches!(
+            store.complete(&upload, None, 0),
+            Err(MediaError::Offset(5))
+        ));
+        assert_eq!(store.status(&upload).unwrap(), (5, 11));
+        assert!(matches!(
+            store.append(&upload, 5, b"too long for it"),
+            Err(MediaError::TooLarge)
+        ));
+        assert_eq!(store.append(&upload, 5, &content[5..]).unwrap(), 11);
+        let (id, meta, dedup) = store.complete(&upload, None, 0).unwrap();
+        assert!(!dedup);
+        assert_eq!(store.read(&meta, 6, 5).unwrap(), b"media");
+        assert_eq!(store.meta(&id).unwrap(), meta);
+        // The same content again: a deduplication, completed only with the right proof.
+        let Created::Dedup { upload, nonce } = store.create(&grant, 0).unwrap() else {
+            panic!("dedup")
+        };
+        assert!(matches!(
+            store.complete(&upload, None, 0),
+            Err(MediaError::ProofRequired)
+        ));
+        let proof = sha256_of(&content[..], nonce.as_bytes()).unwrap();
+        let (again, _, dedup) = store.complete(&upload, Some(&proof), 0).unwrap();
+        assert!(dedup && again != id);
+        let Created::Dedup { upload, .. } = store.create(&grant, 0).unwrap() else {
+            panic!("dedup")
+        };
+        assert!(matches!(
+            store.complete(&upload, Some(&"0".repeat(64)), 0),
+            Err(MediaError::BadProof)
+        ));
+        // Abandoned uploads are collected, and give their size back.
+        store.create(&grant, 0).unwrap();
+        let wrong = Grant {
+            sha256: [9; 32],
+            ..grant
+        };
+        store.create(&wrong, 5).unwrap();
+        let (released, bytes) = store.collect(3).unwrap();
+        assert_eq!(
+            released,
+            vec![(UserId(1), 11)],
+            "only the one created before the cutoff"
+        );
+        assert_eq!(bytes, 11, "one blob");
+        assert!(!valid_id("../etc/passwd") && valid_id(&new_id()));
+    }
+}
