@@ -58,6 +58,7 @@ fn web_client_in_chromium() {
     assert!(stored.contains("hello team"), "the data dir was not read");
     for step in [
         "end-to-end encrypted",
+        "a picture sent and shown",
         "chat both ways",
         "history after reload",
         "missed messages",

@@ -110,6 +110,18 @@ export interface Events {
   push: Record<string, unknown>;
 }
 
+export interface Uploaded {
+  media: string;
+  /** Absolute, with its capability: readable by whoever has it until `expires`. */
+  url: string;
+  expires: number;
+  type: string;
+  size: number;
+  name: string;
+  sha256: string;
+  dedup: boolean;
+}
+
 export interface RoomInfo {
   conv: string;
   name: string;
@@ -166,6 +178,12 @@ export class Hermod {
   resume(): Promise<{ user: string; device: string }>;
   logout(): Promise<void>;
   conv(id: string, title?: string, kind?: "direct" | "group" | "channel"): Conversation;
+  /** Uploads media (docs/media.md); resolves with what to put in a message body. */
+  upload(
+    data: Blob | Uint8Array,
+    options?: { type?: string; name?: string; chunk?: number; onProgress?: (sent: number, total: number) => void },
+  ): Promise<Uploaded>;
+  httpBase(): string;
   subscribe(channel: string): Promise<{ conv: string; last_seq: number; read_seq: number }>;
   unsubscribe(channel: string): Promise<{ conv: string }>;
   joinRoom(room: string): Promise<RoomInfo>;

@@ -35,6 +35,8 @@ export class MemoryStorage {
 }
 
 const OFFLINE = { code: "offline", message: "not connected" };
+const toHex = (buf) => [...new Uint8Array(buf)].map((b) => b.toString(16).padStart(2, "0")).join("");
+const pause = (ms) => new Promise((r) => setTimeout(r, ms));
 const SYNC_BATCH = 32; // conversations per `sync` request (the server takes up to 100)
 
 
@@ -479,6 +481,63 @@ export class Hermod {
       );
     }
     this.emit("ready", { user, convs: this.convs });
+  }
+
+  // ---- media (docs/media.md) ----
+
+  /** The HTTP origin of the node this client talks to (`ws://h:p/ws` → `http://h:p`). */
+  httpBase() {
+    const u = new URL(this.url);
+    return (u.protocol === "wss:" ? "https://" : "http://") + u.host;
+  }
+
+  /** Uploads `data` (a Blob or File, or bytes) and resolves with `{media, url, type, size,
+   * name, sha256, dedup, expires}` (`url` absolute: put it in a message body). Chunks that fail
+   * on the network are retried from where the server says it is (`HEAD`), so an upload
+   * survives dropped connections; content the server holds already is not sent again (a
+   * proof of possession replaces it). Rejects with `{code, message}` when refused. */
+  async upload(data, { type, name, onProgress, chunk } = {}) {
+    const bytes = data instanceof Uint8Array ? data : new Uint8Array(await data.arrayBuffer());
+    type = type || data.type || "application/octet-stream";
+    name = name || data.name || "file";
+    const sha256 = toHex(await crypto.subtle.digest("SHA-256", bytes));
+    const grant = await this.request("media_upload", { size: bytes.length, type, sha256 });
+    const base = this.httpBase();
+    const call = async (method, path, body, headers = {}) => {
+      const r = await fetch(base + path, { method, headers, body });
+      const text = method === "HEAD" ? "" : await r.text();
+      const json = text ? JSON.parse(text) : {};
+      if (!r.ok && r.status !== 409) throw json.error || { code: "http_" + r.status, message: r.statusText };
+      return { r, json };
+    };
+    const { json: up } = await call("POST", "/media/uploads", JSON.stringify({ grant: grant.grant }));
+    let proof;
+    if (up.dedup) {
+      const nonce = new TextEncoder().encode(up.nonce);
+      const all = new Uint8Array(nonce.length + bytes.length);
+      all.set(nonce);
+      all.set(bytes, nonce.length);
+      proof = toHex(await crypto.subtle.digest("SHA-256", all));
+    } else {
+      const size = Math.min(chunk || up.chunk_max, up.chunk_max);
+      let offset = 0, failures = 0;
+      while (offset < bytes.length) {
+        try {
+          const { r } = await call("PATCH", `/media/uploads/${up.upload}`, bytes.subarray(offset, offset + size), { "Upload-Offset": String(offset) });
+          offset = Number(r.headers.get("Upload-Offset"));
+          failures = 0;
+          if (onProgress) onProgress(offset, bytes.length);
+        } catch (e) {
+          if (e && e.code) throw e; // the server refused: no retry helps
+          if (++failures > 30) throw { code: "offline", message: String(e) };
+          await pause(Math.min(250 * failures, 5000));
+          const h = await fetch(`${base}/media/uploads/${up.upload}`, { method: "HEAD" }).catch(() => null);
+          if (h && h.status === 204) offset = Number(h.headers.get("Upload-Offset"));
+        }
+      }
+    }
+    const { json: done } = await call("POST", `/media/uploads/${up.upload}/complete`, proof ? JSON.stringify({ proof }) : undefined);
+    return { ...done, url: base + done.url, name };
   }
 
   // ---- channels and live rooms (docs/channels.md) ----

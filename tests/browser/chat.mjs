@@ -115,6 +115,22 @@ async function run(browser, pages) {
     assert.ok((await alice.textContent("#lock")).includes(fpOfBob.slice(0, 19)));
     console.log("ok: end-to-end encrypted, fingerprints shown");
 
+    // A picture: alice attaches it (uploaded over HTTP, its URL sent inside the encrypted
+    // message), bob's page shows it inline, loaded.
+    const png = Buffer.from(
+      "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8DwHwAFBQIAX8jx0gAAAABJRU5ErkJggg==",
+      "base64",
+    );
+    await alice.setInputFiles("#attach", { name: "dot.png", mimeType: "image/png", buffer: png });
+    const pic = bob.locator("#msgs .msg img.media");
+    await pic.waitFor({ timeout: WAIT });
+    await bob.waitForFunction(() => {
+      const img = document.querySelector("#msgs .msg img.media");
+      return img && img.complete && img.naturalWidth === 1;
+    }, null, { timeout: WAIT });
+    await alice.locator("#msgs .msg img.media").waitFor({ timeout: WAIT });
+    console.log("ok: a picture sent and shown");
+
     // A reload keeps the history (resume with the stored token, then history).
     await alice.reload();
     await conv(alice, "bob").click({ timeout: WAIT });

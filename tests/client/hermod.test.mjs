@@ -142,6 +142,20 @@ await until("the room message after a reconnect", async () => {
 });
 console.log("ok: live room");
 
+// Media: a chunked upload with progress, read back by its URL; the same bytes again are a
+// deduplication (no bytes sent, a proof instead).
+const bytes = new Uint8Array(300_000).map((_, i) => (i * 7) & 255);
+const progress = [];
+const up = await alice.upload(bytes, { type: "image/png", name: "p.png", chunk: 64 * 1024, onProgress: (n) => progress.push(n) });
+assert.equal(up.size, 300_000);
+assert.deepEqual(progress, [65536, 131072, 196608, 262144, 300000]);
+const back = new Uint8Array(await (await fetch(up.url)).arrayBuffer());
+assert.deepEqual(back, bytes);
+const again = await bob.upload(new Blob([bytes], { type: "image/png" }));
+assert.equal(again.dedup, true);
+assert.notEqual(again.media, up.media);
+console.log("ok: media upload");
+
 alice.close();
 bob.close();
 process.exit(0);
