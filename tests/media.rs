@@ -328,6 +328,12 @@ fn uploads_resume_deduplicate_with_a_proof_and_read_by_range() {
         2
     );
     assert!(metric_sum_plain(&page, "hermod_media_bytes_out_total") >= 600_000);
+
+    // What `hermod-tools inspect` shows of the store: two contents (the photo, the script),
+    // three media (the photo twice), and the uploads granted but never created or finished.
+    let store = hermod_tools::inspect::media(&server.data.join("media")).unwrap();
+    assert_eq!((store.blobs.count, store.media), (2, 3));
+    assert_eq!(store.blobs.bytes, 300_000 + 25);
 }
 
 /// A process-wide (unlabelled) sample: the media families have no shard label.

@@ -65,6 +65,52 @@ pub fn inspect(data: &Path) -> anyhow::Result<Vec<ShardStats>> {
     Ok(stats)
 }
 
+/// The media store (docs/media.md): content stored once per hash, the media records that
+/// point at it, and uploads under way.
+#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct MediaStats {
+    pub blobs: Tally,
+    pub media: u64,
+    pub uploads: Tally,
+}
+
+/// What the file-system media store under `dir` holds (zeros if there is none).
+pub fn media(dir: &Path) -> anyhow::Result<MediaStats> {
+    let mut out = MediaStats::default();
+    let read = |sub: &str| {
+        std::fs::read_dir(dir.join(sub))
+            .ok()
+            .into_iter()
+            .flatten()
+            .flatten()
+    };
+    for shelf in read("blobs") {
+        for blob in std::fs::read_dir(shelf.path())?.flatten() {
+            out.blobs.count += 1;
+            out.blobs.bytes += blob.metadata()?.len();
+        }
+    }
+    out.media = read("media")
+        .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+        .count() as u64;
+    for e in read("uploads") {
+        let path = e.path();
+        match path.extension().and_then(|x| x.to_str()) {
+            Some("json") => out.uploads.count += 1,
+            Some("part") => out.uploads.bytes += e.metadata()?.len(),
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
+pub fn render_media(m: &MediaStats) -> String {
+    format!(
+        "media: {} media over {} stored contents ({} bytes); {} uploads under way ({} bytes so far)\n",
+        m.media, m.blobs.count, m.blobs.bytes, m.uploads.count, m.uploads.bytes
+    )
+}
+
 pub fn render(stats: &[ShardStats]) -> String {
     let mut out = format!(
         "{:<6} {:>10} {:>10} {:>12} {:>14} {:>14} {:>12} {:>14}\n",

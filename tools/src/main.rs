@@ -59,6 +59,12 @@ enum Command {
         /// placement over the planned hosts).
         #[arg(long)]
         cross_node_share: Option<f64>,
+        /// Share of messages that carry a medium (docs/media.md).
+        #[arg(long, default_value_t = 0.0)]
+        media_share: f64,
+        /// Average medium size in bytes.
+        #[arg(long, default_value_t = 500_000.0)]
+        media_bytes: f64,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -89,6 +95,9 @@ enum Command {
     Inspect {
         #[arg(long)]
         data: PathBuf,
+        /// The media store (default: `media` under the data dir, as the server's default).
+        #[arg(long)]
+        media: Option<PathBuf>,
         #[arg(long)]
         json: bool,
     },
@@ -270,6 +279,8 @@ fn main() -> anyhow::Result<()> {
             mem_gib_per_host,
             link_us_per_mail,
             cross_node_share,
+            media_share,
+            media_bytes,
             json,
         } => {
             let per_core_msgs = match &report {
@@ -290,6 +301,8 @@ fn main() -> anyhow::Result<()> {
                 mem_gib_per_host,
                 link_us_per_mail,
                 cross_node_share,
+                media_share,
+                media_bytes,
                 ..Inputs::default()
             };
             let lines = plan::plan(&inputs);
@@ -354,12 +367,15 @@ fn main() -> anyhow::Result<()> {
             let answer = admin(&url, &token, action)?;
             println!("{}", serde_json::to_string_pretty(&answer)?);
         }
-        Command::Inspect { data, json } => {
+        Command::Inspect { data, media, json } => {
             let stats = hermod_tools::inspect::inspect(&data)?;
+            let media = hermod_tools::inspect::media(&media.unwrap_or_else(|| data.join("media")))?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&stats)?);
+                let all = serde_json::json!({ "shards": stats, "media": media });
+                println!("{}", serde_json::to_string_pretty(&all)?);
             } else {
                 print!("{}", hermod_tools::inspect::render(&stats));
+                print!("{}", hermod_tools::inspect::render_media(&media));
             }
         }
         Command::Doctor {

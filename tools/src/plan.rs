@@ -41,6 +41,10 @@ pub struct Inputs {
     /// Share of messages whose members live on different nodes; `None`: what uniform placement
     /// gives over the planned hosts, (hosts − 1) / hosts.
     pub cross_node_share: Option<f64>,
+    /// Share of messages that carry a medium (docs/media.md), and a medium's average size in
+    /// bytes. Each recipient's device reads it once.
+    pub media_share: f64,
+    pub media_bytes: f64,
 }
 
 impl Default for Inputs {
@@ -67,6 +71,8 @@ impl Default for Inputs {
             link_us_per_mail: 1.8,
             cross_mails_per_msg: 2.0,
             cross_node_share: None,
+            media_share: 0.0,
+            media_bytes: 500_000.0,
         }
     }
 }
@@ -135,6 +141,11 @@ pub fn plan(i: &Inputs) -> Vec<Line> {
     let disk_day = msgs_day * i.stored_bytes_per_msg;
     let disk_total = disk_day * i.retention_days;
     let net_bits = (peak * i.wire_bytes_per_send + pushes * i.wire_bytes_per_push) * 8.0;
+    let media_day = msgs_day * i.media_share;
+    let media_disk_day = media_day * i.media_bytes;
+    let media_in_bits = peak * i.media_share * i.media_bytes * 8.0;
+    let reads = i.recipients_per_msg * i.devices_per_user;
+    let media_out_bits = media_in_bits * reads;
     vec![
         line("messages per day", msgs_day, "msg", format!("{} DAU × {} msg/user/day", si(i.dau), i.msgs_per_user_day)),
         line("average rate", avg, "msg/s", format!("{} msg/day ÷ 86,400 s", si(msgs_day))),
@@ -215,6 +226,41 @@ pub fn plan(i: &Inputs) -> Vec<Line> {
             format!("{:.1} GB/day × {} days", disk_day / 1e9, i.retention_days),
         ),
         line(
+            "media per day",
+            media_day,
+            "media",
+            format!("{} msg/day × {} with media", si(msgs_day), i.media_share),
+        ),
+        line(
+            "media disk per day",
+            media_disk_day / 1e9,
+            "GB",
+            format!("{} media/day × {} B (before deduplication)", si(media_day), si(i.media_bytes)),
+        ),
+        line(
+            "media disk, retention",
+            media_disk_day * i.retention_days / 1e12,
+            "TB",
+            format!("{:.1} GB/day × {} days", media_disk_day / 1e9, i.retention_days),
+        ),
+        line(
+            "media upload at peak",
+            media_in_bits / 1e9,
+            "Gbit/s",
+            format!("{} msg/s × {} × {} B × 8", si(peak), i.media_share, si(i.media_bytes)),
+        ),
+        line(
+            "media download at peak",
+            media_out_bits / 1e9,
+            "Gbit/s",
+            format!(
+                "{:.2} Gbit/s up × {} recipients × {} devices",
+                media_in_bits / 1e9,
+                i.recipients_per_msg,
+                i.devices_per_user
+            ),
+        ),
+        line(
             "network at peak",
             net_bits / 1e9,
             "Gbit/s",
@@ -284,6 +330,27 @@ mod tests {
         assert!(hosts > 1.0);
         assert!((get("cross-node share") - (hosts - 1.0) / hosts).abs() < 1e-9);
         assert!(get("per-core rate") < big.per_core_msgs);
+    }
+
+    #[test]
+    fn media_storage_and_bandwidth() {
+        // 1M DAU × 20 msg/day, 10% with a 500 kB medium: 2M media/day, 1 TB/day.
+        let i = Inputs {
+            media_share: 0.1,
+            ..Inputs::default()
+        };
+        let p = plan(&i);
+        let get = |what| p.iter().find(|l| l.what == what).unwrap().value;
+        assert!((get("media per day") - 2e6).abs() < 1e-6);
+        assert!((get("media disk per day") - 1_000.0).abs() < 1e-6);
+        assert!((get("media disk, retention") - 30.0).abs() < 1e-9);
+        // Peak 1,157 msg/s × 0.1 × 500 kB × 8 = 0.463 Gbit/s up; × 1 × 1.5 down.
+        let up = get("media upload at peak");
+        assert!(
+            (up - 1_157.407 * 0.1 * 500_000.0 * 8.0 / 1e9).abs() < 1e-3,
+            "{up}"
+        );
+        assert!((get("media download at peak") - up * 1.5).abs() < 1e-9);
     }
 
     #[test]
