@@ -237,6 +237,7 @@ async fn serve_http(
             let body_deadline = std::time::Instant::now() + MEDIA_BODY_TIMEOUT;
             stream.set_read_timeout(Some(MEDIA_BODY_TIMEOUT))?;
             let wanted = req.head_len + req.body_len;
+            inbuf.reserve(wanted.saturating_sub(inbuf.len())); // one allocation per chunk
             let mut complete = true;
             while inbuf.len() < wanted {
                 match next_event_by(ctx, &mut stream, &mut inbuf, &idle, body_deadline).await {
@@ -250,8 +251,8 @@ async fn serve_http(
                 }
             }
             let result = if complete {
-                let body = &inbuf[req.head_len..wanted];
-                crate::media::serve(ctx, &req, body, &mut stream).await
+                inbuf.truncate(wanted);
+                crate::media::serve(ctx, &req, std::mem::take(&mut inbuf), &mut stream).await
             } else {
                 Ok(())
             };

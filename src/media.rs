@@ -4,10 +4,13 @@
 //! trait and its file-system implementation [`FsStore`], the HTTP handlers, the collection of
 //! abandoned uploads, and the media counters in `/metrics`.
 //!
-//! Every file-system call (writes, fsyncs, hashing, reads) runs on the shard's blocking pool,
-//! never on its reactor. Uploads are files any shard may touch (a client's requests land on
-//! whichever shard accepts them), so an append or a completion holds an `flock` on the upload's
-//! file — on the blocking thread — which makes "append at the stored offset" atomic.
+//! Every file-system call (writes, fsyncs, hashing, reads) runs on the media path's own worker
+//! threads ([`Workers`]), never on a shard's reactor nor in the blocking pool that carries the
+//! message path's commits; the workers run under `SCHED_IDLE`, so hashing and copying bulk
+//! bytes use only what the shards leave of a core. Uploads are files any shard may
+//! touch (a client's requests land on whichever shard accepts them), so an append or a
+//! completion holds an `flock` on the upload's file — on the worker — which makes "append at
+//! the stored offset" atomic.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -114,6 +117,8 @@ pub enum MediaError {
     BadProof,
     #[error("a proof is required (the content is stored already)")]
     ProofRequired,
+    #[error("the media workers are busy")]
+    Busy,
     #[error(transparent)]
     Io(#[from] io::Error),
 }
@@ -323,9 +328,12 @@ impl MediaStore for FsStore {
         if len + bytes.len() as u64 > meta.size {
             return Err(MediaError::TooLarge);
         }
+        // Not fsynced per chunk: a process crash loses nothing written, and after a host crash
+        // the file holds a prefix of what was acknowledged (ext4's ordered data never exposes
+        // unwritten blocks), which `HEAD` reports and the client resumes from. Completion
+        // fsyncs the whole file and checks its hash, so no wrong byte becomes a medium.
+        // (An fsync per chunk stalled the message path's WAL writes on the same disk.)
         part.write_all(bytes)?;
-        // Acknowledged means stored: a resume after a crash starts from what this returned.
-        part.sync_data()?;
         Ok(len + bytes.len() as u64)
     }
 
@@ -355,6 +363,7 @@ impl MediaStore for FsStore {
                     if len != meta.size {
                         return Err(MediaError::Offset(len));
                     }
+                    part.sync_all()?;
                     part.seek(SeekFrom::Start(0))?;
                     if sha256_of(&mut part, b"")? != meta.sha256 {
                         fs::remove_file(self.part_path(upload))?;
@@ -451,12 +460,64 @@ pub struct MediaRequest {
     pub if_none_match: Option<String>,
 }
 
-/// The media path's shared state: settings, store, key, counters.
+/// The media path's shared state: settings, store, key, counters, workers.
 pub struct Media {
     pub cfg: MediaConfig,
     pub store: Arc<dyn MediaStore>,
     pub key: TokenKey,
     pub stats: Arc<MediaStats>,
+    pub workers: Workers,
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// Jobs waiting for a media worker; past it a request gets `503` (`Busy`).
+const WORKER_QUEUE: usize = 1024;
+
+/// The media path's worker threads: store calls run here, answered to the shard's task over
+/// a one-slot channel that wakes it. Bounded queue; full: the request is refused, never waited
+/// for on a reactor.
+#[derive(Clone)]
+pub struct Workers {
+    tx: crossbeam_channel::Sender<Job>,
+}
+
+impl Workers {
+    pub fn start(threads: usize) -> io::Result<Workers> {
+        let (tx, rx) = crossbeam_channel::bounded::<Job>(WORKER_QUEUE);
+        for i in 0..threads.max(1) {
+            let rx = rx.clone();
+            std::thread::Builder::new()
+                .name(format!("hermod-media-{i}"))
+                .spawn(move || {
+                    // Bulk bytes yield to the shards: SCHED_IDLE for this thread only, so it
+                    // runs when its core has nothing else to do and a shard waking on that
+                    // core preempts it at once. Best effort (a failure leaves it ordinary).
+                    // SAFETY: a plain syscall on the calling thread (pid 0) with a valid param.
+                    unsafe {
+                        let param = libc::sched_param { sched_priority: 0 };
+                        libc::sched_setscheduler(0, libc::SCHED_IDLE, &param);
+                    }
+                    for job in rx {
+                        job();
+                    }
+                })?;
+        }
+        Ok(Workers { tx })
+    }
+
+    /// Runs `f` on a worker; `Busy` if the queue is full.
+    async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> Result<T, MediaError> + Send + 'static,
+    ) -> Result<T, MediaError> {
+        let (tx, rx) = async_channel::bounded(1);
+        let job: Job = Box::new(move || {
+            let _ = tx.send_blocking(f());
+        });
+        self.tx.try_send(job).map_err(|_| MediaError::Busy)?;
+        rx.recv().await.map_err(|_| MediaError::Busy)?
+    }
 }
 
 type Answer = (u16, Vec<(&'static str, String)>, Vec<u8>);
@@ -502,6 +563,11 @@ fn store_error(e: MediaError) -> Answer {
             "proof_required",
             "this content is stored already: complete with proof = hex(SHA-256(nonce ‖ content))",
         ),
+        MediaError::Busy => {
+            let mut a = error(503, "busy", "the media workers are busy: retry shortly");
+            a.1.push(("Retry-After", "1".into()));
+            a
+        }
         MediaError::Io(e) => {
             tracing::error!(error = %e, "media store");
             error(500, "internal", "media store failure")
@@ -509,18 +575,17 @@ fn store_error(e: MediaError) -> Answer {
     }
 }
 
-/// Runs `f` on the shard's blocking pool.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    glommio::executor().spawn_blocking(f).await
-}
-
-/// Answers one media request on `stream` (the body, if any, is `body`).
+/// Answers one media request on `stream`; `buf` holds its head and then its body.
 pub async fn serve(
     ctx: &Ctx,
     req: &MediaRequest,
-    body: &[u8],
+    buf: Vec<u8>,
     stream: &mut TcpStream,
 ) -> io::Result<()> {
+    // `buf` is the connection's whole read buffer: the body is its tail. It moves to the
+    // worker as it is (an upload chunk is not copied on the reactor).
+    let at = req.head_len;
+    let body = &buf[at..];
     let Some(media) = ctx.media.clone() else {
         return write(stream, error(404, "not_found", "media are off")).await;
     };
@@ -530,7 +595,7 @@ pub async fn serve(
         ("POST", ["uploads"]) => create(&media, body).await,
         ("HEAD", ["uploads", id]) => {
             let (store, id) = (media.store.clone(), id.to_string());
-            match blocking(move || store.status(&id)).await {
+            match media.workers.run(move || store.status(&id)).await {
                 Ok((offset, size)) => (
                     204,
                     vec![
@@ -542,7 +607,10 @@ pub async fn serve(
                 Err(e) => store_error(e),
             }
         }
-        ("PATCH", ["uploads", id]) => append(&media, id, req, body).await,
+        ("PATCH", ["uploads", id]) => {
+            let id = id.to_string();
+            append(&media, &id, req, buf, at).await
+        }
         ("POST", ["uploads", id, "complete"]) => complete(&media, id, body).await,
         ("GET" | "HEAD", [id]) => return download(&media, id, req, stream).await,
         _ => error(
@@ -582,7 +650,11 @@ async fn create(media: &Media, body: &[u8]) -> Answer {
     };
     let store = media.store.clone();
     let size = grant.size;
-    match blocking(move || store.create(&grant, now_ms())).await {
+    match media
+        .workers
+        .run(move || store.create(&grant, now_ms()))
+        .await
+    {
         Ok(Created::Fresh { upload }) => ok_json(
             201,
             json!({ "upload": upload, "offset": 0, "size": size, "chunk_max": media.cfg.chunk_max }),
@@ -595,7 +667,8 @@ async fn create(media: &Media, body: &[u8]) -> Answer {
     }
 }
 
-async fn append(media: &Media, id: &str, req: &MediaRequest, body: &[u8]) -> Answer {
+async fn append(media: &Media, id: &str, req: &MediaRequest, buf: Vec<u8>, at: usize) -> Answer {
+    let len = buf.len() - at;
     let Some(offset) = req
         .upload_offset
         .as_deref()
@@ -607,20 +680,24 @@ async fn append(media: &Media, id: &str, req: &MediaRequest, body: &[u8]) -> Ans
             "send Upload-Offset: the stored length to append at",
         );
     };
-    if body.len() > media.cfg.chunk_max {
+    if len > media.cfg.chunk_max {
         return error(
             413,
             "too_large",
             &format!("chunks are at most {} bytes", media.cfg.chunk_max),
         );
     }
-    let (store, id, bytes) = (media.store.clone(), id.to_owned(), body.to_vec());
-    match blocking(move || store.append(&id, offset, &bytes)).await {
+    let (store, id) = (media.store.clone(), id.to_owned());
+    match media
+        .workers
+        .run(move || store.append(&id, offset, &buf[at..]))
+        .await
+    {
         Ok(at) => {
             media
                 .stats
                 .bytes_in
-                .fetch_add(body.len() as u64, Ordering::Relaxed);
+                .fetch_add(len as u64, Ordering::Relaxed);
             (204, vec![("Upload-Offset", at.to_string())], Vec::new())
         }
         Err(e) => store_error(e),
@@ -647,7 +724,11 @@ async fn complete(media: &Media, id: &str, body: &[u8]) -> Answer {
         }
     };
     let (store, id) = (media.store.clone(), id.to_owned());
-    match blocking(move || store.complete(&id, req.proof.as_deref(), now_ms())).await {
+    match media
+        .workers
+        .run(move || store.complete(&id, req.proof.as_deref(), now_ms()))
+        .await
+    {
         Ok((media_id, meta, dedup)) => {
             media
                 .stats
@@ -753,7 +834,7 @@ async fn download(
         Err(false) => return write(stream, error(403, "forbidden", "not a valid media URL")).await,
     }
     let (store, owned) = (media.store.clone(), id.to_owned());
-    let meta = match blocking(move || store.meta(&owned)).await {
+    let meta = match media.workers.run(move || store.meta(&owned)).await {
         Ok(m) => m,
         Err(e) => return write(stream, store_error(e)).await,
     };
@@ -810,7 +891,7 @@ async fn download(
     while at < start + len {
         let n = READ_PIECE.min(start + len - at);
         let (store, m) = (media.store.clone(), meta.clone());
-        let piece = match blocking(move || store.read(&m, at, n)).await {
+        let piece = match media.workers.run(move || store.read(&m, at, n)).await {
             Ok(p) if p.len() as u64 == n => p,
             // The body was announced: cut the connection rather than send a short one.
             Ok(_) => return Err(io::Error::other("media shorter than its meta")),
@@ -836,7 +917,7 @@ pub async fn collector(ctx: Ctx) {
         .await;
         let cutoff = now_ms().saturating_sub(media.cfg.upload_ttl_s * 1000);
         let store = media.store.clone();
-        match blocking(move || store.collect(cutoff)).await {
+        match media.workers.run(move || store.collect(cutoff)).await {
             Ok((released, bytes)) => {
                 media.stats.store_bytes.store(bytes, Ordering::Relaxed);
                 media

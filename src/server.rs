@@ -40,6 +40,8 @@ const IO_MEMORY_MIN: usize = 64 * 1024;
 /// docs/benchmarks.md "Ceilings"). 4,096 gives 256 buckets.
 const RING_DEPTH: usize = 4096;
 
+/// Threads of the media path's worker pool (file I/O and hashing under SCHED_IDLE).
+const MEDIA_WORKERS: usize = 4;
 pub fn run(cfg: Config) -> anyhow::Result<()> {
     let filter = EnvFilter::try_from_env("HERMOD_LOG")
         .or_else(|_| EnvFilter::try_new(&cfg.log))
@@ -98,6 +100,8 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         store: Arc::new(media_store),
         key: hermod_shards::auth::TokenKey::new(&secret),
         stats: board.media.clone(),
+        workers: crate::media::Workers::start(MEDIA_WORKERS)
+            .context("starting the media workers")?,
     });
     let map = Arc::new(map);
     let mut handles = Vec::new();

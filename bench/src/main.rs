@@ -131,6 +131,23 @@ enum Command {
         #[arg(long, default_value_t = 64)]
         body_bytes: usize,
     },
+    /// Uploads then downloads media over HTTP (docs/media.md): MB/s each way, time per chunk.
+    Media {
+        #[command(flatten)]
+        common: Common,
+        /// Bytes per medium.
+        #[arg(long, default_value_t = 50_000_000)]
+        bytes: usize,
+        /// Bytes per PATCH (the server's chunk_max must allow it).
+        #[arg(long, default_value_t = 1_048_576)]
+        chunk: usize,
+        /// Media uploaded (and read back) one after the other.
+        #[arg(long, default_value_t = 3)]
+        count: usize,
+        /// Upload pace in MB/s (0: as fast as it goes).
+        #[arg(long, default_value_t = 0.0)]
+        mb_per_s: f64,
+    },
     /// A login storm of users whose friends are online: time for friends to see each login,
     /// presence pushes per login.
     Presence {
@@ -391,6 +408,24 @@ fn run() -> anyhow::Result<ExitCode> {
                 prefix: prefix(&common),
             };
             let report = runtime(&common)?.block_on(scenario::room(params))?;
+            (common, report)
+        }
+        Command::Media {
+            common,
+            bytes,
+            chunk,
+            count,
+            mb_per_s,
+        } => {
+            let params = scenario::MediaParams {
+                target: target(&common)?,
+                bytes,
+                chunk,
+                count,
+                mb_per_s,
+                prefix: prefix(&common),
+            };
+            let report = runtime(&common)?.block_on(scenario::media(params))?;
             (common, report)
         }
         Command::Presence {

@@ -5,6 +5,7 @@
 //! | --- | --- |
 //! | `direct.rs` | `direct`: one-to-one messages at a fixed total rate |
 //! | `group.rs` | `group`: group messages at a fixed total rate, deliveries per second |
+//! | `media.rs` | `media`: uploads and downloads over the media path, MB/s, optionally paced |
 //! | `channel.rs` | `channel`: posts to a channel with many subscribers; `room`: a live room over its rate |
 //! | `echo.rs` | `echo`: `ping` round trips, Hermod's cheapest request |
 //! | `ceiling.rs` | `ceiling`: the kernel's fan-out and request/response ceilings, no Hermod |
@@ -22,6 +23,7 @@ mod direct;
 mod echo;
 mod group;
 mod idle;
+mod media;
 mod open_loop;
 mod sync;
 
@@ -32,5 +34,6 @@ pub use direct::{direct, DirectParams};
 pub use echo::{echo, EchoParams};
 pub use group::{group, GroupParams};
 pub use idle::{idle, IdleParams};
+pub use media::{media, MediaParams};
 pub use open_loop::Timing;
 pub use sync::{sync, SyncParams};
