@@ -156,6 +156,27 @@ assert.equal(again.dedup, true);
 assert.notEqual(again.media, up.media);
 console.log("ok: media upload");
 
+// The network fails twice mid-upload: once before a chunk leaves, once after the server stored
+// one but before its answer arrived. The library resumes from the server's offset both times.
+const realFetch = globalThis.fetch;
+let patches = 0;
+globalThis.fetch = async (url, init = {}) => {
+  if (init.method === "PATCH") {
+    patches += 1;
+    if (patches === 2) throw new TypeError("network down (before sending)");
+    if (patches === 4) { await realFetch(url, init); throw new TypeError("network down (answer lost)"); }
+  }
+  return realFetch(url, init);
+};
+const other = new Uint8Array(300_000).map((_, i) => (i * 13) & 255);
+const resumed = await alice.upload(other, { type: "video/mp4", chunk: 64 * 1024 });
+globalThis.fetch = realFetch;
+// 5 chunks + the one that never left; the one whose answer was lost is not sent again (HEAD
+// says the server has it).
+assert.equal(patches, 6);
+assert.deepEqual(new Uint8Array(await (await fetch(resumed.url)).arrayBuffer()), other);
+console.log("ok: media upload resumed after network failures");
+
 alice.close();
 bob.close();
 process.exit(0);
