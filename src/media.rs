@@ -78,6 +78,7 @@ pub struct MediaStats {
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
     pub collected: AtomicU64,
+    pub expired: AtomicU64,
     /// Bytes of stored content (blobs), as of the last collection pass.
     pub store_bytes: AtomicU64,
 }
@@ -92,6 +93,7 @@ impl MediaStats {
             ("hermod_media_bytes_in_total", "counter", "Upload bytes stored.", &self.bytes_in),
             ("hermod_media_bytes_out_total", "counter", "Media bytes sent to readers.", &self.bytes_out),
             ("hermod_media_collected_total", "counter", "Uploads collected unfinished after upload_ttl_s.", &self.collected),
+            ("hermod_media_expired_total", "counter", "Media collected once every URL to them had expired (url_ttl_s after completion).", &self.expired),
             ("hermod_media_store_bytes", "gauge", "Bytes of stored media content, as of the last collection pass.", &self.store_bytes),
         ] {
             let _ = writeln!(out, "# HELP {name} {help}");
@@ -137,6 +139,9 @@ pub struct MediaMeta {
     pub size: u64,
     pub mime: String,
     pub created_ms: u64,
+    /// The uploader (their quota holds its size until it is collected).
+    #[serde(default)]
+    pub user: u64,
 }
 
 /// Where media bytes live. Every method blocks: call them on the blocking pool. The file
@@ -157,9 +162,25 @@ pub trait MediaStore: Send + Sync + 'static {
     ) -> Result<(String, MediaMeta, bool), MediaError>;
     fn meta(&self, media: &str) -> Result<MediaMeta, MediaError>;
     fn read(&self, meta: &MediaMeta, offset: u64, len: u64) -> Result<Vec<u8>, MediaError>;
-    /// Drops uploads created before `cutoff_ms` and never completed: their users and sizes
-    /// (for the quota), and the bytes of stored content after the pass.
-    fn collect(&self, cutoff_ms: u64) -> Result<(Vec<(UserId, u64)>, u64), MediaError>;
+    /// Drops uploads created before `uploads_before_ms` and never completed, media completed
+    /// before `media_before_ms` (every URL to them has expired: nobody can read them), and
+    /// content no medium or upload refers to any more.
+    fn collect(
+        &self,
+        uploads_before_ms: u64,
+        media_before_ms: u64,
+    ) -> Result<Collected, MediaError>;
+}
+
+/// What one collection pass dropped, and what is left.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Collected {
+    /// Uploads dropped unfinished: their users and sizes (back to the quota).
+    pub uploads: Vec<(UserId, u64)>,
+    /// Media dropped after their URLs expired: their uploaders and sizes (back to the quota).
+    pub media: Vec<(UserId, u64)>,
+    /// Bytes of stored content after the pass.
+    pub bytes: u64,
 }
 
 /// Ids of uploads and media: 128 random bits, as 32 lower-case hex digits. Anything else in
@@ -389,6 +410,7 @@ impl MediaStore for FsStore {
             size: meta.size,
             mime: meta.mime,
             created_ms: now_ms,
+            user: meta.user,
         };
         let id = new_id();
         let bytes = serde_json::to_vec(&media).map_err(io::Error::other)?;
@@ -416,8 +438,16 @@ impl MediaStore for FsStore {
         Ok(out)
     }
 
-    fn collect(&self, cutoff_ms: u64) -> Result<(Vec<(UserId, u64)>, u64), MediaError> {
-        let mut released = Vec::new();
+    fn collect(
+        &self,
+        uploads_before_ms: u64,
+        media_before_ms: u64,
+    ) -> Result<Collected, MediaError> {
+        let mut out = Collected::default();
+        // Content an upload (finished meanwhile or not) or a live medium names is kept. The
+        // uploads are listed first: a completion writes its medium before it drops its upload,
+        // so content being completed during this pass is seen in one list or the other.
+        let mut kept = std::collections::HashSet::new();
         for entry in fs::read_dir(self.root.join("uploads"))? {
             let path = entry?.path();
             let Some(id) = path
@@ -429,19 +459,44 @@ impl MediaStore for FsStore {
                 continue;
             };
             let Ok(meta) = self.upload(id) else { continue };
-            if meta.created_ms < cutoff_ms {
+            if meta.created_ms < uploads_before_ms {
                 let _ = fs::remove_file(self.part_path(id));
                 fs::remove_file(&path)?;
-                released.push((UserId(meta.user), meta.size));
+                out.uploads.push((UserId(meta.user), meta.size));
+            } else {
+                kept.insert(meta.sha256);
             }
         }
-        let mut bytes = 0;
+        for entry in fs::read_dir(self.root.join("media"))? {
+            let path = entry?.path();
+            let Some(id) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".json"))
+                .filter(|id| valid_id(id))
+            else {
+                continue;
+            };
+            let Ok(meta) = self.meta(id) else { continue };
+            if meta.created_ms < media_before_ms {
+                fs::remove_file(&path)?;
+                out.media.push((UserId(meta.user), meta.size));
+            } else {
+                kept.insert(meta.sha256);
+            }
+        }
         for dir in fs::read_dir(self.root.join("blobs"))? {
             for blob in fs::read_dir(dir?.path())? {
-                bytes += blob?.metadata()?.len();
+                let blob = blob?;
+                let name = blob.file_name();
+                if kept.contains(name.to_str().unwrap_or_default()) {
+                    out.bytes += blob.metadata()?.len();
+                } else {
+                    fs::remove_file(blob.path())?;
+                }
             }
         }
-        Ok((released, bytes))
+        Ok(out)
     }
 }
 
@@ -904,8 +959,9 @@ async fn download(
     Ok(())
 }
 
-/// Collects abandoned uploads every `gc_interval_s` (run by one shard of the node): their
-/// sizes go back to their users' quotas.
+/// Collects every `gc_interval_s` (run by one shard of the node) uploads abandoned for
+/// `upload_ttl_s` and media older than `url_ttl_s` (no URL to them is valid any more), with
+/// the content nothing refers to; their sizes go back to their users' quotas.
 pub async fn collector(ctx: Ctx) {
     let Some(media) = ctx.media.clone() else {
         return;
@@ -915,16 +971,25 @@ pub async fn collector(ctx: Ctx) {
             media.cfg.gc_interval_s.max(1),
         ))
         .await;
-        let cutoff = now_ms().saturating_sub(media.cfg.upload_ttl_s * 1000);
+        let now = now_ms();
+        let uploads = now.saturating_sub(media.cfg.upload_ttl_s * 1000);
+        let expired = now.saturating_sub(media.cfg.url_ttl_s * 1000);
         let store = media.store.clone();
-        match media.workers.run(move || store.collect(cutoff)).await {
-            Ok((released, bytes)) => {
-                media.stats.store_bytes.store(bytes, Ordering::Relaxed);
-                media
-                    .stats
+        match media
+            .workers
+            .run(move || store.collect(uploads, expired))
+            .await
+        {
+            Ok(done) => {
+                let stats = &media.stats;
+                stats.store_bytes.store(done.bytes, Ordering::Relaxed);
+                stats
                     .collected
-                    .fetch_add(released.len() as u64, Ordering::Relaxed);
-                for (user, size) in released {
+                    .fetch_add(done.uploads.len() as u64, Ordering::Relaxed);
+                stats
+                    .expired
+                    .fetch_add(done.media.len() as u64, Ordering::Relaxed);
+                for (user, size) in done.uploads.into_iter().chain(done.media) {
                     ctx.engine
                         .borrow_mut()
                         .handle_media_released(now_ms(), user, size);
@@ -1017,13 +1082,22 @@ mod tests {
             ..grant
         };
         store.create(&wrong, 5).unwrap();
-        let (released, bytes) = store.collect(3).unwrap();
+        let done = store.collect(3, 0).unwrap();
         assert_eq!(
-            released,
+            done.uploads,
             vec![(UserId(1), 11)],
             "only the one created before the cutoff"
         );
-        assert_eq!(bytes, 11, "one blob");
+        assert_eq!(
+            (done.media.len(), done.bytes),
+            (0, 11),
+            "one blob, two media on it"
+        );
+        // Media past their URLs' lifetime go, and their content with the last of them.
+        let done = store.collect(3, 1).unwrap();
+        assert_eq!(done.media, vec![(UserId(1), 11), (UserId(1), 11)]);
+        assert_eq!(done.bytes, 0);
+        assert!(matches!(store.meta(&id), Err(MediaError::NotFound)));
         assert!(!valid_id("../etc/passwd") && valid_id(&new_id()));
     }
 }

@@ -345,7 +345,7 @@ fn metric_sum_plain(page: &str, name: &str) -> u64 {
 }
 
 #[test]
-fn a_crash_mid_upload_resumes_urls_expire_and_abandoned_uploads_are_collected() {
+fn a_crash_mid_upload_resumes_and_abandoned_uploads_and_expired_media_are_collected() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(
         dir.path(),
@@ -388,12 +388,25 @@ fn a_crash_mid_upload_resumes_urls_expire_and_abandoned_uploads_are_collected() 
     alice.ok("media_upload", more);
     let page = common::http_get(addr, "/metrics");
     assert!(metric_sum_plain(&page, "hermod_media_collected_total") >= 1);
-    assert!(metric_sum_plain(&page, "hermod_media_store_bytes") >= 250_000);
 
-    // The URL has expired meanwhile (url_ttl_s 2).
+    // The URL has expired meanwhile (url_ttl_s 2), and with it the medium: nobody can read it
+    // any more, so it was collected with its content, and its size went back to the quota.
     let expired = http(addr, "GET", &url, &[], b"");
     assert_eq!(
         (expired.status, expired.json()["error"]["code"].as_str()),
         (403, Some("expired"))
+    );
+    assert_eq!(metric_sum_plain(&page, "hermod_media_expired_total"), 1);
+    assert_eq!(metric_sum_plain(&page, "hermod_media_store_bytes"), 0);
+    let store = hermod_tools::inspect::media(&data.join("media")).unwrap();
+    assert_eq!((store.media, store.blobs.count), (0, 0));
+    let g = alice.ok(
+        "media_upload",
+        json!({ "size": 250_000, "type": "video/mp4", "sha256": sha(b"v") }),
+    );
+    assert_eq!(
+        g["quota_used"],
+        100_000 + 250_000,
+        "the `more` grant, and this one"
     );
 }
