@@ -273,6 +273,25 @@ impl FsStore {
     }
 }
 
+/// The `<id>.json` records in `dir` (an upload's or a medium's), with their paths; other
+/// files (a `.part`, a `.tmp` left by a crash) are not records.
+fn records(dir: &Path) -> io::Result<Vec<(String, PathBuf)>> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let path = entry?.path();
+        let id = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".json"))
+            .filter(|id| valid_id(id))
+            .map(str::to_owned);
+        if let Some(id) = id {
+            out.push((id, path));
+        }
+    }
+    Ok(out)
+}
+
 /// Writes `bytes` to `path` atomically and durably: a temporary file, fsynced, renamed over
 /// it, and the directory fsynced.
 fn write_durably(path: &Path, bytes: &[u8]) -> io::Result<()> {
@@ -448,36 +467,18 @@ impl MediaStore for FsStore {
         // uploads are listed first: a completion writes its medium before it drops its upload,
         // so content being completed during this pass is seen in one list or the other.
         let mut kept = std::collections::HashSet::new();
-        for entry in fs::read_dir(self.root.join("uploads"))? {
-            let path = entry?.path();
-            let Some(id) = path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .and_then(|n| n.strip_suffix(".json"))
-                .filter(|id| valid_id(id))
-            else {
-                continue;
-            };
-            let Ok(meta) = self.upload(id) else { continue };
+        for (id, path) in records(&self.root.join("uploads"))? {
+            let Ok(meta) = self.upload(&id) else { continue };
             if meta.created_ms < uploads_before_ms {
-                let _ = fs::remove_file(self.part_path(id));
+                let _ = fs::remove_file(self.part_path(&id));
                 fs::remove_file(&path)?;
                 out.uploads.push((UserId(meta.user), meta.size));
             } else {
                 kept.insert(meta.sha256);
             }
         }
-        for entry in fs::read_dir(self.root.join("media"))? {
-            let path = entry?.path();
-            let Some(id) = path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .and_then(|n| n.strip_suffix(".json"))
-                .filter(|id| valid_id(id))
-            else {
-                continue;
-            };
-            let Ok(meta) = self.meta(id) else { continue };
+        for (id, path) in records(&self.root.join("media"))? {
+            let Ok(meta) = self.meta(&id) else { continue };
             if meta.created_ms < media_before_ms {
                 fs::remove_file(&path)?;
                 out.media.push((UserId(meta.user), meta.size));
