@@ -121,6 +121,7 @@ struct MediaFile {
     url_ttl_s: Option<u64>,
     upload_ttl_s: Option<u64>,
     gc_interval_s: Option<u64>,
+    cores: Option<Vec<usize>>,
 }
 
 /// `[push]`: the offline-notification webhook (docs/admin.md, "Push webhook").
@@ -388,7 +389,12 @@ fn resolve_media(file: MediaFile, data: &Path) -> anyhow::Result<crate::media::M
         url_ttl_s: file.url_ttl_s.unwrap_or(d.url_ttl_s),
         upload_ttl_s: file.upload_ttl_s.unwrap_or(d.upload_ttl_s),
         gc_interval_s: file.gc_interval_s.unwrap_or(d.gc_interval_s),
+        cores: file.cores.unwrap_or_default(),
     };
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if let Some(c) = cfg.cores.iter().find(|&&c| c >= 1024) {
+        bail!("[media] cores: {c} is not a CPU number (this host has {cpus})");
+    }
     if cfg.bytes_max == 0 || cfg.quota_bytes < cfg.bytes_max {
         bail!("[media] bytes_max must be at least 1 and quota_bytes at least bytes_max");
     }
@@ -540,6 +546,30 @@ mod tests {
             ..ServeArgs::default()
         };
         Config::resolve(&args)
+    }
+
+    #[test]
+    fn media_section_is_checked() {
+        let cfg =
+            resolve_text("[media]\nquota_bytes = 2000000\nbytes_max = 1000000\ncores = [1]\n")
+                .unwrap();
+        assert_eq!(
+            (cfg.media.quota_bytes, cfg.media.cores.clone()),
+            (2_000_000, vec![1])
+        );
+        assert!(
+            cfg.media.dir.ends_with("media"),
+            "under the data dir by default"
+        );
+        for bad in [
+            "bytes_max = 0",
+            "quota_bytes = 10\nbytes_max = 20",
+            "chunk_max = 10",
+            "url_ttl_s = 0",
+            "cores = [5000]",
+        ] {
+            assert!(resolve_text(&format!("[media]\n{bad}\n")).is_err(), "{bad}");
+        }
     }
 
     #[test]

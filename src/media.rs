@@ -43,6 +43,9 @@ pub struct MediaConfig {
     /// An upload not completed this long after its creation is collected.
     pub upload_ttl_s: u64,
     pub gc_interval_s: u64,
+    /// CPUs the media threads run on (empty: wherever the process may run). Cores no shard
+    /// uses keep bulk bytes off the shards' cores entirely.
+    pub cores: Vec<usize>,
 }
 
 /// Hard ceiling of `chunk_max` (the HTTP layer refuses larger bodies before reading them).
@@ -65,6 +68,7 @@ impl MediaConfig {
             url_ttl_s: 30 * 24 * 3600,
             upload_ttl_s: 24 * 3600,
             gc_interval_s: 600,
+            cores: Vec::new(),
         }
     }
 }
@@ -539,13 +543,29 @@ pub struct Workers {
 }
 
 impl Workers {
-    pub fn start(threads: usize) -> io::Result<Workers> {
+    /// `threads` workers, on `cores` if any are given.
+    pub fn start(threads: usize, cores: &[usize]) -> io::Result<Workers> {
         let (tx, rx) = crossbeam_channel::bounded::<Job>(WORKER_QUEUE);
         for i in 0..threads.max(1) {
             let rx = rx.clone();
+            let cores = cores.to_vec();
             std::thread::Builder::new()
                 .name(format!("hermod-media-{i}"))
                 .spawn(move || {
+                    if !cores.is_empty() {
+                        // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET stays in
+                        // bounds for CPU numbers below CPU_SETSIZE (checked by the config),
+                        // and the call affects this thread only (pid 0).
+                        unsafe {
+                            let mut set: libc::cpu_set_t = std::mem::zeroed();
+                            for &c in &cores {
+                                libc::CPU_SET(c, &mut set);
+                            }
+                            if libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) != 0 {
+                                tracing::warn!(error = %io::Error::last_os_error(), "pinning a media thread");
+                            }
+                        }
+                    }
                     // Bulk bytes yield to the shards: SCHED_IDLE for this thread only, so it
                     // runs when its core has nothing else to do and a shard waking on that
                     // core preempts it at once. Best effort (a failure leaves it ordinary).

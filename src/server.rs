@@ -100,7 +100,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         store: Arc::new(media_store),
         key: hermod_shards::auth::TokenKey::new(&secret),
         stats: board.media.clone(),
-        workers: crate::media::Workers::start(MEDIA_WORKERS)
+        workers: crate::media::Workers::start(MEDIA_WORKERS, &cfg.media.cores)
             .context("starting the media workers")?,
     });
     let map = Arc::new(map);
