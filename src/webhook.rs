@@ -16,8 +16,12 @@
 //! Bots are isolated from each other: each bot has one *lane*, at most one POST in flight and
 //! at most `BOT_BACKLOG_MAX` more waiting in order behind it (beyond: dropped). So a bot whose
 //! endpoint hangs holds one worker and its own backlog, never the other bots' deliveries, and
-//! a bot gets its messages in the order its home shard handed them over. The lanes sit behind
-//! a mutex shared by the bot workers only: no shard touches it.
+//! a bot gets its messages in the order its home shard handed them over: one dispatcher thread
+//! takes the queue in order and either opens a bot's lane (handing its first message to a
+//! worker) or queues the message in the open lane; the worker holding a lane posts it to the
+//! end. (Workers taking the queue themselves let two of them race between taking and queueing,
+//! and a later message could overtake an earlier one.) The lanes sit behind a mutex shared by
+//! the dispatcher and the bot workers only: no shard touches it.
 //!
 //! Every request is signed: `X-Hermod-Timestamp` (Unix seconds) and `X-Hermod-Signature:
 //! v1=<hex HMAC-SHA256(secret, timestamp + "." + body)>`, so a receiver can refuse forgeries and
@@ -229,13 +233,23 @@ impl BotHooks {
         let (tx, rx) = crossbeam_channel::bounded::<BotJob>(BOT_QUEUE);
         let poster = Arc::new(Poster::new(BOT_TIMEOUT, BOT_ATTEMPTS, 1));
         let lanes: Arc<Lanes> = Arc::default();
+        // One lane head per bot at most: bounded by the bots with messages under way.
+        let (work_tx, work_rx) = crossbeam_channel::unbounded::<BotJob>();
         for i in 0..BOT_WORKERS {
-            let (rx, poster, board, lanes) =
-                (rx.clone(), poster.clone(), board.clone(), lanes.clone());
+            let (rx, poster, board, lanes) = (
+                work_rx.clone(),
+                poster.clone(),
+                board.clone(),
+                lanes.clone(),
+            );
             std::thread::Builder::new()
                 .name(format!("hermod-bots-{i}"))
                 .spawn(move || bot_worker(&rx, &poster, &board, &lanes))?;
         }
+        let (dispatch_board, dispatch_lanes) = (board.clone(), lanes.clone());
+        std::thread::Builder::new()
+            .name("hermod-bots-lanes".into())
+            .spawn(move || bot_dispatcher(&rx, &work_tx, &dispatch_board, &dispatch_lanes))?;
         Ok(BotHooks { tx, board })
     }
 
@@ -245,34 +259,45 @@ impl BotHooks {
     }
 }
 
+fn lock_lanes(lanes: &Lanes) -> std::sync::MutexGuard<'_, HashMap<u64, VecDeque<BotJob>>> {
+    lanes
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Takes the queue in order: a message opens its bot's lane and goes to a worker, or waits in
+/// the open lane behind the POST in flight (or is dropped past `BOT_BACKLOG_MAX`).
+fn bot_dispatcher(rx: &Receiver<BotJob>, work: &Sender<BotJob>, board: &Board, lanes: &Lanes) {
+    let stats = &board.bot_hooks;
+    for job in rx.iter() {
+        let mut lanes = lock_lanes(lanes);
+        if let Some(waiting) = lanes.get_mut(&job.bot) {
+            if waiting.len() >= BOT_BACKLOG_MAX {
+                stats.dropped.fetch_add(1, Ordering::Relaxed);
+                stats.pending.fetch_sub(1, Ordering::Relaxed);
+            } else {
+                waiting.push_back(job);
+            }
+            continue;
+        }
+        lanes.insert(job.bot, VecDeque::new());
+        drop(lanes);
+        if work.send(job).is_err() {
+            return; // the workers are gone: the process is stopping
+        }
+    }
+}
+
+/// Posts a lane's messages, from the one the dispatcher handed over to the lane's end.
 fn bot_worker(rx: &Receiver<BotJob>, poster: &Poster, board: &Board, lanes: &Lanes) {
     let stats = &board.bot_hooks;
-    let lock = || {
-        lanes
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    };
     for job in rx.iter() {
-        // Take the bot's lane, or wait in it behind the POST in flight.
-        {
-            let mut lanes = lock();
-            if let Some(waiting) = lanes.get_mut(&job.bot) {
-                if waiting.len() >= BOT_BACKLOG_MAX {
-                    stats.dropped.fetch_add(1, Ordering::Relaxed);
-                    stats.pending.fetch_sub(1, Ordering::Relaxed);
-                } else {
-                    waiting.push_back(job);
-                }
-                continue;
-            }
-            lanes.insert(job.bot, VecDeque::new());
-        }
         let bot = job.bot;
         let mut next = Some(job);
         while let Some(job) = next {
             poster.deliver((&job.url, &job.secret, &job.body), &[], stats, |_| {});
             stats.pending.fetch_sub(1, Ordering::Relaxed);
-            let mut lanes = lock();
+            let mut lanes = lock_lanes(lanes);
             next = lanes.get_mut(&bot).and_then(VecDeque::pop_front);
             if next.is_none() {
                 lanes.remove(&bot);
