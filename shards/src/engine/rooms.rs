@@ -34,13 +34,11 @@ use serde_json::{json, Value};
 
 use super::effects::Deferred;
 use super::event::uuid_v7;
-use super::ops::{conv_arg, Asker, Outcome};
+use super::ops::{conv_arg, group_name, resolve, Asker, Outcome};
 use super::{Frame, Output, Shard};
-use crate::auth;
 use crate::ids::{ConnId, ConvId, GroupId, ShardId, UserId};
 use crate::limits::{
-    GROUP_NAME_BYTES_MAX, ROOM_ADMINS_MAX, ROOM_JOINS_MAX, ROOM_RATE_DEFAULT, ROOM_RATE_MAX,
-    ROOM_RECENT_MAX,
+    ROOM_ADMINS_MAX, ROOM_JOINS_MAX, ROOM_RATE_DEFAULT, ROOM_RATE_MAX, ROOM_RECENT_MAX,
 };
 use crate::mail::{Mail, Named, ReplyTo, RoomOp};
 use crate::model::{Flags, MessageKind};
@@ -146,17 +144,6 @@ fn room_arg(text: &str) -> Result<ConvId, (ErrorCode, String)> {
     }
 }
 
-fn room_name(name: &str) -> Result<String, (ErrorCode, String)> {
-    let name = name.trim();
-    if name.is_empty() || name.len() > GROUP_NAME_BYTES_MAX {
-        return Err((
-            ErrorCode::BadRequest,
-            format!("name must be 1 to {GROUP_NAME_BYTES_MAX} bytes"),
-        ));
-    }
-    Ok(name.to_owned())
-}
-
 fn room_rate(rate: Option<u32>) -> Result<Option<u32>, (ErrorCode, String)> {
     match rate {
         Some(r) if !(1..=ROOM_RATE_MAX).contains(&r) => Err((
@@ -177,14 +164,7 @@ fn room_admins(names: Option<&[String]>) -> Result<Option<Vec<UserId>>, (ErrorCo
             format!("at most {ROOM_ADMINS_MAX} admins"),
         ));
     }
-    names
-        .iter()
-        .map(|n| match auth::normalise_username(n) {
-            Ok(name) => Ok(UserId::from_username(&name)),
-            Err(_) => Err((ErrorCode::NoSuchUser, format!("no such user {n:?}"))),
-        })
-        .collect::<Result<Vec<_>, _>>()
-        .map(Some)
+    Ok(Some(resolve(names)?.into_iter().map(|(u, _)| u).collect()))
 }
 
 impl<S: Storage> Shard<S> {
@@ -192,7 +172,7 @@ impl<S: Storage> Shard<S> {
 
     pub(super) fn room_create(&mut self, by: Asker, req: p::RoomCreate) -> Outcome {
         let op = RoomOp::Create {
-            name: room_name(&req.name)?,
+            name: group_name(&req.name)?,
             rate: room_rate(req.rate)?.unwrap_or(ROOM_RATE_DEFAULT),
             admins: room_admins(Some(&req.admins))?.unwrap_or_default(),
         };
@@ -203,7 +183,7 @@ impl<S: Storage> Shard<S> {
 
     pub(super) fn room_update(&mut self, by: Asker, req: p::RoomUpdate) -> Outcome {
         let op = RoomOp::Update {
-            name: req.name.as_deref().map(room_name).transpose()?,
+            name: req.name.as_deref().map(group_name).transpose()?,
             rate: room_rate(req.rate)?,
             admins: room_admins(req.admins.as_deref())?,
         };

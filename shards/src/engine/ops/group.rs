@@ -13,7 +13,9 @@ use crate::protocol as p;
 use crate::storage::Storage;
 
 /// A group name, trimmed: 1 to `GROUP_NAME_BYTES_MAX` bytes.
-fn group_name(name: &str) -> Result<String, (crate::protocol::ErrorCode, String)> {
+pub(in crate::engine) fn group_name(
+    name: &str,
+) -> Result<String, (crate::protocol::ErrorCode, String)> {
     let name = name.trim();
     if name.is_empty() || name.len() > GROUP_NAME_BYTES_MAX {
         return Err(bad(format!(

@@ -25,6 +25,7 @@ mod social;
 use serde_json::json;
 
 pub(in crate::engine) use account::PendingJob;
+pub(in crate::engine) use group::group_name;
 
 use super::session::{already_authenticated, Session};
 use super::Shard;
@@ -233,7 +234,7 @@ pub(super) fn conv_arg(text: &str) -> Result<ConvId, (ErrorCode, String)> {
 }
 
 /// Usernames from a request, normalised, with their ids; the first invalid one is an error.
-fn resolve(names: &[String]) -> Result<Vec<Named>, (ErrorCode, String)> {
+pub(super) fn resolve(names: &[String]) -> Result<Vec<Named>, (ErrorCode, String)> {
     if names.len() > GROUP_INVITE_MAX {
         return Err(bad(format!("at most {GROUP_INVITE_MAX} users per request")));
     }
