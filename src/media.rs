@@ -248,14 +248,7 @@ impl FsStore {
     }
 
     fn upload(&self, id: &str) -> Result<UploadMeta, MediaError> {
-        if !valid_id(id) {
-            return Err(MediaError::NotFound);
-        }
-        match fs::read(self.upload_meta_path(id)) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| io::Error::other(e).into()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(MediaError::NotFound),
-            Err(e) => Err(e.into()),
-        }
+        read_record(id, |id| self.upload_meta_path(id))
     }
 
     /// The part file, opened for appending and locked (released when the file is closed).
@@ -274,6 +267,22 @@ impl FsStore {
             return Err(io::Error::last_os_error().into());
         }
         Ok(file)
+    }
+}
+
+/// The JSON record of `id` at `path(id)`: `NotFound` for an id that is not one (so nothing
+/// else ever reaches the file system) or a record that is not there.
+fn read_record<T: serde::de::DeserializeOwned>(
+    id: &str,
+    path: impl Fn(&str) -> PathBuf,
+) -> Result<T, MediaError> {
+    if !valid_id(id) {
+        return Err(MediaError::NotFound);
+    }
+    match fs::read(path(id)) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| io::Error::other(e).into()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(MediaError::NotFound),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -443,14 +452,7 @@ impl MediaStore for FsStore {
     }
 
     fn meta(&self, media: &str) -> Result<MediaMeta, MediaError> {
-        if !valid_id(media) {
-            return Err(MediaError::NotFound);
-        }
-        match fs::read(self.media_path(media)) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| io::Error::other(e).into()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(MediaError::NotFound),
-            Err(e) => Err(e.into()),
-        }
+        read_record(media, |id| self.media_path(id))
     }
 
     fn read(&self, meta: &MediaMeta, offset: u64, len: u64) -> Result<Vec<u8>, MediaError> {
