@@ -271,24 +271,7 @@ fn media_route<'h>(
 /// headers; the connection closes after it.
 pub fn head(status: u16, headers: &[(&str, String)], len: u64) -> String {
     use std::fmt::Write as _;
-    let reason = match status {
-        200 => "OK",
-        201 => "Created",
-        204 => "No Content",
-        206 => "Partial Content",
-        304 => "Not Modified",
-        400 => "Bad Request",
-        403 => "Forbidden",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        409 => "Conflict",
-        413 => "Payload Too Large",
-        416 => "Range Not Satisfiable",
-        422 => "Unprocessable Content",
-        503 => "Service Unavailable",
-        _ => "Error",
-    };
-    let mut out = format!("HTTP/1.1 {status} {reason}\r\n{MEDIA_CORS}");
+    let mut out = format!("HTTP/1.1 {status} {}\r\n{MEDIA_CORS}", reason(status));
     for (name, value) in headers {
         let _ = write!(out, "{name}: {value}\r\n");
     }
@@ -341,20 +324,34 @@ fn admin_route(
     })
 }
 
-/// A JSON response (the admin API's answers).
-pub fn json(status: u16, body: &str) -> Vec<u8> {
-    let reason = match status {
+/// The reason phrase of the statuses this server answers with (clients read the code).
+fn reason(status: u16) -> &'static str {
+    match status {
         200 => "OK",
+        201 => "Created",
+        204 => "No Content",
+        206 => "Partial Content",
+        304 => "Not Modified",
         400 => "Bad Request",
         401 => "Unauthorized",
+        403 => "Forbidden",
         404 => "Not Found",
+        405 => "Method Not Allowed",
         409 => "Conflict",
+        413 => "Payload Too Large",
+        416 => "Range Not Satisfiable",
+        422 => "Unprocessable Content",
+        429 => "Too Many Requests",
         500 => "Internal Server Error",
         503 => "Service Unavailable",
         504 => "Gateway Timeout",
         _ => "Error",
-    };
-    let mut out = response(status, reason, "application/json", body.as_bytes());
+    }
+}
+
+/// A JSON response (the admin API's answers).
+pub fn json(status: u16, body: &str) -> Vec<u8> {
+    let mut out = response(status, reason(status), "application/json", body.as_bytes());
     if status == 401 {
         // RFC 6750: say which scheme is expected. Inserted before the blank line.
         let at = out
