@@ -122,6 +122,7 @@ struct MediaFile {
     upload_ttl_s: Option<u64>,
     gc_interval_s: Option<u64>,
     cores: Option<Vec<usize>>,
+    direct_io: Option<bool>,
 }
 
 /// `[push]`: the offline-notification webhook (docs/admin.md, "Push webhook").
@@ -390,6 +391,7 @@ fn resolve_media(file: MediaFile, data: &Path) -> anyhow::Result<crate::media::M
         upload_ttl_s: file.upload_ttl_s.unwrap_or(d.upload_ttl_s),
         gc_interval_s: file.gc_interval_s.unwrap_or(d.gc_interval_s),
         cores: file.cores.unwrap_or_default(),
+        direct_io: file.direct_io.unwrap_or(d.direct_io),
     };
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     if let Some(c) = cfg.cores.iter().find(|&&c| c >= 1024) {
@@ -561,12 +563,16 @@ mod tests {
             cfg.media.dir.ends_with("media"),
             "under the data dir by default"
         );
+        assert!(cfg.media.direct_io, "direct I/O by default");
+        let cfg = resolve_text("[media]\ndirect_io = false\n").unwrap();
+        assert!(!cfg.media.direct_io);
         for bad in [
             "bytes_max = 0",
             "quota_bytes = 10\nbytes_max = 20",
             "chunk_max = 10",
             "url_ttl_s = 0",
             "cores = [5000]",
+            "direct_io = \"yes\"",
         ] {
             assert!(resolve_text(&format!("[media]\n{bad}\n")).is_err(), "{bad}");
         }

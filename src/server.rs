@@ -93,7 +93,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         .context("starting the push webhook's workers")?;
     let bot_hooks = crate::webhook::BotHooks::start(board.clone())
         .context("starting the bots' webhook workers")?;
-    let media_store = crate::media::FsStore::open(&cfg.media.dir)
+    let media_store = crate::media::FsStore::open(&cfg.media.dir, cfg.media.direct_io)
         .with_context(|| format!("opening the media store at {}", cfg.media.dir.display()))?;
     let media = Arc::new(crate::media::Media {
         cfg: cfg.media.clone(),

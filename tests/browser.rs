@@ -1,8 +1,8 @@
 //! The web client in a real browser: starts the server and runs `tests/browser/chat.mjs`
 //! (playwright-core driving Debian's Chromium, two contexts as two users: register, chat both
 //! ways encrypted end to end (fingerprints shown; the data dir then holds no plaintext of it),
-//! reload, lose and regain the network, edit and recall, friends and presence, a group, an
-//! operator's kick).
+//! a picture, reload, lose and regain the network (an upload resuming across it), edit and
+//! recall, friends and presence, a group, an operator's kick).
 //!
 //! Needs node, `/usr/bin/chromium` and `tests/browser/node_modules`; `scripts/test.sh`
 //! installs them (`scripts/browser-deps.sh`). Without them this test fails and says so.
@@ -62,6 +62,7 @@ fn web_client_in_chromium() {
         "chat both ways",
         "history after reload",
         "missed messages",
+        "an upload resumed",
         "edit and recall",
         "presence dots",
         "group",

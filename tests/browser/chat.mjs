@@ -162,6 +162,36 @@ async function run(browser, pages) {
     );
     console.log("ok: missed messages after the connection came back");
 
+    // Bob attaches a 2.5 MiB file (three 1 MiB chunks). When the second chunk starts, his
+    // network goes down for 1.5 s: the chunk and the WebSocket fail, the page keeps retrying
+    // from where the server says the upload stands (HEAD), and once the network is back the
+    // upload finishes and the message carrying it goes out. Alice gets exactly the bytes.
+    const file = Buffer.alloc(2.5 * 1024 * 1024);
+    for (let i = 0; i < file.length; i += 4) file.writeUInt32LE((i * 2654435761) >>> 0, i);
+    const patches = [];
+    await bob.route("**/media/uploads/**", async (route) => {
+      if (route.request().method() === "PATCH") {
+        patches.push(route.request().headers()["upload-offset"]);
+        if (patches.length === 2) {
+          proxy.cut();
+          setTimeout(() => proxy.restore(), 1500);
+        }
+      }
+      await route.continue().catch(() => {}); // refused while the network is down
+    });
+    await bob.setInputFiles("#attach", { name: "notes.bin", mimeType: "application/octet-stream", buffer: file });
+    await bob.locator("#status.offline").waitFor({ timeout: WAIT });
+    const link = alice.locator("#msgs .msg a.file", { hasText: "notes.bin" });
+    await link.waitFor({ timeout: 3 * WAIT });
+    const got = Buffer.from(await (await fetch(await link.getAttribute("href"))).arrayBuffer());
+    assert.ok(got.equals(file), `alice got ${got.length} bytes, not the file`);
+    assert.ok(patches.length >= 4, `a chunk was sent again after the cut (PATCHes at ${patches})`);
+    assert.equal(patches[0], "0");
+    assert.ok(patches.includes(String(1024 * 1024)) && patches.includes(String(2 * 1024 * 1024)), `resumed at the stored offsets: ${patches}`);
+    await bob.locator("#progress.hidden").waitFor({ state: "attached", timeout: WAIT });
+    await bob.unroute("**/media/uploads/**");
+    console.log("ok: an upload resumed after the network came back");
+
     // Edit and recall one's own messages.
     answerPrompts(alice, ["missed one (fixed)"]);
     await msg(alice, "missed one").locator("button.edit").click();
