@@ -51,7 +51,21 @@ fn web_client_in_chromium() {
         stored.extend(std::fs::read(entry).unwrap_or_default());
     }
     let stored = String::from_utf8_lossy(&stored);
-    for plain in ["hello bob", "hi alice", "missed three", "written offline"] {
+    // Nor of the file bob sent alice (encrypted before upload), whose ciphertext is stored.
+    let cipher_len = 5 * 1024 * 1024 / 2 + 16;
+    assert!(
+        walk(&server.data.join("media"))
+            .iter()
+            .any(|f| f.metadata().is_ok_and(|m| m.len() == cipher_len)),
+        "the uploaded file's ciphertext is stored"
+    );
+    for plain in [
+        "hello bob",
+        "hi alice",
+        "missed three",
+        "written offline",
+        "notes-plaintext-marker",
+    ] {
         assert!(!stored.contains(plain), "{plain:?} is stored in plaintext");
     }
     // The check can see a stored body: the group's message is there in clear.

@@ -1,7 +1,8 @@
 //! The client library, `hermod.js`, driven directly in Node against the real server:
 //! `tests/client/hermod.test.mjs` loads it from the server's `/hermod.js` and checks typed
 //! events, reconnecting with unsent messages (sent once each), a seq gap filled by `sync`,
-//! catch-up after a reconnect, edits, recalls, reads, typing, group events, a refused send;
+//! catch-up after a reconnect, edits, recalls, reads, typing, group events, a refused send,
+//! channels and rooms, uploads (encrypted too, and resumed across network failures);
 //! and `tests/client/e2e.test.mjs` its end-to-end encryption (docs/e2e.md): ciphertext on the
 //! server, both ways, history after a reload, a new device, exhausted prekeys, a changed key.
 //!
@@ -43,6 +44,11 @@ fn hermod_js_in_node() {
             "catch-up after reconnect",
             "edit, recall, read, typing, group",
             "failed send",
+            "channel",
+            "live room",
+            "media upload",
+            "media encrypted end to end",
+            "media upload resumed after network failures",
         ],
     );
 }

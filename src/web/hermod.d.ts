@@ -120,6 +120,9 @@ export interface Uploaded {
   name: string;
   sha256: string;
   dedup: boolean;
+  /** Set when uploaded with `encrypt`: the key to read it with (`fetchMedia`). Send it only
+   * inside an end-to-end encrypted body. `type` and `size` are then the plaintext's. */
+  enc?: { alg: "A256GCM"; key: string; iv: string };
 }
 
 export interface RoomInfo {
@@ -181,8 +184,17 @@ export class Hermod {
   /** Uploads media (docs/media.md); resolves with what to put in a message body. */
   upload(
     data: Blob | Uint8Array,
-    options?: { type?: string; name?: string; chunk?: number; onProgress?: (sent: number, total: number) => void },
+    options?: {
+      type?: string;
+      name?: string;
+      chunk?: number;
+      onProgress?: (sent: number, total: number) => void;
+      /** Encrypt the bytes under a fresh key first: the server holds only ciphertext. */
+      encrypt?: boolean;
+    },
   ): Promise<Uploaded>;
+  /** A medium's content (from a message body's `media`), decrypted if it carries `enc`. */
+  fetchMedia(media: { url: string; type: string; enc?: Uploaded["enc"] }): Promise<Blob>;
   httpBase(): string;
   subscribe(channel: string): Promise<{ conv: string; last_seq: number; read_seq: number }>;
   unsubscribe(channel: string): Promise<{ conv: string }>;

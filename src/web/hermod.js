@@ -495,13 +495,29 @@ export class Hermod {
    * name, sha256, dedup, expires}` (`url` absolute: put it in a message body). Chunks that fail
    * on the network are retried from where the server says it is (`HEAD`), so an upload
    * survives dropped connections; content the server holds already is not sent again (a
-   * proof of possession replaces it). Rejects with `{code, message}` when refused. */
-  async upload(data, { type, name, onProgress, chunk } = {}) {
-    const bytes = data instanceof Uint8Array ? data : new Uint8Array(await data.arrayBuffer());
+   * proof of possession replaces it). Rejects with `{code, message}` when refused.
+   *
+   * With `encrypt`, the bytes are encrypted first under a fresh AES-256-GCM key, so the server
+   * stores and serves only ciphertext (announced as application/octet-stream; deduplication
+   * then never applies, every upload being different bytes). The answer carries
+   * `enc: {alg: "A256GCM", key, iv}` (base64) and the plaintext's `type` and `size`: put them in
+   * an end-to-end encrypted message body beside `url`; `fetchMedia` reads it back. */
+  async upload(data, { type, name, onProgress, chunk, encrypt } = {}) {
+    let bytes = data instanceof Uint8Array ? data : new Uint8Array(await data.arrayBuffer());
     type = type || data.type || "application/octet-stream";
     name = name || data.name || "file";
+    const plainSize = bytes.length;
+    let enc = null;
+    if (encrypt) {
+      const key = crypto.getRandomValues(new Uint8Array(32));
+      const iv = crypto.getRandomValues(new Uint8Array(12));
+      const k = await crypto.subtle.importKey("raw", key, "AES-GCM", false, ["encrypt"]);
+      bytes = new Uint8Array(await crypto.subtle.encrypt({ name: "AES-GCM", iv }, k, bytes));
+      enc = { alg: "A256GCM", key: b64(key), iv: b64(iv) };
+    }
     const sha256 = toHex(await crypto.subtle.digest("SHA-256", bytes));
-    const grant = await this.request("media_upload", { size: bytes.length, type, sha256 });
+    const wireType = enc ? "application/octet-stream" : type;
+    const grant = await this.request("media_upload", { size: bytes.length, type: wireType, sha256 });
     const base = this.httpBase();
     const call = async (method, path, body, headers = {}) => {
       const r = await fetch(base + path, { method, headers, body });
@@ -537,7 +553,27 @@ export class Hermod {
       }
     }
     const { json: done } = await call("POST", `/media/uploads/${up.upload}/complete`, proof ? JSON.stringify({ proof }) : undefined);
-    return { ...done, url: base + done.url, name };
+    const url = base + done.url;
+    return enc ? { ...done, url, name, type, size: plainSize, enc } : { ...done, url, name };
+  }
+
+  /** The content of `media` (a message body's `{url, type, enc?}`) as a Blob of its type,
+   * decrypted if it carries `enc`. Rejects with `{code, message}`: `http_<status>` (an expired
+   * URL is `http_403`), `unsupported` (an unknown `enc.alg`) or `bad_media` (the bytes do not
+   * decrypt under the key: altered, or not this medium). */
+  async fetchMedia(media) {
+    const r = await fetch(media.url);
+    if (!r.ok) throw { code: "http_" + r.status, message: r.statusText };
+    const bytes = await r.arrayBuffer();
+    if (!media.enc) return new Blob([bytes], { type: media.type });
+    if (media.enc.alg !== "A256GCM") throw { code: "unsupported", message: "media encryption " + media.enc.alg };
+    try {
+      const k = await crypto.subtle.importKey("raw", unb64(media.enc.key), "AES-GCM", false, ["decrypt"]);
+      const plain = await crypto.subtle.decrypt({ name: "AES-GCM", iv: unb64(media.enc.iv) }, k, bytes);
+      return new Blob([plain], { type: media.type });
+    } catch (e) {
+      throw { code: "bad_media", message: "the medium does not decrypt: " + (e.message || e) };
+    }
   }
 
   // ---- channels and live rooms (docs/channels.md) ----

@@ -8,6 +8,7 @@
 // On failure both pages are saved as screenshots in SCREENSHOT_DIR and the exit code is 1.
 
 import assert from "node:assert/strict";
+import fs from "node:fs";
 import net from "node:net";
 import { chromium } from "playwright-core";
 
@@ -165,9 +166,12 @@ async function run(browser, pages) {
     // Bob attaches a 2.5 MiB file (three 1 MiB chunks). When the second chunk starts, his
     // network goes down for 1.5 s: the chunk and the WebSocket fail, the page keeps retrying
     // from where the server says the upload stands (HEAD), and once the network is back the
-    // upload finishes and the message carrying it goes out. Alice gets exactly the bytes.
+    // upload finishes and the message carrying it goes out. Alice gets exactly the bytes. In
+    // this one-to-one chat the bytes are encrypted end to end: tests/browser.rs checks that the
+    // server stored the file's ciphertext only (its marker is nowhere in the data dir).
     const file = Buffer.alloc(2.5 * 1024 * 1024);
     for (let i = 0; i < file.length; i += 4) file.writeUInt32LE((i * 2654435761) >>> 0, i);
+    file.write("notes-plaintext-marker", 0);
     const patches = [];
     await bob.route("**/media/uploads/**", async (route) => {
       if (route.request().method() === "PATCH") {
@@ -181,10 +185,15 @@ async function run(browser, pages) {
     });
     await bob.setInputFiles("#attach", { name: "notes.bin", mimeType: "application/octet-stream", buffer: file });
     await bob.locator("#status.offline").waitFor({ timeout: WAIT });
-    const link = alice.locator("#msgs .msg a.file", { hasText: "notes.bin" });
+    const link = alice.locator("#msgs .msg a.file", { hasText: "🔒 notes.bin" });
     await link.waitFor({ timeout: 3 * WAIT });
-    const got = Buffer.from(await (await fetch(await link.getAttribute("href"))).arrayBuffer());
-    assert.ok(got.equals(file), `alice got ${got.length} bytes, not the file`);
+    const raw = Buffer.from(await (await fetch(await link.getAttribute("href"))).arrayBuffer());
+    assert.equal(raw.length, file.length + 16, "the server holds the ciphertext and its tag");
+    assert.ok(!raw.includes("notes-plaintext-marker"), "the server holds no plaintext of it");
+    const [saved] = await Promise.all([alice.waitForEvent("download", { timeout: WAIT }), link.click()]);
+    const got = fs.readFileSync(await saved.path());
+    assert.ok(got.equals(file), `alice saved ${got.length} bytes, not the file`);
+    assert.equal(saved.suggestedFilename(), "notes.bin");
     assert.ok(patches.length >= 4, `a chunk was sent again after the cut (PATCHes at ${patches})`);
     assert.equal(patches[0], "0");
     assert.ok(patches.includes(String(1024 * 1024)) && patches.includes(String(2 * 1024 * 1024)), `resumed at the stored offsets: ${patches}`);

@@ -156,6 +156,24 @@ assert.equal(again.dedup, true);
 assert.notEqual(again.media, up.media);
 console.log("ok: media upload");
 
+// Encrypted before upload: the server stores and serves ciphertext (and cannot deduplicate it);
+// the receiver reads the plaintext with the key from the message body, and a wrong key fails.
+const secret = new TextEncoder().encode("a secret picture ".repeat(4000));
+const sealed = await alice.upload(secret, { type: "image/jpeg", name: "s.jpg", encrypt: true });
+assert.equal(sealed.type, "image/jpeg");
+assert.equal(sealed.size, secret.length);
+assert.equal(sealed.enc.alg, "A256GCM");
+const stored = Buffer.from(await (await fetch(sealed.url)).arrayBuffer());
+assert.equal(stored.length, secret.length + 16, "ciphertext and its tag");
+assert.ok(!stored.includes("a secret picture"), "the server holds no plaintext");
+const opened = await bob.fetchMedia(sealed);
+assert.equal(opened.type, "image/jpeg");
+assert.deepEqual(new Uint8Array(await opened.arrayBuffer()), secret);
+const twice = await alice.upload(secret, { type: "image/jpeg", encrypt: true });
+assert.equal(twice.dedup, false, "fresh key, fresh ciphertext");
+await assert.rejects(bob.fetchMedia({ ...sealed, enc: twice.enc }), (e) => e.code === "bad_media");
+console.log("ok: media encrypted end to end");
+
 // The network fails twice mid-upload: once before a chunk leaves, once after the server stored
 // one but before its answer arrived. The library resumes from the server's offset both times.
 const realFetch = globalThis.fetch;
