@@ -224,15 +224,15 @@ fn media_route<'h>(
 ) -> Route {
     if method == "OPTIONS" {
         let preflight = format!(
-            "HTTP/1.1 204 No Content\r\n{MEDIA_CORS}Access-Control-Allow-Methods: GET, HEAD, POST, PATCH\r\nAccess-Control-Allow-Headers: Upload-Offset, Content-Type, Range, If-None-Match\r\nAccess-Control-Max-Age: 86400\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            "HTTP/1.1 204 No Content\r\n{MEDIA_CORS}Access-Control-Allow-Methods: GET, HEAD, POST, PATCH, DELETE\r\nAccess-Control-Allow-Headers: Upload-Offset, Content-Type, Range, If-None-Match\r\nAccess-Control-Max-Age: 86400\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
         );
         return Route::Respond(preflight.into_bytes());
     }
-    if !matches!(method, "GET" | "HEAD" | "POST" | "PATCH") {
+    if !matches!(method, "GET" | "HEAD" | "POST" | "PATCH" | "DELETE") {
         return Route::Respond(simple(
             405,
             "Method Not Allowed",
-            "GET, HEAD, POST or PATCH\n",
+            "GET, HEAD, POST, PATCH or DELETE\n",
         ));
     }
     if header("transfer-encoding").is_some() {

@@ -86,6 +86,7 @@ pub struct MediaStats {
     pub bytes_out: AtomicU64,
     pub collected: AtomicU64,
     pub expired: AtomicU64,
+    pub deleted: AtomicU64,
     /// Bytes of stored content (blobs), as of the last collection pass.
     pub store_bytes: AtomicU64,
 }
@@ -101,6 +102,7 @@ impl MediaStats {
             ("hermod_media_bytes_out_total", "counter", "Media bytes sent to readers.", &self.bytes_out),
             ("hermod_media_collected_total", "counter", "Uploads collected unfinished after upload_ttl_s.", &self.collected),
             ("hermod_media_expired_total", "counter", "Media collected once every URL to them had expired (url_ttl_s after completion).", &self.expired),
+            ("hermod_media_deleted_total", "counter", "Media deleted by their uploaders (media_delete).", &self.deleted),
             ("hermod_media_store_bytes", "gauge", "Bytes of stored media content, as of the last collection pass.", &self.store_bytes),
         ] {
             let _ = writeln!(out, "# HELP {name} {help}");
@@ -128,6 +130,8 @@ pub enum MediaError {
     ProofRequired,
     #[error("the media workers are busy")]
     Busy,
+    #[error("only its uploader deletes a medium")]
+    Forbidden,
     #[error(transparent)]
     Io(#[from] io::Error),
 }
@@ -151,7 +155,7 @@ pub struct MediaMeta {
     pub user: u64,
 }
 
-/// Where media bytes live. Every method blocks: call them on the blocking pool. The file
+/// Where media bytes live. Every method blocks: call them on the media workers. The file
 /// system one is [`FsStore`]; an object store for larger deployments implements the same.
 pub trait MediaStore: Send + Sync + 'static {
     fn create(&self, grant: &Grant, now_ms: u64) -> Result<Created, MediaError>;
@@ -168,6 +172,10 @@ pub trait MediaStore: Send + Sync + 'static {
         now_ms: u64,
     ) -> Result<(String, MediaMeta, bool), MediaError>;
     fn meta(&self, media: &str) -> Result<MediaMeta, MediaError>;
+    /// Drops medium `media` if `user` uploaded it (`Forbidden` otherwise): its URLs stop
+    /// reading at once; its content goes with the next collection unless another medium
+    /// shares it. Its meta, whose size goes back to the quota.
+    fn delete(&self, media: &str, user: UserId) -> Result<MediaMeta, MediaError>;
     fn read(&self, meta: &MediaMeta, offset: u64, len: u64) -> Result<Vec<u8>, MediaError>;
     /// Drops uploads created before `uploads_before_ms` and never completed, media completed
     /// before `media_before_ms` (every URL to them has expired: nobody can read them), and
@@ -198,8 +206,16 @@ fn new_id() -> String {
     hex(&b)
 }
 
-pub fn valid_id(id: &str) -> bool {
-    id.len() == 32 && id.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'))
+pub use hermod_shards::media::valid_media_id as valid_id;
+
+/// Removes `path`: `false` if it was not there (someone else removed it first — a deletion and
+/// a collection racing — so only one of them gives its size back).
+fn remove_if_there(path: &Path) -> io::Result<bool> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -594,6 +610,17 @@ impl MediaStore for FsStore {
         read_record(media, |id| self.media_path(id))
     }
 
+    fn delete(&self, media: &str, user: UserId) -> Result<MediaMeta, MediaError> {
+        let meta = self.meta(media)?;
+        if meta.user != user.0 {
+            return Err(MediaError::Forbidden);
+        }
+        if !remove_if_there(&self.media_path(media))? {
+            return Err(MediaError::NotFound);
+        }
+        Ok(meta)
+    }
+
     fn read(&self, meta: &MediaMeta, offset: u64, len: u64) -> Result<Vec<u8>, MediaError> {
         let mut f = File::open(self.blob_path(&meta.sha256))?;
         f.seek(SeekFrom::Start(offset))?;
@@ -616,8 +643,9 @@ impl MediaStore for FsStore {
             let Ok(meta) = self.upload(&id) else { continue };
             if meta.created_ms < uploads_before_ms {
                 let _ = fs::remove_file(self.part_path(&id));
-                fs::remove_file(&path)?;
-                out.uploads.push((UserId(meta.user), meta.size));
+                if remove_if_there(&path)? {
+                    out.uploads.push((UserId(meta.user), meta.size));
+                }
             } else {
                 kept.insert(meta.sha256);
             }
@@ -625,8 +653,9 @@ impl MediaStore for FsStore {
         for (id, path) in records(&self.root.join("media"))? {
             let Ok(meta) = self.meta(&id) else { continue };
             if meta.created_ms < media_before_ms {
-                fs::remove_file(&path)?;
-                out.media.push((UserId(meta.user), meta.size));
+                if remove_if_there(&path)? {
+                    out.media.push((UserId(meta.user), meta.size));
+                }
             } else {
                 kept.insert(meta.sha256);
             }
@@ -780,6 +809,11 @@ fn store_error(e: MediaError) -> Answer {
             "proof_required",
             "this content is stored already: complete with proof = hex(SHA-256(nonce ‖ content))",
         ),
+        MediaError::Forbidden => error(
+            403,
+            "forbidden",
+            "only the user who uploaded a medium may delete it",
+        ),
         MediaError::Busy => {
             let mut a = error(503, "busy", "the media workers are busy: retry shortly");
             a.1.push(("Retry-After", "1".into()));
@@ -830,6 +864,7 @@ pub async fn serve(
         }
         ("POST", ["uploads", id, "complete"]) => complete(&media, id, body).await,
         ("GET" | "HEAD", [id]) => return download(&media, id, req, stream).await,
+        ("DELETE", [id]) => delete(ctx, &media, id, body).await,
         _ => error(
             405,
             "bad_method",
@@ -837,6 +872,42 @@ pub async fn serve(
         ),
     };
     write(stream, answer).await
+}
+
+/// `DELETE /media/{id}` with `{"grant"}` from `media_delete`: drops the medium if the grant's
+/// user uploaded it, and gives its size back to their quota (a mail to their home shard).
+async fn delete(ctx: &Ctx, media: &Media, id: &str, body: &[u8]) -> Answer {
+    #[derive(Deserialize)]
+    struct Req {
+        grant: String,
+    }
+    let Ok(req) = serde_json::from_slice::<Req>(body) else {
+        return error(
+            400,
+            "bad_request",
+            "the body is {\"grant\": \"…\"}, from media_delete",
+        );
+    };
+    let deletion = hermod_shards::media::Deletion::open(&media.key, &req.grant, now_ms() / 1000);
+    let Some(deletion) = deletion.filter(|d| d.media == id) else {
+        return error(
+            403,
+            "forbidden",
+            "the grant is not genuine, has expired or names another medium: ask media_delete again",
+        );
+    };
+    let (store, id, user) = (media.store.clone(), id.to_owned(), deletion.user);
+    match media.workers.run(move || store.delete(&id, user)).await {
+        Ok(meta) => {
+            media.stats.deleted.fetch_add(1, Ordering::Relaxed);
+            ctx.engine
+                .borrow_mut()
+                .handle_media_released(now_ms(), user, meta.size);
+            crate::ctx::dispatch(ctx);
+            (204, Vec::new(), Vec::new())
+        }
+        Err(e) => store_error(e),
+    }
 }
 
 async fn write(stream: &mut TcpStream, (status, headers, body): Answer) -> io::Result<()> {
@@ -1255,6 +1326,32 @@ mod tests {
         assert!(!dedup);
         assert_eq!(store.read(&meta, 6, 5).unwrap(), b"media");
         assert_eq!(store.meta(&id).unwrap(), meta);
+        // Only its uploader deletes a medium, once; the content stays for the collector.
+        let Created::Fresh { upload: gone } = store
+            .create(
+                &Grant {
+                    sha256: Sha256::digest(b"bye").into(),
+                    size: 3,
+                    ..grant.clone()
+                },
+                0,
+            )
+            .unwrap()
+        else {
+            panic!("fresh")
+        };
+        store.append(&gone, 0, b"bye").unwrap();
+        let (gone, _, _) = store.complete(&gone, None, 0).unwrap();
+        assert!(matches!(
+            store.delete(&gone, UserId(2)),
+            Err(MediaError::Forbidden)
+        ));
+        assert_eq!(store.delete(&gone, UserId(1)).unwrap().size, 3);
+        assert!(matches!(
+            store.delete(&gone, UserId(1)),
+            Err(MediaError::NotFound)
+        ));
+        assert!(matches!(store.meta(&gone), Err(MediaError::NotFound)));
         // The same content again: a deduplication, completed only with the right proof.
         let Created::Dedup { upload, nonce } = store.create(&grant, 0).unwrap() else {
             panic!("dedup")

@@ -946,8 +946,8 @@ mod tests {
         assert!(text.contains("hermod_store_keys_estimate{shard=\"1\"} 11"));
         // + errors by code, closes, peer closes, offers dropped, refusals, 4 histograms,
         // readiness, the webhooks' 7 (notifications, retries and queue of each; the
-        // gateway's latency), and the media path's 8.
-        assert_eq!(text.matches("# TYPE").count(), FAMILIES.len() + 25);
+        // gateway's latency), and the media path's 9.
+        assert_eq!(text.matches("# TYPE").count(), FAMILIES.len() + 26);
         assert!(text.contains("hermod_push_notifications_total{outcome=\"dropped\"} 0"));
         assert!(text.contains("hermod_push_gateway_seconds_bucket{le=\"+Inf\"} 0"));
         board.count_close(1, 1008, close::reason::REQUEST_FLOOD);

@@ -48,6 +48,7 @@ fn hermod_js_in_node() {
             "live room",
             "media upload",
             "media encrypted end to end",
+            "media deleted by its uploader",
             "media upload resumed after network failures",
         ],
     );

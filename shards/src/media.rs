@@ -1,5 +1,6 @@
 //! The media path's signed texts (docs/media.md): the **grant** a user's home shard issues for
-//! one upload (`media_upload`: user, size, type, SHA-256, expiry), and the **capability** that
+//! one upload (`media_upload`: user, size, type, SHA-256, expiry), the **deletion** grant it
+//! issues for one medium (`media_delete`: user, medium, expiry), and the **capability** that
 //! reads one medium until an expiry. Both are sealed with the server secret (`TokenKey::seal`),
 //! so any shard of any node checks them without a lookup. Pure: the driver's `src/media.rs`
 //! stores and serves the bytes.
@@ -8,7 +9,11 @@ use crate::auth::TokenKey;
 use crate::ids::UserId;
 
 const GRANT_VERSION: u8 = b'G';
+const DELETION_VERSION: u8 = b'D';
 const CAPABILITY_VERSION: u8 = b'M';
+
+/// A deletion grant stays usable this long after `media_delete` answered it.
+pub const DELETION_TTL_S: u64 = 300;
 
 /// Longest media type (`type/subtype` with parameters), in bytes.
 pub const MIME_BYTES_MAX: usize = 127;
@@ -54,6 +59,45 @@ impl Grant {
         };
         (now_s < grant.expires_s).then_some(grant)
     }
+}
+
+/// `user` asks to delete medium `media` (the HTTP side deletes it only if `user` uploaded it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Deletion {
+    pub user: UserId,
+    pub media: String,
+    pub expires_s: u64,
+}
+
+impl Deletion {
+    pub fn seal(&self, key: &TokenKey) -> String {
+        let mut p = Vec::with_capacity(17 + self.media.len());
+        p.push(DELETION_VERSION);
+        p.extend_from_slice(&self.user.0.to_be_bytes());
+        p.extend_from_slice(&self.expires_s.to_be_bytes());
+        p.extend_from_slice(self.media.as_bytes());
+        key.seal(&p)
+    }
+
+    /// The deletion in `sealed` if it is genuine and not expired at `now_s`.
+    pub fn open(key: &TokenKey, sealed: &str, now_s: u64) -> Option<Deletion> {
+        let p = key.unseal(sealed, 128)?;
+        if p.first() != Some(&DELETION_VERSION) {
+            return None;
+        }
+        let u64_at = |at: usize| Some(u64::from_be_bytes(p.get(at..at + 8)?.try_into().ok()?));
+        let deletion = Deletion {
+            user: UserId(u64_at(1)?),
+            expires_s: u64_at(9)?,
+            media: std::str::from_utf8(p.get(17..)?).ok()?.to_owned(),
+        };
+        (now_s < deletion.expires_s).then_some(deletion)
+    }
+}
+
+/// Whether `id` has the form of a medium's id: 32 lower-case hex digits.
+pub fn valid_media_id(id: &str) -> bool {
+    id.len() == 32 && id.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 /// Whether `mime` is a plausible media type: `type/subtype`, printable ASCII, no spaces
@@ -142,6 +186,26 @@ mod tests {
             Err(false),
             "a grant is no capability"
         );
+        let d = Deletion {
+            user: UserId(42),
+            media: "ab".repeat(16),
+            expires_s: 1_000,
+        };
+        let sealed_d = d.seal(&key);
+        assert_eq!(Deletion::open(&key, &sealed_d, 999), Some(d));
+        assert_eq!(Deletion::open(&key, &sealed_d, 1_000), None, "expired");
+        assert_eq!(Deletion::open(&other, &sealed_d, 1), None, "another secret");
+        assert_eq!(
+            Deletion::open(&key, &sealed, 1),
+            None,
+            "a grant is no deletion"
+        );
+        assert_eq!(
+            Grant::open(&key, &sealed_d, 1),
+            None,
+            "a deletion is no grant"
+        );
+        assert!(valid_media_id(&"0f".repeat(16)) && !valid_media_id("../x"));
         assert!(valid_mime("image/jpeg") && valid_mime("text/plain; charset=utf-8"));
         assert!(!valid_mime("image") && !valid_mime("a/b\r\nx: y") && !valid_mime("/x"));
     }

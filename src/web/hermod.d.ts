@@ -193,6 +193,8 @@ export class Hermod {
       encrypt?: boolean;
     },
   ): Promise<Uploaded>;
+  /** Deletes a medium you uploaded, by its URL (docs/media.md, `DELETE /media/{media}`). */
+  deleteMedia(url: string | { url: string }): Promise<void>;
   /** A medium's content (from a message body's `media`), decrypted if it carries `enc`. */
   fetchMedia(media: { url: string; type: string; enc?: Uploaded["enc"] }): Promise<Blob>;
   httpBase(): string;

@@ -557,6 +557,21 @@ export class Hermod {
     return enc ? { ...done, url, name, type, size: plainSize, enc } : { ...done, url, name };
   }
 
+  /** Deletes a medium you uploaded (`url`: its URL, or an object with `url`): a grant from
+   * `media_delete`, then `DELETE` on the node that stores it (the URL's origin). Its URLs read
+   * nothing from then on. Rejects with `{code, message}` (`forbidden`: not yours; `not_found`:
+   * gone already). */
+  async deleteMedia(url) {
+    const u = new URL(typeof url === "string" ? url : url.url, this.httpBase());
+    const media = u.pathname.split("/").pop();
+    const { grant } = await this.request("media_delete", { media });
+    const r = await fetch(`${u.origin}/media/${media}`, { method: "DELETE", body: JSON.stringify({ grant }) });
+    if (!r.ok) {
+      const json = await r.json().catch(() => ({}));
+      throw json.error || { code: "http_" + r.status, message: r.statusText };
+    }
+  }
+
   /** The content of `media` (a message body's `{url, type, enc?}`) as a Blob of its type,
    * decrypted if it carries `enc`. Rejects with `{code, message}`: `http_<status>` (an expired
    * URL is `http_403`), `unsupported` (an unknown `enc.alg`) or `bad_media` (the bytes do not

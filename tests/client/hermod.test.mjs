@@ -174,6 +174,22 @@ assert.equal(twice.dedup, false, "fresh key, fresh ciphertext");
 await assert.rejects(bob.fetchMedia({ ...sealed, enc: twice.enc }), (e) => e.code === "bad_media");
 console.log("ok: media encrypted end to end");
 
+// Deleting: only the uploader may, with a grant for that very medium; the URL then reads
+// nothing and the size goes back to the quota (read by reserving one more byte, before and after).
+await assert.rejects(bob.deleteMedia(sealed), (e) => e.code === "forbidden");
+assert.equal((await fetch(sealed.url)).status, 200, "still there after bob's attempt");
+const other_grant = (await alice.request("media_delete", { media: up.media })).grant;
+const misused = await fetch(`${alice.httpBase()}/media/${sealed.media}`, { method: "DELETE", body: JSON.stringify({ grant: other_grant }) });
+assert.equal(misused.status, 403, "a grant for another medium");
+await assert.rejects(alice.request("media_delete", { media: "../etc" }), (e) => e.code === "bad_request");
+const probe = async () => (await alice.request("media_upload", { size: 1, type: "text/plain", sha256: "0".repeat(64) })).quota_used;
+const q1 = await probe();
+await alice.deleteMedia(sealed);
+assert.equal((await fetch(sealed.url)).status, 404, "gone");
+assert.equal(await probe(), q1 + 1 - stored.length, "its size is back in the quota");
+await assert.rejects(alice.deleteMedia(sealed.url), (e) => e.code === "not_found");
+console.log("ok: media deleted by its uploader");
+
 // The network fails twice mid-upload: once before a chunk leaves, once after the server stored
 // one but before its answer arrived. The library resumes from the server's offset both times.
 const realFetch = globalThis.fetch;

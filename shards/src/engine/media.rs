@@ -1,6 +1,8 @@
 //! Media quotas on each user's home shard (docs/media.md): `media_upload` reserves the
 //! announced size against the user's quota and answers a grant (`crate::media::Grant`) the
-//! HTTP side accepts; uploads collected unfinished give their size back (`MediaReleased`).
+//! HTTP side accepts; uploads collected unfinished, media collected or deleted give their size
+//! back (`MediaReleased`). `media_delete` answers a deletion grant (`crate::media::Deletion`)
+//! for `DELETE /media/{id}`, where the store checks that the asker uploaded the medium.
 //! The bytes themselves never pass through the engine.
 
 use serde_json::json;
@@ -9,7 +11,7 @@ use super::effects::Deferred;
 use super::ops::{Asker, Outcome};
 use super::Shard;
 use crate::ids::UserId;
-use crate::media::{valid_mime, Grant, GRANT_TTL_S};
+use crate::media::{valid_media_id, valid_mime, Deletion, Grant, DELETION_TTL_S, GRANT_TTL_S};
 use crate::protocol::{self as p, ok_frame, ErrorCode};
 use crate::storage::{keys, MediaUsage, Storage, StorageError};
 
@@ -68,6 +70,29 @@ impl<S: Storage> Shard<S> {
             rid: by.rid,
             frame,
         });
+        Ok(())
+    }
+
+    /// `media_delete`: a grant for `DELETE /media/{id}` (nothing is stored here: the medium's
+    /// record names its uploader, which the HTTP side checks against the grant's user).
+    pub(super) fn media_delete(&mut self, now_ms: u64, by: Asker, req: p::MediaDelete) -> Outcome {
+        if !valid_media_id(&req.media) {
+            return Err((
+                ErrorCode::BadRequest,
+                "media must be a medium's id (32 lower-case hex digits)".into(),
+            ));
+        }
+        let expires_s = now_ms / 1000 + DELETION_TTL_S;
+        let grant = Deletion {
+            user: by.session.user,
+            media: req.media,
+            expires_s,
+        }
+        .seal(&self.tokens);
+        self.send(
+            by.conn,
+            ok_frame(by.rid, &json!({ "grant": grant, "expires": expires_s })),
+        );
         Ok(())
     }
 

@@ -127,6 +127,12 @@ pub struct MediaUpload {
     pub sha256: String,
 }
 
+/// `media_delete`: the medium (its id, 32 hex digits) the uploader wants gone.
+#[derive(Debug, Deserialize)]
+pub struct MediaDelete {
+    pub media: String,
+}
+
 /// `room_create`: a live room's name, its rate of ordinary messages per second, its admins.
 #[derive(Debug, Deserialize)]
 pub struct RoomCreate {
@@ -457,6 +463,7 @@ requests! {
     "subscribe" => Subscribe(ConvOnly<'a>),
     "unsubscribe" => Unsubscribe(ConvOnly<'a>),
     "media_upload" => MediaUpload(MediaUpload),
+    "media_delete" => MediaDelete(MediaDelete),
     "room_create" => RoomCreate(RoomCreate),
     "room_update" => RoomUpdate(RoomUpdate<'a>),
     "room_join" => RoomJoin(ConvOnly<'a>),

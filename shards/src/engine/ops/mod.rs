@@ -136,6 +136,7 @@ impl<S: Storage> Shard<S> {
             Request::Subscribe(r) => self.subscribe(by, r),
             Request::Unsubscribe(r) => self.unsubscribe(by, r),
             Request::MediaUpload(r) => self.media_upload(now_ms, by, r),
+            Request::MediaDelete(r) => self.media_delete(now_ms, by, r),
             Request::RoomCreate(r) => self.room_create(by, r),
             Request::RoomUpdate(r) => self.room_update(by, r),
             Request::RoomJoin(r) => self.room_join(by, r),
