@@ -4,12 +4,12 @@
 //! the blocking pool). The engine sits in a `RefCell` that is never held across an `.await`.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use glommio::channels::local_channel::LocalSender;
+use glommio::channels::local_channel::{LocalReceiver, LocalSender};
 use glommio::channels::shared_channel::ConnectedSender;
 use glommio::sync::Semaphore;
 use glommio::{GlommioError, ResourceType};
@@ -17,7 +17,7 @@ use hermod_shards::auth::HashCost;
 use hermod_shards::limits::{COMMIT_OPS_MAX, MAIL_BACKLOG_MAX};
 use hermod_shards::remote::Remotes;
 use hermod_shards::storage::Durability;
-use hermod_shards::{ConnId, Output, Shard, ShardId};
+use hermod_shards::{ConnId, Frame, Output, Shard, ShardId};
 use hermod_store::{RocksStorage, StoreStats};
 
 use crate::mesh::Envelope;
@@ -80,6 +80,42 @@ pub struct ShardCtx {
     pub(crate) media: Option<Arc<crate::media::Media>>,
     /// Media request bodies being read on this shard (`media::BODIES_IN_FLIGHT_MAX`).
     pub(crate) media_bodies: Cell<usize>,
+    /// Channel posts and room pushes (`Output::Offer`) waiting for [`offerer`], in order; at
+    /// most `OFFERS_QUEUED_MAX`.
+    pub(crate) offers: RefCell<VecDeque<(ConnId, Frame)>>,
+    /// Wakes [`offerer`]. One slot: a wake already pending is enough.
+    pub(crate) offering: LocalSender<()>,
+}
+
+/// Offers queued for [`offerer`] at most (32 bytes each: 8 MiB). Policy when full: the offer is
+/// dropped and counted like one a slow connection refused (`hermod_offers_dropped_total`) —
+/// an offer is best effort by definition, and the device reads what it missed by seq.
+pub const OFFERS_QUEUED_MAX: usize = 256 * 1024;
+
+/// Hands queued offers to their connections' outboxes, all that are queued at each wake. Why a
+/// task of its own: one channel post is an offer to every online subscriber on the shard
+/// (18,000 in docs/benchmarks.md, ~1 µs each), and done inside `dispatch` they held up every
+/// frame queued with them — the poster's own ack waited ~20 ms for the round. Now `dispatch`
+/// only queues them and wakes this task, which the executor runs after the connection tasks
+/// woken before it (the ack's among them). It does not yield between offers: interleaving
+/// the connections' writes with the round (tried: a yield every 256 offers) wrote one frame
+/// per write where the round's writes used to coalesce, and cut the deliveries a saturated
+/// core carries by 40%. Offers keep their order (one FIFO), so a connection gets a channel's
+/// posts in seq order as before.
+pub(crate) async fn offerer(ctx: Ctx, woken: LocalReceiver<()>) {
+    while woken.recv().await.is_some() {
+        loop {
+            let Some((conn, frame)) = ctx.offers.borrow_mut().pop_front() else {
+                break;
+            };
+            let outbox = ctx.conns.borrow().get(&conn).cloned();
+            if let Some(outbox) = outbox {
+                if !outbox.offer_text(&frame) {
+                    ctx.board.count_offer_dropped(ctx.local);
+                }
+            }
+        }
+    }
 }
 
 pub(crate) struct Peer {
@@ -165,11 +201,12 @@ pub fn dispatch(ctx: &Ctx) {
                 }
             }
             Output::Offer { conn, frame } => {
-                let outbox = ctx.conns.borrow().get(&conn).cloned();
-                if let Some(outbox) = outbox {
-                    if !outbox.offer_text(&frame) {
-                        ctx.board.count_offer_dropped(ctx.local);
-                    }
+                let mut offers = ctx.offers.borrow_mut();
+                if offers.len() < OFFERS_QUEUED_MAX {
+                    offers.push_back((conn, frame));
+                    let _ = ctx.offering.try_send(());
+                } else {
+                    ctx.board.count_offer_dropped(ctx.local);
                 }
             }
             Output::Ping { conn } => {

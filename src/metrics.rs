@@ -857,7 +857,7 @@ impl Board {
         }
         let _ = writeln!(
             out,
-            "# HELP hermod_offers_dropped_total Best-effort pushes (channel posts) not queued because the connection's outbox was above the offer limit; the connection stays open."
+            "# HELP hermod_offers_dropped_total Best-effort pushes (channel posts) not queued because the connection's outbox was above the offer limit or the shard's offer queue was full; the connection stays open."
         );
         let _ = writeln!(out, "# TYPE hermod_offers_dropped_total counter");
         for (shard, slot) in self.slots.iter().enumerate() {

@@ -11,7 +11,7 @@
 //! and logins never queue behind an operator's bulk creation.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::os::fd::{FromRawFd, IntoRawFd};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -150,6 +150,7 @@ pub async fn run(p: Params) {
     }
     let (wake, woken) = local_channel::new_bounded(1);
     let (transmit, transmit_woken) = local_channel::new_bounded(1);
+    let (offering, offering_woken) = local_channel::new_bounded(1);
     let ctx: Ctx = Rc::new(ShardCtx {
         id,
         local,
@@ -178,7 +179,10 @@ pub async fn run(p: Params) {
         bot_hooks,
         media,
         media_bodies: Cell::new(0),
+        offers: RefCell::new(VecDeque::new()),
+        offering,
     });
+    glommio::spawn_local(crate::ctx::offerer(ctx.clone(), offering_woken)).detach();
     if local == 0 {
         // One collector per node: the store is the node's.
         glommio::spawn_local(crate::media::collector(ctx.clone())).detach();

@@ -42,6 +42,6 @@ pub mod protocol;
 pub mod remote;
 pub mod storage;
 
-pub use engine::{Config, Output, Shard};
+pub use engine::{Config, Frame, Output, Shard};
 pub use ids::{ConnId, ConvId, Seq, ShardId, UserId};
 pub use storage::Durability;
