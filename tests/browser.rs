@@ -2,7 +2,7 @@
 //! (playwright-core driving Debian's Chromium, two contexts as two users: register, chat both
 //! ways encrypted end to end (fingerprints shown; the data dir then holds no plaintext of it),
 //! a picture, reload, lose and regain the network (an upload resuming across it), edit and
-//! recall, friends and presence, a group, an operator's kick).
+//! recall, friends and presence, a group, a channel, a live room, an operator's kick).
 //!
 //! Needs node, `/usr/bin/chromium` and `tests/browser/node_modules`; `scripts/test.sh`
 //! installs them (`scripts/browser-deps.sh`). Without them this test fails and says so.
@@ -81,6 +81,8 @@ fn web_client_in_chromium() {
         "presence dots",
         "group",
         "members and removal",
+        "a channel created",
+        "a live room joined",
         "kicked by an operator",
     ] {
         assert!(

@@ -249,6 +249,50 @@ async function run(browser, pages) {
     await msg(bob, "after removal").locator(".state", { hasText: "failed: not_member" }).waitFor({ timeout: WAIT });
     console.log("ok: members and removal");
 
+    // A channel: alice creates it (its id is in her title), bob subscribes with that id and
+    // reads her posts; his own post there is refused (only publishers post).
+    answerPrompts(alice, ["Release notes"]);
+    await alice.click("#newchannel");
+    const title = alice.locator("#chattitle", { hasText: "Release notes (channel c." });
+    await title.waitFor({ timeout: WAIT });
+    const channel = (await title.textContent()).match(/c\.[0-9a-f]+/)[0];
+    await send(alice, "v1.0 is out");
+    await bob.fill("#peer", channel);
+    await bob.press("#peer", "Enter");
+    await bob.locator("#chattitle", { hasText: "Release notes (channel" }).waitFor({ timeout: WAIT });
+    await msg(bob, "v1.0 is out").waitFor({ timeout: WAIT });
+    await send(alice, "v1.1 is out");
+    await msg(bob, "v1.1 is out").waitFor({ timeout: WAIT });
+    await bob.fill("#text", "can I post?");
+    await bob.press("#text", "Enter");
+    await msg(bob, "can I post?").locator(".state", { hasText: "failed: forbidden" }).waitFor({ timeout: WAIT });
+    await bob.click("#leave");
+    await conv(bob, "Release notes").waitFor({ state: "detached", timeout: WAIT });
+    console.log("ok: a channel created, subscribed to and left");
+
+    // A live room: alice creates it, bob joins with its id and gets the recent window; both
+    // talk live; nothing of it is kept as a conversation.
+    answerPrompts(alice, ["Keynote"]);
+    await alice.click("#newroom");
+    const roomTitle = alice.locator("#chattitle", { hasText: "Keynote (live room r." });
+    await roomTitle.waitFor({ timeout: WAIT });
+    const room = (await roomTitle.textContent()).match(/r\.[0-9a-f]+/)[0];
+    await alice.fill("#text", "welcome");
+    await alice.press("#text", "Enter");
+    await msg(alice, "welcome").waitFor({ timeout: WAIT });
+    await bob.fill("#peer", room);
+    await bob.press("#peer", "Enter");
+    await msg(bob, "welcome").waitFor({ timeout: WAIT }); // from the window
+    await bob.fill("#text", "hello from the floor");
+    await bob.press("#text", "Enter");
+    await msg(alice, "hello from the floor").waitFor({ timeout: WAIT });
+    await msg(bob, "hello from the floor").waitFor({ timeout: WAIT });
+    await alice.fill("#text", "thanks bob");
+    await alice.press("#text", "Enter");
+    await msg(bob, "thanks bob").waitFor({ timeout: WAIT });
+    assert.equal(await msg(bob, "welcome").count(), 1, "each message once");
+    console.log("ok: a live room joined by id");
+
     // An operator kicks bob's device (admin API): his page drops the revoked token and asks
     // him to log in again, saying why.
     const token = process.env.HERMOD_ADMIN_TOKEN;
