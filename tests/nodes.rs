@@ -399,6 +399,54 @@ fn channels_and_live_rooms_reach_their_audience_on_every_node() {
 }
 
 #[test]
+fn a_live_room_reaches_other_nodes_again_after_its_owner_restarts_and_members_rejoin() {
+    let mut c = Cluster::start(&["a", "b"]);
+    let alice = c.name("alice", |n| c.home(n) == 0);
+    let bob = c.name("bob", |n| c.home(n) == 1);
+    let (mut a, _) = c.user(&alice);
+    let (b, bob_token) = c.user(&bob);
+    // A room owned by node b, with alice's connection on node a in it.
+    let room = (0..200)
+        .map(|i| {
+            a.ok("room_create", json!({ "name": format!("live {i}") }))["conv"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .find(|room| {
+            let id = ConvId::parse(room).unwrap();
+            c.map.locate(c.map.placement().owner(id)).unwrap().node == 1
+        })
+        .expect("some room is owned by node b");
+    a.ok("room_join", json!({ "conv": room }));
+    drop(b);
+
+    // Node b restarts: the room's per-shard counts (memory) are gone; alice is told to resync.
+    c.kill9(1);
+    c.restart(1);
+    c.wait_linked(0);
+    c.wait_linked(1);
+    assert_eq!(a.next_push_of("resync"), json!({ "push": "resync" }));
+    // What docs/protocol.md says to do on `resync` (and hermod.js does): leave and join again.
+    // A plain join would not do: alice's shard still holds her connection as a member, so it
+    // takes back the count the owner just gave it.
+    a.ok("room_leave", json!({ "conv": room }));
+    a.ok("room_join", json!({ "conv": room }));
+    let mut b = c.nodes[1].client();
+    b.ok("resume", json!({ "token": bob_token }));
+    b.ok("room_join", json!({ "conv": room }));
+    b.ok("send", json!({ "conv": room, "body": { "text": "back" } }));
+    let p = a.next_push_of("msg");
+    assert_eq!(p["msg"]["body"]["text"], "back", "{p}");
+    // The owner's count (in room_update's answer: alice created the room) is right again.
+    assert_eq!(
+        a.ok("room_update", json!({ "conv": room, "name": "live again" }))["members"],
+        2,
+        "counted once each"
+    );
+}
+
+#[test]
 fn a_dead_node_makes_only_its_conversations_unavailable_and_loses_nothing_acked() {
     let mut c = Cluster::start(&["a", "b"]);
     let alice = c.name("alice", |n| c.home(n) == 0);

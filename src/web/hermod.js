@@ -474,13 +474,21 @@ export class Hermod {
     const wanted = [...this.convs.values()].filter((c) => c.synced < c.last_seq).map((c) => ({ conv: c.id, after: c.synced }));
     for (let i = 0; i < wanted.length; i += SYNC_BATCH) await this.syncMany(wanted.slice(i, i + SYNC_BATCH));
     for (const [id, o] of this.outbox) if (o.state === "sending") this.transmit(id, o);
+    this.rejoinRooms(false);
+    this.emit("ready", { user, convs: this.convs });
+  }
+
+  /** Joins this connection's rooms again: after a reconnect (a new connection is in none), or
+   * with `leaveFirst` on `resync`, when a room's owner node may have restarted and forgotten
+   * this connection while its own shard still counts it in (a plain join is then undone). */
+  rejoinRooms(leaveFirst) {
     for (const room of this.rooms) {
-      this.request("room_join", { conv: room }).then(
+      const leave = leaveFirst ? this.request("room_leave", { conv: room }).catch(() => {}) : Promise.resolve();
+      leave.then(() => this.request("room_join", { conv: room })).then(
         (info) => this.emit("room_joined", { room, info }),
         () => this.rooms.delete(room), // gone or refused: no longer in it
       );
     }
-    this.emit("ready", { user, convs: this.convs });
   }
 
   // ---- media (docs/media.md) ----
@@ -844,6 +852,7 @@ export class Hermod {
         // Pushes may have been lost (a link to another node was down): catch up everything.
         const all = [...this.convs.values()].map((c) => ({ conv: c.id, after: c.synced }));
         for (let i = 0; i < all.length; i += SYNC_BATCH) this.syncMany(all.slice(i, i + SYNC_BATCH)).catch(() => {});
+        this.rejoinRooms(true);
         return this.emit("resync", f);
       }
       default: return this.emit("push", f);
