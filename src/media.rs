@@ -352,12 +352,13 @@ fn sync_dir(path: &Path) -> io::Result<()> {
 // memory at the upload's rate. Fresh memory is not free: on VMs whose guest hands free pages
 // back to the host (free page reporting, ballooning — the machines `bench/` runs on), the
 // first touch of each page stalls the CPU in the host, where no guest scheduler can preempt
-// it for a shard; a 100 MB/s buffered writer doubled the one-to-one p99 on the shard's core
-// there (docs/benchmarks.md). So whole blocks go by `O_DIRECT` from a buffer each worker keeps
+// it for a shard; a 100 MB/s buffered upload raised the one-to-one p99 on the shard's core
+// there from 3.4 to 5.5 ms (docs/benchmarks.md). So whole blocks go by `O_DIRECT` from a buffer each worker keeps
 // for its life, and only a chunk's last partial block (under 4 KiB) is written buffered.
 // Downloads stay buffered: content just sent is about to be fetched by its readers, which is
-// what the page cache is for. A file system without `O_DIRECT` (open answers `EINVAL`) gets
-// buffered I/O throughout.
+// what the page cache is for. A file system without `O_DIRECT` (open answers `EINVAL`), or a
+// device whose blocks are larger than `DIRECT_ALIGN` (the direct write or read answers
+// `EINVAL`, before moving any byte), gets buffered I/O.
 
 /// Alignment of `O_DIRECT` offsets, lengths and buffers: the largest logical block size in
 /// common use, so it suits every device and file system that takes `O_DIRECT`.
@@ -434,12 +435,20 @@ fn append_direct(part: &mut File, path: &Path, len: u64, bytes: &[u8]) -> io::Re
         return Ok(Written::Buffered);
     };
     let sent = whole - head;
-    DIRECT_BUF.with_borrow_mut(|buf| {
+    let written = DIRECT_BUF.with_borrow_mut(|buf| {
         let buf = buf.get(whole);
         part.read_exact_at(&mut buf[..head], start)?;
         buf[head..].copy_from_slice(&bytes[..sent]);
         direct.write_all_at(buf, start)
-    })?;
+    });
+    match written {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            part.write_all(bytes)?;
+            return Ok(Written::Buffered);
+        }
+        Err(e) => return Err(e),
+    }
     // `part` appends at the end of the file, which the direct write moved to start + whole.
     part.write_all(&bytes[sent..])?;
     Ok(Written::Direct)
@@ -456,7 +465,7 @@ fn sha256_file(path: &Path, prefix: &[u8], direct: bool) -> io::Result<String> {
     let Some(mut file) = file else {
         return sha256_of(File::open(path)?, prefix);
     };
-    DIRECT_BUF.with_borrow_mut(|buf| {
+    let hashed: io::Result<String> = DIRECT_BUF.with_borrow_mut(|buf| {
         let buf = buf.get(HASH_PIECE);
         let mut h = Sha256::new();
         h.update(prefix);
@@ -470,7 +479,12 @@ fn sha256_file(path: &Path, prefix: &[u8], direct: bool) -> io::Result<String> {
             h.update(&buf[..n]);
         }
         Ok(hex(&h.finalize()))
-    })
+    });
+    match hashed {
+        // Refused at the first read (alignment is the same for every piece): read it buffered.
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => sha256_of(File::open(path)?, prefix),
+        other => other,
+    }
 }
 
 fn sha256_of(mut reader: impl Read, prefix: &[u8]) -> io::Result<String> {
