@@ -891,18 +891,11 @@ pub async fn serve(
 /// `DELETE /media/{id}` with `{"grant"}` from `media_delete`: drops the medium if the grant's
 /// user uploaded it, and gives its size back to their quota (a mail to their home shard).
 async fn delete(ctx: &Ctx, media: &Media, id: &str, body: &[u8]) -> Answer {
-    #[derive(Deserialize)]
-    struct Req {
-        grant: String,
-    }
-    let Ok(req) = serde_json::from_slice::<Req>(body) else {
-        return error(
-            400,
-            "bad_request",
-            "the body is {\"grant\": \"…\"}, from media_delete",
-        );
+    let sealed = match grant_in(body, "media_delete") {
+        Ok(sealed) => sealed,
+        Err(answer) => return answer,
     };
-    let deletion = hermod_shards::media::Deletion::open(&media.key, &req.grant, now_ms() / 1000);
+    let deletion = hermod_shards::media::Deletion::open(&media.key, &sealed, now_ms() / 1000);
     let Some(deletion) = deletion.filter(|d| d.media == id) else {
         return error(
             403,
@@ -931,19 +924,29 @@ async fn write(stream: &mut TcpStream, (status, headers, body): Answer) -> io::R
     stream.write_all(&body).await
 }
 
-async fn create(media: &Media, body: &[u8]) -> Answer {
+/// The `grant` of a `{"grant": "…"}` body (from WebSocket op `op`), or the `400` to answer.
+fn grant_in(body: &[u8], op: &str) -> Result<String, Answer> {
     #[derive(Deserialize)]
     struct Req {
         grant: String,
     }
-    let Ok(req) = serde_json::from_slice::<Req>(body) else {
-        return error(
-            400,
-            "bad_request",
-            "the body is {\"grant\": \"…\"}, from media_upload",
-        );
+    serde_json::from_slice::<Req>(body)
+        .map(|req| req.grant)
+        .map_err(|_| {
+            error(
+                400,
+                "bad_request",
+                &format!("the body is {{\"grant\": \"…\"}}, from {op}"),
+            )
+        })
+}
+
+async fn create(media: &Media, body: &[u8]) -> Answer {
+    let sealed = match grant_in(body, "media_upload") {
+        Ok(sealed) => sealed,
+        Err(answer) => return answer,
     };
-    let Some(grant) = Grant::open(&media.key, &req.grant, now_ms() / 1000) else {
+    let Some(grant) = Grant::open(&media.key, &sealed, now_ms() / 1000) else {
         return error(
             403,
             "bad_grant",
