@@ -334,6 +334,46 @@ fn uploads_resume_deduplicate_with_a_proof_and_read_by_range() {
     let store = hermod_tools::inspect::media(&server.data.join("media")).unwrap();
     assert_eq!((store.blobs.count, store.media), (2, 3));
     assert_eq!(store.blobs.bytes, 300_000 + 25);
+
+    // Deleting the first photo over raw HTTP: the preflight allows DELETE; no grant, a forged
+    // one and bob's are refused; alice's works once; the URL then reads 404.
+    let medium = done["media"].as_str().unwrap().to_owned();
+    let path = format!("/media/{medium}");
+    let preflight = http(addr, "OPTIONS", &path, &[], b"");
+    assert!(preflight
+        .header("access-control-allow-methods")
+        .is_some_and(|m| m.contains("DELETE")));
+    assert_eq!(http(addr, "DELETE", &path, &[], b"").status, 400);
+    assert_eq!(
+        http(addr, "DELETE", &path, &[], br#"{"grant":"AAAA.BBBB"}"#).status,
+        403
+    );
+    let theirs = bob.ok("media_delete", json!({ "media": medium }))["grant"].clone();
+    let refused = http(
+        addr,
+        "DELETE",
+        &path,
+        &[],
+        json!({ "grant": theirs }).to_string().as_bytes(),
+    );
+    assert_eq!(
+        (refused.status, refused.json()["error"]["code"].as_str()),
+        (403, Some("forbidden"))
+    );
+    let mine = alice.ok("media_delete", json!({ "media": medium }))["grant"].clone();
+    let body = json!({ "grant": mine }).to_string();
+    assert_eq!(
+        http(addr, "DELETE", &path, &[], body.as_bytes()).status,
+        204
+    );
+    assert_eq!(
+        http(addr, "DELETE", &path, &[], body.as_bytes()).status,
+        404,
+        "once"
+    );
+    assert_eq!(http(addr, "GET", &url, &[], b"").status, 404);
+    let page = common::http_get(addr, "/metrics");
+    assert_eq!(metric_sum_plain(&page, "hermod_media_deleted_total"), 1);
 }
 
 /// A process-wide (unlabelled) sample: the media families have no shard label.
