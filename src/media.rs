@@ -240,7 +240,16 @@ pub struct FsStore {
     root: PathBuf,
     /// Upload bytes bypass the page cache (`[media] direct_io`).
     direct_io: bool,
+    /// Uploads hashed as their chunks are stored: upload id → (bytes hashed, hash so far).
+    /// Memory only: after a restart, or for an upload not tracked (the table was full), the
+    /// completion reads the file back instead. Locked briefly by the media workers (never a
+    /// reactor); the hashing itself happens with the entry taken out.
+    hashing: std::sync::Mutex<std::collections::HashMap<String, (u64, Sha256)>>,
 }
+
+/// Uploads hashed incrementally at once at most (~200 bytes each); past it new uploads are
+/// hashed at completion instead.
+const HASHING_MAX: usize = 4096;
 
 impl FsStore {
     pub fn open(root: &Path, direct_io: bool) -> io::Result<FsStore> {
@@ -250,7 +259,30 @@ impl FsStore {
         Ok(FsStore {
             root: root.to_owned(),
             direct_io,
+            hashing: std::sync::Mutex::default(),
         })
+    }
+
+    /// The running hash of `upload` if it covers exactly its first `len` bytes (taken out of
+    /// the table: the caller holds the upload's lock, and puts it back with `keep_hashing`).
+    fn take_hashing(&self, upload: &str, len: u64) -> Option<Sha256> {
+        let mut table = self.hashing.lock().unwrap_or_else(|p| p.into_inner());
+        match table.remove(upload) {
+            Some((hashed, h)) if hashed == len => Some(h),
+            Some(_) => None,
+            None if len == 0 && table.len() < HASHING_MAX => Some(Sha256::new()),
+            None => None,
+        }
+    }
+
+    fn keep_hashing(&self, upload: &str, hashed: u64, h: Sha256) {
+        let mut table = self.hashing.lock().unwrap_or_else(|p| p.into_inner());
+        table.insert(upload.to_owned(), (hashed, h));
+    }
+
+    fn forget_hashing(&self, upload: &str) {
+        let mut table = self.hashing.lock().unwrap_or_else(|p| p.into_inner());
+        table.remove(upload);
     }
 
     fn upload_meta_path(&self, id: &str) -> PathBuf {
@@ -550,12 +582,21 @@ impl MediaStore for FsStore {
         // unwritten blocks), which `HEAD` reports and the client resumes from. Completion
         // fsyncs the whole file and checks its hash, so no wrong byte becomes a medium.
         // (An fsync per chunk stalled the message path's WAL writes on the same disk.)
+        // The hash runs as the bytes are stored, so the completion need not read them back. It
+        // is taken out before the write and put back only after a whole one: a failed write
+        // leaves the upload untracked (hashed from the file at completion).
+        let hashing = self.take_hashing(upload, len);
         if self.direct_io {
             append_direct(&mut part, &self.part_path(upload), len, bytes)?;
         } else {
             part.write_all(bytes)?;
         }
-        Ok(len + bytes.len() as u64)
+        let end = len + bytes.len() as u64;
+        if let Some(mut h) = hashing {
+            h.update(bytes);
+            self.keep_hashing(upload, end, h);
+        }
+        Ok(end)
     }
 
     fn complete(
@@ -585,9 +626,13 @@ impl MediaStore for FsStore {
                         return Err(MediaError::Offset(len));
                     }
                     part.sync_all()?;
-                    // Read through another descriptor; `part` keeps the lock meanwhile.
-                    let part_path = self.part_path(upload);
-                    if sha256_file(&part_path, b"", self.direct_io)? != meta.sha256 {
+                    let hashed = match self.take_hashing(upload, len) {
+                        Some(h) if len > 0 => hex(&h.finalize()),
+                        // Not tracked (a restart, a full table): read it back, through another
+                        // descriptor; `part` keeps the lock meanwhile.
+                        _ => sha256_file(&self.part_path(upload), b"", self.direct_io)?,
+                    };
+                    if hashed != meta.sha256 {
                         fs::remove_file(self.part_path(upload))?;
                         fs::remove_file(self.upload_meta_path(upload))?;
                         return Err(MediaError::HashMismatch);
@@ -656,6 +701,7 @@ impl MediaStore for FsStore {
         for (id, path) in records(&self.root.join("uploads"))? {
             let Ok(meta) = self.upload(&id) else { continue };
             if meta.created_ms < uploads_before_ms {
+                self.forget_hashing(&id);
                 let _ = fs::remove_file(self.part_path(&id));
                 if remove_if_there(&path)? {
                     out.uploads.push((UserId(meta.user), meta.size));
@@ -1306,6 +1352,63 @@ mod tests {
         let want = sha256_of(&content[..], b"nonce").unwrap();
         assert_eq!(sha256_file(&path, b"nonce", true).unwrap(), want);
         assert_eq!(sha256_file(&path, b"nonce", false).unwrap(), want);
+    }
+
+    #[test]
+    fn the_hash_runs_with_the_chunks_and_a_restart_falls_back_to_reading_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let content = b"0123456789".repeat(1000);
+        let grant = Grant {
+            user: UserId(1),
+            size: content.len() as u64,
+            sha256: Sha256::digest(&content).into(),
+            mime: "text/plain".into(),
+            expires_s: u64::MAX,
+        };
+        // Tracked from the first byte to the last: completion reads nothing back.
+        let store = FsStore::open(dir.path(), true).unwrap();
+        let Created::Fresh { upload } = store.create(&grant, 0).unwrap() else {
+            panic!("fresh")
+        };
+        store.append(&upload, 0, &content[..4000]).unwrap();
+        store.append(&upload, 4000, &content[4000..]).unwrap();
+        assert_eq!(store.hashing.lock().unwrap()[&upload].0, 10_000);
+        store.complete(&upload, None, 0).unwrap();
+        assert!(store.hashing.lock().unwrap().is_empty());
+        // Half stored, then the process restarts (a new store, an empty table): the rest is
+        // not tracked, and the completion hashes the file.
+        let wrong = b"x".repeat(10_000);
+        let grant = Grant {
+            sha256: Sha256::digest(&wrong).into(),
+            ..grant
+        };
+        let Created::Fresh { upload } = store.create(&grant, 0).unwrap() else {
+            panic!("fresh")
+        };
+        store.append(&upload, 0, &wrong[..5000]).unwrap();
+        let restarted = FsStore::open(dir.path(), true).unwrap();
+        restarted.append(&upload, 5000, &wrong[5000..]).unwrap();
+        assert!(restarted.hashing.lock().unwrap().is_empty());
+        let (_, meta, _) = restarted.complete(&upload, None, 0).unwrap();
+        assert_eq!(restarted.read(&meta, 0, 3).unwrap(), b"xxx");
+        // A tracked upload whose bytes are not the announced ones is refused all the same.
+        let Created::Fresh { upload } = restarted
+            .create(
+                &Grant {
+                    sha256: [1; 32],
+                    ..grant
+                },
+                0,
+            )
+            .unwrap()
+        else {
+            panic!("fresh")
+        };
+        restarted.append(&upload, 0, &wrong).unwrap();
+        assert!(matches!(
+            restarted.complete(&upload, None, 0),
+            Err(MediaError::HashMismatch)
+        ));
     }
 
     #[test]
