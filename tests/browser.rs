@@ -73,6 +73,7 @@ fn web_client_in_chromium() {
     for step in [
         "end-to-end encrypted",
         "a picture sent and shown",
+        "a recalled picture deleted",
         "chat both ways",
         "history after reload",
         "missed messages",

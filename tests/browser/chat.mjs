@@ -132,6 +132,21 @@ async function run(browser, pages) {
     await alice.locator("#msgs .msg img.media").waitFor({ timeout: WAIT });
     console.log("ok: a picture sent and shown");
 
+    // Alice recalls it: bob's page drops it, and the medium itself is deleted (its URL, which
+    // bob's copy of the message carried, reads 404 from then on).
+    const picUrl = await alice.evaluate(() => {
+      for (const c of window.hermod.convs.values()) for (const m of c.msgs.values()) if (m.body && m.body.media) return m.body.media.url;
+    });
+    assert.equal((await fetch(picUrl)).status, 200);
+    await alice.locator("#msgs .msg", { has: alice.locator("img.media") }).locator("button.recall").click();
+    await bob.locator("#msgs .msg img.media").waitFor({ state: "detached", timeout: WAIT });
+    const gone = Date.now() + WAIT;
+    while ((await fetch(picUrl)).status !== 404) {
+      assert.ok(Date.now() < gone, "the recalled picture's medium is deleted");
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    console.log("ok: a recalled picture deleted");
+
     // A reload keeps the history (resume with the stored token, then history).
     await alice.reload();
     await conv(alice, "bob").click({ timeout: WAIT });
@@ -206,8 +221,12 @@ async function run(browser, pages) {
     await msg(alice, "missed one").locator("button.edit").click();
     await msg(bob, "missed one (fixed)").locator(".edited").waitFor({ timeout: WAIT });
     await msg(alice, "missed two").locator("button.recall").click();
-    await bob.locator("#msgs .msg.recalled", { hasText: "message recalled" }).waitFor({ timeout: WAIT });
-    assert.equal(await msg(bob, "missed two").count(), 0, "a recalled text is gone");
+    await msg(bob, "missed two").waitFor({ state: "detached", timeout: WAIT });
+    assert.equal(
+      await bob.locator("#msgs .msg.recalled", { hasText: "message recalled" }).count(),
+      2,
+      "the recalled text shows as recalled (as does the picture recalled before)",
+    );
     console.log("ok: edit and recall");
 
     // Friends, then presence dots.
