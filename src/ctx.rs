@@ -203,8 +203,12 @@ pub fn dispatch(ctx: &Ctx) {
             Output::Offer { conn, frame } => {
                 let mut offers = ctx.offers.borrow_mut();
                 if offers.len() < OFFERS_QUEUED_MAX {
+                    // The offerer drains the queue to empty before it waits again, and never
+                    // while this runs: only the first offer of a batch needs to wake it.
+                    if offers.is_empty() {
+                        let _ = ctx.offering.try_send(());
+                    }
                     offers.push_back((conn, frame));
-                    let _ = ctx.offering.try_send(());
                 } else {
                     ctx.board.count_offer_dropped(ctx.local);
                 }

@@ -49,7 +49,7 @@ impl Grant {
         if p.first() != Some(&GRANT_VERSION) || p.len() < 57 {
             return None;
         }
-        let u64_at = |at: usize| Some(u64::from_be_bytes(p.get(at..at + 8)?.try_into().ok()?));
+        let u64_at = |at| be_u64(&p, at);
         let grant = Grant {
             user: UserId(u64_at(1)?),
             size: u64_at(9)?,
@@ -85,7 +85,7 @@ impl Deletion {
         if p.first() != Some(&DELETION_VERSION) {
             return None;
         }
-        let u64_at = |at: usize| Some(u64::from_be_bytes(p.get(at..at + 8)?.try_into().ok()?));
+        let u64_at = |at| be_u64(&p, at);
         let deletion = Deletion {
             user: UserId(u64_at(1)?),
             expires_s: u64_at(9)?,
@@ -98,6 +98,11 @@ impl Deletion {
 /// Whether `id` has the form of a medium's id: 32 lower-case hex digits.
 pub fn valid_media_id(id: &str) -> bool {
     id.len() == 32 && id.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// The big-endian `u64` at `at` in a sealed payload, if it is long enough.
+fn be_u64(p: &[u8], at: usize) -> Option<u64> {
+    Some(u64::from_be_bytes(p.get(at..at + 8)?.try_into().ok()?))
 }
 
 /// Whether `mime` is a plausible media type: `type/subtype`, printable ASCII, no spaces

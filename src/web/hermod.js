@@ -54,6 +54,8 @@ const SYNC_BATCH = 32; // conversations per `sync` request (the server takes up 
 // within a session (no ratchet): see docs/e2e.md.
 
 const b64 = (buf) => btoa(String.fromCharCode(...new Uint8Array(buf)));
+/** An AES-GCM key from its raw bytes: message keys (`E2E`) and media keys (`upload`). */
+const aesKey = (raw) => crypto.subtle.importKey("raw", raw, "AES-GCM", false, ["encrypt", "decrypt"]);
 const unb64 = (s) => Uint8Array.from(atob(s), (c) => c.charCodeAt(0));
 const ECDH = { name: "ECDH", namedCurve: "P-256" };
 const ECDSA = { name: "ECDSA", namedCurve: "P-256" };
@@ -81,14 +83,13 @@ class E2E {
   async dh(privJwk, pubText) {
     return new Uint8Array(await this.subtle.deriveBits({ name: "ECDH", public: await this.ecdhPub(pubText) }, await this.ecdhPriv(privJwk), 256));
   }
-  async aes(raw) { return this.subtle.importKey("raw", raw, "AES-GCM", false, ["encrypt", "decrypt"]); }
   async seal(raw, plain) {
     const iv = crypto.getRandomValues(new Uint8Array(12));
-    const ct = await this.subtle.encrypt({ name: "AES-GCM", iv }, await this.aes(raw), plain);
+    const ct = await this.subtle.encrypt({ name: "AES-GCM", iv }, await aesKey(raw), plain);
     return { iv: b64(iv), ct: b64(ct) };
   }
   async open(raw, { iv, ct }) {
-    return new Uint8Array(await this.subtle.decrypt({ name: "AES-GCM", iv: unb64(iv) }, await this.aes(raw), unb64(ct)));
+    return new Uint8Array(await this.subtle.decrypt({ name: "AES-GCM", iv: unb64(iv) }, await aesKey(raw), unb64(ct)));
   }
   async kdf(parts) {
     const ikm = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
@@ -519,8 +520,7 @@ export class Hermod {
     if (encrypt) {
       const key = crypto.getRandomValues(new Uint8Array(32));
       const iv = crypto.getRandomValues(new Uint8Array(12));
-      const k = await crypto.subtle.importKey("raw", key, "AES-GCM", false, ["encrypt"]);
-      bytes = new Uint8Array(await crypto.subtle.encrypt({ name: "AES-GCM", iv }, k, bytes));
+      bytes = new Uint8Array(await crypto.subtle.encrypt({ name: "AES-GCM", iv }, await aesKey(key), bytes));
       enc = { alg: "A256GCM", key: b64(key), iv: b64(iv) };
     }
     const sha256 = toHex(await crypto.subtle.digest("SHA-256", bytes));
@@ -591,8 +591,8 @@ export class Hermod {
     if (!media.enc) return new Blob([bytes], { type: media.type });
     if (media.enc.alg !== "A256GCM") throw { code: "unsupported", message: "media encryption " + media.enc.alg };
     try {
-      const k = await crypto.subtle.importKey("raw", unb64(media.enc.key), "AES-GCM", false, ["decrypt"]);
-      const plain = await crypto.subtle.decrypt({ name: "AES-GCM", iv: unb64(media.enc.iv) }, k, bytes);
+      const key = await aesKey(unb64(media.enc.key));
+      const plain = await crypto.subtle.decrypt({ name: "AES-GCM", iv: unb64(media.enc.iv) }, key, bytes);
       return new Blob([plain], { type: media.type });
     } catch (e) {
       throw { code: "bad_media", message: "the medium does not decrypt: " + (e.message || e) };
